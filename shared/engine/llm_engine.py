@@ -1,0 +1,254 @@
+"""The engine loop: requests in, one scheduled step at a time, finished sequences out."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from splitserve.config import EngineConfig
+from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.kv_cache_manager import KVCacheManager
+from splitserve.engine.model_runner import ModelRunner
+from splitserve.engine.outputs import CompletionOutput, RequestOutput
+from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.sequence import Sequence, SequenceStatus
+from splitserve.engine.stop_checker import StopChecker
+from splitserve.models.loader import load_model, model_fingerprint, read_model_files
+from splitserve.sampling_params import InvalidRequestError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_CPU_KV_CAP_BYTES = 4 * 2**30
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    arrival_time: float
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        files = read_model_files(config.model)
+        self.model_id = model_fingerprint(files)
+        self.tokenizer = _load_tokenizer(config.tokenizer or str(files.path))
+        self.device, self.dtype = config.torch_device, config.torch_dtype
+        torch.manual_seed(config.seed)
+        model = load_model(files, self.dtype, self.device)
+        self.model_config = files.config
+        max_position = model.args.max_position
+        self.max_model_len = config.max_model_len or max_position
+        if self.max_model_len > max_position:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's {max_position} positions")
+        self.vocab_size = model.args.vocab_size
+        self.runner = ModelRunner(model, config.block_size, self.device, self.dtype, config.attention_backend)
+        self.num_blocks = config.num_kv_blocks or self._blocks_from_memory_budget()
+        self.runner.allocate_kv_cache(self.num_blocks)
+        self.pool = BlockPool(self.num_blocks)
+        self.kv = KVCacheManager(self.pool, config.block_size, self.model_id, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
+        self.eos_token_ids = _eos_ids(files.generation_config, files.config, self.tokenizer)
+        self.stop_checker = StopChecker(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.requests: dict[str, _Request] = {}
+        self.num_prompt_tokens_computed = 0
+        self.num_generation_tokens = 0
+        self.num_steps = 0
+
+    @property
+    def layout(self):
+        return self.runner.layout
+
+    def _blocks_from_memory_budget(self) -> int:
+        per_block = self.runner.layout.bytes_per_block
+        budget = self.config.kv_cache_memory_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                used_by_others = total - free
+                budget = int(total * self.config.gpu_memory_utilization) - used_by_others
+                budget -= 2 * 2**30  # activations and the sampler's logits
+            else:
+                budget = min(_CPU_KV_CAP_BYTES, _available_host_memory() // 4)
+        # More blocks than every sequence could ever fill would only waste memory.
+        useful = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size) + 1
+        blocks = min(budget // per_block, useful)
+        if blocks < 1:
+            raise RuntimeError(f"no memory left for the KV cache (budget {budget} bytes, {per_block} per block)")
+        return int(blocks)
+
+    # ---- requests ------------------------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams,
+                    arrival_time: Optional[float] = None) -> None:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
+        text, token_ids = self.validate_prompt(prompt)
+        self.validate_params(params, len(token_ids))
+        now = arrival_time or time.monotonic()
+        seqs = []
+        for index in range(params.n):
+            seq = Sequence(request_id, index, token_ids, params, now)
+            if params.seed is not None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+            seqs.append(seq)
+        self.requests[request_id] = _Request(request_id, text, token_ids, seqs, now)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def validate_prompt(self, prompt: Union[str, list[int]]) -> tuple[Optional[str], list[int]]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt must not be empty", "prompt")
+            text, token_ids = prompt, self.tokenize(prompt)
+        else:
+            text, token_ids = None, list(prompt)
+            if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size for t in token_ids):
+                raise InvalidRequestError(f"prompt token ids must be integers in [0, {self.vocab_size})", "prompt")
+        if not token_ids:
+            raise InvalidRequestError("prompt must not be empty", "prompt")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(token_ids)} tokens, but this model's context is {self.max_model_len} tokens "
+                "and at least one must be left to generate", "prompt")
+        capacity = self.num_blocks * self.config.block_size
+        if len(token_ids) + 1 > capacity:
+            raise InvalidRequestError(f"prompt of {len(token_ids)} tokens does not fit the KV cache "
+                                      f"({capacity} tokens)", "prompt")
+        return text, token_ids
+
+    def validate_params(self, params: SamplingParams, prompt_len: int) -> None:
+        params.validate()
+        if params.logprobs is not None and params.logprobs > self.vocab_size:
+            raise InvalidRequestError(f"logprobs must be <= the vocabulary size {self.vocab_size}", "logprobs")
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled step; returns the requests that finished in it."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        self.num_steps += 1
+        result = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            self.num_prompt_tokens_computed += max(0, min(seq.num_computed_tokens + n, seq.num_prompt_tokens)
+                                                   - seq.num_computed_tokens)
+            seq.num_computed_tokens += n
+            self.kv.commit_computed(seq)
+        out = result.output
+        touched: dict[str, _Request] = {}
+        now = time.monotonic()
+        for i, seq in enumerate(result.sampled):
+            if seq.status != SequenceStatus.RUNNING:
+                continue
+            seq.output_token_ids.append(out.token_ids[i])
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self.num_generation_tokens += 1
+            if seq.params.logprobs is not None:
+                seq.logprobs.append(out.logprobs[i])
+                seq.top_logprobs.append(out.top_logprobs[i])
+            reason = self.stop_checker.check(seq)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                touched[seq.request_id] = self.requests[seq.request_id]
+        finished = []
+        for request in touched.values():
+            if request.finished:
+                del self.requests[request.request_id]
+                finished.append(self._request_output(request))
+        return finished
+
+    def _request_output(self, request: _Request) -> RequestOutput:
+        outputs = []
+        for seq in request.seqs:
+            logprobs = cumulative = None
+            if seq.params.logprobs is not None:
+                logprobs = []
+                for token, lp, top in zip(seq.output_token_ids, seq.logprobs, seq.top_logprobs):
+                    entry = dict(top or [])
+                    entry[token] = lp
+                    logprobs.append(entry)
+                cumulative = float(sum(seq.logprobs))
+            outputs.append(CompletionOutput(
+                index=seq.index, text=self.stop_checker.final_text(seq), token_ids=list(seq.output_token_ids),
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, cumulative_logprob=cumulative,
+                logprobs=logprobs))
+        first = request.seqs[0]
+        metrics = {"arrival_time": request.arrival_time}
+        if first.first_token_time is not None:
+            metrics["first_token_time"] = first.first_token_time
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, True,
+                             num_cached_tokens=min(s.num_cached_tokens for s in request.seqs), metrics=metrics)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "num_blocks": self.pool.num_blocks,
+            "free_blocks": self.pool.num_free,
+            "used_blocks": self.pool.num_used,
+            "cached_blocks": self.pool.num_cached,
+            "evictions": self.pool.num_evictions,
+            "prefix_query_tokens": self.kv.prefix_queries_tokens,
+            "prefix_hit_tokens": self.kv.prefix_hit_tokens,
+            "prompt_tokens_computed": self.num_prompt_tokens_computed,
+            "generation_tokens": self.num_generation_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "steps": self.num_steps,
+        }
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _eos_ids(generation_config: dict, config: dict, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (generation_config.get("eos_token_id"), config.get("eos_token_id"), tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list):
+            ids.update(int(t) for t in source)
+    return ids
+
+
+def _available_host_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

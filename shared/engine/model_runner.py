@@ -1,0 +1,114 @@
+"""Turns a scheduled step into tensors, runs the model, and picks the next tokens."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from splitserve.engine.scheduler import ScheduledBatch
+from splitserve.engine.sequence import Sequence
+from splitserve.layers.attention import AttentionMetadata, select_backend
+from splitserve.layers.sampler import Sampler, SamplerOutput, SamplingRow
+from splitserve.models.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """What a block of KV is, byte for byte: travels with every handoff so mismatches fail loudly."""
+
+    num_layers: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
+
+
+@dataclass
+class StepResult:
+    sampled: list[Sequence]
+    output: SamplerOutput
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, block_size: int, device: torch.device, dtype: torch.dtype,
+                 attention_backend: str = "auto"):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        args = model.args
+        self.layout = KVLayout(args.num_layers, block_size, args.num_kv_heads, args.head_dim, dtype)
+        self.backend = select_backend(device, attention_backend)
+        self.sampler = Sampler()
+        self.kv_caches: list[torch.Tensor] = []
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        lay = self.layout
+        shape = (2, num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(lay.num_layers)]
+        log.info("KV cache: %d blocks of %d tokens, %.1f MiB", num_blocks, lay.block_size,
+                 num_blocks * lay.bytes_per_block / 2**20)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        # Single-token rows first: the attention backends run them as one dense decode batch.
+        order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)
+        seqs = [batch.seqs[i] for i in order]
+        counts = [batch.num_new_tokens[i] for i in order]
+        meta, input_ids, positions, sample_rows, sampled = self._prepare(seqs, counts)
+        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        if not sampled:
+            return StepResult([], SamplerOutput([], [], []))
+        logits = self.model.compute_logits(hidden[sample_rows]).float()
+        rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in sampled]
+        return StepResult(sampled, self.sampler(logits, rows))
+
+    def _prepare(self, seqs: list[Sequence], counts: list[int]):
+        bs = self.layout.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        context_lens: list[int] = []
+        cu_seqlens = [0]
+        sample_rows: list[int] = []
+        sampled: list[Sequence] = []
+        num_decodes = 0
+        for seq, n in zip(seqs, counts):
+            start = seq.num_computed_tokens
+            end = start + n
+            tokens = seq.token_ids
+            input_ids.extend(tokens[start:end])
+            positions.extend(range(start, end))
+            blocks = seq.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            context_lens.append(end)
+            cu_seqlens.append(cu_seqlens[-1] + n)
+            num_decodes += n == 1
+            if end == len(tokens):
+                sample_rows.append(cu_seqlens[-1] - 1)
+                sampled.append(seq)
+        max_blocks = max(len(s.block_ids) for s in seqs)
+        tables = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in seqs]
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=dev),
+            num_decodes=num_decodes,
+            query_lens=counts,
+            context_lens_list=context_lens,
+            block_size=bs,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        rows = torch.tensor(sample_rows, dtype=torch.int64, device=dev)
+        return meta, ids, pos, rows, sampled

@@ -1,0 +1,33 @@
+"""What generation returns; field names follow vLLM's RequestOutput/CompletionOutput."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Optional[str]  # "stop" | "length" | "abort" | None while running
+    stop_reason: Union[int, str, None] = None  # the stop token id or stop string that ended it
+    cumulative_logprob: Optional[float] = None
+    # One dict per generated token: the sampled token's logprob and the requested top alternatives.
+    logprobs: Optional[list[dict[int, float]]] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)

@@ -1,0 +1,117 @@
+"""Paged attention: write this step's K/V into the block cache, then attend over each sequence's blocks.
+
+Two backends behind one call: plain torch (CPU, and the reference the kernels are tested against) and Triton
+(CUDA). The runner orders a step's sequences decodes-first, so the decode rows form one dense batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    context_lens: torch.Tensor  # [B] int32: KV length after this step
+    cu_seqlens_q: torch.Tensor  # [B+1] int32
+    num_decodes: int  # sequences 0..num_decodes-1 contribute exactly one query each
+    query_lens: list[int]
+    context_lens_list: list[int]
+    block_size: int
+
+    @property
+    def max_context_len(self) -> int:
+        return max(self.context_lens_list) if self.context_lens_list else 0
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale)
+        start = nd
+        for b in range(nd, len(meta.query_lens)):
+            q_len, ctx = meta.query_lens[b], meta.context_lens_list[b]
+            out[start : start + q_len] = self._prefill_one(
+                q[start : start + q_len], k_cache, v_cache, meta.block_tables[b], q_len, ctx, meta.block_size, scale
+            )
+            start += q_len
+        return out
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        nd = q.shape[0]
+        max_ctx = max(meta.context_lens_list[:nd])
+        num_blocks = -(-max_ctx // meta.block_size)
+        tables = meta.block_tables[:nd, :num_blocks].long()
+        keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [nd, Hkv, L, D]
+        values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        positions = torch.arange(keys.shape[2], device=q.device)
+        mask = (positions[None, :] < meta.context_lens[:nd, None]).view(nd, 1, 1, -1)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        return out.squeeze(2)
+
+    @staticmethod
+    def _prefill_one(q, k_cache, v_cache, block_table, q_len: int, ctx: int, block_size: int, scale: float):
+        blocks = block_table[: -(-ctx // block_size)].long()
+        keys = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)  # [Hkv, ctx, D]
+        values = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
+        queries = q.transpose(0, 1)  # [Hq, q_len, D]
+        if q_len == ctx:
+            out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        return out.transpose(0, 1)
+
+
+class TritonAttentionBackend:
+    name = "triton"
+
+    def __init__(self):
+        from splitserve.kernels import paged_attention
+
+        self._kernels = paged_attention
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        nd = meta.num_decodes
+        parts = []
+        if nd:
+            parts.append(
+                self._kernels.paged_decode_attention(
+                    q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd], scale
+                )
+            )
+        if nd < len(meta.query_lens):
+            cu = meta.cu_seqlens_q[nd:] - meta.cu_seqlens_q[nd]
+            parts.append(
+                self._kernels.paged_prefill_attention(
+                    q[nd:], k_cache, v_cache, meta.block_tables[nd:], cu, meta.context_lens[nd:], scale
+                )
+            )
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def select_backend(device: torch.device, requested: str = "auto"):
+    if requested == "torch" or (requested == "auto" and device.type != "cuda"):
+        return TorchAttentionBackend()
+    if requested in ("triton", "auto"):
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {requested!r} (auto, torch, triton)")

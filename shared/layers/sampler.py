@@ -1,0 +1,212 @@
+"""Chooses one token per sequence for an engine step, batched over the whole step.
+
+Everything that filters or reshapes the distribution (penalties, temperature, top-k, top-p, min-p)
+is done with tensor ops over the rows that need it; the only per-row Python work is the random
+draw, which uses each request's own generator so a seeded request is reproducible no matter what
+else shares its batch or where it sits in it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from splitserve.sampling_params import SamplingParams
+
+# Exponential noise can (very rarely) be exactly 0; dividing a zero probability by it would give NaN.
+_NOISE_FLOOR = torch.finfo(torch.float32).tiny
+
+
+@dataclass
+class SamplingRow:
+    """One sequence being sampled this step."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # tokens generated so far (before this step)
+    generator: Optional[torch.Generator] = None  # None -> torch's global RNG
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[list[tuple[int, float]]]]
+
+
+def _index(idx: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(idx, dtype=torch.long, device=device)
+
+
+def _scatter_coords(
+    token_lists: Sequence[Sequence[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, token) coordinates for every token of every list, built in one go so that a batch
+    costs one host->device copy rather than one per row."""
+    lengths = torch.tensor([len(t) for t in token_lists], dtype=torch.long)
+    flat = [tok for toks in token_lists for tok in toks]
+    rows = torch.repeat_interleave(torch.arange(len(token_lists)), lengths)
+    return rows.to(device), torch.tensor(flat, dtype=torch.long, device=device)
+
+
+class Sampler:
+    """Stateless; one instance can serve every step."""
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits must be [len(rows), V]; got {tuple(logits.shape)} for {len(rows)} rows")
+        B, V = logits.shape
+        if B == 0:
+            return SamplerOutput([], [], [])
+        device = logits.device
+        params = [r.params for r in rows]
+        raw = logits.float()
+
+        # Logprobs are reported against the model's own distribution (what HF comparisons use), so
+        # take them before anything below reshapes the logits.
+        lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        lp = None
+        if lp_rows:
+            lp = (raw if len(lp_rows) == B else raw[_index(lp_rows, device)]).log_softmax(dim=-1)
+
+        # From here on `x` is written in place; never write into the caller's tensor.
+        x = raw
+        pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
+        if pen_rows:
+            if x.data_ptr() == logits.data_ptr():
+                x = x.clone()
+            if len(pen_rows) == B:
+                self._apply_penalties(x, rows)
+            else:
+                pidx = _index(pen_rows, device)
+                sub = x[pidx]
+                self._apply_penalties(sub, [rows[i] for i in pen_rows])
+                x[pidx] = sub
+
+        tokens = torch.empty(B, dtype=torch.long, device=device)
+        greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if len(greedy_rows) == B:
+            tokens = x.argmax(dim=-1)
+        elif greedy_rows:
+            gidx = _index(greedy_rows, device)
+            tokens[gidx] = x[gidx].argmax(dim=-1)
+        if random_rows:
+            sampled = self._sample(x if len(random_rows) == B else x[_index(random_rows, device)],
+                                   [rows[i] for i in random_rows])
+            if len(random_rows) == B:
+                tokens = sampled
+            else:
+                tokens[_index(random_rows, device)] = sampled
+
+        token_ids = tokens.tolist()
+        logprobs: list[Optional[float]] = [None] * B
+        top_logprobs: list[Optional[list[tuple[int, float]]]] = [None] * B
+        if lp is not None:
+            chosen = lp.gather(1, tokens[_index(lp_rows, device)].unsqueeze(1)).squeeze(1).tolist()
+            kmax = min(max(params[i].logprobs for i in lp_rows), V)
+            top_v: list[list[float]] = [[] for _ in lp_rows]
+            top_i: list[list[int]] = [[] for _ in lp_rows]
+            if kmax > 0:
+                vals, ids = lp.topk(kmax, dim=-1, sorted=True)
+                top_v, top_i = vals.tolist(), ids.tolist()
+            for j, i in enumerate(lp_rows):
+                k = params[i].logprobs
+                logprobs[i] = chosen[j]
+                top_logprobs[i] = list(zip(top_i[j][:k], top_v[j][:k]))
+        return SamplerOutput(token_ids, logprobs, top_logprobs)
+
+    @staticmethod
+    def _apply_penalties(x: torch.Tensor, rows: list[SamplingRow]) -> None:
+        """In place on x [n, V]. Repetition first (HF semantics, prompt+output), then the OpenAI
+        additive penalties, which only look at what the model itself said."""
+        device, V = x.device, x.shape[1]
+        rep_rows = [j for j, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+        if rep_rows:
+            r, t = _scatter_coords([rows[j].prompt_token_ids + rows[j].output_token_ids for j in rep_rows], device)
+            ridx = _index(rep_rows, device)
+            seen = torch.zeros(len(rep_rows), V, dtype=torch.bool, device=device)
+            seen[r, t] = True
+            pen = torch.tensor([rows[j].params.repetition_penalty for j in rep_rows],
+                               dtype=torch.float32, device=device).unsqueeze(1)
+            sub = x[ridx]
+            penalized = torch.where(sub > 0, sub / pen, sub * pen)
+            x[ridx] = torch.where(seen, penalized, sub)
+
+        add_rows = [j for j, r in enumerate(rows)
+                    if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0]
+        if add_rows:
+            r, t = _scatter_coords([rows[j].output_token_ids for j in add_rows], device)
+            ridx = _index(add_rows, device)
+            counts = torch.zeros(len(add_rows), V, dtype=torch.float32, device=device)
+            counts.index_put_((r, t), torch.ones_like(t, dtype=torch.float32), accumulate=True)
+            freq = torch.tensor([rows[j].params.frequency_penalty for j in add_rows],
+                                dtype=torch.float32, device=device).unsqueeze(1)
+            pres = torch.tensor([rows[j].params.presence_penalty for j in add_rows],
+                                dtype=torch.float32, device=device).unsqueeze(1)
+            x[ridx] = x[ridx] - freq * counts - pres * (counts > 0).float()
+
+    @staticmethod
+    def _sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """x [n, V] penalized logits of the non-greedy rows (not modified); returns [n] token ids."""
+        n, V = x.shape
+        device = x.device
+        params = [r.params for r in rows]
+
+        temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device).unsqueeze(1)
+        # Shift so the max is 0 before dividing: a tiny temperature then gives -huge/-inf, never inf-inf=NaN.
+        x = (x - x.amax(dim=-1, keepdim=True)) / temp
+
+        k_rows = [j for j, p in enumerate(params) if 0 < p.top_k < V]
+        if k_rows:
+            kidx = _index(k_rows, device)
+            sub = x[kidx]
+            ks = torch.tensor([params[j].top_k for j in k_rows], dtype=torch.long, device=device)
+            top = sub.topk(int(ks.max()), dim=-1, sorted=True).values
+            kth = top.gather(1, (ks - 1).unsqueeze(1))
+            x[kidx] = sub.masked_fill(sub < kth, float("-inf"))
+
+        p_rows = [j for j, p in enumerate(params) if p.top_p < 1.0]
+        if p_rows:
+            pidx = _index(p_rows, device)
+            sub = x[pidx]
+            ps = torch.tensor([params[j].top_p for j in p_rows], dtype=torch.float32, device=device).unsqueeze(1)
+            sorted_x, order = sub.sort(dim=-1, descending=True)
+            probs = sorted_x.softmax(dim=-1)
+            mass_before = probs.cumsum(dim=-1) - probs
+            drop_sorted = mass_before >= ps  # smallest prefix whose mass reaches top_p survives
+            drop_sorted[:, 0] = False
+            drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
+            x[pidx] = sub.masked_fill(drop, float("-inf"))
+
+        m_rows = [j for j, p in enumerate(params) if p.min_p > 0.0]
+        if m_rows:
+            midx = _index(m_rows, device)
+            sub = x[midx]
+            # prob_i < min_p * prob_max  <=>  x_i - x_max < log(min_p); no softmax needed.
+            log_min_p = torch.tensor([math.log(params[j].min_p) for j in m_rows],
+                                     dtype=torch.float32, device=device).unsqueeze(1)
+            cutoff = sub.amax(dim=-1, keepdim=True) + log_min_p
+            x[midx] = sub.masked_fill(sub < cutoff, float("-inf"))
+
+        probs = x.softmax(dim=-1)
+        # argmax(p / E) with E ~ Exp(1) is an exact draw from p (the exponential race), and it lets each
+        # row's noise come from its own generator with a fixed shape [V], independent of the batch.
+        noise = torch.empty_like(probs)
+        shared = [j for j, r in enumerate(rows) if r.generator is None]
+        if len(shared) == n:
+            noise.exponential_()
+        elif shared:
+            noise[_index(shared, device)] = torch.empty(len(shared), V, device=device).exponential_()
+        for j, r in enumerate(rows):
+            g = r.generator
+            if g is None:
+                continue
+            if g.device == noise.device:
+                noise[j].exponential_(generator=g)
+            else:
+                noise[j].copy_(torch.empty(V, device=g.device).exponential_(generator=g))
+        return (probs / noise.clamp_min_(_NOISE_FLOOR)).argmax(dim=-1)
