@@ -18,7 +18,7 @@ from splitserve.engine.outputs import CompletionOutput, RequestOutput
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence, SequenceStatus
 from splitserve.engine.stop_checker import StopChecker
-from splitserve.models.loader import load_model, model_fingerprint, read_model_files
+from splitserve.models.loader import llama_args_from_config, load_model, model_fingerprint, read_model_files
 from splitserve.sampling_params import InvalidRequestError, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         files = read_model_files(config.model)
+        llama_args_from_config(files.config)  # an unsupported architecture fails here, before anything loads
         self.model_id = model_fingerprint(files)
         self.tokenizer = _load_tokenizer(config.tokenizer or str(files.path))
         self.device, self.dtype = config.torch_device, config.torch_dtype

@@ -214,8 +214,8 @@ def _launch(q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens, ti
     block_n = max(block_size, _MIN_KV_TILE)
     # The Triton interpreter's tl.dot treats bf16 operands as their uint16 bit patterns.
     upcast = _interpreting() and q.dtype == torch.bfloat16
-    # fp32 inputs would otherwise be rounded to TF32 on tensor cores.
-    precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
+    # fp32 inputs would otherwise be rounded to TF32 on tensor cores; None = the backend default.
+    precision = "ieee" if q.dtype == torch.float32 or upcast else None
     _paged_attn_kernel[grid](
         q, k_cache, v_cache, out,
         block_tables, context_lens,

@@ -18,6 +18,10 @@ from splitserve.sampling_params import SamplingParams
 
 # Exponential noise can (very rarely) be exactly 0; dividing a zero probability by it would give NaN.
 _NOISE_FLOOR = torch.finfo(torch.float32).tiny
+# Below this, logits / temperature could overflow to inf, so shift the row max to 0 first.
+_SHIFT_BELOW_TEMPERATURE = 1e-2
+# How many of the most likely tokens top-p looks at before falling back to a full sort.
+_NUCLEUS_SEARCH = 1024
 
 
 @dataclass
@@ -95,8 +99,11 @@ class Sampler:
             gidx = _index(greedy_rows, device)
             tokens[gidx] = x[gidx].argmax(dim=-1)
         if random_rows:
-            sampled = self._sample(x if len(random_rows) == B else x[_index(random_rows, device)],
-                                   [rows[i] for i in random_rows])
+            if len(random_rows) == B:
+                sub, owned = x, x.data_ptr() != logits.data_ptr()
+            else:
+                sub, owned = x[_index(random_rows, device)], True
+            sampled = self._sample(sub, [rows[i] for i in random_rows], owned)
             if len(random_rows) == B:
                 tokens = sampled
             else:
@@ -150,49 +157,67 @@ class Sampler:
             x[ridx] = x[ridx] - freq * counts - pres * (counts > 0).float()
 
     @staticmethod
-    def _sample(x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """x [n, V] penalized logits of the non-greedy rows (not modified); returns [n] token ids."""
+    def _sample(x: torch.Tensor, rows: list[SamplingRow], owned: bool) -> torch.Tensor:
+        """x [n, V] penalized logits of the non-greedy rows; returns [n] token ids.
+
+        Works in place when `owned` (x is a scratch copy) because at V ~ 128k every fresh [n, V]
+        allocation costs about as much as the arithmetic itself."""
         n, V = x.shape
         device = x.device
         params = [r.params for r in rows]
+        neg_inf = float("-inf")
 
-        temp = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device).unsqueeze(1)
-        # Shift so the max is 0 before dividing: a tiny temperature then gives -huge/-inf, never inf-inf=NaN.
-        x = (x - x.amax(dim=-1, keepdim=True)) / temp
+        def scratch() -> torch.Tensor:
+            nonlocal x, owned
+            if not owned:
+                x, owned = x.clone(), True
+            return x
+
+        def masked_rows(sel: list[int], fill_mask) -> None:
+            """Apply fill_mask(sub) -> bool mask to the rows in sel, writing -inf into x."""
+            if len(sel) == n:
+                xs = scratch()
+                xs.masked_fill_(fill_mask(xs), neg_inf)
+            else:
+                idx = _index(sel, device)
+                sub = x[idx]
+                scratch()[idx] = sub.masked_fill_(fill_mask(sub), neg_inf)
+
+        temps = [p.temperature for p in params]
+        if any(t != 1.0 for t in temps):
+            xs = scratch()
+            if min(temps) < _SHIFT_BELOW_TEMPERATURE:
+                # Shift the max to 0 first: a tiny temperature then gives -huge/-inf, never inf - inf = NaN.
+                xs.sub_(xs.amax(dim=-1, keepdim=True))
+            xs.div_(torch.tensor(temps, dtype=torch.float32, device=device).unsqueeze(1))
 
         k_rows = [j for j, p in enumerate(params) if 0 < p.top_k < V]
         if k_rows:
-            kidx = _index(k_rows, device)
-            sub = x[kidx]
-            ks = torch.tensor([params[j].top_k for j in k_rows], dtype=torch.long, device=device)
-            top = sub.topk(int(ks.max()), dim=-1, sorted=True).values
-            kth = top.gather(1, (ks - 1).unsqueeze(1))
-            x[kidx] = sub.masked_fill(sub < kth, float("-inf"))
+            ks = torch.tensor([params[j].top_k for j in k_rows], dtype=torch.long, device=device).unsqueeze(1)
+            kmax = max(params[j].top_k for j in k_rows)
+
+            def below_kth(sub: torch.Tensor) -> torch.Tensor:
+                kth = sub.topk(kmax, dim=-1, sorted=True).values.gather(1, ks - 1)
+                return sub < kth  # ties with the k-th value survive
+
+            masked_rows(k_rows, below_kth)
 
         p_rows = [j for j, p in enumerate(params) if p.top_p < 1.0]
         if p_rows:
-            pidx = _index(p_rows, device)
-            sub = x[pidx]
             ps = torch.tensor([params[j].top_p for j in p_rows], dtype=torch.float32, device=device).unsqueeze(1)
-            sorted_x, order = sub.sort(dim=-1, descending=True)
-            probs = sorted_x.softmax(dim=-1)
-            mass_before = probs.cumsum(dim=-1) - probs
-            drop_sorted = mass_before >= ps  # smallest prefix whose mass reaches top_p survives
-            drop_sorted[:, 0] = False
-            drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
-            x[pidx] = sub.masked_fill(drop, float("-inf"))
+            masked_rows(p_rows, lambda sub: _outside_nucleus(sub, ps))
 
         m_rows = [j for j, p in enumerate(params) if p.min_p > 0.0]
         if m_rows:
-            midx = _index(m_rows, device)
-            sub = x[midx]
             # prob_i < min_p * prob_max  <=>  x_i - x_max < log(min_p); no softmax needed.
             log_min_p = torch.tensor([math.log(params[j].min_p) for j in m_rows],
                                      dtype=torch.float32, device=device).unsqueeze(1)
-            cutoff = sub.amax(dim=-1, keepdim=True) + log_min_p
-            x[midx] = sub.masked_fill(sub < cutoff, float("-inf"))
+            masked_rows(m_rows, lambda sub: sub < sub.amax(dim=-1, keepdim=True) + log_min_p)
 
-        probs = x.softmax(dim=-1)
+        # Unnormalised probabilities are enough: argmax(p / E) does not care about scale.
+        xs = scratch()
+        probs = xs.sub_(xs.amax(dim=-1, keepdim=True)).exp_()
+
         # argmax(p / E) with E ~ Exp(1) is an exact draw from p (the exponential race), and it lets each
         # row's noise come from its own generator with a fixed shape [V], independent of the batch.
         noise = torch.empty_like(probs)
@@ -209,4 +234,31 @@ class Sampler:
                 noise[j].exponential_(generator=g)
             else:
                 noise[j].copy_(torch.empty(V, device=g.device).exponential_(generator=g))
-        return (probs / noise.clamp_min_(_NOISE_FLOOR)).argmax(dim=-1)
+        return probs.div_(noise.clamp_min_(_NOISE_FLOOR)).argmax(dim=-1)
+
+
+def _outside_nucleus(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask of tokens outside each row's nucleus: the smallest most-likely set whose mass reaches top_p
+    (tokens tied with the last one kept survive too).
+
+    A full sort of V ~ 128k per row is the expensive part, and the nucleus is nearly always within
+    the top few hundred tokens, so look there first and sort fully only the rows where it is not."""
+    probs = x.softmax(dim=-1)
+    V = probs.shape[1]
+    k = min(V, _NUCLEUS_SEARCH)
+    top = probs.topk(k, dim=-1, sorted=True).values
+    cut = _nucleus_cut(top, top_p)
+    if k < V:
+        # The top-k mass must reach top_p, else the nucleus may extend beyond it.
+        unresolved = (top.sum(dim=-1, keepdim=True) < top_p).squeeze(1).nonzero().squeeze(1)
+        if unresolved.numel():
+            full = probs[unresolved].sort(dim=-1, descending=True).values
+            cut[unresolved] = _nucleus_cut(full, top_p[unresolved])
+    return probs < cut
+
+
+def _nucleus_cut(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Probability of the last token kept, given each row's probabilities sorted descending."""
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    n_keep = (mass_before < top_p).sum(dim=-1, keepdim=True).clamp_min_(1)  # always keep the top token
+    return sorted_probs.gather(1, n_keep - 1)
