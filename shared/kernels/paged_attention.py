@@ -27,7 +27,9 @@ except ImportError:  # CPU installs without triton: the module still imports, th
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "triton_available"]
 
 _LOG2E = 1.4426950408889634
-# Query rows (query x head-in-group) per prefill program; a multiple of 16 so tl.dot has a legal M.
+# Tile sizes for 2-byte dtypes at head_dim <= 128; wider rows (fp32, head_dim 256) get proportionally
+# smaller tiles so shared memory stays under ~100 KB (the sm_86/89 limit).
+# Query rows (query x head-in-group) per prefill program; >= 16 so tl.dot has a legal M.
 _PREFILL_ROWS = 64
 # KV positions per loop iteration: this many, or one whole block if blocks are larger.
 _MIN_KV_TILE = 64
@@ -84,7 +86,7 @@ if triton is not None:
         kv_head = tl.program_id(1)
 
         if IS_DECODE:
-            # One query per sequence: program 0 <-> sequence, query row == sequence index.
+            # One query per sequence: grid axis 0 is the sequence, which is also its row in q.
             seq = tile
             q_start = 0
             q_len = 1
@@ -205,13 +207,17 @@ def _check_common(q, k_cache, v_cache, block_tables, context_lens):
     return block_size, num_kv_heads, head_dim, num_q_heads // num_kv_heads
 
 
+def _tile_shrink(dtype: torch.dtype, head_dim: int) -> int:
+    return max(dtype.itemsize * head_dim // 256, 1)
+
+
 def _as_int32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int32).contiguous()
 
 
 def _launch(q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens, tile_seq, tile_start,
             scale, grid, *, group, group_p, block_q, block_size, head_dim, is_decode):
-    block_n = max(block_size, _MIN_KV_TILE)
+    block_n = max(block_size, _MIN_KV_TILE // _tile_shrink(q.dtype, head_dim), 16)
     # The Triton interpreter's tl.dot treats bf16 operands as their uint16 bit patterns.
     upcast = _interpreting() and q.dtype == torch.bfloat16
     # fp32 inputs would otherwise be rounded to TF32 on tensor cores; None = the backend default.
@@ -306,7 +312,8 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, con
     cu_seqlens_q = _as_int32(cu_seqlens_q)
 
     group_p = _next_pow2(group)
-    block_q = max(_PREFILL_ROWS // group_p, 1)
+    rows = max(_PREFILL_ROWS // _tile_shrink(q.dtype, head_dim), 16)
+    block_q = max(rows // group_p, 1)
     group_p = max(group_p, 16 // block_q)  # keep rows >= 16 for tl.dot
     tile_seq, tile_start, num_tiles = _prefill_tile_map(cu_seqlens_q, num_tokens, block_q)
     _launch(q, k_cache, v_cache, out, block_tables, context_lens, cu_seqlens_q, tile_seq, tile_start,

@@ -78,17 +78,10 @@ class Sampler:
 
         # From here on `x` is written in place; never write into the caller's tensor.
         x = raw
-        pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
-        if pen_rows:
+        if any(p.has_penalties for p in params):
             if x.data_ptr() == logits.data_ptr():
                 x = x.clone()
-            if len(pen_rows) == B:
-                self._apply_penalties(x, rows)
-            else:
-                pidx = _index(pen_rows, device)
-                sub = x[pidx]
-                self._apply_penalties(sub, [rows[i] for i in pen_rows])
-                x[pidx] = sub
+            self._apply_penalties(x, rows)
 
         tokens = torch.empty(B, dtype=torch.long, device=device)
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
@@ -128,33 +121,37 @@ class Sampler:
 
     @staticmethod
     def _apply_penalties(x: torch.Tensor, rows: list[SamplingRow]) -> None:
-        """In place on x [n, V]. Repetition first (HF semantics, prompt+output), then the OpenAI
-        additive penalties, which only look at what the model itself said."""
-        device, V = x.device, x.shape[1]
-        rep_rows = [j for j, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
-        if rep_rows:
-            r, t = _scatter_coords([rows[j].prompt_token_ids + rows[j].output_token_ids for j in rep_rows], device)
-            ridx = _index(rep_rows, device)
-            seen = torch.zeros(len(rep_rows), V, dtype=torch.bool, device=device)
-            seen[r, t] = True
-            pen = torch.tensor([rows[j].params.repetition_penalty for j in rep_rows],
-                               dtype=torch.float32, device=device).unsqueeze(1)
-            sub = x[ridx]
-            penalized = torch.where(sub > 0, sub / pen, sub * pen)
-            x[ridx] = torch.where(seen, penalized, sub)
+        """In place on x [B, V]. Repetition first (HF semantics, prompt+output), then the OpenAI
+        additive penalties, which only look at what the model itself said.
 
-        add_rows = [j for j, r in enumerate(rows)
+        Works on the (row, token) pairs that occurred rather than on [B, V] masks: a step has far
+        fewer such pairs than B * V entries."""
+        device = x.device
+        rep_rows = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
+        if rep_rows:
+            r, t = _scatter_coords([rows[i].prompt_token_ids + rows[i].output_token_ids for i in rep_rows], device)
+            pen = torch.tensor([rows[i].params.repetition_penalty for i in rep_rows],
+                               dtype=torch.float32, device=device)[r]
+            r = _index(rep_rows, device)[r]
+            vals = x[r, t]
+            # Duplicated pairs all write the same value, so a plain (non-accumulating) put is exact.
+            x[r, t] = torch.where(vals > 0, vals / pen, vals * pen)
+
+        add_rows = [i for i, r in enumerate(rows)
                     if r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0]
         if add_rows:
-            r, t = _scatter_coords([rows[j].output_token_ids for j in add_rows], device)
-            ridx = _index(add_rows, device)
-            counts = torch.zeros(len(add_rows), V, dtype=torch.float32, device=device)
-            counts.index_put_((r, t), torch.ones_like(t, dtype=torch.float32), accumulate=True)
-            freq = torch.tensor([rows[j].params.frequency_penalty for j in add_rows],
-                                dtype=torch.float32, device=device).unsqueeze(1)
-            pres = torch.tensor([rows[j].params.presence_penalty for j in add_rows],
-                                dtype=torch.float32, device=device).unsqueeze(1)
-            x[ridx] = x[ridx] - freq * counts - pres * (counts > 0).float()
+            r, t = _scatter_coords([rows[i].output_token_ids for i in add_rows], device)
+            if t.numel() == 0:
+                return
+            freq = torch.tensor([rows[i].params.frequency_penalty for i in add_rows],
+                                dtype=torch.float32, device=device)
+            pres = torch.tensor([rows[i].params.presence_penalty for i in add_rows],
+                                dtype=torch.float32, device=device)
+            # Frequency: once per occurrence; presence: once per distinct (row, token).
+            x.index_put_((_index(add_rows, device)[r], t), -freq[r], accumulate=True)
+            pairs = torch.unique(r * x.shape[1] + t)
+            ur, ut = pairs // x.shape[1], pairs % x.shape[1]
+            x.index_put_((_index(add_rows, device)[ur], ut), -pres[ur], accumulate=True)
 
     @staticmethod
     def _sample(x: torch.Tensor, rows: list[SamplingRow], owned: bool) -> torch.Tensor:

@@ -173,3 +173,20 @@ def test_rejects_bad_gqa_ratio():
     bt = torch.zeros(1, 1, dtype=torch.int32)
     with pytest.raises(ValueError, match="multiple"):
         paged_decode_attention(q, kc, kc, bt, torch.ones(1, dtype=torch.int32), 1.0)
+
+
+def test_one_block_tiles(monkeypatch):
+    # Smallest tiles: each KV iteration is exactly one cache block, 16 query rows per prefill program.
+    from splitserve.kernels import paged_attention as pa
+
+    monkeypatch.setattr(pa, "_MIN_KV_TILE", 16)
+    monkeypatch.setattr(pa, "_PREFILL_ROWS", 16)
+    run_prefill_case([20, 1, 37], [36, 8, 37], 4, 2, 32, torch.float32, seed=5)
+    ctx_lens = [3, 40]
+    ks, vs, k_cache, v_cache, block_tables = make_paged_kv(ctx_lens, 1, 32, torch.float32, seed=6)
+    q = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(6))
+    out = paged_decode_attention(q.to(DEVICE), k_cache, v_cache, block_tables,
+                                 torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE), 0.2)
+    for b, n in enumerate(ctx_lens):
+        expected = ref_attention(q[b:b + 1], ks[b], vs[b], torch.tensor([n - 1]), 0.2)[0]
+        torch.testing.assert_close(out[b].cpu(), expected, **TOL[torch.float32])
