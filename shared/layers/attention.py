@@ -56,9 +56,11 @@ class TorchAttentionBackend:
         nd = q.shape[0]
         max_ctx = max(meta.context_lens_list[:nd])
         num_blocks = -(-max_ctx // meta.block_size)
-        tables = meta.block_tables[:nd, :num_blocks].long()
-        keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [nd, Hkv, L, D]
-        values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        tables = meta.block_tables[:nd, :num_blocks].reshape(-1)
+        # index_select over the block dimension: on CPU several times faster than advanced indexing.
+        shape = (nd, num_blocks * meta.block_size, *k_cache.shape[2:])
+        keys = k_cache.index_select(0, tables).view(shape).transpose(1, 2)  # [nd, Hkv, L, D]
+        values = v_cache.index_select(0, tables).view(shape).transpose(1, 2)
         positions = torch.arange(keys.shape[2], device=q.device)
         mask = (positions[None, :] < meta.context_lens[:nd, None]).view(nd, 1, 1, -1)
         out = F.scaled_dot_product_attention(
@@ -68,9 +70,9 @@ class TorchAttentionBackend:
 
     @staticmethod
     def _prefill_one(q, k_cache, v_cache, block_table, q_len: int, ctx: int, block_size: int, scale: float):
-        blocks = block_table[: -(-ctx // block_size)].long()
-        keys = k_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)  # [Hkv, ctx, D]
-        values = v_cache[blocks].flatten(0, 1)[:ctx].transpose(0, 1)
+        blocks = block_table[: -(-ctx // block_size)]
+        keys = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)  # [Hkv, ctx, D]
+        values = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
         queries = q.transpose(0, 1)  # [Hq, q_len, D]
         if q_len == ctx:
             out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)

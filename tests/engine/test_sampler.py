@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from splitserve.layers.sampler import Sampler, SamplerOutput, SamplingRow
+from splitserve.layers.sampler import Sampler, SamplerOutput, SamplingRow, _outside_nucleus
 from splitserve.sampling_params import SamplingParams
 
 sampler = Sampler()
@@ -86,6 +86,41 @@ def test_penalties_only_touch_their_own_rows_and_not_the_input():
     assert out.token_ids[2] == top[2]
 
 
+def _naive_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    out = logits.clone()
+    for i, r in enumerate(rows):
+        p = r.params
+        for tok in set(r.prompt_token_ids) | set(r.output_token_ids):
+            v = out[i, tok]
+            out[i, tok] = v / p.repetition_penalty if v > 0 else v * p.repetition_penalty
+        for tok in set(r.output_token_ids):
+            out[i, tok] -= p.frequency_penalty * r.output_token_ids.count(tok) + p.presence_penalty
+    return out
+
+
+def test_penalties_match_naive_reference():
+    torch.manual_seed(12)
+    V = 64
+    logits = torch.randn(5, V) * 3
+    rows = [
+        row(prompt=[1, 1, 5], output=[5, 5, 9, 1], repetition_penalty=1.7, frequency_penalty=0.3, presence_penalty=-0.4),
+        row(prompt=[2, 3], output=[]),
+        row(prompt=[], output=[7] * 6 + [8], frequency_penalty=-1.0),
+        row(prompt=list(range(0, V, 3)), output=[4, 4], repetition_penalty=0.6),
+        row(prompt=[0], output=[63, 0, 63], presence_penalty=1.5),
+    ]
+    x = logits.clone()
+    Sampler._apply_penalties(x, rows)
+    assert torch.allclose(x, _naive_penalties(logits, rows), atol=1e-6)
+
+
+def test_penalties_steer_sampled_rows():
+    logits = torch.zeros(10)
+    # Tokens 0..4 generated 10 times each with frequency 2.0 -> logit -20; they should never be drawn.
+    got = set(draws(logits, 1000, output=list(range(5)) * 10, frequency_penalty=2.0).tolist())
+    assert got == {5, 6, 7, 8, 9}
+
+
 def test_top_k_1_equals_greedy_and_uses_no_randomness():
     torch.manual_seed(2)
     logits = torch.randn(6, 500)
@@ -141,6 +176,44 @@ def test_top_k_and_top_p_combined():
     # top_k=3 renormalises to 0.5/0.9, 0.3/0.9, 0.1/0.9; top_p=0.8 then keeps tokens 0 and 1 only.
     got = set(draws(LOGITS5, 2000, top_k=3, top_p=0.8).tolist())
     assert got == {0, 1}
+
+
+def _naive_outside_nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    probs = logits.softmax(-1).double()
+    order = probs.argsort(descending=True)
+    mask = torch.ones_like(probs, dtype=torch.bool)
+    mass = 0.0
+    for tok in order.tolist():
+        mask[tok] = False
+        mass += float(probs[tok])
+        if mass >= top_p:
+            break
+    return mask
+
+
+def test_nucleus_matches_reference_inside_and_beyond_the_search_window():
+    torch.manual_seed(13)
+    V = 6000
+    peaky = torch.randn(V) * 6   # nucleus of a few tokens: resolved from the top-k window
+    flat = torch.randn(V) * 0.3  # nucleus of thousands of tokens: needs the full-sort fallback
+    x = torch.stack([peaky, flat, peaky, flat])
+    ps = torch.tensor([[0.9], [0.5], [0.99], [0.95]])
+    got = _outside_nucleus(x, ps)
+    for i in range(4):
+        want = _naive_outside_nucleus(x[i], float(ps[i]))
+        # Float32 vs float64 cumulative sums may disagree on the single boundary token.
+        assert (got[i] != want).sum() <= 1
+    assert (~got[1]).sum() > 1024 and (~got[0]).sum() < 1024
+
+
+def test_filters_stay_in_their_own_rows():
+    torch.manual_seed(14)
+    logits = torch.randn(50)
+    n = 1000
+    rows = [row(seed=i, top_k=3) if i % 2 == 0 else row(seed=i) for i in range(n)]
+    toks = torch.tensor(sampler(logits.expand(n, -1), rows).token_ids)
+    assert set(toks[0::2].tolist()) <= set(logits.topk(3).indices.tolist())
+    assert len(set(toks[1::2].tolist())) > 10
 
 
 @pytest.mark.parametrize("min_p,allowed", [(0.25, {0, 1}), (0.15, {0, 1, 2}), (0.7, {0}), (0.0, {0, 1, 2, 3, 4})])
