@@ -19,7 +19,7 @@ def references(tiny_ckpts):
     refs = {}
     for arch, path in tiny_ckpts.items():
         llm_vocab = _vocab_size(path)
-        prompts = mixed_prompts(llm_vocab, LENGTHS, seed=hash(arch) % 1000)
+        prompts = mixed_prompts(llm_vocab, LENGTHS, seed=sum(map(ord, arch)))  # stable across processes
         refs[arch] = (prompts, [hf_greedy(str(path), p, MAX_TOKENS) for p in prompts])
     return refs
 
