@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.sequence import Sequence
-from splitserve.hashing import extend_block_hashes
+from splitserve.hashing import BlockHash, extend_block_hashes
 
 
 class KVCacheManager:
@@ -69,6 +69,37 @@ class KVCacheManager:
         self._update_hashes(seq, seq.token_ids[: full_blocks * self.block_size])
         for i in range(full_blocks):
             self.pool.register(seq.block_ids[i], seq.block_hashes[i])
+
+    def import_blocks(self, hashes: list[BlockHash], write) -> list[int]:
+        """Makes blocks received from elsewhere findable by hash; returns the held ids of the leading run placed.
+
+        A block already cached here is reused without writing. `write(block_ids, rows)` copies payload rows
+        (indices into `hashes`) into newly allocated blocks. Stops at the first block that finds no room.
+        """
+        held: list[int] = []
+        fresh: list[int] = []
+        rows: list[int] = []
+        for row, block_hash in enumerate(hashes):
+            block_id = self.pool.lookup(block_hash)
+            if block_id is not None:
+                self.pool.touch(block_id)
+            elif self.pool.num_free > 0:
+                block_id = self.pool.allocate()
+                fresh.append(block_id)
+                rows.append(row)
+            else:
+                break
+            held.append(block_id)
+        if fresh:
+            write(fresh, rows)
+        for block_id, row in zip(fresh, rows):
+            self.pool.register(block_id, hashes[row])
+        return held
+
+    def release_held(self, seq: Sequence) -> None:
+        for block_id in seq.held_block_ids:
+            self.pool.release(block_id)
+        seq.held_block_ids = []
 
     def free(self, seq: Sequence) -> None:
         # Tail first: the tail is the least shareable part, so it becomes the first to be evicted.

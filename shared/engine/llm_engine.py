@@ -14,10 +14,12 @@ from splitserve.config import EngineConfig
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.model_runner import ModelRunner
-from splitserve.engine.outputs import CompletionOutput, RequestOutput
+from splitserve.engine.outputs import CompletionOutput, KVExport, RequestOutput
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence, SequenceStatus
 from splitserve.engine.stop_checker import StopChecker
+from splitserve.hashing import chain_block_hashes
+from splitserve.kv_transfer.block_io import export_blocks, import_blocks
 from splitserve.models.loader import llama_args_from_config, load_model, model_fingerprint, read_model_files
 from splitserve.sampling_params import InvalidRequestError, SamplingParams
 
@@ -33,6 +35,8 @@ class _Request:
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     arrival_time: float
+    export_kv: bool = False
+    kv_export: Optional[KVExport] = None
 
     @property
     def finished(self) -> bool:
@@ -68,6 +72,8 @@ class LLMEngine:
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens = 0
         self.num_steps = 0
+        # Sequences that received a token in the last step (finished ones included): streaming reads these.
+        self.last_step_sampled: list[Sequence] = []
 
     @property
     def layout(self):
@@ -97,21 +103,61 @@ class LLMEngine:
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams,
-                    arrival_time: Optional[float] = None) -> None:
-        if request_id in self.requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
-        text, token_ids = self.validate_prompt(prompt)
-        self.validate_params(params, len(token_ids))
+                    arrival_time: Optional[float] = None, *, first_token: Optional[tuple] = None,
+                    held_block_ids: Optional[list[int]] = None, export_kv: bool = False) -> None:
+        """Queues a request.
+
+        Disaggregation hooks: `first_token` = (token id, logprob or None, top logprobs) continues a request whose
+        first token was sampled by a prefill worker; `held_block_ids` (from import_kv_blocks) are prompt blocks
+        received from a kv-store; `export_kv` hands the prompt's full blocks back in the RequestOutput.
+        """
+        held = list(held_block_ids or [])
+        try:
+            if request_id in self.requests:
+                raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
+            text, token_ids = self.validate_prompt(prompt)
+            self.validate_params(params, len(token_ids))
+            if (first_token is not None or held) and params.n != 1:
+                raise InvalidRequestError("a continued request (first token given) must have n = 1", "n")
+        except BaseException:
+            for block_id in held:
+                self.pool.release(block_id)
+            raise
         now = arrival_time or time.monotonic()
         seqs = []
         for index in range(params.n):
             seq = Sequence(request_id, index, token_ids, params, now)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+            if first_token is not None:
+                token, logprob, top = first_token
+                seq.output_token_ids.append(int(token))
+                if params.logprobs is not None:
+                    seq.logprobs.append(float(logprob) if logprob is not None else float("nan"))
+                    seq.top_logprobs.append(list(top or []))
             seqs.append(seq)
-        self.requests[request_id] = _Request(request_id, text, token_ids, seqs, now)
+        seqs[0].held_block_ids = held
+        self.requests[request_id] = _Request(request_id, text, token_ids, seqs, now, export_kv=export_kv)
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def import_kv_blocks(self, hashes: list[bytes], rows: torch.Tensor) -> list[int]:
+        """Places received prompt blocks in the prefix cache; returns held block ids for add_request.
+
+        Needs prefix caching (blocks are adopted through it); without it nothing is imported.
+        """
+        if not self.config.enable_prefix_caching or not hashes:
+            return []
+        return self.kv.import_blocks(
+            hashes, lambda block_ids, picked: import_blocks(self.runner.kv_caches, block_ids, rows[picked],
+                                                            self.layout))
+
+    def _export_prompt_blocks(self, seq: Sequence) -> KVExport:
+        full = min(seq.num_prompt_tokens, seq.num_computed_tokens) // self.config.block_size
+        hashes = chain_block_hashes(seq.prompt_token_ids[: full * self.config.block_size], self.config.block_size,
+                                    self.model_id)
+        return KVExport(hashes, export_blocks(self.runner.kv_caches, seq.block_ids[:full]),
+                        full * self.config.block_size)
 
     def validate_prompt(self, prompt: Union[str, list[int]]) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
@@ -166,6 +212,7 @@ class LLMEngine:
             self.kv.commit_computed(seq)
         out = result.output
         touched: dict[str, _Request] = {}
+        self.last_step_sampled = []
         now = time.monotonic()
         for i, seq in enumerate(result.sampled):
             if seq.status != SequenceStatus.RUNNING:
@@ -177,8 +224,12 @@ class LLMEngine:
             if seq.params.logprobs is not None:
                 seq.logprobs.append(out.logprobs[i])
                 seq.top_logprobs.append(out.top_logprobs[i])
+            self.last_step_sampled.append(seq)
             reason = self.stop_checker.check(seq)
             if reason is not None:
+                request = self.requests[seq.request_id]
+                if request.export_kv and request.kv_export is None:
+                    request.kv_export = self._export_prompt_blocks(seq)
                 self.scheduler.finish(seq, reason)
                 touched[seq.request_id] = self.requests[seq.request_id]
         finished = []
@@ -208,7 +259,8 @@ class LLMEngine:
         if first.first_token_time is not None:
             metrics["first_token_time"] = first.first_token_time
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, True,
-                             num_cached_tokens=min(s.num_cached_tokens for s in request.seqs), metrics=metrics)
+                             num_cached_tokens=min(s.num_cached_tokens for s in request.seqs), metrics=metrics,
+                             kv_export=request.kv_export)
 
     def stats(self) -> dict[str, int]:
         return {
@@ -224,6 +276,8 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
+            "running_tokens": sum(s.num_tokens for s in self.scheduler.running),
+            "waiting_tokens": sum(s.num_tokens for s in self.scheduler.waiting),
             "steps": self.num_steps,
         }
 

@@ -31,3 +31,12 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # Prefill handoff: the prompt's full blocks (hashes, uint8 [n, bytes_per_block]) when the request asked.
+    kv_export: Optional["KVExport"] = None
+
+
+@dataclass
+class KVExport:
+    block_hashes: list[bytes]
+    blocks: "object"  # torch.Tensor; typed loosely so this module stays import-light
+    num_tokens: int

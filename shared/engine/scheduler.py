@@ -86,6 +86,7 @@ class Scheduler:
                 self._undo_admission(seq)
                 break
             self.kv.record_prefix_query(seq)
+            self.kv.release_held(seq)  # the prefix lookup above took its own references
             seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -125,4 +126,5 @@ class Scheduler:
                 self.waiting.remove(seq)
             except ValueError:
                 pass
+        self.kv.release_held(seq)
         self.kv.free(seq)

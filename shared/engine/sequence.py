@@ -45,6 +45,9 @@ class Sequence:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     num_preemptions: int = 0
     first_token_time: Optional[float] = None
+    # Blocks imported from a kv-store for this sequence: referenced until admission adopts them through the
+    # prefix cache, so nothing evicts them in between.
+    held_block_ids: list[int] = field(default_factory=list)
 
     @property
     def token_ids(self) -> list[int]:

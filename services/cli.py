@@ -1,10 +1,25 @@
-"""`splitserve <command>`: the command-line entry point."""
+"""`splitserve <command>`: the command-line entry point.
+
+`splitserve generate` runs the engine offline in this process; `splitserve <service> [flags]` runs one service
+(each parses its own flags and SPLITSERVE_* env); `splitserve up` starts the whole stack as local processes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+
+# Each module has `main(argv) -> int`. Imported only when asked for, so one service never loads another's code.
+SUBCOMMANDS = {
+    "tokenizer": "splitserve.services.tokenizer.server",
+    "prefill": "splitserve.services.prefill.server",
+    "decode": "splitserve.services.decode.server",
+    "kv-store": "splitserve.services.kv_store.server",
+    "gateway": "splitserve.services.gateway.server",
+    "up": "splitserve.launcher.up",
+}
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -33,6 +48,7 @@ def _generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="splitserve", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
+    parser.epilog = "other commands: " + ", ".join(SUBCOMMANDS) + " (each with its own --help)"
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="complete one prompt offline, in this process")
     gen.add_argument("--model", default=None, help="hub id or checkpoint folder (default: the tiny demo model)")
@@ -49,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.func(args)

@@ -1,0 +1,133 @@
+"""Decode: pull the prompt's blocks from the kv-store, join the continuous batch, stream tokens.
+
+Whatever goes wrong with the blocks (no handle, another layout, a missing block, a failed pull) the request is
+still served: the engine recomputes what it did not receive. Each such case is counted by reason and logged.
+Leaving the stream (client cancel, gateway saw a stop string) aborts the request and frees its blocks at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Optional
+
+import grpc
+import torch
+from prometheus_client import Counter
+
+from splitserve.engine.async_engine import EngineDeadError
+from splitserve.kv_transfer.metrics import KV_TRANSFER_BLOCKS, KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
+from splitserve.kv_transfer.transport import KVTransferError
+from splitserve.protos.convert import (finish_reason_to_proto, layout_mismatch, sampling_params_from_proto,
+                                       token_logprob_to_proto)
+from splitserve.protos.splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from splitserve.sampling_params import InvalidRequestError
+from splitserve.serving.engine_worker import engine_stats_proto, layout_proto
+from splitserve.serving.errors import abort_invalid
+
+log = logging.getLogger(__name__)
+
+DECODE_REQUESTS = Counter("splitserve_decode_requests_total", "Decode requests by how they ended", ["outcome"])
+KV_RECOMPUTE = Counter("splitserve_decode_kv_recompute_total",
+                       "Requests whose prompt KV was (partly) recomputed instead of transferred", ["reason"])
+LOCAL_PREFILL = Counter("splitserve_decode_local_prefill_total", "Requests prefilled by this decode worker")
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+    def __init__(self, engine, transport, kv_timeout_s: float, model_name: str, is_draining):
+        self.engine = engine
+        self.transport = transport
+        self.kv_timeout_s = kv_timeout_s
+        self.model_name = model_name
+        self.is_draining = is_draining
+
+    async def Generate(self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
+        if self.is_draining():
+            DECODE_REQUESTS.labels("draining").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker is shutting down")
+        request_id = request.request_id or uuid.uuid4().hex
+        prompt = list(request.prompt_token_ids)
+        try:
+            params = sampling_params_from_proto(request.sampling_params)
+        except InvalidRequestError as exc:
+            DECODE_REQUESTS.labels("invalid").inc()
+            await abort_invalid(context, exc)
+        first_token = None
+        kv_blocks = None
+        if request.HasField("first_token_id"):
+            lp = request.first_token_logprob
+            top = [(t.token_id, t.logprob) for t in lp.top]
+            first_token = (request.first_token_id, lp.logprob if request.HasField("first_token_logprob") else None,
+                           top)
+            if params.max_tokens <= 1:
+                yield decode_pb2.GenerateChunk(finish_reason=common_pb2.FINISH_REASON_LENGTH, usage=common_pb2.Usage(
+                    prompt_tokens=len(prompt), completion_tokens=1))
+                return
+            kv_blocks = await self._pull_blocks(request, request_id)
+        else:
+            LOCAL_PREFILL.inc()
+
+        usage = common_pb2.Usage(prompt_tokens=len(prompt))
+        try:
+            async for delta in self.engine.generate(request_id, prompt, params, first_token=first_token,
+                                                    kv_blocks=kv_blocks):
+                chunk = decode_pb2.GenerateChunk(token_ids=delta.token_ids)
+                if delta.logprobs:
+                    for token, (logprob, top) in zip(delta.token_ids, delta.logprobs):
+                        chunk.logprobs.append(token_logprob_to_proto(token, logprob, top))
+                if delta.num_output_tokens:
+                    usage.completion_tokens = delta.num_output_tokens
+                    usage.cached_tokens = delta.num_cached_tokens
+                if delta.finished:
+                    chunk.finish_reason = finish_reason_to_proto(delta.finish_reason)
+                    chunk.usage.CopyFrom(usage)
+                    chunk.message = delta.message
+                    DECODE_REQUESTS.labels(delta.finish_reason).inc()
+                yield chunk
+        except InvalidRequestError as exc:
+            DECODE_REQUESTS.labels("invalid").inc()
+            await abort_invalid(context, exc)
+        except EngineDeadError as exc:
+            DECODE_REQUESTS.labels("engine_dead").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    async def _pull_blocks(self, request: decode_pb2.GenerateRequest,
+                           request_id: str) -> Optional[tuple[list[bytes], torch.Tensor]]:
+        handle = request.kv_handle
+        hashes = list(handle.block_hashes.hashes)
+        num_full = len(request.prompt_token_ids) // self.engine.engine.config.block_size
+        if not request.HasField("kv_handle") or not hashes:
+            if num_full:
+                self._recompute("no_handle", request_id, "the prefill worker handed over no KV blocks")
+            return None
+        mismatch = layout_mismatch(layout_proto(self.engine), handle.layout)
+        if mismatch:
+            self._recompute("layout_mismatch", request_id, mismatch)
+            return None
+        started = time.monotonic()
+        try:
+            rows = await self.transport.get_blocks(handle.store_address, handle.layout, hashes, request_id,
+                                                   timeout_s=self.kv_timeout_s)
+        except KVTransferError as exc:
+            KV_TRANSFER_FAILURES.labels("get", type(exc).__name__).inc()
+            self._recompute("transfer_failed", request_id, str(exc))
+            return None
+        KV_TRANSFER_SECONDS.labels("get").inc(time.monotonic() - started)
+        KV_TRANSFER_BYTES.labels("get").inc(rows.numel())
+        KV_TRANSFER_BLOCKS.labels("get").inc(rows.shape[0])
+        if rows.shape[0] < len(hashes):
+            self._recompute("missing_blocks", request_id,
+                            f"the store had {rows.shape[0]} of {len(hashes)} blocks")
+        return hashes[: rows.shape[0]], rows
+
+    @staticmethod
+    def _recompute(reason: str, request_id: str, detail: str) -> None:
+        KV_RECOMPUTE.labels(reason).inc()
+        log.warning("request %s: recomputing prompt KV locally (%s): %s", request_id, reason, detail)
+
+    async def Cancel(self, request: decode_pb2.CancelRequest, context):
+        return decode_pb2.CancelResponse(found=self.engine.abort(request.request_id))
+
+    async def Stats(self, request, context):
+        return decode_pb2.DecodeStatsResponse(engine=engine_stats_proto(self.engine, self.model_name))

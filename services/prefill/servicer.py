@@ -1,0 +1,111 @@
+"""Prefill: run the prompt, sample the first token with the request's own params, hand the blocks to the kv-store.
+
+The blocks are written before the response goes back, so a decode worker that pulls them right after finds
+them. If the store cannot take them the request still succeeds — the decode side recomputes — and the failure
+is counted and logged, never hidden.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import grpc
+from prometheus_client import Counter, Histogram
+
+from splitserve.engine.async_engine import EngineDeadError
+from splitserve.kv_transfer.metrics import KV_TRANSFER_BLOCKS, KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
+from splitserve.kv_transfer.transport import KVTransferError
+from splitserve.protos.convert import finish_reason_to_proto, sampling_params_from_proto, token_logprob_to_proto
+from splitserve.protos.splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from splitserve.sampling_params import InvalidRequestError
+from splitserve.serving.engine_worker import engine_stats_proto, layout_proto
+from splitserve.serving.errors import abort_invalid
+
+log = logging.getLogger(__name__)
+
+PREFILL_REQUESTS = Counter("splitserve_prefill_requests_total", "Prefill requests by outcome", ["outcome"])
+PREFILL_SECONDS = Histogram("splitserve_prefill_seconds", "Prompt in to first token out, KV handoff included",
+                            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, engine, transport, kv_store_address: str | None, kv_timeout_s: float, model_name: str,
+                 is_draining):
+        self.engine = engine
+        self.transport = transport
+        self.kv_store_address = kv_store_address
+        self.kv_timeout_s = kv_timeout_s
+        self.model_name = model_name
+        self.is_draining = is_draining
+
+    async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        started = time.monotonic()
+        if self.is_draining():
+            PREFILL_REQUESTS.labels("draining").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker is shutting down")
+        request_id = request.request_id or uuid.uuid4().hex
+        prompt = list(request.prompt_token_ids)
+        try:
+            params = sampling_params_from_proto(request.sampling_params)
+            last = None
+            async for delta in self.engine.generate(request_id, prompt, params.replace(max_tokens=1, n=1),
+                                                    export_kv=True):
+                last = delta
+        except InvalidRequestError as exc:
+            PREFILL_REQUESTS.labels("invalid").inc()
+            await abort_invalid(context, exc)
+        except EngineDeadError as exc:
+            PREFILL_REQUESTS.labels("engine_dead").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        if last is None or last.finish_reason in ("abort", "error") or not last.token_ids:
+            PREFILL_REQUESTS.labels("error").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {last.message if last else 'no output'}")
+
+        finish = self._finish_reason(last.finish_reason, params.max_tokens, len(prompt))
+        response = prefill_pb2.PrefillResponse(
+            request_id=request_id, first_token_id=last.token_ids[0], cached_tokens=last.num_cached_tokens,
+            finish_reason=finish_reason_to_proto(finish))
+        if last.logprobs:
+            logprob, top = last.logprobs[0]
+            response.first_token_logprob.CopyFrom(token_logprob_to_proto(last.token_ids[0], logprob, top))
+        store = request.kv_target.store_address or self.kv_store_address
+        if finish is None and last.kv_export is not None and last.kv_export.block_hashes:
+            handle = await self._store_blocks(store, last.kv_export, request_id)
+            if handle is not None:
+                response.kv_handle.CopyFrom(handle)
+        PREFILL_REQUESTS.labels("ok").inc()
+        PREFILL_SECONDS.observe(time.monotonic() - started)
+        return response
+
+    def _finish_reason(self, engine_reason: str, max_tokens: int, prompt_len: int):
+        if engine_reason == "stop":
+            return "stop"
+        if max_tokens == 1 or prompt_len + 1 >= self.engine.engine.max_model_len:
+            return "length"
+        return None  # decode goes on
+
+    async def _store_blocks(self, store: str | None, export, request_id: str):
+        if not store:
+            KV_TRANSFER_FAILURES.labels("put", "no_store").inc()
+            log.warning("request %s: no kv-store configured; decode will recompute the prompt", request_id)
+            return None
+        layout = layout_proto(self.engine)
+        started = time.monotonic()
+        try:
+            await self.transport.put_blocks(store, layout, export.block_hashes, export.blocks, request_id,
+                                            timeout_s=self.kv_timeout_s)
+        except KVTransferError as exc:
+            KV_TRANSFER_FAILURES.labels("put", type(exc).__name__).inc()
+            log.warning("request %s: writing %d KV blocks to %s failed (%s); decode will recompute", request_id,
+                        len(export.block_hashes), store, exc)
+            return None
+        KV_TRANSFER_SECONDS.labels("put").inc(time.monotonic() - started)
+        KV_TRANSFER_BYTES.labels("put").inc(export.blocks.numel())
+        KV_TRANSFER_BLOCKS.labels("put").inc(len(export.block_hashes))
+        return common_pb2.KVHandle(store_address=store, block_hashes=common_pb2.BlockHashes(
+            hashes=export.block_hashes), layout=layout, num_tokens=export.num_tokens)
+
+    async def Stats(self, request, context):
+        return prefill_pb2.PrefillStatsResponse(engine=engine_stats_proto(self.engine, self.model_name))

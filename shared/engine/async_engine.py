@@ -1,0 +1,225 @@
+"""The engine behind a service: one thread runs the step loop, asyncio callers get per-request token streams.
+
+The engine is single-threaded by design (the scheduler alone owns its queues), so every mutation — adding,
+aborting, importing KV blocks — is a command the loop thread runs between steps. Results go back to the event
+loop once per step, as one batch, so a busy engine costs the loop one wake-up per step rather than per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable, Optional
+
+import torch
+
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.outputs import KVExport
+from splitserve.engine.sequence import Sequence
+from splitserve.sampling_params import InvalidRequestError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop failed; the process should be restarted (health turns NOT_SERVING)."""
+
+
+@dataclass
+class TokenDelta:
+    """What one step produced for one sequence (or the end of it)."""
+
+    token_ids: list[int]
+    # Parallel to token_ids when logprobs were asked: (logprob, [(alternative id, logprob), ...]).
+    logprobs: Optional[list[tuple[float, list[tuple[int, float]]]]] = None
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: object = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    message: str = ""
+    kv_export: Optional[KVExport] = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue
+    held_block_ids: list[int] = field(default_factory=list)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: deque[Callable[[], None]] = deque()
+        self._wake = threading.Condition()
+        self._streams: dict[str, _Stream] = {}
+        self._thread: Optional[threading.Thread] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stopping = False
+        self.dead: Optional[BaseException] = None
+        # Written only by the loop thread, after each step: other threads read stats without racing the scheduler.
+        self.stats_snapshot: dict[str, int] = engine.stats()
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30.0)
+
+    @property
+    def num_active(self) -> int:
+        return len(self._streams)
+
+    async def wait_idle(self) -> None:
+        while self._streams:
+            await asyncio.sleep(0.05)
+
+    # ---- requests --------------------------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                       first_token: Optional[tuple] = None, kv_blocks: Optional[tuple[list[bytes], torch.Tensor]] = None,
+                       export_kv: bool = False) -> AsyncIterator[TokenDelta]:
+        """Streams the request's deltas until it finishes; leaving the iteration early aborts the request.
+
+        Bad input raises InvalidRequestError before anything is queued.
+        """
+        if self.dead is not None:
+            raise EngineDeadError(f"engine loop failed: {self.dead}")
+        if request_id in self._streams:
+            raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
+        self.engine.validate_prompt(prompt_token_ids)
+        self.engine.validate_params(params, len(prompt_token_ids))
+        if params.n != 1:
+            # One stream per sequence keeps cancellation and usage per stream; callers fan out n themselves.
+            raise InvalidRequestError("the serving engine takes n = 1 per request (the gateway fans out n)", "n")
+        stream = _Stream(asyncio.Queue())
+        self._streams[request_id] = stream
+
+        def add() -> None:
+            held: list[int] = []
+            if kv_blocks is not None:
+                hashes, rows = kv_blocks
+                held = self.engine.import_kv_blocks(hashes, rows)
+            self.engine.add_request(request_id, list(prompt_token_ids), params, first_token=first_token,
+                                    held_block_ids=held, export_kv=export_kv)
+
+        self._submit(add, request_id)
+        finished = False
+        try:
+            while True:
+                delta = await stream.queue.get()
+                if delta.finished:
+                    finished = True
+                yield delta
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit(lambda: self.engine.abort_request(request_id), None)
+
+    def abort(self, request_id: str) -> bool:
+        """Aborts a running request; its stream ends with finish_reason "abort". False if unknown."""
+        if request_id not in self._streams:
+            return False
+        self._submit(lambda: self._abort_now(request_id), None)
+        return True
+
+    def _abort_now(self, request_id: str) -> None:
+        if request_id in self.engine.requests:
+            self.engine.abort_request(request_id)
+            self._post([(request_id, TokenDelta([], finish_reason="abort", message="cancelled"))])
+
+    def _submit(self, command: Callable[[], None], request_id: Optional[str]) -> None:
+        def guarded() -> None:
+            try:
+                command()
+            except Exception as exc:  # a bad command fails its request, never the loop
+                log.warning("request %s failed to start: %s", request_id, exc)
+                if request_id is not None:
+                    self._post([(request_id, TokenDelta([], finish_reason="error", message=str(exc)))])
+
+        with self._wake:
+            self._commands.append(guarded)
+            self._wake.notify()
+
+    # ---- the loop thread -------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._wake:
+                while not self._commands and not engine.has_unfinished_requests() and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                commands = list(self._commands)
+                self._commands.clear()
+            for command in commands:
+                command()
+            if not engine.has_unfinished_requests():
+                self.stats_snapshot = engine.stats()
+                continue
+            try:
+                finished = engine.step()
+            except Exception as exc:
+                log.exception("engine step failed; failing every request")
+                self.dead = exc
+                self._fail_all(f"engine failure: {exc}")
+                return
+            self._post(self._deltas(engine.last_step_sampled, finished))
+            self.stats_snapshot = engine.stats()
+
+    def _deltas(self, sampled: list[Sequence], finished) -> list[tuple[str, TokenDelta]]:
+        exports = {out.request_id: out for out in finished}
+        items = []
+        for seq in sampled:
+            delta = TokenDelta([seq.output_token_ids[-1]], num_prompt_tokens=seq.num_prompt_tokens,
+                               num_output_tokens=len(seq.output_token_ids), num_cached_tokens=seq.num_cached_tokens)
+            if seq.params.logprobs is not None:
+                delta.logprobs = [(seq.logprobs[-1], list(seq.top_logprobs[-1] or []))]
+            if seq.is_finished:
+                delta.finish_reason = seq.finish_reason
+                delta.stop_reason = seq.stop_reason
+                output = exports.get(seq.request_id)
+                if output is not None:
+                    delta.kv_export = output.kv_export
+            items.append((seq.request_id, delta))
+        return items
+
+    def _fail_all(self, message: str) -> None:
+        items = []
+        for request_id in list(self.engine.requests):
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:
+                pass
+            items.append((request_id, TokenDelta([], finish_reason="error", message=message)))
+        for request_id in list(self._streams):
+            items.append((request_id, TokenDelta([], finish_reason="error", message=message)))
+        self._post(items)
+
+    def _post(self, items: list[tuple[str, TokenDelta]]) -> None:
+        if items and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dispatch, items)
+
+    def _dispatch(self, items: list[tuple[str, TokenDelta]]) -> None:
+        for request_id, delta in items:
+            stream = self._streams.get(request_id)
+            if stream is not None:
+                stream.queue.put_nowait(delta)

@@ -1,0 +1,39 @@
+"""A KV block's bytes: how blocks leave and enter an engine's paged cache.
+
+One block's payload is `[num_layers, 2 (K, V), block_size, num_kv_heads, head_dim]` in the cache dtype, C order.
+Each layer's cache is `[2, num_blocks, block_size, num_kv_heads, head_dim]`, so a block is gathered from every
+layer into one contiguous row; rows are handed around as uint8 so any transport can move them as bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from splitserve.engine.model_runner import KVLayout
+
+
+def export_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], out_device: str = "cpu") -> torch.Tensor:
+    """uint8 `[len(block_ids), bytes_per_block]` copies of the blocks."""
+    if not block_ids:
+        per_block = kv_caches[0][:, 0].numel() * kv_caches[0].element_size() * len(kv_caches)
+        return torch.empty((0, per_block), dtype=torch.uint8)
+    index = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
+    per_layer = [cache.index_select(1, index) for cache in kv_caches]  # each [2, n, bs, H, D]
+    blocks = torch.stack(per_layer, dim=0).permute(2, 0, 1, 3, 4, 5).contiguous()  # [n, L, 2, bs, H, D]
+    return blocks.view(torch.uint8).reshape(len(block_ids), -1).to(out_device)
+
+
+def import_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], rows: torch.Tensor,
+                  layout: KVLayout) -> None:
+    """Writes payload rows (uint8 `[len(block_ids), bytes_per_block]`) into the given blocks."""
+    if not block_ids:
+        return
+    if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.shape != (len(block_ids), layout.bytes_per_block):
+        raise ValueError(f"expected uint8 rows of shape ({len(block_ids)}, {layout.bytes_per_block}), "
+                         f"got {rows.dtype} {tuple(rows.shape)}")
+    device = kv_caches[0].device
+    blocks = rows.to(device).contiguous().view(layout.dtype).reshape(
+        len(block_ids), layout.num_layers, 2, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    index = torch.tensor(block_ids, dtype=torch.long, device=device)
+    for layer, cache in enumerate(kv_caches):
+        cache.index_copy_(1, index, blocks[:, layer].transpose(0, 1))

@@ -1,0 +1,87 @@
+"""One dataclass per service, filled from flags, then `SPLITSERVE_*` environment variables, then defaults.
+
+Flags win over env so that a container's env can be overridden on its command line. Field metadata `help`
+documents each setting; the resolved settings are logged at start so an operator sees what the process runs with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import typing
+from typing import Any, Optional, Sequence, TypeVar
+
+T = TypeVar("T")
+ENV_PREFIX = "SPLITSERVE_"
+
+log = logging.getLogger(__name__)
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(scalar type, is_list) of a field annotation such as Optional[int] or list[str]."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _base_type(args[0])
+    if origin in (list, tuple):
+        return typing.get_args(annotation)[0], True
+    return annotation, False
+
+
+def _convert(raw: str, kind: type, is_list: bool, name: str) -> Any:
+    if is_list:
+        return [_convert(part.strip(), kind, False, name) for part in raw.split(",") if part.strip()]
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"{name}: expected a boolean, got {raw!r}")
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name}: expected {kind.__name__}, got {raw!r}") from exc
+
+
+def parse_settings(cls: type[T], argv: Optional[Sequence[str]] = None, prog: Optional[str] = None,
+                   description: Optional[str] = None) -> T:
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(prog=prog, description=description or (cls.__doc__ or "").strip())
+    for f in dataclasses.fields(cls):
+        kind, is_list = _base_type(hints[f.name])
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "") + f" [env {env_name(f.name)}]"
+        if kind is bool and not is_list:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text,
+                                type=lambda raw, k=kind, l=is_list, n=f.name: _convert(raw, k, l, n))
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name)
+        if value is None and env_name(f.name) in os.environ:
+            kind, is_list = _base_type(hints[f.name])
+            try:
+                value = _convert(os.environ[env_name(f.name)], kind, is_list, env_name(f.name))
+            except ValueError as exc:
+                parser.error(str(exc))
+        if value is not None:
+            values[f.name] = value
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+        raise  # unreachable: parser.error exits
+
+
+def log_settings(name: str, settings: Any) -> None:
+    shown = {k: ("***" if "key" in k and v else v) for k, v in dataclasses.asdict(settings).items()}
+    log.info("%s settings: %s", name, shown)

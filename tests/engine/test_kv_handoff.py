@@ -1,0 +1,148 @@
+"""The disaggregation hooks of the engine: a prefill engine exports a prompt's blocks and first token, a second
+engine imports them and continues — and the result equals one engine doing everything, token for token."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from hf_reference import mixed_prompts
+from splitserve import LLM, InvalidRequestError, SamplingParams
+from splitserve.engine.async_engine import AsyncEngine
+from splitserve.kv_transfer.block_io import export_blocks, import_blocks
+
+VOCAB = 1000
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def _engine(ckpt, **kw):
+    return LLM(str(ckpt), dtype="float32", device="cpu", num_kv_blocks=kw.pop("num_kv_blocks", 96), **kw).engine
+
+
+def _run(engine, request_id, prompt, params, **kw):
+    engine.add_request(request_id, prompt, params, **kw)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    [out] = [o for o in outputs if o.request_id == request_id]
+    return out
+
+
+def _assert_pool_whole(engine):
+    stats = engine.stats()
+    assert stats["free_blocks"] == stats["num_blocks"], stats
+
+
+@pytest.fixture(scope="module")
+def engines(llama_ckpt):
+    return _engine(llama_ckpt), _engine(llama_ckpt), LLM(str(llama_ckpt), dtype="float32", device="cpu")
+
+
+def test_block_bytes_round_trip(engines):
+    prefill, decode, _ = engines
+    caches = prefill.runner.kv_caches
+    for cache in caches:
+        cache.normal_()
+    rows = export_blocks(caches, [3, 7])
+    assert rows.dtype == torch.uint8 and rows.shape == (2, prefill.layout.bytes_per_block)
+    import_blocks(decode.runner.kv_caches, [10, 2], rows, decode.layout)
+    for src, dst in zip(caches, decode.runner.kv_caches):
+        assert torch.equal(src[:, 3], dst[:, 10]) and torch.equal(src[:, 7], dst[:, 2])
+    with pytest.raises(ValueError, match="shape"):
+        import_blocks(decode.runner.kv_caches, [1], rows, decode.layout)
+
+
+@pytest.mark.parametrize("prompt_len", [5, 16, 47, 200])
+def test_prefill_then_decode_equals_one_engine(engines, prompt_len):
+    prefill, decode, offline = engines
+    prompt = mixed_prompts(VOCAB, [prompt_len], seed=prompt_len)[0]
+    [reference] = offline.generate([prompt], GREEDY)
+
+    first = _run(prefill, f"p{prompt_len}", prompt, GREEDY.replace(max_tokens=1), export_kv=True)
+    export = first.kv_export
+    assert export is not None and len(export.block_hashes) == prompt_len // 16
+    assert export.blocks.shape == (prompt_len // 16, prefill.layout.bytes_per_block)
+    first_token = first.outputs[0].token_ids[0]
+    assert first_token == reference.outputs[0].token_ids[0]
+
+    computed_before = decode.stats()["prompt_tokens_computed"]
+    held = decode.import_kv_blocks(export.block_hashes, export.blocks)
+    assert len(held) == prompt_len // 16
+    out = _run(decode, f"d{prompt_len}", prompt, GREEDY, first_token=(first_token, None, None), held_block_ids=held)
+    assert out.outputs[0].token_ids == reference.outputs[0].token_ids
+    # Only the tail after the last full block (and the first token) was computed on the decode side.
+    assert decode.stats()["prompt_tokens_computed"] - computed_before == prompt_len % 16
+    assert out.num_cached_tokens == (prompt_len // 16) * 16
+    _assert_pool_whole(prefill)
+    _assert_pool_whole(decode)
+
+
+def test_import_stops_when_the_pool_is_full_and_releases_on_abort(llama_ckpt, engines):
+    prefill, _, _ = engines
+    small = _engine(llama_ckpt, num_kv_blocks=4)
+    prompt = mixed_prompts(VOCAB, [100], seed=5)[0]
+    export = _run(prefill, "full", prompt, GREEDY.replace(max_tokens=1), export_kv=True).kv_export
+    held = small.import_kv_blocks(export.block_hashes, export.blocks)
+    assert len(held) == 4 and small.stats()["free_blocks"] == 0
+    small.add_request("x", prompt[:40], GREEDY, first_token=(1, None, None), held_block_ids=held)
+    small.abort_request("x")
+    _assert_pool_whole(small)
+    # A refused request gives its held blocks back too.
+    held = small.import_kv_blocks(export.block_hashes[:2], export.blocks[:2])
+    with pytest.raises(InvalidRequestError):
+        small.add_request("y", [], GREEDY, held_block_ids=held)
+    _assert_pool_whole(small)
+
+
+def test_async_engine_streams_and_cancels(llama_ckpt):
+    engine = _engine(llama_ckpt)
+    reference = LLM(str(llama_ckpt), dtype="float32", device="cpu").generate(
+        [list(range(1, 30))], GREEDY)[0].outputs[0].token_ids
+
+    async def main():
+        runner = AsyncEngine(engine)
+        runner.start()
+        try:
+            tokens, last = [], None
+            async for delta in runner.generate("a", list(range(1, 30)), GREEDY):
+                tokens += delta.token_ids
+                last = delta
+            assert tokens == reference and last.finish_reason == "length"
+            assert last.num_output_tokens == 24 and last.num_prompt_tokens == 29
+
+            # Leaving the stream early aborts the request and frees its blocks.
+            stream = runner.generate("b", list(range(1, 30)), GREEDY.replace(max_tokens=500))
+            async for _ in stream:
+                break
+            await stream.aclose()
+            # Concurrent requests, one cancelled through abort().
+            started = asyncio.Event()
+
+            async def consume(rid):
+                out = []
+                async for delta in runner.generate(rid, list(range(5, 60)), GREEDY.replace(max_tokens=200)):
+                    out.append(delta)
+                    started.set()
+                    await asyncio.sleep(0)
+                return out
+            task_a = asyncio.create_task(consume("c"))
+            task_b = asyncio.create_task(consume("d"))
+            await started.wait()
+            assert runner.abort("c")
+            a, b = await asyncio.gather(task_a, task_b)
+            assert a[-1].finish_reason == "abort" and b[-1].finish_reason == "length"
+            with pytest.raises(InvalidRequestError):
+                async for _ in runner.generate("e", [], GREEDY):
+                    pass
+            await runner.wait_idle()
+            for _ in range(50):
+                if not engine.has_unfinished_requests():
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await runner.stop()
+
+    asyncio.run(main())
+    _assert_pool_whole(engine)
