@@ -23,6 +23,8 @@ MAX_MESSAGE_BYTES = 256 * 2**20
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # Service-to-service calls are direct; an http_proxy in the environment must not capture them.
+    ("grpc.enable_http_proxy", 0),
 ]
 
 

@@ -1,0 +1,54 @@
+"""Prometheus metrics of the kv-store: the pool's state read from the store at scrape time, transfers counted here.
+
+Pool figures come from BlockStore.stats() through a collector rather than being copied into gauges after every
+call, so /metrics and the Stats RPC can never disagree.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client import REGISTRY, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from splitserve.services.kv_store.block_store import BlockStore
+
+TRANSFER_BYTES = Counter("splitserve_kv_store_transfer_bytes", "Block payload bytes moved over the gRPC data plane",
+                         ["direction"])
+TRANSFER_SECONDS = Counter("splitserve_kv_store_transfer_seconds", "Time spent in PutBlocks/GetBlocks streams",
+                           ["direction"])
+TRANSFER_FAILURES = Counter("splitserve_kv_store_transfer_failures",
+                            "PutBlocks/GetBlocks streams that failed (refused, torn or cancelled)", ["direction"])
+for _direction in ("in", "out"):  # export zeros from the start so rate() has a baseline
+    for _counter in (TRANSFER_BYTES, TRANSFER_SECONDS, TRANSFER_FAILURES):
+        _counter.labels(direction=_direction)
+
+
+class BlockStoreCollector(Collector):
+    def __init__(self, store: BlockStore):
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.store.stats()
+        yield GaugeMetricFamily("splitserve_kv_store_blocks", "Block slots in use (stored plus reserved)",
+                                value=stats.blocks_used)
+        yield GaugeMetricFamily("splitserve_kv_store_bytes", "Bytes of block slots in use (stored plus reserved)",
+                                value=stats.bytes_used)
+        yield GaugeMetricFamily("splitserve_kv_store_capacity_bytes", "Configured capacity of the block pool",
+                                value=stats.bytes_capacity)
+        yield GaugeMetricFamily("splitserve_kv_store_pinned_blocks", "Blocks pinned by readers or reservations",
+                                value=stats.pinned_blocks)
+        yield CounterMetricFamily("splitserve_kv_store_hits", "Blocks found by Lookup/Pin/GetBlocks",
+                                  value=stats.hits)
+        yield CounterMetricFamily("splitserve_kv_store_misses", "Blocks not found by Lookup/Pin/GetBlocks",
+                                  value=stats.misses)
+        yield CounterMetricFamily("splitserve_kv_store_evictions", "Blocks evicted to make room (LRU)",
+                                  value=stats.evictions)
+        yield CounterMetricFamily("splitserve_kv_store_expired_leases",
+                                  "Pins and reservations dropped because their holder did not release them in time",
+                                  value=stats.expired_leases)
+
+
+def register_store_metrics(store: BlockStore) -> None:
+    REGISTRY.register(BlockStoreCollector(store))

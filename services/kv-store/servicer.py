@@ -1,0 +1,243 @@
+"""The KVStore gRPC service: translates RPCs into BlockStore calls and the store's typed errors into statuses.
+
+PutBlocks writes each block through a one-block reservation held only while its pieces arrive, so a stream that
+breaks mid-block leaves nothing visible. GetBlocks pins its leading run for the stream's life, so nothing it sends
+can be evicted (and its slot overwritten) under it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Iterator, Optional
+
+import grpc
+
+from splitserve.kv_transfer.grpc_transport import PIECE_BYTES, REQUEST_ID_METADATA_KEY
+from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
+from splitserve.sampling_params import InvalidRequestError
+from splitserve.serving.errors import PARAM_METADATA_KEY, abort_invalid
+from splitserve.services.kv_store import metrics
+from splitserve.services.kv_store.block_layout import LayoutConflictError, block_bytes, check_payload_size
+from splitserve.services.kv_store.block_store import BlockStore, StoreFullError, leading_run
+from splitserve.services.kv_store.leases import UNTIL_RELEASED, UnknownLeaseError
+
+log = logging.getLogger(__name__)
+
+MAX_PIECE_BYTES = 16 << 20  # a client may ask for bigger pieces than the default, not for unbounded messages
+ENDPOINT = kv_store_pb2.DataPlaneEndpoint(transport="grpc")
+
+
+@dataclass
+class _IncomingBlock:
+    block_hash: bytes
+    layout: common_pb2.KVLayout
+    reservation_id: str
+    already_present: bool
+    received: int = 0
+
+
+class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
+    def __init__(self, store: BlockStore, is_draining: Callable[[], bool]):
+        self.store = store
+        self.is_draining = is_draining
+        self._transfers = _RunningTransfers()
+
+    async def drain(self) -> None:
+        """Waits for running PutBlocks/GetBlocks streams; new puts are already refused by then."""
+        if self._transfers.count:
+            log.info("waiting for %d block transfers to finish", self._transfers.count)
+        await self._transfers.wait_idle()
+
+    # ---- control plane -------------------------------------------------------------------------------------
+
+    async def Reserve(self, request, context):
+        await self._refuse_if_draining(context)
+        try:
+            reservation = self.store.reserve(request.layout, list(request.block_hashes.hashes),
+                                             _lease_s(request.lease_ms), request.request_id)
+        except Exception as exc:
+            await _abort(context, exc)
+        slots = [kv_store_pb2.ReserveResponse.BlockSlot(block_hash=h, already_present=present)
+                 for h, present in zip(request.block_hashes.hashes, reservation.already_present)]
+        return kv_store_pb2.ReserveResponse(reservation_id=reservation.reservation_id, endpoint=ENDPOINT,
+                                            slots=slots, block_bytes=reservation.block_bytes)
+
+    async def Commit(self, request, context):
+        try:
+            committed = self.store.commit(request.reservation_id, list(request.block_hashes.hashes))
+        except Exception as exc:
+            await _abort(context, exc)
+        return kv_store_pb2.CommitResponse(committed_blocks=committed)
+
+    async def Lookup(self, request, context):
+        try:
+            present = self.store.lookup(request.layout, list(request.block_hashes.hashes))
+        except Exception as exc:
+            await _abort(context, exc)
+        return kv_store_pb2.LookupResponse(present=present, prefix_blocks=leading_run(present))
+
+    async def Pin(self, request, context):
+        try:
+            pin_id, pinned = self.store.pin(request.layout, list(request.block_hashes.hashes),
+                                            _lease_s(request.lease_ms), request.request_id)
+            size = block_bytes(request.layout)
+        except Exception as exc:
+            await _abort(context, exc)
+        return kv_store_pb2.PinResponse(pin_id=pin_id, pinned=pinned, endpoint=ENDPOINT, block_bytes=size,
+                                        locations=[kv_store_pb2.PinResponse.BlockLocation() for _ in pinned])
+
+    async def Release(self, request, context):
+        return kv_store_pb2.ReleaseResponse(released_blocks=self.store.release(request.pin_id))
+
+    async def Stats(self, request, context):
+        self.store.expire()
+        stats = self.store.stats()
+        return kv_store_pb2.KVStoreStatsResponse(
+            blocks_used=stats.blocks_used, blocks_capacity=stats.blocks_capacity, bytes_used=stats.bytes_used,
+            bytes_capacity=stats.bytes_capacity, pinned_blocks=stats.pinned_blocks, hits=stats.hits,
+            misses=stats.misses, evictions=stats.evictions)
+
+    # ---- data plane ----------------------------------------------------------------------------------------
+
+    async def PutBlocks(self, request_iterator, context):
+        request_id = _request_id(context)
+        stored = already_present = 0
+        incoming: Optional[_IncomingBlock] = None
+        with self._transfers.track("in") as transfer:
+            await self._refuse_if_draining(context)
+            try:
+                async for chunk in request_iterator:
+                    if incoming is None:
+                        incoming = self._begin_block(chunk, request_id)
+                    elif chunk.block_hash != incoming.block_hash or chunk.offset != incoming.received:
+                        raise InvalidRequestError(
+                            f"piece of block {chunk.block_hash.hex()} at offset {chunk.offset} arrived while block "
+                            f"{incoming.block_hash.hex()} expected offset {incoming.received}", "block_hashes")
+                    if not incoming.already_present:
+                        self.store.write(incoming.reservation_id, incoming.block_hash, chunk.offset, chunk.data)
+                    incoming.received += len(chunk.data)
+                    transfer.nbytes += len(chunk.data)
+                    if chunk.last:
+                        check_payload_size(incoming.layout, incoming.block_hash, incoming.received)
+                        if incoming.already_present:
+                            self.store.release(incoming.reservation_id)
+                            already_present += 1
+                        else:
+                            self.store.commit(incoming.reservation_id, [incoming.block_hash])
+                            stored += 1
+                        incoming = None
+                if incoming is not None:
+                    raise InvalidRequestError(f"stream ended inside block {incoming.block_hash.hex()} after "
+                                              f"{incoming.received} bytes", "block_hashes")
+            except Exception as exc:
+                log.warning("PutBlocks (request %r) failed after %d stored blocks: %s", request_id, stored, exc)
+                await _abort(context, exc)
+            finally:
+                if incoming is not None:  # torn or refused mid-block: its slot goes back, nothing becomes visible
+                    self.store.release(incoming.reservation_id)
+            transfer.ok = True
+        return kv_store_pb2.PutBlocksResponse(stored_blocks=stored, already_present_blocks=already_present)
+
+    async def GetBlocks(self, request, context) -> AsyncIterator[kv_store_pb2.BlockChunk]:
+        hashes = list(request.block_hashes.hashes)
+        request_id = _request_id(context)
+        piece = min(request.max_chunk_bytes or PIECE_BYTES, MAX_PIECE_BYTES)
+        with self._transfers.track("out") as transfer:
+            try:
+                pin_id, payloads = self.store.pin_leading(request.layout, hashes, UNTIL_RELEASED, request_id)
+            except Exception as exc:
+                log.warning("GetBlocks (request %r) refused: %s", request_id, exc)
+                await _abort(context, exc)
+            try:
+                for block_hash, payload in zip(hashes, payloads):
+                    for offset in range(0, len(payload), piece):
+                        data = bytes(payload[offset:offset + piece])
+                        chunk = kv_store_pb2.BlockChunk(block_hash=block_hash, offset=offset, data=data,
+                                                        last=offset + piece >= len(payload))
+                        if offset == 0:
+                            chunk.layout.CopyFrom(request.layout)
+                        yield chunk
+                        transfer.nbytes += len(data)
+                if len(payloads) < len(hashes):
+                    yield kv_store_pb2.BlockChunk(block_hash=hashes[len(payloads)], missing=True)
+                transfer.ok = True
+            finally:
+                self.store.release(pin_id)
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+
+    def _begin_block(self, chunk: kv_store_pb2.BlockChunk, request_id: str) -> _IncomingBlock:
+        if chunk.offset != 0 or not chunk.HasField("layout"):
+            raise InvalidRequestError(f"block {chunk.block_hash.hex()} must start with a piece at offset 0 "
+                                      f"carrying its layout", "layout")
+        reservation = self.store.reserve(chunk.layout, [chunk.block_hash], UNTIL_RELEASED, request_id)
+        return _IncomingBlock(chunk.block_hash, chunk.layout, reservation.reservation_id,
+                              reservation.already_present[0])
+
+    async def _refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
+        if self.is_draining():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "kv-store is draining: it takes no new blocks")
+
+
+@dataclass
+class _Transfer:
+    nbytes: int = 0
+    ok: bool = False
+
+
+class _RunningTransfers:
+    """PutBlocks/GetBlocks streams in flight: counted in the transfer metrics and awaited by the drain."""
+
+    def __init__(self):
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextmanager
+    def track(self, direction: str) -> Iterator[_Transfer]:
+        transfer = _Transfer()
+        started = time.perf_counter()
+        self.count += 1
+        self._idle.clear()
+        try:
+            yield transfer
+        finally:
+            metrics.TRANSFER_BYTES.labels(direction=direction).inc(transfer.nbytes)
+            metrics.TRANSFER_SECONDS.labels(direction=direction).inc(time.perf_counter() - started)
+            if not transfer.ok:
+                metrics.TRANSFER_FAILURES.labels(direction=direction).inc()
+            self.count -= 1
+            if not self.count:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+
+def _lease_s(lease_ms: int) -> Optional[float]:
+    return lease_ms / 1000 if lease_ms else None
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_METADATA_KEY:
+            return value
+    return ""
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """Ends the call with the status that names what went wrong; re-raises anything the store does not throw."""
+    if isinstance(exc, LayoutConflictError):
+        context.set_trailing_metadata(((PARAM_METADATA_KEY, exc.param),))
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+    if isinstance(exc, InvalidRequestError):
+        await abort_invalid(context, exc)
+    if isinstance(exc, StoreFullError):
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+    if isinstance(exc, UnknownLeaseError):
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+    raise exc

@@ -1,0 +1,65 @@
+"""`splitserve tokenizer`: the process that owns the model's tokenizer and chat template.
+
+The tokenizer is loaded before the port opens, so health turns SERVING only once every call can be answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from splitserve.protos.splitserve.v1 import tokenizer_pb2_grpc
+from splitserve.serving.grpc_service import GrpcService
+from splitserve.serving.logs import setup_logging
+from splitserve.serving.settings import log_settings, parse_settings
+from splitserve.services.tokenizer.servicer import TokenizerServicer
+from splitserve.services.tokenizer.tokenizer_model import TokenizerLoadError, TokenizerModel
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "splitserve.v1.Tokenizer"
+
+
+@dataclass
+class TokenizerSettings:
+    """Serves tokenize/detokenize/chat templates for one model over gRPC."""
+
+    model: Optional[str] = field(default=None, metadata={
+        "help": "hub id or checkpoint folder whose tokenizer to serve (default: the tiny offline demo model)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0: any free port)"})
+    metrics_port: Optional[int] = field(default=None, metadata={"help": "Prometheus /metrics port (unset: none)"})
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    grace_s: float = field(default=30.0, metadata={"help": "seconds in-flight calls get to finish on SIGTERM"})
+
+
+async def serve(settings: TokenizerSettings, model: TokenizerModel) -> None:
+    servicer = TokenizerServicer(model)
+    service = GrpcService("tokenizer", settings.host, settings.port, settings.metrics_port, [SERVICE_NAME],
+                          grace_s=settings.grace_s)
+    tokenizer_pb2_grpc.add_TokenizerServicer_to_server(servicer, service.server)
+    await service.run(drain=servicer.wait_idle)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    settings = parse_settings(TokenizerSettings, argv, prog="splitserve tokenizer")
+    setup_logging("tokenizer", settings.log_level)
+    log_settings("tokenizer", settings)
+    model_name = settings.model
+    if model_name is None:
+        from splitserve.demo_model import demo_checkpoint
+
+        model_name = str(demo_checkpoint())
+        log.info("no --model given: serving the tokenizer of the offline demo model at %s", model_name)
+    try:
+        model = TokenizerModel.load(model_name)
+    except TokenizerLoadError as exc:
+        log.error("%s", exc)
+        return 1
+    info = model.info
+    log.info("tokenizer of %s: vocab %d, eos %s, context %d, chat template: %s", info.model, info.vocab_size,
+             list(info.eos_token_ids), info.max_context_length, "yes" if info.has_chat_template else "no")
+    asyncio.run(serve(settings, model))
+    return 0

@@ -1,0 +1,248 @@
+"""Prefill and decode as real processes with a real kv-store between them: the handoff reproduces the offline
+engine token for token, every way the blocks can go missing still serves the request (and is counted), and
+cancelling a stream frees its blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from splitserve import LLM, SamplingParams
+from splitserve.launcher.ports import free_ports
+from splitserve.launcher.probe import is_ready
+from splitserve.launcher.processes import ChildProcess
+from splitserve.protos.convert import sampling_params_to_proto
+from splitserve.protos.splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from splitserve.serving.errors import param_from_error
+
+pytestmark = pytest.mark.timeout(300)
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+
+def _start(name, argv, log_dir, address):
+    child = ChildProcess(name, [sys.executable, "-m", "splitserve.services.cli", *argv], log_dir / f"{name}.log",
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    child.start()
+    deadline = time.monotonic() + 120
+    while not is_ready("grpc", address, 0.5):
+        if not child.alive or time.monotonic() > deadline:
+            child.kill()
+            raise RuntimeError(f"{name} did not start:\n{child.log_tail()}")
+        time.sleep(0.2)
+    return child
+
+
+@pytest.fixture(scope="module")
+def workers(llama_ckpt, tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("worker-logs")
+    store_port, prefill_port, decode_port, prefill_metrics, decode_metrics = free_ports(5)
+    store = f"127.0.0.1:{store_port}"
+    common = ["--model", str(llama_ckpt), "--torch-threads", "1", "--num-kv-blocks", "64",
+              "--kv-store-address", store, "--grace-s", "5"]
+    children = []
+    try:
+        children.append(_start("kv-store", ["kv-store", "--port", str(store_port)], log_dir, store))
+        children.append(_start("prefill", ["prefill", "--port", str(prefill_port), "--metrics-port",
+                                           str(prefill_metrics), *common], log_dir, f"127.0.0.1:{prefill_port}"))
+        children.append(_start("decode", ["decode", "--port", str(decode_port), "--metrics-port",
+                                          str(decode_metrics), *common], log_dir, f"127.0.0.1:{decode_port}"))
+        yield {"prefill": f"127.0.0.1:{prefill_port}", "decode": f"127.0.0.1:{decode_port}", "store": store,
+               "decode_metrics": f"http://127.0.0.1:{decode_metrics}/metrics", "children": children}
+    finally:
+        for child in reversed(children):
+            child.send_signal(signal.SIGTERM)
+        for child in children:
+            if child.wait(15) is None:
+                child.kill()
+
+
+@pytest.fixture(scope="module")
+def reference(llama_ckpt):
+    return LLM(str(llama_ckpt), dtype="float32", device="cpu", num_kv_blocks=128)
+
+
+def _prefill(workers, prompt, params, request_id):
+    async def go():
+        async with grpc.aio.insecure_channel(workers["prefill"]) as channel:
+            return await prefill_pb2_grpc.PrefillStub(channel).Prefill(prefill_pb2.PrefillRequest(
+                request_id=request_id, prompt_token_ids=prompt, sampling_params=sampling_params_to_proto(params)),
+                timeout=60)
+    return asyncio.run(go())
+
+
+def _decode(workers, prompt, params, request_id, first=None, handle=None):
+    async def go():
+        async with grpc.aio.insecure_channel(workers["decode"]) as channel:
+            request = decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
+                                                 sampling_params=sampling_params_to_proto(params))
+            if first is not None:
+                request.first_token_id = first
+            if handle is not None:
+                request.kv_handle.CopyFrom(handle)
+            return [chunk async for chunk in decode_pb2_grpc.DecodeStub(channel).Generate(request, timeout=60)]
+    return asyncio.run(go())
+
+
+def _stats(workers, kind):
+    async def go():
+        async with grpc.aio.insecure_channel(workers[kind]) as channel:
+            if kind == "prefill":
+                return (await prefill_pb2_grpc.PrefillStub(channel).Stats(prefill_pb2.PrefillStatsRequest())).engine
+            return (await decode_pb2_grpc.DecodeStub(channel).Stats(decode_pb2.DecodeStatsRequest())).engine
+    return asyncio.run(go())
+
+
+def _metric(workers, line_start):
+    text = urllib.request.urlopen(workers["decode_metrics"], timeout=5).read().decode()
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start)]
+    return sum(values)
+
+
+def _pools_whole(workers):
+    for _ in range(50):
+        stats = [_stats(workers, "prefill"), _stats(workers, "decode")]
+        if all(s.num_running == 0 and s.kv_blocks_free == s.kv_blocks_total for s in stats):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _tokens(chunks):
+    return [t for c in chunks for t in c.token_ids]
+
+
+@pytest.mark.parametrize("length", [7, 70])
+def test_handoff_equals_offline_engine(workers, reference, length):
+    prompt = list(range(10, 10 + length))
+    [expected] = reference.generate([prompt], GREEDY)
+    expected = expected.outputs[0].token_ids
+    got_before = _metric(workers, 'splitserve_kv_transfer_blocks_total{direction="get"}')
+    first = _prefill(workers, prompt, GREEDY, f"h{length}")
+    assert first.first_token_id == expected[0]
+    assert first.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED
+    assert len(first.kv_handle.block_hashes.hashes) == length // 16
+    chunks = _decode(workers, prompt, GREEDY, f"h{length}", first.first_token_id,
+                     first.kv_handle if first.HasField("kv_handle") else None)
+    assert [first.first_token_id] + _tokens(chunks) == expected
+    last = chunks[-1]
+    assert last.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert last.usage.prompt_tokens == length and last.usage.completion_tokens == len(expected)
+    assert last.usage.cached_tokens == (length // 16) * 16
+    assert _metric(workers, 'splitserve_kv_transfer_blocks_total{direction="get"}') - got_before == length // 16
+    assert _pools_whole(workers)
+
+
+def test_missing_blocks_and_wrong_layout_are_recomputed_and_counted(workers, reference):
+    prompt = list(range(200, 260))
+    [expected] = reference.generate([prompt], GREEDY)
+    expected = expected.outputs[0].token_ids
+    first = _prefill(workers, prompt, GREEDY, "m1")
+    handle = common_pb2.KVHandle()
+    handle.CopyFrom(first.kv_handle)
+    handle.block_hashes.hashes[1] = b"\x01" * 16  # the chain breaks after the first block
+    before = _metric(workers, 'splitserve_decode_kv_recompute_total{reason="missing_blocks"}')
+    chunks = _decode(workers, prompt, GREEDY, "m1", first.first_token_id, handle)
+    assert [first.first_token_id] + _tokens(chunks) == expected
+    assert _metric(workers, 'splitserve_decode_kv_recompute_total{reason="missing_blocks"}') == before + 1
+
+    handle.CopyFrom(first.kv_handle)
+    handle.layout.dtype = "float16"
+    chunks = _decode(workers, prompt, GREEDY, "m2", first.first_token_id, handle)
+    assert [first.first_token_id] + _tokens(chunks) == expected
+    assert _metric(workers, 'splitserve_decode_kv_recompute_total{reason="layout_mismatch"}') >= 1
+
+    handle.CopyFrom(first.kv_handle)
+    handle.store_address = "127.0.0.1:1"  # nothing listens there
+    chunks = _decode(workers, prompt, GREEDY, "m3", first.first_token_id, handle)
+    assert [first.first_token_id] + _tokens(chunks) == expected
+    assert _metric(workers, 'splitserve_decode_kv_recompute_total{reason="transfer_failed"}') >= 1
+    assert _pools_whole(workers)
+
+
+def test_local_prefill_on_decode(workers, reference):
+    prompt = list(range(40, 90))
+    [expected] = reference.generate([prompt], GREEDY)
+    assert _tokens(_decode(workers, prompt, GREEDY, "local")) == expected.outputs[0].token_ids
+
+
+def test_first_token_can_finish_the_request(workers):
+    first = _prefill(workers, list(range(5, 40)), GREEDY.replace(max_tokens=1), "one")
+    assert first.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert not first.kv_handle.block_hashes.hashes  # nothing to hand over
+
+
+def test_invalid_requests_are_refused_with_the_param(workers):
+    params = sampling_params_to_proto(GREEDY)
+    params.top_p = 1.5
+
+    async def go(kind):
+        async with grpc.aio.insecure_channel(workers[kind]) as channel:
+            if kind == "prefill":
+                await prefill_pb2_grpc.PrefillStub(channel).Prefill(prefill_pb2.PrefillRequest(
+                    request_id="bad", prompt_token_ids=[1, 2], sampling_params=params), timeout=10)
+            else:
+                async for _ in decode_pb2_grpc.DecodeStub(channel).Generate(decode_pb2.GenerateRequest(
+                        request_id="bad", prompt_token_ids=[5000], sampling_params=sampling_params_to_proto(GREEDY)),
+                        timeout=10):
+                    pass
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(go("prefill"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and param_from_error(info.value) == "top_p"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(go("decode"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "prompt token ids" in info.value.details()
+    assert _pools_whole(workers)
+
+
+def test_cancelling_the_stream_frees_decode_blocks(workers):
+    async def go():
+        async with grpc.aio.insecure_channel(workers["decode"]) as channel:
+            call = decode_pb2_grpc.DecodeStub(channel).Generate(decode_pb2.GenerateRequest(
+                request_id="long", prompt_token_ids=list(range(1, 100)),
+                sampling_params=sampling_params_to_proto(GREEDY.replace(max_tokens=800))), timeout=60)
+            seen = 0
+            async for _ in call:
+                seen += 1
+                if seen == 3:
+                    call.cancel()
+                    break
+        return seen
+
+    assert asyncio.run(go()) == 3
+    assert _pools_whole(workers)
+
+
+def test_sigterm_drains_and_exits_zero(workers):
+    """Last in this module: stops the workers. An in-flight stream finishes; new work is refused."""
+    async def go():
+        async with grpc.aio.insecure_channel(workers["decode"]) as channel:
+            stub = decode_pb2_grpc.DecodeStub(channel)
+            call = stub.Generate(decode_pb2.GenerateRequest(
+                request_id="drain", prompt_token_ids=list(range(1, 30)),
+                sampling_params=sampling_params_to_proto(GREEDY.replace(max_tokens=200))), timeout=60)
+            first = await call.read()
+            decode = next(c for c in workers["children"] if c.name == "decode")
+            decode.send_signal(signal.SIGTERM)
+            chunks = [first]
+            while (chunk := await call.read()) is not grpc.aio.EOF:
+                chunks.append(chunk)
+            return chunks
+
+    chunks = asyncio.run(go())
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert len(_tokens(chunks)) == 200
+    for child in workers["children"]:
+        if child.name == "decode":
+            assert child.wait(20) == 0, child.log_tail()
+        else:
+            child.send_signal(signal.SIGTERM)
+            assert child.wait(20) == 0, child.log_tail()
