@@ -29,6 +29,12 @@ class StopChecker:
         return None
 
     def _find_stop_string(self, seq: Sequence) -> Optional[str]:
+        # A new match must end in the newest tokens: a string of L characters is at most 4L UTF-8 bytes, so at
+        # most 4L byte-level tokens. Decoding only that tail keeps each step O(window), not O(output).
+        window = 4 * max(len(s) for s in seq.params.stop) + 4
+        tail = self.decode(seq.output_token_ids[-window:])
+        if not any(s in tail for s in seq.params.stop):
+            return None
         text = self.decode(seq.output_token_ids)
         found = [(text.find(s), s) for s in seq.params.stop if s in text]
         if not found:

@@ -1,0 +1,125 @@
+"""The public gRPC API (splitserve.v1.Gateway): the same pipeline as the REST API, errors as gRPC statuses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import AsyncIterator, Optional
+
+import grpc
+
+from splitserve.protos.convert import finish_reason_to_proto, sampling_params_from_proto
+from splitserve.protos.splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from splitserve.sampling_params import InvalidRequestError
+from splitserve.serving.errors import abort_invalid
+from splitserve.services.gateway import metrics
+from splitserve.services.gateway.admission import Admission, Ticket
+from splitserve.services.gateway.auth import check_api_key
+from splitserve.services.gateway.errors import (AuthenticationError, DrainingError, ModelNotFoundError,
+                                                NoHealthyWorkerError, RequestTimeoutError, ShutdownError,
+                                                UpstreamError)
+from splitserve.services.gateway.outputs import SequenceEvent
+from splitserve.services.gateway.pipeline import GenerationRequest, Pipeline, Prompt
+
+log = logging.getLogger(__name__)
+
+ENDPOINT = "grpc_generate"
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, InvalidRequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, AuthenticationError):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(exc, ModelNotFoundError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, (NoHealthyWorkerError, DrainingError, ShutdownError)):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(exc, RequestTimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    if isinstance(exc, UpstreamError) and exc.retryable:
+        return grpc.StatusCode.UNAVAILABLE
+    return grpc.StatusCode.INTERNAL
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, pipeline: Pipeline, admission: Admission, api_key: Optional[str]):
+        self.pipeline = pipeline
+        self.admission = admission
+        self.api_key = api_key
+
+    async def Generate(self, request: gateway_pb2.GatewayGenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GatewayGenerateChunk]:
+        ticket: Optional[Ticket] = None
+        stopper: Optional[asyncio.Task] = None
+        code = grpc.StatusCode.CANCELLED   # until the stream reaches its end
+        try:
+            metadata = {key: value for key, value in (context.invocation_metadata() or ())}
+            check_api_key(metadata.get("authorization"), self.api_key)
+            ticket = self.admission.admit()
+            stopper = _cancel_when_set(ticket.aborted, asyncio.current_task())
+            prepared = await self.pipeline.prepare(generation_request(request))
+            async with contextlib.aclosing(self.pipeline.generate(prepared)) as events:
+                async for event in events:
+                    yield chunk_from_event(event, prepared.request_id)
+            code = grpc.StatusCode.OK
+        except asyncio.CancelledError:
+            if ticket is None or not ticket.aborted.is_set():
+                raise   # the client cancelled: nobody to tell
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, str(ShutdownError()))
+        except Exception as exc:
+            code = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL and not isinstance(exc, UpstreamError):
+                log.error("internal error in Gateway.Generate", exc_info=exc)
+            if isinstance(exc, InvalidRequestError):
+                await abort_invalid(context, exc)
+            message = str(exc) if code != grpc.StatusCode.INTERNAL or isinstance(exc, UpstreamError) \
+                else "internal error; see the gateway's log"
+            await context.abort(code, message)
+        finally:
+            if stopper is not None:
+                stopper.cancel()
+            metrics.REQUESTS.labels(ENDPOINT, code.name).inc()
+            if ticket is not None:
+                ticket.release()
+
+
+def _cancel_when_set(event: asyncio.Event, task: asyncio.Task) -> asyncio.Task:
+    """The gateway gave up on the request (drain grace over): interrupt its handler so that it can end the
+    call with UNAVAILABLE rather than be cut off."""
+    async def watch() -> None:
+        await event.wait()
+        task.cancel()
+
+    return asyncio.create_task(watch())
+
+
+def generation_request(request: gateway_pb2.GatewayGenerateRequest) -> GenerationRequest:
+    which = request.WhichOneof("prompt")
+    if which == "text":
+        prompt = Prompt(text=request.text)
+    elif which == "token_ids":
+        prompt = Prompt(token_ids=list(request.token_ids.ids))
+    elif which == "chat":
+        prompt = Prompt(messages=[(m.role, m.content) for m in request.chat.messages])
+    else:
+        raise InvalidRequestError("the request has no prompt: set text, token_ids or chat", "prompt")
+    generation = GenerationRequest(prompt=prompt, params=sampling_params_from_proto(request.sampling_params),
+                                   model=request.model or None, skip_special_tokens=request.skip_special_tokens)
+    if request.request_id:
+        generation.request_id = request.request_id
+    return generation
+
+
+def chunk_from_event(event: SequenceEvent, request_id: str) -> gateway_pb2.GatewayGenerateChunk:
+    chunk = gateway_pb2.GatewayGenerateChunk(
+        text_delta=event.text, token_ids=event.token_ids, logprobs=event.logprobs,
+        finish_reason=finish_reason_to_proto(event.finish_reason), index=event.index, request_id=request_id,
+        stop=event.stop or "", message=str(event.error) if event.error is not None else "")
+    if event.usage is not None:
+        chunk.usage.CopyFrom(common_pb2.Usage(prompt_tokens=event.usage.prompt_tokens,
+                                              completion_tokens=event.usage.completion_tokens,
+                                              cached_tokens=event.usage.cached_tokens))
+    return chunk

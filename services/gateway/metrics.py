@@ -1,0 +1,36 @@
+"""The gateway's Prometheus metrics, in one place so names and labels stay consistent."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# Latency buckets from 5 ms (a cached first token on a fast GPU) to 10 min (request_timeout_s).
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 600.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                0.5, 1.0, 2.5, 5.0)
+
+REQUESTS = Counter("splitserve_gateway_requests_total", "Finished requests by endpoint and status",
+                   ["endpoint", "status"])
+IN_FLIGHT = Gauge("splitserve_gateway_requests_in_flight", "Requests being served now")
+TTFT = Histogram("splitserve_gateway_time_to_first_token_seconds",
+                 "From request arrival to its first generated token", buckets=_LATENCY_BUCKETS)
+INTER_TOKEN = Histogram("splitserve_gateway_inter_token_latency_seconds",
+                        "Between consecutive token batches of one sequence, per token", buckets=_ITL_BUCKETS)
+E2E = Histogram("splitserve_gateway_e2e_request_latency_seconds", "From request arrival to its last token",
+                buckets=_LATENCY_BUCKETS)
+PROMPT_TOKENS = Counter("splitserve_gateway_prompt_tokens_total", "Prompt tokens of accepted requests")
+GENERATION_TOKENS = Counter("splitserve_gateway_generation_tokens_total", "Tokens generated and returned")
+ROUTER_DECISIONS = Counter("splitserve_router_decisions_total", "Worker choices by the router",
+                           ["kind", "reason"])
+LOCAL_PREFILL = Counter("splitserve_gateway_local_prefill_total",
+                        "Requests prefilled by their decode worker instead of a prefill worker", ["reason"])
+WORKER_FAILURES = Counter("splitserve_gateway_worker_failures_total",
+                          "Calls to a worker that failed, by worker kind and gRPC code", ["kind", "code"])
+DECODE_RETRIES = Counter("splitserve_gateway_decode_retries_total",
+                         "Decode streams retried on another worker after a failure before any token")
+HEALTHY_WORKERS = Gauge("splitserve_gateway_healthy_workers", "Workers passing health checks", ["kind"])
+DISCOVERY_ERRORS = Counter("splitserve_gateway_discovery_errors_total",
+                           "Failed reads of the worker registry in Redis (static workers are still used)")
+STOP_STRING_CANCELS = Counter("splitserve_gateway_stop_string_cancels_total",
+                              "Decode streams cancelled because the gateway found a stop string first")

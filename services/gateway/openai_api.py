@@ -1,0 +1,216 @@
+"""The OpenAI-compatible HTTP API: routes, body parsing, streaming as server-sent events.
+
+Every failure leaves as an OpenAI error body (openai_errors.py), including malformed JSON and wrong types
+(400, not FastAPI's 422). A streamed response starts only once the request produced its first event, so
+failures up to then (no worker, bad parameter found by prefill) still get their HTTP status; later failures
+end the stream with an error event and `[DONE]`, never a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Optional, Union
+
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from splitserve.sampling_params import InvalidRequestError
+from splitserve.services.gateway import metrics
+from splitserve.services.gateway.admission import Admission, Ticket
+from splitserve.services.gateway.auth import check_api_key
+from splitserve.services.gateway.openai_errors import describe, error_body, error_response
+from splitserve.services.gateway.openai_format import ResponseFormatter
+from splitserve.services.gateway.outputs import SequenceEvent, collect, total_usage
+from splitserve.services.gateway.pipeline import Pipeline, PreparedRequest
+from splitserve.services.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from splitserve.services.gateway.errors import ShutdownError
+from splitserve.services.gateway.sse import DONE, ClientDisconnected, EventStreamResponse, run_for_client, sse_event
+
+log = logging.getLogger(__name__)
+
+# nginx's status for "the client closed the connection before the response"; only ever seen in metrics.
+CLIENT_CLOSED = 499
+_PYDANTIC_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+@dataclass
+class ApiState:
+    pipeline: Pipeline
+    admission: Admission
+    api_key: Optional[str]
+    healthy: Callable[[], Optional[str]]            # None when healthy, else why not
+
+
+def build_app(state: ApiState) -> FastAPI:
+    app = FastAPI(title="splitserve gateway", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _generate(state, request, CompletionRequest, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(state, request, ChatCompletionRequest, chat=True)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        try:
+            check_api_key(request.headers.get("authorization"), state.api_key)
+            model = await state.pipeline.served_model()
+            info = await state.pipeline.tokenizer.info()
+        except Exception as exc:
+            return _finish("models", error_response(exc))
+        card = {"id": model, "object": "model", "created": int(time.time()), "owned_by": "splitserve",
+                "max_model_len": info.max_context_length}
+        return _finish("models", JSONResponse({"object": "list", "data": [card]}))
+
+    @app.get("/health")
+    async def health() -> Response:
+        why_not = "draining" if state.admission.draining else state.healthy()
+        if why_not is not None:
+            return JSONResponse({"status": "unavailable", "reason": why_not}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _finish(endpoint: str, response: Response) -> Response:
+    metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
+    return response
+
+
+async def _generate(state: ApiState, request: Request,
+                    schema: type[Union[CompletionRequest, ChatCompletionRequest]], chat: bool) -> Response:
+    endpoint = "chat_completions" if chat else "completions"
+    ticket: Optional[Ticket] = None
+    try:
+        check_api_key(request.headers.get("authorization"), state.api_key)
+        body = await _parse(request, schema)
+        ticket = state.admission.admit()
+        generation = body.to_generation_request()
+        if request.headers.get("x-request-id"):
+            generation.request_id = request.headers["x-request-id"]
+        prepared = await run_for_client(request, state.pipeline.prepare(generation), ticket.aborted)
+        formatter = ResponseFormatter(chat=chat, request_id=prepared.request_id, model=prepared.model,
+                                      tokenizer=state.pipeline.tokenizer,
+                                      want_logprobs=prepared.params.logprobs is not None)
+        events = state.pipeline.generate(prepared)
+        if body.stream:
+            try:
+                first = await run_for_client(request, anext(events), ticket.aborted)
+                if first.error is not None:   # failed before producing anything: a plain HTTP error
+                    raise first.error
+            except BaseException:
+                await events.aclose()
+                raise
+            stream = _StreamState(endpoint, ticket)
+            aborted, ticket = ticket.aborted, None  # the stream releases the ticket when it ends
+            return EventStreamResponse(
+                _sse(formatter, prepared, first, events, body.include_usage, stream), on_close=stream.close,
+                abort=aborted, abort_text=sse_event(describe(ShutdownError())[1]) + DONE)
+        results = await run_for_client(request, collect(events, prepared.params.n), ticket.aborted)
+        for result in results:
+            if result.error is not None:
+                raise result.error
+        usage = total_usage(len(prepared.prompt_token_ids), [r.usage for r in results])
+        return _finish(endpoint, JSONResponse(await formatter.response(results, usage)))
+    except ClientDisconnected:
+        log.info("%s: client disconnected before the response; request cancelled", endpoint)
+        return _finish(endpoint, Response(status_code=CLIENT_CLOSED))
+    except Exception as exc:
+        return _finish(endpoint, error_response(exc))
+    finally:
+        if ticket is not None:
+            ticket.release()
+
+
+class _StreamState:
+    """What a streamed response reports when it ends: its status for the metrics, its admission release."""
+
+    def __init__(self, endpoint: str, ticket: Ticket):
+        self.endpoint = endpoint
+        self.ticket = ticket
+        self.status = CLIENT_CLOSED   # until the stream reaches its end
+
+    def close(self) -> None:
+        if self.ticket.aborted.is_set() and self.status != 200:
+            self.status = 503
+        metrics.REQUESTS.labels(self.endpoint, str(self.status)).inc()
+        self.ticket.release()
+
+
+async def _sse(formatter: ResponseFormatter, prepared: PreparedRequest, first: SequenceEvent,
+               events: AsyncIterator[SequenceEvent], include_usage: bool, state: _StreamState) -> AsyncIterator[str]:
+    usages = {}
+    try:
+        if formatter.chat:
+            for index in range(prepared.params.n):
+                yield sse_event(formatter.role_chunk(index, include_usage))
+        event: Optional[SequenceEvent] = first
+        while event is not None:
+            if event.error is not None:
+                raise event.error
+            if event.usage is not None:
+                usages[event.index] = event.usage
+            chunk = await formatter.event_chunk(event, include_usage)
+            if chunk is not None:
+                yield sse_event(chunk)
+            event = await anext(events, None)
+        if include_usage:
+            usage = total_usage(len(prepared.prompt_token_ids), list(usages.values()))
+            yield sse_event(formatter.usage_chunk(usage))
+        state.status = 200
+    except Exception as exc:
+        state.status, body = describe(exc)
+        log.warning("request %s: stream ended by an error: %s", prepared.request_id, exc)
+        yield sse_event(body)
+    yield DONE
+
+
+async def _parse(request: Request, schema: type[BaseModel]) -> BaseModel:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = _param_name(first["loc"])
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise InvalidRequestError(f"{param}: {first['msg']}{more}", param) from exc
+
+
+def _param_name(loc: tuple) -> str:
+    """`messages[0].role` from pydantic's location, leaving out its union member tags."""
+    name = ""
+    for item in loc:
+        if isinstance(item, int):
+            name += f"[{item}]"
+        elif isinstance(item, str) and item not in _PYDANTIC_TYPE_TAGS and "[" not in item:
+            name += f".{item}" if name else item
+        else:
+            break
+    return name

@@ -1,0 +1,106 @@
+"""Pipeline results in OpenAI's JSON shapes: completions and chat, whole responses and stream chunks."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from splitserve.protos.splitserve.v1 import common_pb2
+from splitserve.services.gateway.outputs import SequenceEvent, SequenceResult, Usage
+from splitserve.services.gateway.tokenizer_client import TokenizerClient
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+
+
+@dataclass
+class ResponseFormatter:
+    """Everything one response's JSON needs besides the pipeline's events; one per request."""
+    chat: bool
+    request_id: str
+    model: str
+    tokenizer: TokenizerClient
+    want_logprobs: bool
+    created: int = field(default_factory=lambda: int(time.time()))
+    # Completions report each token's offset in the sequence's text; kept per sequence across chunks.
+    _text_offsets: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return ("chatcmpl-" if self.chat else "cmpl-") + self.request_id
+
+    def _envelope(self, chunk: bool) -> dict[str, Any]:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    async def response(self, results: list[SequenceResult], usage: Usage) -> dict[str, Any]:
+        choices = []
+        for result in results:
+            choice: dict[str, Any] = {"index": result.index,
+                                      "logprobs": await self._logprobs(result.index, result.logprobs),
+                                      "finish_reason": result.finish_reason, "stop_reason": result.stop}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": result.text}
+            else:
+                choice["text"] = result.text
+            choices.append(choice)
+        return {**self._envelope(chunk=False), "choices": choices, "usage": usage_json(usage)}
+
+    def role_chunk(self, index: int, include_usage: bool) -> dict[str, Any]:
+        """Chat streams open each choice with the assistant role, as OpenAI's do."""
+        choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None}
+        return self._chunk([choice], include_usage)
+
+    async def event_chunk(self, event: SequenceEvent, include_usage: bool) -> Optional[dict[str, Any]]:
+        """The stream chunk for one event, or None when it carries nothing to show (text held back)."""
+        if not event.text and event.finish_reason is None and not (self.want_logprobs and event.token_ids):
+            return None
+        choice: dict[str, Any] = {"index": event.index,
+                                  "logprobs": await self._logprobs(event.index, event.logprobs),
+                                  "finish_reason": event.finish_reason}
+        if self.chat:
+            choice["delta"] = {"content": event.text} if event.text else {}
+        else:
+            choice["text"] = event.text
+            choice["stop_reason"] = event.stop
+        return self._chunk([choice], include_usage)
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        return {**self._envelope(chunk=True), "choices": [], "usage": usage_json(usage)}
+
+    def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:
+        chunk = {**self._envelope(chunk=True), "choices": choices}
+        if include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    async def _logprobs(self, index: int, logprobs: list[common_pb2.TokenLogprob]) -> Optional[dict[str, Any]]:
+        if not self.want_logprobs:
+            return None
+        ids = [lp.token_id for lp in logprobs] + [top.token_id for lp in logprobs for top in lp.top]
+        texts = dict(zip(ids, await self.tokenizer.token_texts(ids)))
+        if self.chat:
+            return {"content": [_chat_token(texts, lp) for lp in logprobs]}
+        offset = self._text_offsets.get(index, 0)
+        offsets = []
+        for lp in logprobs:
+            offsets.append(offset)
+            offset += len(texts[lp.token_id])
+        self._text_offsets[index] = offset
+        return {"tokens": [texts[lp.token_id] for lp in logprobs],
+                "token_logprobs": [lp.logprob for lp in logprobs],
+                "top_logprobs": [{texts[t.token_id]: t.logprob for t in lp.top} for lp in logprobs],
+                "text_offset": offsets}
+
+
+def _chat_token(texts: dict[int, str], lp: common_pb2.TokenLogprob) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = texts[token_id]
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t.token_id, t.logprob) for t in lp.top]}

@@ -1,0 +1,240 @@
+"""One request's lifecycle, shared by the REST and the gRPC API.
+
+prepare(): model check, tokenize, context-length check (all before any byte of a response is written, so
+these failures get a proper HTTP status). generate(): n sequences run concurrently, each one: token ids from
+the workers (sequence.py) → incremental detokenization → stop strings → events with text, ids and, on the
+last one, usage.
+
+Sequences never leave half-formed: a failure before a sequence produced anything raises (a status for the
+whole request); after, the sequence ends with an event whose finish_reason is "error".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional, Union
+
+from splitserve.sampling_params import InvalidRequestError, SamplingParams
+from splitserve.services.gateway import metrics
+from splitserve.services.gateway.errors import (ContextLengthExceededError, GatewayError, ModelNotFoundError,
+                                                UpstreamError)
+from splitserve.services.gateway.outputs import SequenceEvent, Usage
+from splitserve.services.gateway.sequence import SequenceRunner, time_left
+from splitserve.services.gateway.stop_strings import StopStringMatcher
+from splitserve.services.gateway.tokenizer_client import TokenizerClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prompt:
+    """Exactly one of the three."""
+    text: Optional[str] = None
+    token_ids: Optional[list[int]] = None
+    messages: Optional[list[tuple[str, str]]] = None    # (role, content), chat template applied by the tokenizer
+
+    @property
+    def param(self) -> str:
+        return "messages" if self.messages is not None else "prompt"
+
+
+@dataclass
+class GenerationRequest:
+    prompt: Prompt
+    params: SamplingParams
+    model: Optional[str] = None                         # None or "": the served model
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    skip_special_tokens: bool = True
+    # Chat without max_tokens: generate up to the end of the context window, as OpenAI does.
+    max_tokens_fills_context: bool = False
+
+
+@dataclass
+class PreparedRequest:
+    request_id: str
+    model: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    skip_special_tokens: bool
+    arrival: float                                      # event-loop time
+    deadline: float
+
+
+class Pipeline:
+    def __init__(self, tokenizer: TokenizerClient, runner: SequenceRunner, model_name: Optional[str] = None,
+                 request_timeout_s: float = 600.0):
+        self.tokenizer = tokenizer
+        self.runner = runner
+        self.model_name = model_name
+        self.request_timeout_s = request_timeout_s
+
+    async def served_model(self) -> str:
+        return self.model_name or (await self.tokenizer.info()).model
+
+    async def prepare(self, request: GenerationRequest) -> PreparedRequest:
+        arrival = asyncio.get_running_loop().time()
+        info = await self.tokenizer.info()
+        served = self.model_name or info.model
+        if request.model and request.model != served:
+            raise ModelNotFoundError(request.model, served)
+        prompt = request.prompt
+        if prompt.token_ids is not None:
+            ids = list(prompt.token_ids)
+            bad = [t for t in ids if not 0 <= t < info.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {info.vocab_size})",
+                                          "prompt")
+        elif prompt.messages is not None:
+            if not info.has_chat_template:
+                raise InvalidRequestError(f"model {served} has no chat template; use /v1/completions", "messages")
+            ids = await self.tokenizer.tokenize_chat(prompt.messages)
+        else:
+            ids = await self.tokenizer.tokenize_text(prompt.text or "")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty", prompt.param)
+        params = request.params
+        if any(t >= info.vocab_size for t in params.stop_token_ids):
+            raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {info.vocab_size}",
+                                      "stop_token_ids")
+        limit = info.max_context_length
+        if request.max_tokens_fills_context and len(ids) < limit:
+            params = params.replace(max_tokens=limit - len(ids))
+        if len(ids) + params.max_tokens > limit:
+            raise ContextLengthExceededError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the {prompt.param}, {params.max_tokens} "
+                f"in the completion). Please reduce the length of the {prompt.param} or of the completion.",
+                prompt.param)
+        metrics.PROMPT_TOKENS.inc(len(ids))
+        return PreparedRequest(request_id=request.request_id, model=served, prompt_token_ids=ids, params=params,
+                               skip_special_tokens=request.skip_special_tokens, arrival=arrival,
+                               deadline=arrival + self.request_timeout_s)
+
+    async def generate(self, request: PreparedRequest) -> AsyncIterator[SequenceEvent]:
+        """Events of all n sequences, interleaved as they come. Closing the iterator cancels them all."""
+        n = request.params.n
+        streams = [self._sequence(request, i, _sub_params(request.params, i),
+                                  request.request_id if n == 1 else f"{request.request_id}-{i}") for i in range(n)]
+        first_token_seen = False
+        async with contextlib.aclosing(_merge(streams)) as events:
+            async for event in events:
+                if event.token_ids and not first_token_seen:
+                    first_token_seen = True
+                    metrics.TTFT.observe(asyncio.get_running_loop().time() - request.arrival)
+                yield event
+        metrics.E2E.observe(asyncio.get_running_loop().time() - request.arrival)
+
+    async def _sequence(self, request: PreparedRequest, index: int, params: SamplingParams,
+                        request_id: str) -> AsyncIterator[SequenceEvent]:
+        prompt = request.prompt_token_ids
+        matcher = StopStringMatcher(params.stop)
+        # One delta per token when stop strings are set: the token that completes one is the last one kept.
+        per_token = bool(matcher.stops)
+        detokenizer = self.tokenizer.detokenizer(prompt, request.skip_special_tokens, time_left(request.deadline))
+        completion_tokens, cached_tokens, emitted = 0, 0, False
+        last_batch_at: Optional[float] = None
+        try:
+            async with contextlib.aclosing(self.runner.tokens(request_id, prompt, params, request.deadline)) as batches:
+                async for batch in batches:
+                    if batch.cached_tokens is not None:
+                        cached_tokens = batch.cached_tokens
+                    ids, logprobs, text = batch.token_ids, batch.logprobs, ""
+                    if ids:
+                        deltas = await detokenizer.push([[t] for t in ids] if per_token else [ids])
+                        for i, delta in enumerate(deltas):
+                            text += matcher.feed(delta)
+                            if matcher.matched is not None:
+                                ids, logprobs = ids[:i + 1], logprobs[:i + 1]
+                                break
+                    finish = "stop" if matcher.matched is not None else batch.finish_reason
+                    if matcher.matched is None and finish is not None:
+                        text += matcher.feed(await detokenizer.finish())
+                        finish = "stop" if matcher.matched is not None else finish
+                        text += matcher.flush()
+                    completion_tokens += len(ids)
+                    last_batch_at = _record_tokens(last_batch_at, len(ids))
+                    event = SequenceEvent(index, text, ids, logprobs, finish, matcher.matched)
+                    if finish is not None:
+                        event.usage = Usage(len(prompt), completion_tokens, cached_tokens)
+                        if finish == "error":
+                            event.error = UpstreamError(f"the engine failed the request: {batch.message}",
+                                                        retryable=False)
+                        if matcher.matched is not None and batch.finish_reason is None:
+                            metrics.STOP_STRING_CANCELS.inc()
+                    emitted = True
+                    yield event
+                    if finish is not None:
+                        return
+            raise UpstreamError("the token stream ended without a finish reason", retryable=False)
+        except (GatewayError, InvalidRequestError) as exc:
+            if not emitted:
+                raise
+            log.warning("request %s: sequence %d failed after it started: %s", request_id, index, exc)
+            yield SequenceEvent(index, "", [], [], "error", usage=Usage(len(prompt), completion_tokens,
+                                                                         cached_tokens), error=exc)
+        finally:
+            detokenizer.cancel()
+
+
+def _sub_params(params: SamplingParams, index: int) -> SamplingParams:
+    """Each of the n sequences is its own n=1 request; a fixed seed still gives n different samples."""
+    seed = None if params.seed is None else params.seed + index
+    return params.replace(n=1, seed=seed)
+
+
+def _record_tokens(previous: Optional[float], num_tokens: int) -> Optional[float]:
+    """Counts generated tokens and their inter-token latency; returns the time of the latest batch."""
+    now = asyncio.get_running_loop().time()
+    if previous is not None and num_tokens:
+        for _ in range(num_tokens):
+            metrics.INTER_TOKEN.observe((now - previous) / num_tokens)
+    metrics.GENERATION_TOKENS.inc(num_tokens)
+    return now if num_tokens else previous
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_DONE = object()
+
+
+async def _merge(streams: list[AsyncIterator[SequenceEvent]]) -> AsyncIterator[SequenceEvent]:
+    """Interleaves several event streams; the first exception cancels the others and is raised."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:
+            async for event in only:
+                yield event
+        return
+    queue: asyncio.Queue[Union[SequenceEvent, _Failed, object]] = asyncio.Queue()
+
+    async def pump(stream: AsyncIterator[SequenceEvent]) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for event in stream:
+                    queue.put_nowait(event)
+        except Exception as exc:
+            queue.put_nowait(_Failed(exc))
+        finally:
+            queue.put_nowait(_DONE)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, _Failed):
+                raise item.exc
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,158 @@
+"""The OpenAI request bodies the gateway accepts, and their translation into a GenerationRequest.
+
+Unknown fields are ignored, as OpenAI does; known OpenAI features this server does not implement (echo,
+suffix, logit_bias, tools, structured output) are refused with a 400 that says so rather than ignored.
+Sampling values are checked by SamplingParams, whose errors name the offending parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict
+
+from splitserve.sampling_params import InvalidRequestError, SamplingParams
+from splitserve.services.gateway.errors import UnsupportedFeatureError
+from splitserve.services.gateway.pipeline import GenerationRequest, Prompt
+
+MAX_TOP_LOGPROBS = 20
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _GenerationBody(BaseModel):
+    """Fields both endpoints share, including vLLM's sampling extras."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: int = 1
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    user: Optional[str] = None
+    logit_bias: Optional[dict[str, float]] = None
+    # vLLM extras
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    ignore_eos: bool = False
+    stop_token_ids: Optional[list[int]] = None
+    skip_special_tokens: bool = True
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def _check_common(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
+        if self.logit_bias:
+            raise UnsupportedFeatureError("logit_bias is not supported by this server", "logit_bias")
+
+    def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+        given = dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+                     min_p=self.min_p, seed=self.seed, presence_penalty=self.presence_penalty,
+                     frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                     logprobs=logprobs)
+        values = {name: value for name, value in given.items() if value is not None}
+        return SamplingParams(n=self.n, stop=self.stop, stop_token_ids=self.stop_token_ids,
+                              ignore_eos=self.ignore_eos, **values)
+
+
+class CompletionRequest(_GenerationBody):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    logprobs: Optional[int] = None
+    echo: bool = False
+    suffix: Optional[str] = None
+
+    def to_generation_request(self) -> GenerationRequest:
+        self._check_common()
+        if self.echo:
+            raise UnsupportedFeatureError("echo is not supported by this server", "echo")
+        if self.suffix:
+            raise UnsupportedFeatureError("suffix is not supported by this server", "suffix")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs")
+        params = self._sampling_params(16 if self.max_tokens is None else self.max_tokens, self.logprobs)
+        return GenerationRequest(prompt=_one_prompt(self.prompt), params=params, model=self.model,
+                                 skip_special_tokens=self.skip_special_tokens)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: Optional[str] = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: Optional[Union[str, list[TextPart]]] = None
+
+    def text(self, index: int) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise UnsupportedFeatureError(f"content parts of type {part.type!r} are not supported; only text",
+                                              f"messages[{index}].content")
+        return "".join(part.text for part in self.content)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+
+
+class ChatCompletionRequest(_GenerationBody):
+    messages: list[ChatMessage]
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = None
+    tools: Optional[list[Any]] = None
+    response_format: Optional[ResponseFormat] = None
+
+    def to_generation_request(self) -> GenerationRequest:
+        self._check_common()
+        if not self.messages:
+            raise InvalidRequestError("messages must hold at least one message", "messages")
+        if self.tools:
+            raise UnsupportedFeatureError("tools are not supported by this server", "tools")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise UnsupportedFeatureError(f"response_format {self.response_format.type!r} is not supported",
+                                          "response_format")
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
+            if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+                raise InvalidRequestError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}",
+                                          "top_logprobs")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        params = self._sampling_params(max_tokens if max_tokens is not None else 1, logprobs)
+        messages = [(m.role, m.text(i)) for i, m in enumerate(self.messages)]
+        return GenerationRequest(prompt=Prompt(messages=messages), params=params, model=self.model,
+                                 skip_special_tokens=self.skip_special_tokens,
+                                 max_tokens_fills_context=max_tokens is None)
+
+
+def _one_prompt(prompt: Union[str, list[int], list[str], list[list[int]]]) -> Prompt:
+    """OpenAI allows a batch of prompts; this server takes one per request (n covers several samples)."""
+    if isinstance(prompt, str):
+        return Prompt(text=prompt)
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return Prompt(token_ids=list(prompt))
+    if len(prompt) != 1:
+        raise InvalidRequestError(f"exactly one prompt per request is supported, got {len(prompt)}", "prompt")
+    only = prompt[0]
+    return Prompt(text=only) if isinstance(only, str) else Prompt(token_ids=list(only))
+

@@ -1,0 +1,158 @@
+"""The token ids of one sequence (n = 1): pick workers, prefill remotely or not, stream decode, retry once.
+
+Prefill runs on a prefill worker unless the prompt is short (the decode worker prefilling it itself is
+cheaper than moving its KV) or no prefill worker is healthy; both are counted and logged. The first token
+comes from the prefill reply, so the caller can show it before decode has even started (TTFT).
+
+A decode worker that fails before it produced a token is replaced once by another one: the request can be
+replayed without the user seeing anything twice (the prefill's first token and KV handle stay valid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional
+
+import grpc
+
+from splitserve.protos.convert import finish_reason_from_proto, sampling_params_to_proto
+from splitserve.protos.splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from splitserve.sampling_params import SamplingParams
+from splitserve.services.gateway import metrics
+from splitserve.services.gateway.errors import NoHealthyWorkerError, UpstreamError
+from splitserve.services.gateway.router import Router
+from splitserve.services.gateway.rpc_errors import WORKER_DOWN_CODES, translate_rpc_error
+from splitserve.services.gateway.workers import Worker, WorkerPool
+
+log = logging.getLogger(__name__)
+
+_WARN_EVERY_S = 30.0
+
+
+@dataclass
+class TokenBatch:
+    """Ids a sequence produced since the previous batch; the last batch has finish_reason."""
+    token_ids: list[int]
+    logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    message: str = ""                              # why, for "error" and "abort"
+    cached_tokens: Optional[int] = None            # prompt tokens reused, as the prefill or decode saw them
+
+
+class SequenceRunner:
+    def __init__(self, router: Router, pool: WorkerPool, kv_store_address: Optional[str],
+                 local_prefill_threshold: int):
+        self.router = router
+        self.pool = pool
+        self.kv_store_address = kv_store_address
+        self.local_prefill_threshold = local_prefill_threshold
+        self._last_no_prefill_warning = float("-inf")
+
+    async def tokens(self, request_id: str, prompt: list[int], params: SamplingParams,
+                     deadline: float) -> AsyncIterator[TokenBatch]:
+        """Closing the iterator early (stop string, client gone) cancels the decode stream at once."""
+        decode = self.router.pick("decode", len(prompt))
+        prefilled = await self._prefill(request_id, prompt, params, deadline)
+        request = decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
+                                             sampling_params=sampling_params_to_proto(params))
+        if prefilled is not None:
+            finish = finish_reason_from_proto(prefilled.finish_reason)
+            logprobs = [prefilled.first_token_logprob] if params.logprobs is not None else []
+            yield TokenBatch([prefilled.first_token_id], logprobs, finish, cached_tokens=prefilled.cached_tokens)
+            if finish is not None:
+                return
+            request.first_token_id = prefilled.first_token_id
+            request.kv_handle.CopyFrom(prefilled.kv_handle)
+            if params.logprobs is not None:
+                request.first_token_logprob.CopyFrom(prefilled.first_token_logprob)
+        tried: list[Worker] = []
+        while True:
+            produced = False
+            try:
+                with self.pool.track(decode, len(prompt) + params.max_tokens):
+                    call = decode_pb2_grpc.DecodeStub(decode.channel).Generate(request, timeout=time_left(deadline))
+                    try:
+                        async for chunk in call:
+                            produced = produced or bool(chunk.token_ids)
+                            batch = _batch_from_chunk(chunk, first_from_prefill=prefilled is not None)
+                            yield batch
+                            if batch.finish_reason is not None:
+                                return
+                    finally:
+                        call.cancel()
+                raise UpstreamError(f"decode worker {decode.address} ended the stream without a finish reason",
+                                    retryable=False)
+            except grpc.aio.AioRpcError as exc:
+                error = self._failed(decode, "decode", exc)
+                if produced or tried or not getattr(error, "retryable", False):
+                    raise error from exc
+                tried.append(decode)
+                try:
+                    decode = self.router.pick("decode", len(prompt), exclude=tried)
+                except NoHealthyWorkerError:
+                    raise error from exc
+                metrics.DECODE_RETRIES.inc()
+                log.warning("request %s: %s; retrying on decode worker %s", request_id, error, decode.address)
+
+    async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams,
+                       deadline: float) -> Optional[prefill_pb2.PrefillResponse]:
+        """The prefill worker's reply, or None when the decode worker is to prefill the prompt itself."""
+        if len(prompt) < self.local_prefill_threshold:
+            metrics.LOCAL_PREFILL.labels("below_threshold").inc()
+            log.debug("request %s: %d prompt tokens < %d, prefilling on decode", request_id, len(prompt),
+                      self.local_prefill_threshold)
+            return None
+        worker = self.router.pick_optional("prefill", len(prompt))
+        if worker is None:
+            self._local_without_prefill_worker(request_id)
+            return None
+        request = prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
+                                             sampling_params=sampling_params_to_proto(params))
+        if self.kv_store_address:
+            request.kv_target.store_address = self.kv_store_address
+        try:
+            with self.pool.track(worker, len(prompt)):
+                return await prefill_pb2_grpc.PrefillStub(worker.channel).Prefill(request, timeout=time_left(deadline))
+        except grpc.aio.AioRpcError as exc:
+            error = self._failed(worker, "prefill", exc)
+            if not isinstance(error, UpstreamError):
+                raise error from exc
+            metrics.LOCAL_PREFILL.labels("prefill_failed").inc()
+            log.warning("request %s: %s; prefilling on the decode worker instead", request_id, error)
+            return None
+
+    def _local_without_prefill_worker(self, request_id: str) -> None:
+        metrics.LOCAL_PREFILL.labels("no_prefill_worker").inc()
+        if not self.pool.workers("prefill"):
+            return  # a decode-only deployment: local prefill is the plan, not a degradation
+        now = time.monotonic()
+        if now - self._last_no_prefill_warning >= _WARN_EVERY_S:
+            self._last_no_prefill_warning = now
+            log.warning("request %s: no healthy prefill worker; decode workers prefill prompts themselves",
+                        request_id)
+
+    def _failed(self, worker: Worker, kind: str, exc: grpc.aio.AioRpcError) -> Exception:
+        """The typed error for a failed call; marks the worker unhealthy when the failure says it is down."""
+        code = exc.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return translate_rpc_error(f"{kind} worker {worker.address}", exc)
+        metrics.WORKER_FAILURES.labels(kind, code.name).inc()
+        if code in WORKER_DOWN_CODES:
+            self.pool.mark_failed(worker, f"{code.name}: {exc.details()}")
+        return translate_rpc_error(f"{kind} worker {worker.address}", exc)
+
+
+def _batch_from_chunk(chunk: decode_pb2.GenerateChunk, first_from_prefill: bool) -> TokenBatch:
+    finish = finish_reason_from_proto(chunk.finish_reason)
+    cached = None
+    if finish is not None and chunk.HasField("usage") and not first_from_prefill:
+        cached = chunk.usage.cached_tokens   # with remote prefill, the prefill's count is the one that matters
+    return TokenBatch(list(chunk.token_ids), list(chunk.logprobs), finish, chunk.message, cached)
+
+
+def time_left(deadline: float) -> float:
+    """Seconds until `deadline` (event-loop time), for the timeout of the next backend call."""
+    return max(deadline - asyncio.get_running_loop().time(), 0.001)

@@ -1,0 +1,178 @@
+"""`splitserve gateway`: the OpenAI HTTP API and the public gRPC API, in one process and one event loop.
+
+SIGTERM: gRPC health turns NOT_SERVING and /health 503 at once, new requests are refused (503 / UNAVAILABLE),
+requests in flight get up to grace_s to finish, then both servers stop and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Optional
+
+import redis.asyncio as redis
+import uvicorn
+
+from splitserve.protos.splitserve.v1 import gateway_pb2_grpc
+from splitserve.serving.grpc_service import GrpcService
+from splitserve.serving.logs import setup_logging
+from splitserve.serving.settings import log_settings, parse_settings
+from splitserve.services.gateway.admission import Admission
+from splitserve.services.gateway.grpc_api import GatewayServicer
+from splitserve.services.gateway.openai_api import ApiState, build_app
+from splitserve.services.gateway.pipeline import Pipeline
+from splitserve.services.gateway.router import Router
+from splitserve.services.gateway.sequence import SequenceRunner
+from splitserve.services.gateway.tokenizer_client import TokenizerClient
+from splitserve.services.gateway.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "splitserve.v1.Gateway"
+
+
+@dataclass
+class GatewaySettings:
+    """The gateway: OpenAI-compatible HTTP API and public gRPC API in front of the tokenizer, prefill and decode
+    workers."""
+    host: str = field(default="127.0.0.1", metadata={"help": "address both servers listen on"})
+    port: int = field(default=8080, metadata={"help": "HTTP port (OpenAI API, /health, /metrics)"})
+    grpc_port: int = field(default=50070, metadata={"help": "port of the public gRPC Gateway service"})
+    metrics_port: Optional[int] = field(default=None, metadata={
+        "help": "extra Prometheus port (metrics are also at GET /metrics on the HTTP port)"})
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long requests in flight may finish"})
+    model_name: Optional[str] = field(default=None, metadata={
+        "help": "model name clients use (default: the tokenizer's model)"})
+    tokenizer_address: str = field(default="127.0.0.1:50051", metadata={"help": "tokenizer service host:port"})
+    prefill_addresses: list[str] = field(default_factory=list, metadata={
+        "help": "prefill workers host:port, comma-separated (more are discovered from Redis)"})
+    decode_addresses: list[str] = field(default_factory=list, metadata={
+        "help": "decode workers host:port, comma-separated (more are discovered from Redis)"})
+    redis_url: Optional[str] = field(default=None, metadata={
+        "help": "Redis for worker discovery and load, e.g. redis://127.0.0.1:6379/0"})
+    api_key: Optional[str] = field(default=None, metadata={
+        "help": "when set, requests need `Authorization: Bearer <key>`"})
+    kv_store_address: Optional[str] = field(default=None, metadata={
+        "help": "kv-store host:port that prefill workers write prompts' KV to"})
+    local_prefill_threshold: int = field(default=0, metadata={
+        "help": "prompts with fewer tokens are prefilled by the decode worker itself"})
+    request_timeout_s: float = field(default=600.0, metadata={"help": "deadline of one request, end to end"})
+    health_check_interval_s: float = field(default=1.0, metadata={"help": "how often workers are health-checked"})
+
+    def __post_init__(self) -> None:
+        if self.local_prefill_threshold < 0:
+            raise ValueError("local_prefill_threshold must be >= 0")
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be > 0")
+
+
+class Gateway:
+    """The gateway's parts wired together: main() serves it; tests start it in-process."""
+
+    def __init__(self, settings: GatewaySettings):
+        self.settings = settings
+        self.redis = (redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
+                      if settings.redis_url else None)
+        self.pool = WorkerPool({"tokenizer": [settings.tokenizer_address], "prefill": settings.prefill_addresses,
+                                "decode": settings.decode_addresses}, redis_client=self.redis,
+                               check_interval_s=settings.health_check_interval_s)
+        self.router = Router(self.pool)
+        self.tokenizer = TokenizerClient(self.pool.workers("tokenizer")[0].channel)
+        runner = SequenceRunner(self.router, self.pool, settings.kv_store_address, settings.local_prefill_threshold)
+        self.pipeline = Pipeline(self.tokenizer, runner, settings.model_name, settings.request_timeout_s)
+        self.admission = Admission()
+        self.app = build_app(ApiState(self.pipeline, self.admission, settings.api_key, self.why_unhealthy))
+        self.servicer = GatewayServicer(self.pipeline, self.admission, settings.api_key)
+
+    def why_unhealthy(self) -> Optional[str]:
+        """None when requests can be served: the tokenizer and at least one decode worker are healthy."""
+        if not self.pool.healthy("tokenizer"):
+            return f"tokenizer unhealthy: {self.pool.workers('tokenizer')[0].why_unhealthy}"
+        if not self.pool.healthy("decode"):
+            return "no healthy decode worker"
+        return None
+
+    async def start(self) -> None:
+        await self.pool.start()
+
+    async def drain(self) -> None:
+        """Refuses new requests and returns when the ones in flight are done. Cancelled (the grace ran out),
+        it ends those still in flight with an error rather than cutting their connections."""
+        self.admission.start_draining()
+        log.info("draining: %d requests in flight", self.admission.in_flight)
+        try:
+            await self.admission.wait_idle()
+        except asyncio.CancelledError:
+            log.warning("ending %d requests still in flight", self.admission.in_flight)
+            self.admission.abort_all()
+            raise
+
+    async def close(self) -> None:
+        await self.pool.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+
+class HttpServer:
+    """uvicorn as a task in the caller's event loop, without uvicorn's own signal handling (the gateway drains
+    on SIGTERM itself)."""
+
+    def __init__(self, app, host: str, port: int, log_level: str = "INFO"):
+        self._socket = socket.create_server((host, port), reuse_port=False)
+        self.port = self._socket.getsockname()[1]
+        config = uvicorn.Config(app, log_level=log_level.lower(), access_log=False, timeout_graceful_shutdown=1,
+                                lifespan="off")
+        self._server = _UvicornWithoutSignals(config)
+        self._task: Optional[asyncio.Task] = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._socket]), name="http")
+        while not self._server.started:
+            if self._task.done():
+                await self._task  # raises why it could not start
+                raise RuntimeError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        await self._task
+
+
+class _UvicornWithoutSignals(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
+async def serve(settings: GatewaySettings) -> None:
+    gateway = Gateway(settings)
+    grpc_service = GrpcService("gateway", settings.host, settings.grpc_port, settings.metrics_port,
+                               [SERVICE_NAME], settings.grace_s)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(gateway.servicer, grpc_service.server)
+    http = HttpServer(gateway.app, settings.host, settings.port, settings.log_level)
+
+    async def on_started() -> None:
+        await gateway.start()
+        await http.start()
+        log.info("gateway: OpenAI API on http://%s:%d/v1, gRPC on %s:%d", settings.host, http.port,
+                 settings.host, grpc_service.port)
+
+    try:
+        await grpc_service.run(drain=gateway.drain, on_started=on_started)
+    finally:
+        await http.stop()
+        await gateway.close()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    settings = parse_settings(GatewaySettings, argv, prog="splitserve gateway")
+    setup_logging("gateway", settings.log_level)
+    log_settings("gateway", settings)
+    asyncio.run(serve(settings))
+    return 0

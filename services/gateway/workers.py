@@ -1,0 +1,174 @@
+"""The backends the gateway talks to, and whether each can take work now.
+
+Workers come from flags (static) and, when Redis is configured, from the worker registry (discovered; they
+leave the pool when their announcements stop). A worker is healthy after a grpc.health.v1 check answered
+SERVING, and unhealthy after a failed check or a failed request, until a later check passes. The pool also
+counts each worker's in-flight requests and tokens as this gateway sent them, which the router reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import grpc
+import redis.asyncio as redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from splitserve.serving.grpc_service import insecure_channel
+from splitserve.services.gateway import metrics
+from splitserve.worker_registry import KINDS, WorkerInfo, read_workers
+
+log = logging.getLogger(__name__)
+
+# The tokenizer is health-checked like a worker but never routed to: there is one address.
+POOL_KINDS = ("tokenizer", *KINDS)
+
+
+@dataclass(eq=False)
+class Worker:
+    address: str
+    kind: str
+    static: bool
+    channel: grpc.aio.Channel = field(repr=False)
+    healthy: bool = False
+    why_unhealthy: str = "not checked yet"
+    in_flight_requests: int = 0
+    in_flight_tokens: int = 0
+    reported: Optional[WorkerInfo] = None          # the worker's own load, from the registry
+
+
+class WorkerPool:
+    def __init__(self, static: dict[str, list[str]], redis_client: Optional[redis.Redis] = None,
+                 check_interval_s: float = 1.0, check_timeout_s: float = 1.0, registry_max_age_s: float = 5.0):
+        unknown = set(static) - set(POOL_KINDS)
+        if unknown:
+            raise ValueError(f"unknown worker kinds {sorted(unknown)}")
+        self._workers: dict[str, dict[str, Worker]] = {kind: {} for kind in POOL_KINDS}
+        for kind, addresses in static.items():
+            for address in addresses:
+                self._add(kind, address, static=True)
+        self._redis = redis_client
+        self.check_interval_s = check_interval_s
+        self.check_timeout_s = check_timeout_s
+        self.registry_max_age_s = registry_max_age_s
+        self._retired: list[Worker] = []
+        self._task: Optional[asyncio.Task] = None
+        self._discovery_failing = False
+
+    def workers(self, kind: str) -> list[Worker]:
+        return list(self._workers[kind].values())
+
+    def healthy(self, kind: str) -> list[Worker]:
+        return [w for w in self._workers[kind].values() if w.healthy]
+
+    async def start(self) -> None:
+        """One full refresh before returning, so the first request already sees healthy workers."""
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop(), name="worker-pool")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for worker in [w for kind in self._workers.values() for w in kind.values()] + self._retired:
+            await worker.channel.close()
+
+    async def refresh(self) -> None:
+        if self._redis is not None:
+            await self._discover()
+        everyone = [w for kind in self._workers.values() for w in kind.values()]
+        await asyncio.gather(*(self._check(w) for w in everyone))
+        for kind in POOL_KINDS:
+            metrics.HEALTHY_WORKERS.labels(kind).set(len(self.healthy(kind)))
+        await self._close_retired()
+
+    def mark_failed(self, worker: Worker, reason: str) -> None:
+        """A request to the worker failed in a way that says the worker (not the request) is broken."""
+        if worker.healthy:
+            log.warning("%s worker %s marked unhealthy: %s", worker.kind, worker.address, reason)
+        worker.healthy = False
+        worker.why_unhealthy = reason
+        metrics.HEALTHY_WORKERS.labels(worker.kind).set(len(self.healthy(worker.kind)))
+
+    @contextlib.contextmanager
+    def track(self, worker: Worker, tokens: int) -> Iterator[Worker]:
+        worker.in_flight_requests += 1
+        worker.in_flight_tokens += tokens
+        try:
+            yield worker
+        finally:
+            worker.in_flight_requests -= 1
+            worker.in_flight_tokens -= tokens
+
+    def _add(self, kind: str, address: str, static: bool) -> Worker:
+        worker = Worker(address=address, kind=kind, static=static, channel=insecure_channel(address))
+        self._workers[kind][address] = worker
+        return worker
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # a bug here must not stop health checking for good
+                log.exception("worker pool refresh failed")
+
+    async def _check(self, worker: Worker) -> None:
+        stub = health_pb2_grpc.HealthStub(worker.channel)
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.check_timeout_s)
+            serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            reason = "" if serving else f"health check says {status}"
+        except grpc.aio.AioRpcError as exc:
+            serving, reason = False, f"health check failed: {exc.code().name} {exc.details() or ''}".strip()
+        if serving and not worker.healthy:
+            log.info("%s worker %s is healthy", worker.kind, worker.address)
+        elif not serving and (worker.healthy or worker.why_unhealthy != reason):
+            log.warning("%s worker %s is unhealthy: %s", worker.kind, worker.address, reason)
+        worker.healthy, worker.why_unhealthy = serving, reason
+
+    async def _discover(self) -> None:
+        """Adds newly announced workers, drops discovered ones whose announcements stopped, refreshes loads.
+        While Redis is unreachable the pool keeps what it knew (health checks still guard it)."""
+        found: dict[str, dict[str, WorkerInfo]] = {}
+        try:
+            for kind in KINDS:
+                found[kind] = {w.address: w for w in await read_workers(self._redis, kind, self.registry_max_age_s)}
+        except (redis.RedisError, OSError) as exc:
+            metrics.DISCOVERY_ERRORS.inc()
+            if not self._discovery_failing:
+                log.warning("cannot read the worker registry from Redis, keeping the known workers: %s", exc)
+            self._discovery_failing = True
+            return
+        if self._discovery_failing:
+            log.info("worker registry readable again")
+        self._discovery_failing = False
+        for kind in KINDS:
+            pool = self._workers[kind]
+            for address, info in found[kind].items():
+                worker = pool.get(address) or self._add(kind, address, static=False)
+                if not worker.static and worker.reported is None:
+                    log.info("discovered %s worker %s (model %s)", kind, address, info.model)
+                worker.reported = info
+            for address, worker in list(pool.items()):
+                if address in found[kind]:
+                    continue
+                worker.reported = None
+                if not worker.static:
+                    log.info("%s worker %s left the registry; removing it", kind, address)
+                    del pool[address]
+                    self._retired.append(worker)
+
+    async def _close_retired(self) -> None:
+        keep = []
+        for worker in self._retired:
+            if worker.in_flight_requests:
+                keep.append(worker)
+            else:
+                await worker.channel.close()
+        self._retired = keep

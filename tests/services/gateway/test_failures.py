@@ -1,0 +1,145 @@
+"""Workers failing, clients leaving, the gateway draining: never a hang, KV freed at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import httpx
+import openai
+import pytest
+from prometheus_client import REGISTRY
+
+from splitserve.client import Client, GatewayError
+
+
+def _events(body: str) -> list[str]:
+    return [e[len("data: "):] for e in body.split("\n\n") if e]
+
+
+def test_decode_dying_mid_stream_ends_the_stream_with_an_error_event(make_stack):
+    stack = make_stack(num_decode=2, decode={"die_after_tokens": 2, "token_delay_s": 0.01})
+    gateway = stack.start_gateway()
+    with gateway.http_client() as http:
+        response = http.post("/v1/completions", json={"prompt": "x 10", "max_tokens": 50, "stream": True})
+    assert response.status_code == 200
+    events = _events(response.text)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "service_unavailable_error" and "decode" in error["message"]
+    text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-2])
+    assert text == " w11 w12"                                     # what was generated before the death
+    dead = next(s for s in stack.decodes if s.servicer.requests)
+    survivor = next(s for s in stack.decodes if s is not dead)
+    survivor.servicer.die_after_tokens = None
+    # The dead worker is out of the pool at once: the next request goes to the other one.
+    assert not any(w.healthy for w in gateway.gateway.pool.workers("decode") if w.address == dead.address)
+    result = gateway.openai().completions.create(model="fake-model", prompt="x 10", max_tokens=3)
+    assert result.choices[0].text == " w11 w12 w13"
+    assert len(survivor.servicer.requests) == 1
+
+
+def test_openai_client_sees_the_mid_stream_error(make_stack):
+    stack = make_stack(decode={"die_after_tokens": 2})
+    gateway = stack.start_gateway()
+    stream = gateway.openai().completions.create(model="fake-model", prompt="x 10", max_tokens=50, stream=True)
+    with pytest.raises(openai.APIError):
+        for _ in stream:
+            pass
+
+
+def test_decode_failing_before_any_token_is_retried_on_another_worker(make_stack):
+    stack = make_stack(num_prefill=0, num_decode=2)
+    failing = stack.decodes[0].servicer
+    failing.fail_with = grpc.StatusCode.UNAVAILABLE
+    gateway = stack.start_gateway()
+    before = REGISTRY.get_sample_value("splitserve_gateway_decode_retries_total") or 0
+    for _ in range(2):   # ties rotate, so one of the two requests tries the failing worker first
+        result = gateway.openai().completions.create(model="fake-model", prompt="x 10", max_tokens=2)
+        assert result.choices[0].text == " w11 w12"
+    assert failing.requests
+    assert (REGISTRY.get_sample_value("splitserve_gateway_decode_retries_total") or 0) >= before + 1
+
+
+def test_decode_failing_after_prefill_with_no_other_worker(make_stack):
+    stack = make_stack(decode={"fail_with": grpc.StatusCode.UNAVAILABLE})
+    gateway = stack.start_gateway()
+    with gateway.http_client() as http:
+        response = http.post("/v1/completions", json={"prompt": "x 10", "max_tokens": 5})
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "upstream_unavailable"
+
+
+def test_client_disconnect_mid_stream_cancels_decode(make_stack):
+    stack = make_stack(decode={"token_delay_s": 0.02})
+    gateway = stack.start_gateway()
+    with gateway.http_client() as http:
+        with http.stream("POST", "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "x"}], "max_tokens": 200, "stream": True}) as response:
+            lines = response.iter_lines()
+            next(lines)
+            stack.wait_for(lambda: stack.decode.active == 1)
+    stack.wait_for(lambda: stack.decode.cancelled, timeout=2)
+    assert stack.decode.finished == []
+    stack.wait_for(lambda: gateway.gateway.admission.in_flight == 0)
+
+
+def test_client_disconnect_while_waiting_for_a_whole_response_cancels_decode(make_stack):
+    stack = make_stack(decode={"token_delay_s": 0.02})
+    gateway = stack.start_gateway()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gateway.base_url + "/v1/completions", json={"prompt": "x 10", "max_tokens": 200}, timeout=0.5)
+    stack.wait_for(lambda: stack.decode.cancelled, timeout=2)
+    assert stack.decode.finished == []
+    stack.wait_for(lambda: gateway.gateway.admission.in_flight == 0)
+
+
+def test_draining_finishes_requests_in_flight_and_refuses_new_ones(make_stack):
+    stack = make_stack(decode={"token_delay_s": 0.01})
+    gateway = stack.start_gateway()
+    with gateway.http_client() as http:
+        with http.stream("POST", "/v1/completions",
+                         json={"prompt": "x 10", "max_tokens": 40, "stream": True}) as in_flight:
+            lines = in_flight.iter_lines()
+            next(lines)
+            drained = asyncio.run_coroutine_threadsafe(gateway.gateway.drain(), stack.loop.loop)
+            health = http.get("/health")
+            assert health.status_code == 503 and health.json()["reason"] == "draining"
+            refused = http.post("/v1/completions", json={"prompt": "x 10"})
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+            assert not drained.done()
+            rest = "\n".join(lines)
+        assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason":"length"' in rest
+    drained.result(timeout=5)
+    assert stack.decode.finished and not stack.decode.cancelled
+
+
+def test_requests_outliving_the_drain_grace_end_with_an_error_not_a_cut(make_stack):
+    stack = make_stack(decode={"token_delay_s": 0.02})
+    gateway = stack.start_gateway()
+
+    async def grpc_stream():
+        async with Client(gateway.grpc_address) as client:
+            return [chunk async for chunk in await client.generate("x 10", max_tokens=200, stream=True)]
+
+    async def drain_with_grace(grace_s: float):
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(gateway.gateway.drain(), grace_s)   # as GrpcService.run does
+
+    with gateway.http_client() as http:
+        with http.stream("POST", "/v1/completions",
+                         json={"prompt": "x 10", "max_tokens": 200, "stream": True}) as in_flight:
+            lines = in_flight.iter_lines()
+            next(lines)
+            grpc_call = asyncio.run_coroutine_threadsafe(grpc_stream(), stack.loop.loop)
+            stack.wait_for(lambda: stack.decode.active == 2)
+            stack.loop.run(drain_with_grace(0.3))
+            events = [line for line in lines if line]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][len("data: "):])["error"]["code"] == "shutting_down"
+    with pytest.raises(GatewayError) as caught:
+        grpc_call.result(timeout=5)
+    assert caught.value.status_code == grpc.StatusCode.UNAVAILABLE
+    stack.wait_for(lambda: len(stack.decode.cancelled) == 2)
+    stack.wait_for(lambda: gateway.gateway.admission.in_flight == 0)

@@ -1,0 +1,46 @@
+"""StopStringMatcher: stop strings found across deltas, and nothing of one ever released."""
+
+from __future__ import annotations
+
+import pytest
+
+from splitserve.services.gateway.stop_strings import StopStringMatcher
+
+
+def _run(stops, deltas):
+    matcher = StopStringMatcher(stops)
+    released = [matcher.feed(d) for d in deltas]
+    return released, matcher.matched, matcher.flush()
+
+
+def test_no_stop_strings_pass_text_through():
+    assert _run([], ["a", "b"]) == (["a", "b"], None, "")
+
+
+def test_stop_string_inside_one_delta_cuts_there():
+    assert _run(["END"], ["abcENDxyz", "more"]) == (["abc", ""], "END", "")
+
+
+def test_stop_string_across_deltas_is_never_released():
+    released, matched, _ = _run(["STOP"], ["hello S", "T", "OP and more"])
+    assert released == ["hello ", "", ""] and matched == "STOP"
+
+
+def test_a_false_start_is_released_once_it_cannot_be_a_stop_string():
+    assert _run(["STOP"], ["xS", "Tx", "y"]) == (["x", "STx", "y"], None, "")
+
+
+def test_held_tail_is_flushed_at_the_end():
+    assert _run(["STOP"], ["abcST"]) == (["abc"], None, "ST")
+
+
+def test_earliest_stop_wins_and_the_longer_at_the_same_place():
+    assert _run(["b", "ab", "c"], ["xxabc"])[1] == "ab"
+    assert _run(["c", "bc"], ["abc"])[:2] == (["a"], "bc")
+
+
+@pytest.mark.parametrize("split", range(1, 12))
+def test_any_split_gives_the_same_text(split):
+    text = "one two THREE four"
+    released, matched, _ = _run(["THREE", "four"], [text[:split], text[split:]])
+    assert "".join(released) == "one two " and matched == "THREE"
