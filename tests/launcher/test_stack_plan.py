@@ -1,0 +1,114 @@
+"""The command lines `splitserve up` runs, checked without starting anything."""
+
+import itertools
+
+import pytest
+
+from splitserve.launcher.plan import STOP_ORDER, StackConfig, flags, plan_stack
+
+
+def _plan(tmp_path, **fields):
+    config = StackConfig(**{"model": "/models/m", **fields})
+    ports = itertools.count(20000)
+    plan = plan_stack(config, config.model, tmp_path, ports, redis_binary="/usr/bin/redis-server",
+                      envoy_binary="/venv/bin/envoy", service_command=["python", "-m", "splitserve.services.cli"])
+    return plan, {spec.name: spec for tier in plan.tiers for spec in tier}
+
+
+def _flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_flags_skip_unset_values_and_join_lists():
+    assert flags(model="m", num_kv_blocks=None, prefill_addresses=["a:1", "b:2"]) == [
+        "--model", "m", "--prefill-addresses", "a:1,b:2"]
+
+
+def test_start_order_and_roles(tmp_path):
+    plan, _ = _plan(tmp_path, prefill_workers=2, decode_workers=3)
+    assert [[spec.name for spec in tier] for tier in plan.tiers] == [
+        ["redis"], ["tokenizer", "kv-store", "prefill-0", "prefill-1", "decode-0", "decode-1", "decode-2"],
+        ["gateway"], ["envoy"]]
+    assert {role for tier in STOP_ORDER for role in tier} == {spec.role for tier in plan.tiers for spec in tier}
+
+
+def test_every_service_gets_its_own_ports_on_loopback(tmp_path):
+    plan, specs = _plan(tmp_path, prefill_workers=2, decode_workers=2, host="0.0.0.0")
+    used = []
+    for spec in specs.values():
+        if spec.role in ("redis", "envoy"):
+            continue
+        assert spec.argv[:4] == ["python", "-m", "splitserve.services.cli", spec.role]
+        used += [int(_flag(spec.argv, "--port")), int(_flag(spec.argv, "--metrics-port"))]
+        if spec.role != "gateway":
+            assert _flag(spec.argv, "--host") == "127.0.0.1"
+    assert len(used) == len(set(used))
+    assert plan.base_url == f"http://127.0.0.1:{plan.envoy_ports.http_port}/v1"  # reachable from this machine
+    assert plan.envoy_ports.host == "0.0.0.0"  # Envoy is what listens publicly
+
+
+def test_workers_and_gateway_are_wired_together(tmp_path):
+    plan, specs = _plan(tmp_path, prefill_workers=2, num_kv_blocks=64, torch_threads=3, local_prefill_threshold=32,
+                        model_name="tiny", api_key="secret")
+    kv_store = specs["kv-store"].address
+    for name in ("prefill-0", "prefill-1", "decode-0"):
+        argv = specs[name].argv
+        assert _flag(argv, "--model") == "/models/m"
+        assert _flag(argv, "--kv-store-address") == kv_store
+        assert _flag(argv, "--redis-url") == plan.redis_url
+        assert _flag(argv, "--torch-threads") == "3" == specs[name].env["OMP_NUM_THREADS"]
+        assert _flag(argv, "--num-kv-blocks") == "64"
+    gateway = specs["gateway"]
+    assert _flag(gateway.argv, "--prefill-addresses") == f"{specs['prefill-0'].address},{specs['prefill-1'].address}"
+    assert _flag(gateway.argv, "--decode-addresses") == specs["decode-0"].address
+    assert _flag(gateway.argv, "--tokenizer-address") == specs["tokenizer"].address
+    assert _flag(gateway.argv, "--kv-store-address") == kv_store
+    assert _flag(gateway.argv, "--local-prefill-threshold") == "32"
+    assert _flag(gateway.argv, "--model-name") == "tiny"
+    assert "secret" not in " ".join(gateway.argv)  # visible in `ps`: it goes by env instead
+    assert gateway.env["SPLITSERVE_API_KEY"] == "secret"
+    assert specs["tokenizer"].env["OMP_NUM_THREADS"] == "1"
+    assert plan.addresses["prefill"] == [specs["prefill-0"].address, specs["prefill-1"].address]
+
+
+def test_with_envoy_the_gateway_is_internal_and_envoy_checks_both_public_ports(tmp_path):
+    plan, specs = _plan(tmp_path, port=8000, grpc_port=50051)
+    gateway, envoy = specs["gateway"], specs["envoy"]
+    assert int(_flag(gateway.argv, "--port")) not in (8000, 50051)
+    assert (plan.envoy_ports.http_port, plan.envoy_ports.grpc_port) == (8000, 50051)
+    assert plan.envoy_ports.gateway_http_port == int(_flag(gateway.argv, "--port"))
+    assert plan.envoy_ports.gateway_grpc_port == int(_flag(gateway.argv, "--grpc-port"))
+    assert envoy.probes == [("http", "http://127.0.0.1:8000/health"), ("grpc", "127.0.0.1:50051")]
+    assert envoy.argv[:3] == ["/venv/bin/envoy", "-c", str(tmp_path / "envoy.yaml")]
+    assert plan.base_url == "http://127.0.0.1:8000/v1" and plan.grpc_address == "127.0.0.1:50051"
+
+
+def test_without_envoy_the_gateway_takes_the_public_ports(tmp_path):
+    plan, specs = _plan(tmp_path, envoy=False, port=8000, grpc_port=50051, host="127.0.0.2")
+    gateway = specs["gateway"]
+    assert "envoy" not in specs and plan.envoy_ports is None
+    assert (_flag(gateway.argv, "--host"), _flag(gateway.argv, "--port"), _flag(gateway.argv, "--grpc-port")) == (
+        "127.0.0.2", "8000", "50051")
+    assert gateway.probes == [("grpc", "127.0.0.2:50051"), ("http", "http://127.0.0.2:8000/health")]
+
+
+def test_an_external_redis_is_used_as_given(tmp_path):
+    plan, specs = _plan(tmp_path, redis_url="redis://cache:6379/2")
+    assert "redis" not in specs
+    assert plan.redis_url == "redis://cache:6379/2"
+    assert _flag(specs["decode-0"].argv, "--redis-url") == "redis://cache:6379/2"
+
+
+def test_extra_args_reach_only_their_role(tmp_path):
+    config = StackConfig(model="m")
+    plan = plan_stack(config, "m", tmp_path, itertools.count(20000), redis_binary="r", envoy_binary="e",
+                      extra_args={"decode": ["--max-model-len", "512"]})
+    specs = {spec.name: spec for tier in plan.tiers for spec in tier}
+    assert specs["decode-0"].argv[-2:] == ["--max-model-len", "512"]
+    assert "--max-model-len" not in specs["prefill-0"].argv
+
+
+@pytest.mark.parametrize("bad", [dict(prefill_workers=0), dict(port=70000), dict(torch_threads=0)])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        StackConfig(**bad)
