@@ -1,0 +1,172 @@
+"""Drives a running splitserve stack over its OpenAI HTTP API and prints latency and throughput.
+
+A fixed-seed workload (prompt lengths, output lengths) of streaming completions at a given concurrency; each
+request is timed from send to first content chunk (TTFT) and between content chunks (inter-token latency).
+Used two ways:
+  python loadtest/serve_load.py --url http://127.0.0.1:8000/v1             # an already running stack
+  python loadtest/serve_load.py --start both                                # starts the stack itself, runs
+        disaggregated (prefill worker -> kv-store -> decode) and aggregated (decode prefills itself), same workload
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass
+class RequestResult:
+    ok: bool
+    ttft: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    output_tokens: int = 0
+    latency: float = 0.0
+    error: str = ""
+
+
+def make_workload(num_requests: int, seed: int, min_in: int, max_in: int, min_out: int, max_out: int):
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "model", "token", "cache", "block", "serve", "split", "route"]
+    workload = []
+    for _ in range(num_requests):
+        n_words = rng.randint(min_in, max_in)
+        prompt = " ".join(rng.choice(words) for _ in range(n_words))
+        workload.append((prompt, rng.randint(min_out, max_out)))
+    return workload
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
+                      api_key: str | None) -> RequestResult:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    start = time.perf_counter()
+    last = None
+    result = RequestResult(ok=False)
+    try:
+        async with client.stream("POST", f"{url}/completions", json=body, headers=headers) as response:
+            if response.status_code != 200:
+                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    result.error = chunk["error"].get("message", "error event")
+                    return result
+                if chunk.get("usage"):
+                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("choices"):
+                    now = time.perf_counter()
+                    if last is None:
+                        result.ttft = now - start
+                    else:
+                        result.itls.append(now - last)
+                    last = now
+    except httpx.HTTPError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    result.latency = time.perf_counter() - start
+    result.ok = True
+    return result
+
+
+async def run_load(url: str, model: str | None, workload, concurrency: int, api_key: str | None):
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        if model is None:
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+            model = (await client.get(f"{url}/models", headers=headers)).json()["data"][0]["id"]
+        queue = list(workload)
+        results: list[RequestResult] = []
+
+        async def worker():
+            while queue:
+                prompt, max_tokens = queue.pop(0)
+                results.append(await one_request(client, url, model, prompt, max_tokens, api_key))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return results, time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def summarize(name: str, results: list[RequestResult], elapsed: float) -> dict:
+    ok = [r for r in results if r.ok]
+    ttfts = [r.ttft for r in ok]
+    itls = [x for r in ok for x in r.itls]
+    tokens = sum(r.output_tokens for r in ok)
+    return {"mode": name, "requests": len(results), "failed": len(results) - len(ok),
+            "ttft_p50_ms": 1e3 * percentile(ttfts, 0.5), "ttft_p90_ms": 1e3 * percentile(ttfts, 0.9),
+            "itl_p50_ms": 1e3 * percentile(itls, 0.5), "itl_p90_ms": 1e3 * percentile(itls, 0.9),
+            "req_per_s": len(ok) / elapsed, "output_tok_per_s": tokens / elapsed,
+            "mean_latency_s": statistics.fmean([r.latency for r in ok]) if ok else float("nan"),
+            "errors": sorted({r.error for r in results if not r.ok})[:3]}
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["mode", "requests", "failed", "ttft_p50_ms", "ttft_p90_ms", "itl_p50_ms", "itl_p90_ms", "req_per_s",
+            "output_tok_per_s"]
+    print(" | ".join(f"{c:>16}" for c in cols))
+    for row in rows:
+        print(" | ".join(f"{row[c]:>16.2f}" if isinstance(row[c], float) else f"{row[c]:>16}" for c in cols))
+        for error in row["errors"]:
+            print(f"    error: {error}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="base URL of a running stack, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--start", choices=["disagg", "agg", "both"], help="start the stack here (demo model "
+                        "unless --model) in this mode and measure it")
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-input-words", type=int, default=20)
+    parser.add_argument("--max-input-words", type=int, default=300)
+    parser.add_argument("--min-output", type=int, default=16)
+    parser.add_argument("--max-output", type=int, default=64)
+    parser.add_argument("--torch-threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    if not args.url and not args.start:
+        parser.error("give --url of a running stack or --start MODE")
+    workload = make_workload(args.num_requests, args.seed, args.min_input_words, args.max_input_words,
+                             args.min_output, args.max_output)
+    rows = []
+    if args.url:
+        results, elapsed = asyncio.run(run_load(args.url, None, workload, args.concurrency, args.api_key))
+        rows.append(summarize("given-url", results, elapsed))
+    else:
+        from splitserve.launcher.stack import Stack
+
+        modes = ["disagg", "agg"] if args.start == "both" else [args.start]
+        for mode in modes:
+            # Aggregated: every prompt is below the threshold, so the decode worker prefills it itself.
+            threshold = 0 if mode == "disagg" else 10**9
+            with Stack(model=args.model, local_prefill_threshold=threshold,
+                       torch_threads=args.torch_threads) as stack:
+                asyncio.run(run_load(stack.base_url, None, workload[:4], 2, None))  # warm-up, not measured
+                results, elapsed = asyncio.run(run_load(stack.base_url, None, workload, args.concurrency, None))
+            rows.append(summarize(mode, results, elapsed))
+    print_table(rows)
+    return 0 if all(r["failed"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

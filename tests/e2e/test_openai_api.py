@@ -1,0 +1,203 @@
+"""The stack end to end through Envoy with the official `openai` client: outputs equal the offline engine's
+token for token, usage is exact, streaming matches non-streaming, and the pools are whole afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import httpx
+import openai
+import pytest
+
+from e2e_stack import API_KEY, wait_until_pools_whole
+from splitserve import SamplingParams
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _prompts(tokenizer, lengths, seed=0):
+    """Text prompts of roughly the given token lengths, made of the tokenizer's own words."""
+    rng = random.Random(seed)
+    words = ["the", "model", "serves", "tokens", "quickly", "and", "blocks", "move", "between", "workers"]
+    prompts = []
+    for n in lengths:
+        text = " ".join(rng.choice(words) for _ in range(n))
+        ids = tokenizer.encode(text)
+        prompts.append(tokenizer.decode(ids[:n]) if len(ids) > n else text)
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    return openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_id(client):
+    return client.models.list().data[0].id
+
+
+def _offline(reference_llm, prompt, max_tokens):
+    [out] = reference_llm.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    return out
+
+
+def test_models_lists_the_served_model(client, model_id, stack):
+    models = client.models.list().data
+    assert len(models) == 1 and models[0].id == model_id and models[0].object == "model"
+
+
+@pytest.mark.parametrize("length", [3, 16, 40, 130])
+def test_completion_equals_offline_engine(client, model_id, reference_llm, length):
+    [prompt] = _prompts(reference_llm.get_tokenizer(), [length], seed=length)
+    reference = _offline(reference_llm, prompt, 24)
+    response = client.completions.create(model=model_id, prompt=prompt, max_tokens=24, temperature=0.0)
+    choice = response.choices[0]
+    assert choice.text == reference.outputs[0].text
+    assert choice.finish_reason == reference.outputs[0].finish_reason
+    assert response.usage.prompt_tokens == len(reference.prompt_token_ids)
+    assert response.usage.completion_tokens == len(reference.outputs[0].token_ids)
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_token_id_prompt_and_streaming_match(client, model_id, reference_llm):
+    prompt_ids = list(range(5, 75))
+    reference = _offline(reference_llm, prompt_ids, 20)
+    full = client.completions.create(model=model_id, prompt=prompt_ids, max_tokens=20, temperature=0.0)
+    assert full.choices[0].text == reference.outputs[0].text
+    stream = client.completions.create(model=model_id, prompt=prompt_ids, max_tokens=20, temperature=0.0,
+                                       stream=True, stream_options={"include_usage": True})
+    text, usage, finish = "", None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.text
+            finish = choice.finish_reason or finish
+    assert text == reference.outputs[0].text
+    assert finish == reference.outputs[0].finish_reason
+    assert usage.prompt_tokens == 70 and usage.completion_tokens == len(reference.outputs[0].token_ids)
+
+
+def test_chat_streaming_and_not(client, model_id, reference_llm):
+    tokenizer = reference_llm.get_tokenizer()
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "tokens move between workers and blocks move quickly"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tokenizer.encode(rendered, add_special_tokens=False)
+    reference = _offline(reference_llm, prompt_ids, 30)
+    response = client.chat.completions.create(model=model_id, messages=messages, max_tokens=30, temperature=0.0)
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].message.content == reference.outputs[0].text
+    assert response.usage.prompt_tokens == len(prompt_ids)
+    assert response.usage.completion_tokens == len(reference.outputs[0].token_ids)
+    stream = client.chat.completions.create(model=model_id, messages=messages, max_tokens=30, temperature=0.0,
+                                            stream=True, stream_options={"include_usage": True})
+    content, roles, usage = "", [], None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            roles += [choice.delta.role] if choice.delta.role else []
+            content += choice.delta.content or ""
+    assert roles == ["assistant"] and content == reference.outputs[0].text
+    assert usage.completion_tokens == len(reference.outputs[0].token_ids)
+
+
+def test_prompt_blocks_travel_through_the_kv_store(client, model_id, reference_llm, stack):
+    from e2e_stack import kv_store_stats
+
+    before = kv_store_stats(stack).blocks_used
+    prompt = list(range(100, 100 + 16 * 6 + 5))  # 6 full blocks
+    reference = _offline(reference_llm, prompt, 8)
+    response = client.completions.create(model=model_id, prompt=prompt, max_tokens=8, temperature=0.0)
+    assert response.choices[0].text == reference.outputs[0].text
+    assert kv_store_stats(stack).blocks_used >= before + 6
+    metrics = httpx.get(f"http://127.0.0.1:{stack.metrics_ports['decode'][0]}/metrics").text
+    assert 'splitserve_kv_transfer_blocks_total{direction="get"}' in metrics
+    assert "splitserve_decode_kv_recompute_total{" not in metrics, "a transfer fell back to recompute"
+
+
+def test_32_concurrent_streams_then_pools_are_whole(stack, model_id, reference_llm):
+    tokenizer = reference_llm.get_tokenizer()
+    rng = random.Random(7)
+    lengths = [rng.randint(1, 300) for _ in range(32)]
+    prompts = _prompts(tokenizer, lengths, seed=1)
+    max_tokens = [rng.randint(4, 40) for _ in range(32)]
+    references = reference_llm.generate(
+        prompts, [SamplingParams(max_tokens=m, temperature=0.0) for m in max_tokens])
+
+    async def one(client, prompt, m):
+        stream = await client.completions.create(model=model_id, prompt=prompt, max_tokens=m, temperature=0.0,
+                                                 stream=True, stream_options={"include_usage": True})
+        text, usage = "", None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            text += "".join(c.text for c in chunk.choices)
+        return text, usage
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=300)
+        return await asyncio.gather(*(one(client, p, m) for p, m in zip(prompts, max_tokens)))
+
+    results = asyncio.run(main())
+    for (text, usage), reference in zip(results, references):
+        assert text == reference.outputs[0].text
+        assert usage.prompt_tokens == len(reference.prompt_token_ids)
+        assert usage.completion_tokens == len(reference.outputs[0].token_ids)
+    whole, stats, store = wait_until_pools_whole(stack)
+    assert whole, (stats, store)
+
+
+def test_client_disconnect_frees_decode_blocks(stack, model_id):
+    body = {"model": model_id, "prompt": list(range(3, 60)), "max_tokens": 900, "temperature": 0.0,
+            "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{stack.base_url}/completions", json=body, headers=headers) as response:
+            assert response.status_code == 200
+            seen = 0
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    seen += 1
+                if seen >= 3:
+                    break
+    whole, stats, store = wait_until_pools_whole(stack)
+    assert whole, (stats, store)
+
+
+@pytest.mark.parametrize("case", ["malformed", "wrong_type", "unknown_model", "max_tokens_0", "too_long",
+                                  "bad_key", "no_key", "bad_top_p"])
+def test_bad_input_gets_openai_errors(stack, model_id, case):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    body = {"model": model_id, "prompt": "hello", "max_tokens": 4}
+    expected = 400
+    if case == "malformed":
+        content = b'{"model": "x", "prompt": '
+    else:
+        if case == "wrong_type":
+            body["max_tokens"] = "four"
+        elif case == "unknown_model":
+            body["model"], expected = "no-such-model", 404
+        elif case == "max_tokens_0":
+            body["max_tokens"] = 0
+        elif case == "too_long":
+            body["prompt"] = list(range(1, 1000)) * 2
+        elif case == "bad_top_p":
+            body["top_p"] = 1.5
+        elif case == "bad_key":
+            headers["Authorization"], expected = "Bearer wrong", 401
+        elif case == "no_key":
+            del headers["Authorization"]
+            expected = 401
+        content = json.dumps(body).encode()
+    response = httpx.post(f"{stack.base_url}/completions", content=content, headers=headers, timeout=30)
+    assert response.status_code == expected, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    assert set(error) >= {"message", "type", "param", "code"}
+    # The stack keeps serving.
+    ok = httpx.post(f"{stack.base_url}/completions", json={"model": model_id, "prompt": "hi", "max_tokens": 2},
+                    headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert ok.status_code == 200
