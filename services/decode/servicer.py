@@ -7,6 +7,7 @@ Leaving the stream (client cancel, gateway saw a stop string) aborts the request
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -70,21 +71,24 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
         usage = common_pb2.Usage(prompt_tokens=len(prompt))
         try:
-            async for delta in self.engine.generate(request_id, prompt, params, first_token=first_token,
-                                                    kv_blocks=kv_blocks):
-                chunk = decode_pb2.GenerateChunk(token_ids=delta.token_ids)
-                if delta.logprobs:
-                    for token, (logprob, top) in zip(delta.token_ids, delta.logprobs):
-                        chunk.logprobs.append(token_logprob_to_proto(token, logprob, top))
-                if delta.num_output_tokens:
-                    usage.completion_tokens = delta.num_output_tokens
-                    usage.cached_tokens = delta.num_cached_tokens
-                if delta.finished:
-                    chunk.finish_reason = finish_reason_to_proto(delta.finish_reason)
-                    chunk.usage.CopyFrom(usage)
-                    chunk.message = delta.message
-                    DECODE_REQUESTS.labels(delta.finish_reason).inc()
-                yield chunk
+            # aclosing: when gRPC closes this handler at a yield (client cancelled), the engine stream is closed
+            # at once too, which aborts the request and frees its blocks now rather than at garbage collection.
+            deltas = self.engine.generate(request_id, prompt, params, first_token=first_token, kv_blocks=kv_blocks)
+            async with contextlib.aclosing(deltas):
+                async for delta in deltas:
+                    chunk = decode_pb2.GenerateChunk(token_ids=delta.token_ids)
+                    if delta.logprobs:
+                        for token, (logprob, top) in zip(delta.token_ids, delta.logprobs):
+                            chunk.logprobs.append(token_logprob_to_proto(token, logprob, top))
+                    if delta.num_output_tokens:
+                        usage.completion_tokens = delta.num_output_tokens
+                        usage.cached_tokens = delta.num_cached_tokens
+                    if delta.finished:
+                        chunk.finish_reason = finish_reason_to_proto(delta.finish_reason)
+                        chunk.usage.CopyFrom(usage)
+                        chunk.message = delta.message
+                        DECODE_REQUESTS.labels(delta.finish_reason).inc()
+                    yield chunk
         except InvalidRequestError as exc:
             DECODE_REQUESTS.labels("invalid").inc()
             await abort_invalid(context, exc)

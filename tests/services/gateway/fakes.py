@@ -205,7 +205,9 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
                     yield chunk
                     pending, logprobs = [], []
             self.finished.append(request.request_id)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # gRPC ends a cancelled streaming handler either by cancelling its task (while it awaits) or by
+            # closing the generator (while it is suspended at a yield).
             self.cancelled.append(request.request_id)
             raise
         finally:
