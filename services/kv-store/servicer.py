@@ -108,7 +108,12 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         stored = already_present = 0
         incoming: Optional[_IncomingBlock] = None
         with self._transfers.track("in") as transfer:
-            await self._refuse_if_draining(context)
+            if self.is_draining():
+                # Read the client's stream to its end before refusing: aborting while it still writes makes
+                # gRPC report a bare INTERNAL error to the client instead of this status and message.
+                async for _ in request_iterator:
+                    pass
+                await self._refuse_if_draining(context)
             try:
                 async for chunk in request_iterator:
                     if incoming is None:

@@ -14,6 +14,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from splitserve.detokenizer import IncrementalDetokenizer
 from splitserve.sampling_params import InvalidRequestError
+from splitserve.stop_tokens import eos_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -108,17 +109,6 @@ class TokenizerModel:
                 raise InvalidRequestError(
                     f"{param}[{position}] = {token_id} is outside the vocabulary (ids 0..{self.vocab_size - 1})",
                     param=param)
-
-
-def eos_token_ids(tokenizer, config: dict[str, Any], generation_config: dict[str, Any]) -> tuple[int, ...]:
-    """The tokenizer's EOS plus every EOS id the model's configs list, deduplicated and sorted."""
-    ids: set[int] = set()
-    for source in (tokenizer.eos_token_id, config.get("eos_token_id"), generation_config.get("eos_token_id")):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, list):
-            ids.update(int(t) for t in source)
-    return tuple(sorted(ids))
 
 
 def _check_messages(messages: Sequence[dict[str, str]]) -> None:

@@ -19,6 +19,7 @@ from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence, SequenceStatus
 from splitserve.engine.stop_checker import StopChecker
 from splitserve.hashing import chain_block_hashes
+from splitserve.stop_tokens import eos_token_ids
 from splitserve.kv_transfer.block_io import export_blocks, import_blocks
 from splitserve.models.loader import llama_args_from_config, load_model, model_fingerprint, read_model_files
 from splitserve.sampling_params import InvalidRequestError, SamplingParams
@@ -66,7 +67,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool, config.block_size, self.model_id, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
-        self.eos_token_ids = _eos_ids(files.generation_config, files.config, self.tokenizer)
+        self.eos_token_ids = set(eos_token_ids(self.tokenizer, files.config, files.generation_config))
         self.stop_checker = StopChecker(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, _Request] = {}
         self.num_prompt_tokens_computed = 0
@@ -286,16 +287,6 @@ def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
-
-
-def _eos_ids(generation_config: dict, config: dict, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for source in (generation_config.get("eos_token_id"), config.get("eos_token_id"), tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, list):
-            ids.update(int(t) for t in source)
-    return ids
 
 
 def _available_host_memory() -> int:
