@@ -15,6 +15,7 @@ import grpc
 from prometheus_client import Counter, Histogram
 
 from splitserve.engine.async_engine import EngineDeadError
+from splitserve.hashing import chain_block_hashes
 from splitserve.kv_transfer.metrics import KV_TRANSFER_BLOCKS, KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
 from splitserve.kv_transfer.transport import KVTransferError
 from splitserve.protos.convert import finish_reason_to_proto, sampling_params_from_proto, token_logprob_to_proto
@@ -26,6 +27,8 @@ from splitserve.serving.errors import abort_invalid
 log = logging.getLogger(__name__)
 
 PREFILL_REQUESTS = Counter("splitserve_prefill_requests_total", "Prefill requests by outcome", ["outcome"])
+STORE_PREFIX_HITS = Counter("splitserve_prefill_store_prefix_hit_tokens_total",
+                            "Prompt tokens whose KV was read from the kv-store instead of computed")
 PREFILL_SECONDS = Histogram("splitserve_prefill_seconds", "Prompt in to first token out, KV handoff included",
                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
@@ -47,11 +50,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker is shutting down")
         request_id = request.request_id or uuid.uuid4().hex
         prompt = list(request.prompt_token_ids)
+        store = request.kv_target.store_address or self.kv_store_address
         try:
             params = sampling_params_from_proto(request.sampling_params)
+            self.engine.engine.validate_prompt(prompt)
+            pulled = await self._pull_stored_prefix(store, prompt, request_id)
             last = None
             async for delta in self.engine.generate(request_id, prompt, params.replace(max_tokens=1, n=1),
-                                                    export_kv=True):
+                                                    export_kv=True, kv_blocks=pulled):
                 last = delta
         except InvalidRequestError as exc:
             PREFILL_REQUESTS.labels("invalid").inc()
@@ -70,9 +76,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if last.logprobs:
             logprob, top = last.logprobs[0]
             response.first_token_logprob.CopyFrom(token_logprob_to_proto(last.token_ids[0], logprob, top))
-        store = request.kv_target.store_address or self.kv_store_address
         if finish is None and last.kv_export is not None and last.kv_export.block_hashes:
-            handle = await self._store_blocks(store, last.kv_export, request_id)
+            already_stored = set(pulled[0]) if pulled else set()
+            handle = await self._store_blocks(store, last.kv_export, request_id, already_stored)
             if handle is not None:
                 response.kv_handle.CopyFrom(handle)
         PREFILL_REQUESTS.labels("ok").inc()
@@ -86,24 +92,59 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             return "length"
         return None  # decode goes on
 
-    async def _store_blocks(self, store: str | None, export, request_id: str):
+    async def _pull_stored_prefix(self, store: str | None, prompt: list[int], request_id: str):
+        """Cross-worker prefix reuse: the prompt's leading blocks that this worker lacks but the kv-store holds
+        (another worker computed them) are pulled instead of computed. A failed pull only costs the compute."""
+        engine = self.engine.engine
+        block_size = engine.config.block_size
+        usable = (len(prompt) - 1) // block_size  # the last token is always computed: its logits pick the next
+        if not store or usable == 0 or not engine.config.enable_prefix_caching:
+            return None
+        hashes = chain_block_hashes(prompt[: usable * block_size], block_size, engine.model_id)
+        local = 0
+        while local < usable and engine.pool.lookup(hashes[local]) is not None:
+            local += 1
+        if local == usable:
+            return None
+        started = time.monotonic()
+        try:
+            rows = await self.transport.get_blocks(store, layout_proto(self.engine), hashes[local:], request_id,
+                                                   timeout_s=self.kv_timeout_s)
+        except KVTransferError as exc:
+            KV_TRANSFER_FAILURES.labels("get", type(exc).__name__).inc()
+            log.warning("request %s: reading cached prefix blocks from %s failed (%s); computing them", request_id,
+                        store, exc)
+            return None
+        if rows.shape[0] == 0:
+            return None
+        KV_TRANSFER_SECONDS.labels("get").inc(time.monotonic() - started)
+        KV_TRANSFER_BYTES.labels("get").inc(rows.numel())
+        KV_TRANSFER_BLOCKS.labels("get").inc(rows.shape[0])
+        STORE_PREFIX_HITS.inc(rows.shape[0] * block_size)
+        return hashes[local: local + rows.shape[0]], rows
+
+    async def _store_blocks(self, store: str | None, export, request_id: str, already_stored: set = frozenset()):
         if not store:
             KV_TRANSFER_FAILURES.labels("put", "no_store").inc()
             log.warning("request %s: no kv-store configured; decode will recompute the prompt", request_id)
             return None
         layout = layout_proto(self.engine)
+        # Blocks just read from the store are not sent back (the handle still names them: decode reads them there).
+        fresh = [i for i, h in enumerate(export.block_hashes) if h not in already_stored]
+        blocks = export.blocks[fresh] if len(fresh) < len(export.block_hashes) else export.blocks
         started = time.monotonic()
         try:
-            await self.transport.put_blocks(store, layout, export.block_hashes, export.blocks, request_id,
-                                            timeout_s=self.kv_timeout_s)
+            if fresh:
+                await self.transport.put_blocks(store, layout, [export.block_hashes[i] for i in fresh], blocks,
+                                                request_id, timeout_s=self.kv_timeout_s)
         except KVTransferError as exc:
             KV_TRANSFER_FAILURES.labels("put", type(exc).__name__).inc()
             log.warning("request %s: writing %d KV blocks to %s failed (%s); decode will recompute", request_id,
                         len(export.block_hashes), store, exc)
             return None
         KV_TRANSFER_SECONDS.labels("put").inc(time.monotonic() - started)
-        KV_TRANSFER_BYTES.labels("put").inc(export.blocks.numel())
-        KV_TRANSFER_BLOCKS.labels("put").inc(len(export.block_hashes))
+        KV_TRANSFER_BYTES.labels("put").inc(blocks.numel() if fresh else 0)
+        KV_TRANSFER_BLOCKS.labels("put").inc(len(fresh))
         return common_pb2.KVHandle(store_address=store, block_hashes=common_pb2.BlockHashes(
             hashes=export.block_hashes), layout=layout, num_tokens=export.num_tokens)
 

@@ -201,3 +201,11 @@ def test_bad_input_gets_openai_errors(stack, model_id, case):
     ok = httpx.post(f"{stack.base_url}/completions", json={"model": model_id, "prompt": "hi", "max_tokens": 2},
                     headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
     assert ok.status_code == 200
+
+
+def test_repeated_prompt_reports_cached_tokens(client, model_id):
+    prompt = list(range(400, 400 + 16 * 4 + 2))
+    first = client.completions.create(model=model_id, prompt=prompt, max_tokens=4, temperature=0.0)
+    second = client.completions.create(model=model_id, prompt=prompt, max_tokens=4, temperature=0.0)
+    assert second.choices[0].text == first.choices[0].text
+    assert second.usage.prompt_tokens_details.cached_tokens == 4 * 16

@@ -42,7 +42,7 @@ def _start(name, argv, log_dir, address):
 @pytest.fixture(scope="module")
 def workers(llama_ckpt, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("worker-logs")
-    store_port, prefill_port, decode_port, prefill_metrics, decode_metrics = free_ports(5)
+    store_port, prefill_port, decode_port, prefill_metrics, decode_metrics, prefill2_port = free_ports(6)
     store = f"127.0.0.1:{store_port}"
     common = ["--model", str(llama_ckpt), "--torch-threads", "1", "--num-kv-blocks", "64",
               "--kv-store-address", store, "--grace-s", "5"]
@@ -53,7 +53,10 @@ def workers(llama_ckpt, tmp_path_factory):
                                            str(prefill_metrics), *common], log_dir, f"127.0.0.1:{prefill_port}"))
         children.append(_start("decode", ["decode", "--port", str(decode_port), "--metrics-port",
                                           str(decode_metrics), *common], log_dir, f"127.0.0.1:{decode_port}"))
+        children.append(_start("prefill2", ["prefill", "--port", str(prefill2_port), *common], log_dir,
+                               f"127.0.0.1:{prefill2_port}"))
         yield {"prefill": f"127.0.0.1:{prefill_port}", "decode": f"127.0.0.1:{decode_port}", "store": store,
+               "prefill2": f"127.0.0.1:{prefill2_port}",
                "decode_metrics": f"http://127.0.0.1:{decode_metrics}/metrics", "children": children}
     finally:
         for child in reversed(children):
@@ -68,9 +71,9 @@ def reference(llama_ckpt):
     return LLM(str(llama_ckpt), dtype="float32", device="cpu", num_kv_blocks=128)
 
 
-def _prefill(workers, prompt, params, request_id):
+def _prefill(workers, prompt, params, request_id, worker="prefill"):
     async def go():
-        async with grpc.aio.insecure_channel(workers["prefill"]) as channel:
+        async with grpc.aio.insecure_channel(workers[worker]) as channel:
             return await prefill_pb2_grpc.PrefillStub(channel).Prefill(prefill_pb2.PrefillRequest(
                 request_id=request_id, prompt_token_ids=prompt, sampling_params=sampling_params_to_proto(params)),
                 timeout=60)
@@ -164,6 +167,19 @@ def test_missing_blocks_and_wrong_layout_are_recomputed_and_counted(workers, ref
     assert [first.first_token_id] + _tokens(chunks) == expected
     assert _metric(workers, 'splitserve_decode_kv_recompute_total{reason="transfer_failed"}') >= 1
     assert _pools_whole(workers)
+
+
+def test_a_second_prefill_worker_reuses_blocks_from_the_store(workers, reference):
+    prompt = list(range(300, 300 + 16 * 5 + 3))  # 5 full blocks
+    [expected] = reference.generate([prompt], GREEDY)
+    first = _prefill(workers, prompt, GREEDY, "x1")
+    assert first.cached_tokens == 0
+    again = _prefill(workers, prompt, GREEDY, "x2", worker="prefill2")
+    assert again.cached_tokens == 5 * 16  # read from the kv-store, not computed
+    assert again.first_token_id == first.first_token_id == expected.outputs[0].token_ids[0]
+    assert list(again.kv_handle.block_hashes.hashes) == list(first.kv_handle.block_hashes.hashes)
+    chunks = _decode(workers, prompt, GREEDY, "x2", again.first_token_id, again.kv_handle)
+    assert [again.first_token_id] + _tokens(chunks) == expected.outputs[0].token_ids
 
 
 def test_local_prefill_on_decode(workers, reference):
