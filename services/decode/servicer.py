@@ -18,7 +18,7 @@ import torch
 from prometheus_client import Counter
 
 from splitserve.engine.async_engine import EngineDeadError
-from splitserve.kv_transfer.metrics import KV_TRANSFER_BLOCKS, KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
+from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, record_transfer
 from splitserve.kv_transfer.transport import KVTransferError
 from splitserve.protos.convert import (finish_reason_to_proto, layout_mismatch, sampling_params_from_proto,
                                        token_logprob_to_proto)
@@ -117,9 +117,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             KV_TRANSFER_FAILURES.labels("get", type(exc).__name__).inc()
             self._recompute("transfer_failed", request_id, str(exc))
             return None
-        KV_TRANSFER_SECONDS.labels("get").inc(time.monotonic() - started)
-        KV_TRANSFER_BYTES.labels("get").inc(rows.numel())
-        KV_TRANSFER_BLOCKS.labels("get").inc(rows.shape[0])
+        record_transfer("get", time.monotonic() - started, rows.numel(), rows.shape[0])
         if rows.shape[0] < len(hashes):
             self._recompute("missing_blocks", request_id,
                             f"the store had {rows.shape[0]} of {len(hashes)} blocks")

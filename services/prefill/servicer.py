@@ -16,7 +16,7 @@ from prometheus_client import Counter, Histogram
 
 from splitserve.engine.async_engine import EngineDeadError
 from splitserve.hashing import chain_block_hashes
-from splitserve.kv_transfer.metrics import KV_TRANSFER_BLOCKS, KV_TRANSFER_BYTES, KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
+from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, record_transfer
 from splitserve.kv_transfer.transport import KVTransferError
 from splitserve.protos.convert import finish_reason_to_proto, sampling_params_from_proto, token_logprob_to_proto
 from splitserve.protos.splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -117,9 +117,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             return None
         if rows.shape[0] == 0:
             return None
-        KV_TRANSFER_SECONDS.labels("get").inc(time.monotonic() - started)
-        KV_TRANSFER_BYTES.labels("get").inc(rows.numel())
-        KV_TRANSFER_BLOCKS.labels("get").inc(rows.shape[0])
+        record_transfer("get", time.monotonic() - started, rows.numel(), rows.shape[0])
         STORE_PREFIX_HITS.inc(rows.shape[0] * block_size)
         return hashes[local: local + rows.shape[0]], rows
 
@@ -142,9 +140,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             log.warning("request %s: writing %d KV blocks to %s failed (%s); decode will recompute", request_id,
                         len(export.block_hashes), store, exc)
             return None
-        KV_TRANSFER_SECONDS.labels("put").inc(time.monotonic() - started)
-        KV_TRANSFER_BYTES.labels("put").inc(blocks.numel() if fresh else 0)
-        KV_TRANSFER_BLOCKS.labels("put").inc(len(fresh))
+        record_transfer("put", time.monotonic() - started, blocks.numel() if fresh else 0, len(fresh))
         return common_pb2.KVHandle(store_address=store, block_hashes=common_pb2.BlockHashes(
             hashes=export.block_hashes), layout=layout, num_tokens=export.num_tokens)
 
