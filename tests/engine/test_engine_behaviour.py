@@ -201,3 +201,16 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
     with pytest.raises(ModelLoadError, match="config.json"):
         LLM(str(tmp_path), device="cpu")
+
+
+def test_kv_blocks_from_a_memory_budget(llama_ckpt):
+    per_block = 2 * 2 * 16 * 2 * 16 * 4  # K and V x 2 layers x 16 tokens x 2 KV heads x head_dim 16 x float32
+    engine = LLM(str(llama_ckpt), dtype="float32", device="cpu", kv_cache_memory_bytes=40 * per_block + 100).engine
+    assert engine.layout.bytes_per_block == per_block
+    assert engine.num_blocks == 40
+    # A budget larger than every sequence could fill is capped at what max_num_seqs x max_model_len can use.
+    capped = LLM(str(llama_ckpt), dtype="float32", device="cpu", kv_cache_memory_bytes=2**34, max_num_seqs=2,
+                 max_model_len=64).engine
+    assert capped.num_blocks == 2 * (64 // 16) + 1
+    with pytest.raises(RuntimeError, match="no memory left"):
+        LLM(str(llama_ckpt), dtype="float32", device="cpu", kv_cache_memory_bytes=per_block // 2)
