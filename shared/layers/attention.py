@@ -45,24 +45,44 @@ class TorchAttentionBackend:
         start = nd
         for b in range(nd, len(meta.query_lens)):
             q_len, ctx = meta.query_lens[b], meta.context_lens_list[b]
-            out[start : start + q_len] = self._prefill_one(
-                q[start : start + q_len], k_cache, v_cache, meta.block_tables[b], q_len, ctx, meta.block_size, scale
-            )
+            rows = slice(start, start + q_len)
+            if q_len == ctx:  # a whole prompt in one go: its K/V are this step's, no need to read the cache
+                out[rows] = F.scaled_dot_product_attention(
+                    q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].transpose(0, 1), is_causal=True,
+                    scale=scale, enable_gqa=True).transpose(0, 1)
+            else:
+                out[rows] = self._prefill_one(q[rows], k_cache, v_cache, meta.block_tables[b], q_len, ctx,
+                                              meta.block_size, scale)
             start += q_len
         return out
 
-    @staticmethod
-    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    @classmethod
+    def _decode(cls, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         nd = q.shape[0]
-        max_ctx = max(meta.context_lens_list[:nd])
+        groups = _length_groups(meta.context_lens_list[:nd])
+        if len(groups) == 1:
+            return cls._decode_rows(q, k_cache, v_cache, meta, None, scale)
+        out = torch.empty_like(q)
+        for rows in groups:
+            index = torch.tensor(rows, device=q.device)
+            out[index] = cls._decode_rows(q.index_select(0, index), k_cache, v_cache, meta, index, scale)
+        return out
+
+    @staticmethod
+    def _decode_rows(q, k_cache, v_cache, meta: AttentionMetadata, index, scale: float) -> torch.Tensor:
+        """Gathers the rows' blocks into a dense, padded batch and runs one SDPA over it."""
+        n = q.shape[0]
+        context_lens = meta.context_lens[:n] if index is None else meta.context_lens.index_select(0, index)
+        tables = meta.block_tables[:n] if index is None else meta.block_tables.index_select(0, index)
+        max_ctx = int(context_lens.max())
         num_blocks = -(-max_ctx // meta.block_size)
-        tables = meta.block_tables[:nd, :num_blocks].reshape(-1)
         # index_select over the block dimension: on CPU several times faster than advanced indexing.
-        shape = (nd, num_blocks * meta.block_size, *k_cache.shape[2:])
-        keys = k_cache.index_select(0, tables).view(shape).transpose(1, 2)  # [nd, Hkv, L, D]
-        values = v_cache.index_select(0, tables).view(shape).transpose(1, 2)
+        flat = tables[:, :num_blocks].reshape(-1)
+        shape = (n, num_blocks * meta.block_size, *k_cache.shape[2:])
+        keys = k_cache.index_select(0, flat).view(shape).transpose(1, 2)  # [n, Hkv, L, D]
+        values = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
         positions = torch.arange(keys.shape[2], device=q.device)
-        mask = (positions[None, :] < meta.context_lens[:nd, None]).view(nd, 1, 1, -1)
+        mask = (positions[None, :] < context_lens[:, None]).view(n, 1, 1, -1)
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=True
         )
@@ -81,6 +101,27 @@ class TorchAttentionBackend:
             mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         return out.transpose(0, 1)
+
+
+def _length_groups(context_lens: list[int], slack: float = 1.25) -> list[list[int]]:
+    """Splits decode rows into groups whose padded size stays within `slack` of their real KV length.
+
+    The torch path copies every row's KV into a dense batch padded to the longest row; with mixed lengths most
+    of that copy is padding (measured: the gather alone outweighed the linear layers at 64 sequences of 32-768
+    tokens). Rows are sorted by length and cut where padding would exceed the slack.
+    """
+    order = sorted(range(len(context_lens)), key=lambda i: -context_lens[i])
+    groups: list[list[int]] = []
+    total = 0
+    for i in order:
+        ctx = context_lens[i]
+        if groups and context_lens[groups[-1][0]] * (len(groups[-1]) + 1) <= slack * (total + ctx):
+            groups[-1].append(i)
+            total += ctx
+        else:
+            groups.append([i])
+            total = ctx
+    return groups
 
 
 class TritonAttentionBackend:
