@@ -114,7 +114,11 @@ class Gateway:
     async def close(self) -> None:
         await self.pool.close()
         if self.redis is not None:
-            await self.redis.aclose()
+            # Bounded: a Redis connection cut mid-command can make aclose wait on it; exiting matters more.
+            try:
+                await asyncio.wait_for(self.redis.aclose(), timeout=5.0)
+            except asyncio.TimeoutError:
+                log.warning("closing the Redis client took over 5 s; left to the process exit")
 
 
 class HttpServer:

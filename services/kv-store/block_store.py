@@ -18,7 +18,7 @@ from splitserve.protos.splitserve.v1 import common_pb2
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.services.kv_store.block_layout import LayoutError, LayoutKey, block_bytes, conflict, layout_key
 from splitserve.services.kv_store.leases import Lease, LeaseTable
-from splitserve.services.kv_store.slot_pool import SlotPool
+from splitserve.services.kv_store.slot_pool import SlabAllocator, SlotPool, anonymous_slab
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class Reservation:
     reservation_id: str
     block_bytes: int
     already_present: list[bool]  # parallel to the reserved hashes
+    slots: list[Optional[tuple[int, bytes]]]  # parallel: (address, rkey) to write to; None if already present
 
 
 @dataclass(eq=False)
@@ -53,10 +54,19 @@ class Block:
     pool: SlotPool
     slot: int
     pins: int = 0
+    crc32: Optional[int] = None  # of the payload, when its writer (or the store) computed one
 
     @property
     def nbytes(self) -> int:
         return self.pool.slot_bytes
+
+    @property
+    def payload(self) -> memoryview:
+        return self.pool.view(self.slot)
+
+    @property
+    def remote(self) -> tuple[int, bytes]:
+        return self.pool.remote(self.slot)
 
 
 def leading_run(present: Sequence[bool]) -> int:
@@ -77,10 +87,11 @@ def _check_request(layout: common_pb2.KVLayout, hashes: Sequence[bytes]) -> int:
 
 class BlockStore:
     def __init__(self, capacity_bytes: int, default_lease_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, allocate_slab: SlabAllocator = anonymous_slab):
         if capacity_bytes < 1:
             raise ValueError(f"capacity_bytes must be >= 1, got {capacity_bytes}")
         self.capacity_bytes = capacity_bytes
+        self._allocate_slab = allocate_slab
         self._leases = LeaseTable(default_lease_s, clock)
         self._pools: dict[int, SlotPool] = {}  # by block bytes
         self._blocks: dict[tuple[LayoutKey, bytes], Block] = {}  # committed, visible
@@ -124,7 +135,13 @@ class BlockStore:
 
     def pin_leading(self, layout: common_pb2.KVLayout, hashes: Sequence[bytes],
                     lease_s: Optional[float] = None, request_id: str = "") -> tuple[str, list[memoryview]]:
-        """Pins the longest leading run of present blocks; returns (pin_id, their payloads without a copy).
+        """Pins the longest leading run of present blocks; returns (pin_id, their payloads without a copy)."""
+        pin_id, blocks = self.pin_leading_blocks(layout, hashes, lease_s, request_id)
+        return pin_id, [block.payload for block in blocks]
+
+    def pin_leading_blocks(self, layout: common_pb2.KVLayout, hashes: Sequence[bytes],
+                           lease_s: Optional[float] = None, request_id: str = "") -> tuple[str, list[Block]]:
+        """Pins the longest leading run of present blocks; returns (pin_id, those blocks).
 
         Raises LayoutConflictError when the first block not found is held under another layout: the reader and
         the writer disagree about the KV format, which a silent miss would hide behind endless recomputes.
@@ -145,7 +162,11 @@ class BlockStore:
         for block in found:
             self._pin(block, lease)
         self._count(len(hashes), len(found))
-        return lease.lease_id, [block.pool.view(block.slot) for block in found]
+        return lease.lease_id, found
+
+    def pinned_blocks(self, pin_id: str) -> list[Block]:
+        """The blocks a pin holds, in the order of the hashes that pinned them."""
+        return list(self._leases.get(pin_id).pinned)
 
     # ---- writers -------------------------------------------------------------------------------------------
 
@@ -171,12 +192,14 @@ class BlockStore:
         except StoreFullError:
             self._end(lease)
             raise
-        for block_hash in new_hashes:
+        if new_hashes:
             pool = self._pool(size)
-            lease.reserved[block_hash] = Block((key, block_hash), pool, pool.allocate())
-            self._bytes_used += size
-            self._blocks_used += 1
-        return Reservation(lease.lease_id, size, [(key, h) in self._blocks for h in hashes])
+            for block_hash, slot in zip(new_hashes, pool.allocate_many(len(new_hashes))):
+                lease.reserved[block_hash] = Block((key, block_hash), pool, slot)
+            self._bytes_used += size * len(new_hashes)
+            self._blocks_used += len(new_hashes)
+        slots = [lease.reserved[h].remote if h in lease.reserved else None for h in hashes]
+        return Reservation(lease.lease_id, size, [(key, h) in self._blocks for h in hashes], slots)
 
     def write(self, reservation_id: str, block_hash: bytes, offset: int, data: bytes) -> None:
         """Copies part of a reserved block's payload into its slot (the gRPC data plane; UCX writes directly)."""
@@ -190,21 +213,32 @@ class BlockStore:
                               f"{len(view)} bytes its layout needs")
         view[offset:offset + len(data)] = data
 
-    def commit(self, reservation_id: str, hashes: Sequence[bytes]) -> int:
+    def reserved_payloads(self, reservation_id: str, hashes: Sequence[bytes]) -> list[Optional[memoryview]]:
+        """The slots a reservation took for these hashes (None for blocks that were already present)."""
+        lease = self._leases.get(reservation_id)
+        return [lease.reserved[h].payload if h in lease.reserved else None for h in hashes]
+
+    def commit(self, reservation_id: str, hashes: Sequence[bytes],
+               crc32s: Optional[Sequence[Optional[int]]] = None) -> int:
         """Makes the listed reserved blocks visible and ends the reservation; unlisted reserved slots are freed.
 
-        Returns how many listed blocks the store now holds from this reservation (new or already present).
+        `crc32s` (parallel to `hashes`) are kept with the new blocks for readers to verify. Returns how many
+        listed blocks the store now holds from this reservation (new or already present).
         """
         self.expire()
+        if crc32s is not None and len(crc32s) != len(hashes):
+            raise InvalidRequestError(f"{len(crc32s)} checksums for {len(hashes)} blocks", "block_crc32")
         lease = self._leases.get(reservation_id)
         for block_hash in hashes:
             if block_hash not in lease.reserved and (lease.layout_key, block_hash) not in self._blocks:
                 raise InvalidRequestError(f"block {block_hash.hex()} is not part of reservation {reservation_id}",
                                           "block_hashes")
         committed = 0
+        checksums = dict(zip(hashes, crc32s)) if crc32s is not None else {}
         for block_hash in dict.fromkeys(hashes):
             block = lease.reserved.pop(block_hash, None)
             if block is not None and block.key not in self._blocks:
+                block.crc32 = checksums.get(block_hash)
                 self._blocks[block.key] = self._lru[block.key] = block
                 self._evictable_bytes += block.nbytes
                 self._layout_keys.add(lease.layout_key)
@@ -213,6 +247,11 @@ class BlockStore:
             committed += 1
         self._end(lease)
         return committed
+
+    def holds(self, lease_id: str) -> bool:
+        """Whether a pin or reservation is still open (not released, committed or expired)."""
+        self.expire()
+        return self._leases.find(lease_id) is not None
 
     def release(self, lease_id: str) -> int:
         """Drops a pin or reservation; returns how many blocks it held. Unknown (e.g. expired) ids release 0."""
@@ -250,7 +289,7 @@ class BlockStore:
     def _pool(self, size: int) -> SlotPool:
         pool = self._pools.get(size)
         if pool is None:
-            pool = self._pools[size] = SlotPool(size, self.capacity_bytes // size)
+            pool = self._pools[size] = SlotPool(size, self.capacity_bytes // size, self._allocate_slab)
             self._max_block_bytes = max(self._max_block_bytes, size)
         return pool
 

@@ -20,8 +20,14 @@ TRANSFER_SECONDS = Counter("splitserve_kv_store_transfer_seconds", "Time spent i
                            ["direction"])
 TRANSFER_FAILURES = Counter("splitserve_kv_store_transfer_failures",
                             "PutBlocks/GetBlocks streams that failed (refused, torn or cancelled)", ["direction"])
+SLABS = Counter("splitserve_kv_store_slabs", "Slabs (one per block size) by memory: ucx (engines on this host "
+                "map it) or private (registered for RMA only: UCX could not allocate it)", ["memory"])
+UCX_BLOCKS = Counter("splitserve_kv_store_ucx_blocks", "Blocks engines wrote (committed, in) or read (released "
+                     "pins, out) through the UCX data plane", ["direction"])
+CHECKSUM_FAILURES = Counter("splitserve_kv_store_checksum_failures",
+                            "Blocks refused on commit because their bytes did not match the writer's checksum")
 for _direction in ("in", "out"):  # export zeros from the start so rate() has a baseline
-    for _counter in (TRANSFER_BYTES, TRANSFER_SECONDS, TRANSFER_FAILURES):
+    for _counter in (TRANSFER_BYTES, TRANSFER_SECONDS, TRANSFER_FAILURES, UCX_BLOCKS):
         _counter.labels(direction=_direction)
 
 

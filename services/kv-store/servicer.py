@@ -1,8 +1,11 @@
 """The KVStore gRPC service: translates RPCs into BlockStore calls and the store's typed errors into statuses.
 
-PutBlocks writes each block through a one-block reservation held only while its pieces arrive, so a stream that
-breaks mid-block leaves nothing visible. GetBlocks pins its leading run for the stream's life, so nothing it sends
-can be evicted (and its slot overwritten) under it.
+Reserve/Pin hand out each slot's (address, rkey) when the UCX data plane serves; engines move the bytes
+themselves and Commit/Release. PutBlocks writes each block through a one-block reservation held only while its
+pieces arrive, so a stream that breaks mid-block leaves nothing visible. GetBlocks pins its leading run for the
+stream's life, so nothing it sends can be evicted (and its slot overwritten) under it. With `verify_checksums`
+every block is hashed on its way in (in a worker thread, off the loop): a block whose bytes do not match its
+writer's checksum never becomes visible, and blocks that came without one get one.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import AsyncIterator, Callable, Iterator, Optional
 
 import grpc
 
+from splitserve.kv_transfer.checksum import crc32
 from splitserve.kv_transfer.grpc_transport import PIECE_BYTES, REQUEST_ID_METADATA_KEY
 from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
@@ -28,7 +32,15 @@ from splitserve.services.kv_store.leases import UNTIL_RELEASED, UnknownLeaseErro
 log = logging.getLogger(__name__)
 
 MAX_PIECE_BYTES = 16 << 20  # a client may ask for bigger pieces than the default, not for unbounded messages
-ENDPOINT = kv_store_pb2.DataPlaneEndpoint(transport="grpc")
+DRAIN_POLL_S = 0.05
+GRPC_ENDPOINT = kv_store_pb2.DataPlaneEndpoint(transport="grpc")
+
+
+class ChecksumError(InvalidRequestError):
+    """Written bytes do not match the checksum their writer computed: a torn or misdirected write."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "block_crc32")
 
 
 @dataclass
@@ -37,20 +49,37 @@ class _IncomingBlock:
     layout: common_pb2.KVLayout
     reservation_id: str
     already_present: bool
+    crc32: Optional[int]
     received: int = 0
 
 
 class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
-    def __init__(self, store: BlockStore, is_draining: Callable[[], bool]):
+    def __init__(self, store: BlockStore, is_draining: Callable[[], bool],
+                 endpoint: kv_store_pb2.DataPlaneEndpoint = GRPC_ENDPOINT, verify_checksums: bool = False):
         self.store = store
         self.is_draining = is_draining
+        self.endpoint = endpoint
+        self.verify_checksums = verify_checksums
         self._transfers = _RunningTransfers()
+        # Reservations and pins handed out by Reserve/Pin (the UCX data plane: the client moves the bytes):
+        # id -> "in" or "out". Ended by Commit/Release, or by expiry.
+        self._open_leases: dict[str, str] = {}
 
     async def drain(self) -> None:
-        """Waits for running PutBlocks/GetBlocks streams; new puts are already refused by then."""
+        """Waits for running PutBlocks/GetBlocks streams and for UCX transfers between Reserve/Pin and their
+        Commit/Release (or lease expiry); new puts are already refused by then."""
         if self._transfers.count:
             log.info("waiting for %d block transfers to finish", self._transfers.count)
         await self._transfers.wait_idle()
+        logged = False
+        while True:
+            self._open_leases = {lease: way for lease, way in self._open_leases.items() if self.store.holds(lease)}
+            if not self._open_leases:
+                return
+            if not logged:
+                log.info("waiting for %d UCX transfers to commit or release", len(self._open_leases))
+                logged = True
+            await asyncio.sleep(DRAIN_POLL_S)
 
     # ---- control plane -------------------------------------------------------------------------------------
 
@@ -61,14 +90,31 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
                                              _lease_s(request.lease_ms), request.request_id)
         except Exception as exc:
             await _abort(context, exc)
-        slots = [kv_store_pb2.ReserveResponse.BlockSlot(block_hash=h, already_present=present)
-                 for h, present in zip(request.block_hashes.hashes, reservation.already_present)]
-        return kv_store_pb2.ReserveResponse(reservation_id=reservation.reservation_id, endpoint=ENDPOINT,
+        slots = []
+        for block_hash, present, remote in zip(request.block_hashes.hashes, reservation.already_present,
+                                               reservation.slots):
+            slot = kv_store_pb2.ReserveResponse.BlockSlot(block_hash=block_hash, already_present=present)
+            if remote is not None and self._serves_ucx:
+                slot.remote_addr, slot.rkey = remote
+            slots.append(slot)
+        self._open_leases[reservation.reservation_id] = "in"
+        return kv_store_pb2.ReserveResponse(reservation_id=reservation.reservation_id, endpoint=self.endpoint,
                                             slots=slots, block_bytes=reservation.block_bytes)
 
     async def Commit(self, request, context):
+        hashes = list(request.block_hashes.hashes)
+        crc32s = list(request.block_crc32) or None
         try:
-            committed = self.store.commit(request.reservation_id, list(request.block_hashes.hashes))
+            if self.verify_checksums:
+                crc32s = await self._verified_checksums(request.reservation_id, hashes, crc32s)
+            committed = self.store.commit(request.reservation_id, hashes, crc32s)
+            if self._open_leases.pop(request.reservation_id, None):
+                metrics.UCX_BLOCKS.labels("in").inc(committed)
+        except ChecksumError as exc:
+            self.store.release(request.reservation_id)  # nothing of a torn write becomes visible
+            metrics.CHECKSUM_FAILURES.inc()
+            log.warning("Commit of reservation %s refused: %s", request.reservation_id, exc)
+            await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
         except Exception as exc:
             await _abort(context, exc)
         return kv_store_pb2.CommitResponse(committed_blocks=committed)
@@ -81,17 +127,31 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         return kv_store_pb2.LookupResponse(present=present, prefix_blocks=leading_run(present))
 
     async def Pin(self, request, context):
+        hashes = list(request.block_hashes.hashes)
         try:
-            pin_id, pinned = self.store.pin(request.layout, list(request.block_hashes.hashes),
-                                            _lease_s(request.lease_ms), request.request_id)
             size = block_bytes(request.layout)
+            if request.leading_run:
+                pin_id, blocks = self.store.pin_leading_blocks(request.layout, hashes, _lease_s(request.lease_ms),
+                                                               request.request_id)
+                pinned = [i < len(blocks) for i in range(len(hashes))]
+            else:
+                pin_id, pinned = self.store.pin(request.layout, hashes, _lease_s(request.lease_ms),
+                                                request.request_id)
+                blocks = self.store.pinned_blocks(pin_id)
         except Exception as exc:
             await _abort(context, exc)
-        return kv_store_pb2.PinResponse(pin_id=pin_id, pinned=pinned, endpoint=ENDPOINT, block_bytes=size,
-                                        locations=[kv_store_pb2.PinResponse.BlockLocation() for _ in pinned])
+        self._open_leases[pin_id] = "out"
+        found = iter(blocks)
+        locations = [self._location(next(found)) if flag else kv_store_pb2.PinResponse.BlockLocation()
+                     for flag in pinned]
+        return kv_store_pb2.PinResponse(pin_id=pin_id, pinned=pinned, endpoint=self.endpoint, block_bytes=size,
+                                        locations=locations)
 
     async def Release(self, request, context):
-        return kv_store_pb2.ReleaseResponse(released_blocks=self.store.release(request.pin_id))
+        released = self.store.release(request.pin_id)
+        if self._open_leases.pop(request.pin_id, None) == "out":
+            metrics.UCX_BLOCKS.labels("out").inc(released)
+        return kv_store_pb2.ReleaseResponse(released_blocks=released)
 
     async def Stats(self, request, context):
         self.store.expire()
@@ -132,7 +192,11 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
                             self.store.release(incoming.reservation_id)
                             already_present += 1
                         else:
-                            self.store.commit(incoming.reservation_id, [incoming.block_hash])
+                            crc32s = [incoming.crc32] if incoming.crc32 is not None else None
+                            if self.verify_checksums:
+                                crc32s = await self._verified_checksums(incoming.reservation_id,
+                                                                        [incoming.block_hash], crc32s)
+                            self.store.commit(incoming.reservation_id, [incoming.block_hash], crc32s)
                             stored += 1
                         incoming = None
                 if incoming is not None:
@@ -140,6 +204,9 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
                                               f"{incoming.received} bytes", "block_hashes")
             except Exception as exc:
                 log.warning("PutBlocks (request %r) failed after %d stored blocks: %s", request_id, stored, exc)
+                if isinstance(exc, ChecksumError):
+                    metrics.CHECKSUM_FAILURES.inc()
+                    await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
                 await _abort(context, exc)
             finally:
                 if incoming is not None:  # torn or refused mid-block: its slot goes back, nothing becomes visible
@@ -153,27 +220,61 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         piece = min(request.max_chunk_bytes or PIECE_BYTES, MAX_PIECE_BYTES)
         with self._transfers.track("out") as transfer:
             try:
-                pin_id, payloads = self.store.pin_leading(request.layout, hashes, UNTIL_RELEASED, request_id)
+                pin_id, blocks = self.store.pin_leading_blocks(request.layout, hashes, UNTIL_RELEASED, request_id)
             except Exception as exc:
                 log.warning("GetBlocks (request %r) refused: %s", request_id, exc)
                 await _abort(context, exc)
             try:
-                for block_hash, payload in zip(hashes, payloads):
+                for block_hash, block in zip(hashes, blocks):
+                    payload = block.payload
                     for offset in range(0, len(payload), piece):
                         data = bytes(payload[offset:offset + piece])
                         chunk = kv_store_pb2.BlockChunk(block_hash=block_hash, offset=offset, data=data,
                                                         last=offset + piece >= len(payload))
                         if offset == 0:
                             chunk.layout.CopyFrom(request.layout)
+                            if block.crc32 is not None:
+                                chunk.crc32 = block.crc32
                         yield chunk
                         transfer.nbytes += len(data)
-                if len(payloads) < len(hashes):
-                    yield kv_store_pb2.BlockChunk(block_hash=hashes[len(payloads)], missing=True)
+                if len(blocks) < len(hashes):
+                    yield kv_store_pb2.BlockChunk(block_hash=hashes[len(blocks)], missing=True)
                 transfer.ok = True
             finally:
                 self.store.release(pin_id)
 
     # ---- helpers -------------------------------------------------------------------------------------------
+
+    @property
+    def _serves_ucx(self) -> bool:
+        return self.endpoint.transport == "ucx"
+
+    def _location(self, block) -> kv_store_pb2.PinResponse.BlockLocation:
+        location = kv_store_pb2.PinResponse.BlockLocation()
+        if self._serves_ucx:
+            location.remote_addr, location.rkey = block.remote
+        if block.crc32 is not None:
+            location.crc32 = block.crc32
+        return location
+
+    async def _verified_checksums(self, reservation_id: str, hashes: list[bytes],
+                                  claimed: Optional[list[int]]) -> list[Optional[int]]:
+        """Hashes the reserved slots (off the loop); raises ChecksumError where they differ from `claimed`.
+
+        Returns the checksums to keep: the claimed ones, or the computed ones when the writer sent none.
+        """
+        if claimed is not None and len(claimed) != len(hashes):
+            raise InvalidRequestError(f"{len(claimed)} checksums for {len(hashes)} blocks", "block_crc32")
+        payloads = self.store.reserved_payloads(reservation_id, hashes)
+        computed = await asyncio.to_thread(lambda: [None if p is None else crc32(p) for p in payloads])
+        kept = []
+        for i, (block_hash, got) in enumerate(zip(hashes, computed)):
+            want = claimed[i] if claimed is not None else got
+            if got is not None and got != want:
+                raise ChecksumError(f"block {block_hash.hex()} arrived torn: crc32 {got:08x} of the written bytes, "
+                                    f"{want:08x} computed by the writer")
+            kept.append(want)
+        return kept
 
     def _begin_block(self, chunk: kv_store_pb2.BlockChunk, request_id: str) -> _IncomingBlock:
         if chunk.offset != 0 or not chunk.HasField("layout"):
@@ -181,7 +282,7 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
                                       f"carrying its layout", "layout")
         reservation = self.store.reserve(chunk.layout, [chunk.block_hash], UNTIL_RELEASED, request_id)
         return _IncomingBlock(chunk.block_hash, chunk.layout, reservation.reservation_id,
-                              reservation.already_present[0])
+                              reservation.already_present[0], chunk.crc32 if chunk.HasField("crc32") else None)
 
     async def _refuse_if_draining(self, context: grpc.aio.ServicerContext) -> None:
         if self.is_draining():

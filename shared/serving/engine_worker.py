@@ -32,7 +32,8 @@ class EngineWorkerSettings:
     advertise_address: Optional[str] = field(
         default=None, metadata={"help": "address announced to Redis and in KV handles (default host:port)"})
     kv_store_address: Optional[str] = field(default=None, metadata={"help": "kv-store gRPC address"})
-    kv_transport: str = field(default="grpc", metadata={"help": "KV data plane: grpc"})
+    kv_transport: str = field(default="ucx", metadata={
+        "help": "KV data plane: ucx (UCX, gRPC for control) or tcp (gRPC streams only; alias grpc)"})
     kv_timeout_s: float = field(default=30.0, metadata={"help": "deadline of one KV transfer"})
     redis_url: Optional[str] = field(default=None, metadata={"help": "announce this worker and its load to Redis"})
     torch_threads: Optional[int] = field(default=None, metadata={"help": "torch intra-op threads (CPU)"})
@@ -135,12 +136,20 @@ def register_engine_metrics(async_engine, role: str) -> None:
     REGISTRY.register(EngineMetricsCollector(async_engine, role))
 
 
+KV_TRANSPORTS = ("ucx", "tcp", "grpc")  # "tcp" and "grpc" name the same gRPC-stream transport
+
+
 def make_transport(name: str):
-    if name == "grpc":
+    """The KV transport by name; "ucx" raises UcxUnavailableError (with what to install) if UCX cannot load."""
+    if name in ("grpc", "tcp"):
         from splitserve.kv_transfer.grpc_transport import GrpcKVTransport
 
         return GrpcKVTransport()
-    raise ValueError(f"unknown KV transport {name!r} (available: grpc)")
+    if name == "ucx":
+        from splitserve.kv_transfer.ucx_transport import UcxKVTransport
+
+        return UcxKVTransport()
+    raise ValueError(f"unknown KV transport {name!r} (available: {', '.join(KV_TRANSPORTS)})")
 
 
 async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_name: str, add_servicer) -> int:

@@ -117,6 +117,11 @@ def test_prompt_blocks_travel_through_the_kv_store(client, model_id, reference_l
     metrics = httpx.get(f"http://127.0.0.1:{stack.metrics_ports['decode'][0]}/metrics").text
     assert 'splitserve_kv_transfer_blocks_total{direction="get"}' in metrics
     assert "splitserve_decode_kv_recompute_total{" not in metrics, "a transfer fell back to recompute"
+    # The default data plane is UCX, through the store's mapped slab (one host), not the gRPC fallback.
+    assert 'splitserve_kv_transfer_ucx_blocks_total{direction="get",path="mapped"}' in metrics
+    assert "splitserve_kv_transfer_fallbacks_total{" not in metrics
+    prefill_metrics = httpx.get(f"http://127.0.0.1:{stack.metrics_ports['prefill'][0]}/metrics").text
+    assert 'splitserve_kv_transfer_ucx_blocks_total{direction="put",path="mapped"}' in prefill_metrics
 
 
 def test_32_concurrent_streams_then_pools_are_whole(stack, model_id, reference_llm):

@@ -123,12 +123,6 @@ async def _start_gateway(settings: GatewaySettings) -> RunningGateway:
     return RunningGateway(gateway, http, server, grpc_port)
 
 
-async def _stop_gateway(running: RunningGateway) -> None:
-    await running.http.stop()
-    await running.grpc_server.stop(None)
-    await running.gateway.close()
-
-
 @dataclass
 class Stack:
     """Fakes plus a gateway in front of them; `start_gateway` may be called again with other settings."""
@@ -190,14 +184,24 @@ def make_stack(loop_thread):
 
     yield make
 
-    async def stop(stack: Stack) -> None:
-        for running in stack.gateways:
-            await _stop_gateway(running)
-        for server in [stack.tokenizer, *stack.prefills, *stack.decodes, *stack.extra_servers]:
-            await server.stop()
+    async def stop(stack: Stack) -> list[str]:
+        """Stops everything, each step bounded; returns the steps that did not finish in time."""
+        steps = []
+        for i, running in enumerate(stack.gateways):
+            steps += [(f"gateway {i} http", running.http.stop()), (f"gateway {i} grpc", running.grpc_server.stop(None)),
+                      (f"gateway {i} close", running.gateway.close())]
+        steps += [(f"fake server {server.address}", server.stop())
+                  for server in [stack.tokenizer, *stack.prefills, *stack.decodes, *stack.extra_servers]]
+        hung = []
+        for name, step in steps:
+            try:
+                await asyncio.wait_for(step, timeout=10.0)
+            except asyncio.TimeoutError:
+                hung.append(name)
+        return hung
 
-    for stack in stacks:
-        loop_thread.run(stop(stack))
+    hung = [name for stack in stacks for name in loop_thread.run(stop(stack), timeout=120.0)]
+    assert not hung, f"teardown steps did not finish within 10 s: {hung}"
 
 
 @pytest.fixture

@@ -3,28 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from splitserve.kv_transfer.grpc_transport import GrpcKVTransport
 from splitserve.kv_transfer.transport import KVLayoutMismatchError, KVTransferError
 from splitserve.launcher.ports import free_ports
-from splitserve.launcher.probe import check_grpc, is_ready
-from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
+from splitserve.launcher.probe import check_grpc
+from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2
 from splitserve.serving.errors import param_from_error
 from splitserve.services.kv_store import server as kv_store_server
+from store_process import StoreProcess, chain, random_blocks
 
 SERVICE = "splitserve.v1.KVStore"
 SMALL = common_pb2.KVLayout(num_layers=2, block_size=16, num_kv_heads=2, head_dim=64, dtype="float32",
@@ -35,73 +30,14 @@ LARGE = common_pb2.KVLayout(num_layers=10, block_size=16, num_kv_heads=8, head_d
 L = 2 * 10 * 16 * 8 * 128 * 4  # 1.25 MiB: more than one 1 MiB piece
 
 
-class StoreProcess:
-    def __init__(self, log_dir: Path, *flags: str):
-        self.port, self.metrics_port = free_ports(2)
-        self.address = f"127.0.0.1:{self.port}"
-        self.log_path = log_dir / f"kv-store-{self.port}.log"
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "splitserve.services.cli", "kv-store", "--port", str(self.port),
-                 "--metrics-port", str(self.metrics_port), *flags],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.monotonic() + 60
-        while not is_ready("grpc", self.address, 0.5):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"kv-store did not start:\n{self.log()}")
-            time.sleep(0.1)
-        self.channel = grpc.insecure_channel(self.address)
-        self.stub = kv_store_pb2_grpc.KVStoreStub(self.channel)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stats(self) -> kv_store_pb2.KVStoreStatsResponse:
-        return self.stub.Stats(kv_store_pb2.KVStoreStatsRequest(), timeout=5)
-
-    def metrics(self) -> dict[tuple[str, str | None], float]:
-        """Samples by (name, direction label or None)."""
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-        return {(s.name, s.labels.get("direction")): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if hasattr(self, "channel"):
-            self.channel.close()
-        return self.proc.returncode
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    process = StoreProcess(tmp_path_factory.mktemp("kv-store"), "--capacity-bytes", str(64 << 20))
+    process = StoreProcess(tmp_path_factory.mktemp("kv-store"), "--capacity-bytes", str(64 << 20),
+                           "--kv-transport", "grpc")
     try:
         yield process
     finally:
         process.stop()
-
-
-@pytest.fixture
-def start_store(tmp_path):
-    """Starts a store of its own for tests that fill it, measure it or stop it."""
-    started: list[StoreProcess] = []
-
-    def start(*flags: str) -> StoreProcess:
-        started.append(StoreProcess(tmp_path, *flags))
-        return started[-1]
-
-    try:
-        yield start
-    finally:
-        for process in started:
-            process.stop()
 
 
 def with_transport(body):
@@ -115,19 +51,11 @@ def with_transport(body):
     return asyncio.run(run())
 
 
-def chain(tag: str, n: int) -> list[bytes]:
-    return [f"{tag}-{i}".encode().ljust(16, b".")[:16] for i in range(n)]
-
-
-def random_blocks(n: int, size: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 256, (n, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-
-
 def test_an_unavailable_kv_transport_is_a_clear_startup_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        kv_store_server.main(["--kv-transport", "ucx"])
+        kv_store_server.main(["--kv-transport", "rdma"])
     assert exit_info.value.code == 2
-    assert "kv_transport 'ucx' is not available; this build supports grpc" in capsys.readouterr().err
+    assert "kv_transport 'rdma' is not available; this build supports ucx, grpc, tcp" in capsys.readouterr().err
 
 
 def test_health_is_serving(store):

@@ -51,12 +51,14 @@ class ReserveResponse(_message.Message):
     def __init__(self, reservation_id: _Optional[str] = ..., endpoint: _Optional[_Union[DataPlaneEndpoint, _Mapping]] = ..., slots: _Optional[_Iterable[_Union[ReserveResponse.BlockSlot, _Mapping]]] = ..., block_bytes: _Optional[int] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
-    __slots__ = ("reservation_id", "block_hashes")
+    __slots__ = ("reservation_id", "block_hashes", "block_crc32")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_CRC32_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     block_hashes: _common_pb2.BlockHashes
-    def __init__(self, reservation_id: _Optional[str] = ..., block_hashes: _Optional[_Union[_common_pb2.BlockHashes, _Mapping]] = ...) -> None: ...
+    block_crc32: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, reservation_id: _Optional[str] = ..., block_hashes: _Optional[_Union[_common_pb2.BlockHashes, _Mapping]] = ..., block_crc32: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CommitResponse(_message.Message):
     __slots__ = ("committed_blocks",)
@@ -81,26 +83,30 @@ class LookupResponse(_message.Message):
     def __init__(self, present: _Optional[_Iterable[bool]] = ..., prefix_blocks: _Optional[int] = ...) -> None: ...
 
 class PinRequest(_message.Message):
-    __slots__ = ("request_id", "layout", "block_hashes", "lease_ms")
+    __slots__ = ("request_id", "layout", "block_hashes", "lease_ms", "leading_run")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
+    LEADING_RUN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layout: _common_pb2.KVLayout
     block_hashes: _common_pb2.BlockHashes
     lease_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., block_hashes: _Optional[_Union[_common_pb2.BlockHashes, _Mapping]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
+    leading_run: bool
+    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., block_hashes: _Optional[_Union[_common_pb2.BlockHashes, _Mapping]] = ..., lease_ms: _Optional[int] = ..., leading_run: _Optional[bool] = ...) -> None: ...
 
 class PinResponse(_message.Message):
     __slots__ = ("pin_id", "pinned", "endpoint", "locations", "block_bytes")
     class BlockLocation(_message.Message):
-        __slots__ = ("remote_addr", "rkey")
+        __slots__ = ("remote_addr", "rkey", "crc32")
         REMOTE_ADDR_FIELD_NUMBER: _ClassVar[int]
         RKEY_FIELD_NUMBER: _ClassVar[int]
+        CRC32_FIELD_NUMBER: _ClassVar[int]
         remote_addr: int
         rkey: bytes
-        def __init__(self, remote_addr: _Optional[int] = ..., rkey: _Optional[bytes] = ...) -> None: ...
+        crc32: int
+        def __init__(self, remote_addr: _Optional[int] = ..., rkey: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
     PIN_ID_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -150,20 +156,22 @@ class KVStoreStatsResponse(_message.Message):
     def __init__(self, blocks_used: _Optional[int] = ..., blocks_capacity: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_capacity: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class BlockChunk(_message.Message):
-    __slots__ = ("block_hash", "layout", "offset", "data", "last", "missing")
+    __slots__ = ("block_hash", "layout", "offset", "data", "last", "missing", "crc32")
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
     block_hash: bytes
     layout: _common_pb2.KVLayout
     offset: int
     data: bytes
     last: bool
     missing: bool
-    def __init__(self, block_hash: _Optional[bytes] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., missing: _Optional[bool] = ...) -> None: ...
+    crc32: int
+    def __init__(self, block_hash: _Optional[bytes] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., missing: _Optional[bool] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class PutBlocksResponse(_message.Message):
     __slots__ = ("stored_blocks", "already_present_blocks")

@@ -1,0 +1,201 @@
+"""Block rows to and from kv-store slots over UCX, on one thread that owns the UCP worker and its endpoints.
+
+Each store slot arrives as (address, packed rkey) from Reserve/Pin. Per slot run (consecutive rows whose slots
+are adjacent, so a chain usually moves in one copy), the remote key is asked for a local mapping of the slot:
+on one host the store's slab is UCX shared memory and the run is one memcpy straight between the caller's
+tensor and the slab ("mapped"); otherwise the run becomes a UCX put/get ("rma"; e.g. tcp between hosts),
+completed by an endpoint flush. One endpoint per store, created from the worker address the store sends and
+kept until a copy through it fails or the store's address changes (a restart). Copies drop the GIL (ctypes and
+UCX calls), so the event loop serving requests keeps running while bytes move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, TypeVar
+
+import torch
+
+from splitserve.kv_transfer import ucx_rma
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    row: int  # row of the caller's tensor
+    remote_addr: int
+    rkey: bytes
+
+
+@dataclass(frozen=True)
+class CopyCounts:
+    mapped: int = 0  # blocks copied through a UCX mapping of the store's memory
+    rma: int = 0  # blocks moved by UCX put/get
+
+
+class UcxBlockCopier:
+    def __init__(self, ucx_config: Optional[dict[str, str]] = None):
+        """`ucx_config`: UCX options for this worker's context, e.g. {"TLS": "tcp"} (default: UCX_* env)."""
+        self._ucx_config = ucx_config
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-ucx")
+        self._worker: Optional[ucx_rma.ucx_api.UCXWorker] = None
+        self._context = None
+        self._peers: dict[str, _Peer] = {}
+
+    async def write(self, store: str, worker_address: bytes, rows: torch.Tensor, slots: list[SlotRef],
+                    deadline: float) -> CopyCounts:
+        """Copies `rows[s.row]` into each slot; the bytes are in the store's memory when this returns."""
+        return await self._run(lambda: self._copy(store, worker_address, rows, slots, deadline, to_store=True))
+
+    async def read(self, store: str, worker_address: bytes, out: torch.Tensor, slots: list[SlotRef],
+                   deadline: float) -> CopyCounts:
+        """Copies each slot into `out[s.row]`."""
+        return await self._run(lambda: self._copy(store, worker_address, out, slots, deadline, to_store=False))
+
+    async def forget(self, store: str) -> None:
+        """Drops the endpoint to a store (it failed or went away); the next copy connects afresh."""
+        await self._run(lambda: self._drop(store))
+
+    async def close(self) -> None:
+        def close_all() -> None:
+            for store in list(self._peers):
+                self._drop(store)
+            self._worker = self._context = None
+
+        await self._run(close_all)
+        self._executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.wrap_future(self._executor.submit(fn))
+
+    # ---- on the UCX thread ---------------------------------------------------------------------------------
+
+    def _copy(self, store: str, worker_address: bytes, tensor: torch.Tensor, slots: list[SlotRef],
+              deadline: float, to_store: bool) -> CopyCounts:
+        if time.monotonic() > deadline:
+            raise ucx_rma.UcxError("deadline passed before the copy started", ucx_rma.UCS_ERR_TIMED_OUT)
+        if not (tensor.is_contiguous() and tensor.device.type == "cpu" and tensor.dtype == torch.uint8):
+            raise ValueError("UCX copies need a contiguous uint8 CPU tensor")
+        peer = self._peer(store, worker_address)
+        try:
+            return peer.copy(tensor, slots, deadline, to_store)
+        except BaseException:
+            self._drop(store)
+            raise
+
+    def _peer(self, store: str, worker_address: bytes) -> _Peer:
+        peer = self._peers.get(store)
+        if peer is not None and peer.worker_address != worker_address:
+            log.info("kv-store %s has a new UCX worker (restarted?): reconnecting", store)
+            self._drop(store)
+            peer = None
+        elif peer is not None and not peer.endpoint.alive:
+            log.info("the UCX endpoint to kv-store %s failed earlier: reconnecting", store)
+            self._drop(store)
+            peer = None
+        if peer is None:
+            if self._worker is None:
+                self._context = ucx_rma.new_context(self._ucx_config)
+                self._worker = ucx_rma.ucx_api.UCXWorker(self._context)
+                self._worker.init_blocking_progress_mode()
+            peer = self._peers[store] = _Peer(store, self._worker, worker_address)
+        ucx_rma.progress(self._worker)  # lets UCX handle keepalives and report endpoint errors
+        return peer
+
+    def _drop(self, store: str) -> None:
+        peer = self._peers.pop(store, None)
+        if peer is not None:
+            peer.close()
+
+
+class _Peer:
+    """One store's endpoint and the remote keys unpacked on it (one per slab)."""
+
+    def __init__(self, store: str, worker: ucx_rma.ucx_api.UCXWorker, worker_address: bytes):
+        self.store = store
+        self.worker = worker
+        self.worker_address = worker_address
+        address = ucx_rma.ucx_api.UCXAddress.create_from_buffer(worker_address)
+        # Peer error handling: a store that dies fails our operations instead of aborting this process (UCX's
+        # reaction to transport errors on endpoints without it).
+        self.endpoint = ucx_rma.ucx_api.UCXEndpoint.create_from_worker_address(worker, address, True)
+        self._rkeys: dict[bytes, ucx_rma.RemoteKey] = {}
+        self._path_logged = False
+
+    def copy(self, tensor: torch.Tensor, slots: list[SlotRef], deadline: float, to_store: bool) -> CopyCounts:
+        row_bytes = tensor.shape[1]
+        base = tensor.data_ptr()
+        operations = ucx_rma.Operations(self.worker, self.endpoint)
+        mapped = rma = 0
+        try:
+            for first_row, count, remote_addr, packed in _runs(slots, row_bytes):
+                if time.monotonic() > deadline:
+                    raise ucx_rma.UcxError("deadline passed during the copy", ucx_rma.UCS_ERR_TIMED_OUT)
+                rkey = self._rkey(packed)
+                local, nbytes = base + first_row * row_bytes, count * row_bytes
+                pointer = rkey.local_pointer(remote_addr)
+                if pointer is not None:
+                    ctypes.memmove(pointer, local, nbytes) if to_store else ctypes.memmove(local, pointer, nbytes)
+                    mapped += count
+                elif to_store:
+                    operations.put(local, nbytes, remote_addr, rkey)
+                    rma += count
+                else:
+                    operations.get(local, nbytes, remote_addr, rkey)
+                    rma += count
+            if rma and to_store:
+                operations.flush()
+            operations.wait(deadline)
+        finally:
+            operations.cancel()
+        self._log_path(mapped, rma)
+        return CopyCounts(mapped, rma)
+
+    def close(self) -> None:
+        for rkey in self._rkeys.values():
+            rkey.destroy()
+        self._rkeys.clear()
+        # close_blocking, not close: ucxx's close() crashes on an endpoint its error handler already failed
+        # (measured with a SIGKILLed store); close_blocking returns for failed, live and stalled peers alike.
+        try:
+            self.endpoint.close_blocking()
+        except Exception as exc:  # it is dropped either way
+            log.debug("closing the UCX endpoint to %s: %s", self.store, exc)
+
+    def _rkey(self, packed: bytes) -> ucx_rma.RemoteKey:
+        rkey = self._rkeys.get(packed)
+        if rkey is None:
+            rkey = self._rkeys[packed] = ucx_rma.RemoteKey(self.endpoint, packed)
+        return rkey
+
+    def _log_path(self, mapped: int, rma: int) -> None:
+        if self._path_logged or not (mapped or rma):
+            return
+        self._path_logged = True
+        if rma:
+            log.warning("kv-store %s: its slabs are not mapped into this process (another host, or no shared "
+                        "memory between the two): blocks move by UCX put/get, slower than a local copy", self.store)
+        else:
+            log.info("kv-store %s: blocks move by direct copy through UCX-mapped shared memory", self.store)
+
+
+def _runs(slots: list[SlotRef], row_bytes: int) -> Iterator[tuple[int, int, int, bytes]]:
+    """(first row, count, remote address, rkey) of each run of consecutive rows in adjacent slots of one slab."""
+    run: Optional[list] = None
+    for slot in slots:
+        if (run is not None and slot.row == run[0] + run[1] and slot.rkey == run[3]
+                and slot.remote_addr == run[2] + run[1] * row_bytes):
+            run[1] += 1
+            continue
+        if run is not None:
+            yield tuple(run)
+        run = [slot.row, 1, slot.remote_addr, slot.rkey]
+    if run is not None:
+        yield tuple(run)

@@ -1,0 +1,215 @@
+"""KV blocks to and from a kv-store over UCX: gRPC for control, one UCX copy per run of blocks for the bytes.
+
+put: Reserve (slots' address + rkey) -> copy every new block in -> Commit (with checksums). get: Pin the leading
+run (addresses, rkeys, checksums) -> copy out -> Release, whose count proves the pin held for the whole copy
+(an expired pin could have let the slot be reused mid-copy). No per-block round trip: two RPCs per transfer.
+
+Leases are asked for the transfer's deadline plus a margin: a slot is written or read only while its lease
+holds, even if this process stalls. Every failure, refusal or deadline is a KVTransferError (a layout problem a
+KVLayoutMismatchError), and whatever was reserved or pinned is released (or left to expire if the store is
+gone). A store that serves only the gRPC data plane is reached through GrpcKVTransport, counted and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Optional
+
+import grpc
+import torch
+
+from splitserve.kv_transfer.checksum import ChecksumMismatchError, enabled_from_env, row_crc32s, verify_rows
+from splitserve.kv_transfer.grpc_transport import GrpcKVTransport
+from splitserve.kv_transfer.host_buffers import receive_buffer
+from splitserve.kv_transfer.metrics import KV_TRANSPORT_FALLBACKS, KV_UCX_BLOCKS
+from splitserve.kv_transfer.store_client import (StoreChannels, block_bytes, check_out, check_rows,
+                                                 check_store_block_bytes, metadata, transfer_error)
+from splitserve.kv_transfer.transport import KVTransferError
+from splitserve.kv_transfer.ucx_copier import CopyCounts, SlotRef, UcxBlockCopier
+from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2
+
+log = logging.getLogger(__name__)
+
+LEASE_MARGIN_S = 5.0  # lease = deadline + this: slots stay ours while a late copy may still touch them
+RELEASE_TIMEOUT_S = 2.0  # cleanup after a failure: a dead store must not hold the caller up
+_STORE_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class UcxKVTransport:
+    name = "ucx"
+
+    def __init__(self, checksum: Optional[bool] = None, ucx_config: Optional[dict[str, str]] = None):
+        """`checksum` None: SPLITSERVE_KV_CHECKSUM decides. `ucx_config`: UCX options (e.g. {"TLS": "tcp"})
+        over the UCX_* environment. Raises UcxUnavailableError if ucxx cannot load here."""
+        self.checksum = enabled_from_env(checksum)
+        self._channels = StoreChannels()
+        self._copier = UcxBlockCopier(ucx_config)
+        self._grpc = GrpcKVTransport(checksum=self.checksum, channels=self._channels)
+        self._grpc_only_logged: set[str] = set()
+        self._cleanups: set[asyncio.Task] = set()
+
+    async def put_blocks(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
+                         blocks: torch.Tensor, request_id: str = "", timeout_s: float = 30.0) -> int:
+        """Stores `blocks[i]` under `hashes[i]`; returns how many the store now holds of them (new or present)."""
+        size = block_bytes(store_address, layout)
+        check_rows(layout, hashes, blocks, size)
+        if not hashes:
+            return 0
+        deadline = time.monotonic() + timeout_s
+        rows = blocks.detach().cpu().contiguous()
+        crc32s = await asyncio.to_thread(row_crc32s, rows) if self.checksum else None
+        stub = self._channels.stub(store_address)
+        reservation = await self._call(store_address, "Reserve", stub.Reserve(
+            kv_store_pb2.ReserveRequest(request_id=request_id, layout=layout, lease_ms=_lease_ms(timeout_s),
+                                        block_hashes=common_pb2.BlockHashes(hashes=hashes)),
+            timeout=_left(deadline), metadata=metadata(request_id)))
+        copy: Optional[asyncio.Future] = None
+        try:
+            if reservation.endpoint.transport != "ucx":
+                await self._release(store_address, reservation.reservation_id)
+                grpc_transport = self._fallback(store_address, reservation.endpoint.transport)
+                return await grpc_transport.put_blocks(store_address, layout, hashes, blocks, request_id,
+                                                       _left(deadline))
+            check_store_block_bytes(store_address, layout, size, reservation.block_bytes)
+            slots = [SlotRef(i, slot.remote_addr, slot.rkey) for i, slot in enumerate(reservation.slots)
+                     if not slot.already_present]
+            if slots:
+                copy = asyncio.ensure_future(self._copier.write(store_address, reservation.endpoint.worker_address,
+                                                                rows, slots, deadline))
+                _count("put", await self._shielded(store_address, copy))
+            committed = await self._call(store_address, "Commit", stub.Commit(
+                kv_store_pb2.CommitRequest(reservation_id=reservation.reservation_id,
+                                           block_hashes=common_pb2.BlockHashes(hashes=hashes), block_crc32=crc32s),
+                timeout=_left(deadline), metadata=metadata(request_id)))
+        except BaseException:
+            self._clean_up(store_address, reservation.reservation_id, copy)
+            raise
+        return committed.committed_blocks
+
+    async def get_blocks(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
+                         request_id: str = "", timeout_s: float = 30.0,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The payloads of the longest leading run of `hashes` the store holds, as `[k, block_bytes]` (k may be 0).
+
+        The result is a view of the first k rows of `out` (see KVTransport.get_blocks) or a new `[k, block_bytes]`.
+        """
+        size = block_bytes(store_address, layout)
+        if not hashes:
+            return torch.empty((0, size), dtype=torch.uint8)
+        if out is not None:
+            check_out(out, len(hashes), size)
+        deadline = time.monotonic() + timeout_s
+        stub = self._channels.stub(store_address)
+        pin = await self._call(store_address, "Pin", stub.Pin(
+            kv_store_pb2.PinRequest(request_id=request_id, layout=layout, lease_ms=_lease_ms(timeout_s),
+                                    block_hashes=common_pb2.BlockHashes(hashes=hashes), leading_run=True),
+            timeout=_left(deadline), metadata=metadata(request_id)))
+        found = _leading(pin.pinned)
+        copy: Optional[asyncio.Future] = None
+        try:
+            if pin.endpoint.transport != "ucx":
+                await self._release(store_address, pin.pin_id)
+                grpc_transport = self._fallback(store_address, pin.endpoint.transport)
+                return await grpc_transport.get_blocks(store_address, layout, hashes, request_id, _left(deadline),
+                                                       out=out)
+            check_store_block_bytes(store_address, layout, size, pin.block_bytes)
+            # Sized after the Pin: a miss (the common case for a new prompt) allocates nothing.
+            rows = check_out(out, found, size) if out is not None else await receive_buffer(found, size)
+            if found:
+                slots = [SlotRef(i, loc.remote_addr, loc.rkey) for i, loc in enumerate(pin.locations[:found])]
+                copy = asyncio.ensure_future(self._copier.read(store_address, pin.endpoint.worker_address, rows,
+                                                               slots, deadline))
+                _count("get", await self._shielded(store_address, copy))
+            released = await self._release(store_address, pin.pin_id)
+        except BaseException:
+            self._clean_up(store_address, pin.pin_id, copy)
+            raise
+        if released.released_blocks != found:
+            raise KVTransferError(f"kv-store {store_address}: the pin on {found} blocks ended before the copy did "
+                                  f"(released {released.released_blocks}); the copy may be torn, discarded")
+        if self.checksum and found:
+            crc32s = [loc.crc32 if loc.HasField("crc32") else None for loc in pin.locations[:found]]
+            try:
+                await asyncio.to_thread(verify_rows, rows, crc32s, hashes[:found])
+            except ChecksumMismatchError as exc:
+                raise KVTransferError(f"kv-store {store_address}: {exc}") from exc
+        return rows
+
+    async def close(self) -> None:
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
+        await self._copier.close()
+        await self._channels.close()
+
+    # ---- helpers -------------------------------------------------------------------------------------------
+
+    async def _call(self, store_address: str, method: str, call):
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            self._channels.failed(store_address, exc)
+            if exc.code() in _STORE_GONE:  # let go of its endpoint and mapped memory; reconnect next time
+                await self._copier.forget(store_address)
+            raise transfer_error(store_address, method, exc) from exc
+
+    async def _shielded(self, store_address: str, copy: asyncio.Future) -> CopyCounts:
+        """Awaits a copy without cancelling it: a copy stops only at its deadline (it may be touching slots)."""
+        try:
+            return await asyncio.shield(copy)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise KVTransferError(f"kv-store {store_address}: UCX copy failed: {exc}") from exc
+
+    async def _release(self, store_address: str, lease_id: str):
+        stub = self._channels.stub(store_address)
+        return await self._call(store_address, "Release", stub.Release(
+            kv_store_pb2.ReleaseRequest(pin_id=lease_id), timeout=RELEASE_TIMEOUT_S))
+
+    def _clean_up(self, store_address: str, lease_id: str, copy: Optional[asyncio.Future]) -> None:
+        """After a failure or cancellation: release the lease once the copy (if any) has stopped touching it."""
+
+        async def clean_up():
+            if copy is not None:
+                await asyncio.gather(copy, return_exceptions=True)
+            try:
+                await self._release(store_address, lease_id)
+            except KVTransferError as exc:
+                log.debug("releasing %s after a failed transfer: %s (the lease will expire)", lease_id, exc)
+
+        task = asyncio.ensure_future(clean_up())
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    def _fallback(self, store_address: str, transport: str) -> GrpcKVTransport:
+        """The gRPC streams, for a store that offers no UCX data plane (asked again on every transfer)."""
+        KV_TRANSPORT_FALLBACKS.labels("store_without_ucx").inc()
+        if store_address not in self._grpc_only_logged:
+            self._grpc_only_logged.add(store_address)
+            log.warning("kv-store %s serves no UCX data plane (it offers %r): moving its blocks over gRPC streams",
+                        store_address, transport)
+        return self._grpc
+
+
+def _lease_ms(timeout_s: float) -> int:
+    return int((timeout_s + LEASE_MARGIN_S) * 1000)
+
+
+def _left(deadline: float) -> float:
+    return max(0.001, deadline - time.monotonic())
+
+
+def _leading(flags) -> int:
+    for i, flag in enumerate(flags):
+        if not flag:
+            return i
+    return len(flags)
+
+
+def _count(direction: str, counts: CopyCounts) -> None:
+    if counts.mapped:
+        KV_UCX_BLOCKS.labels(direction, "mapped").inc(counts.mapped)
+    if counts.rma:
+        KV_UCX_BLOCKS.labels(direction, "rma").inc(counts.rma)
