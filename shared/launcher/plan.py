@@ -50,6 +50,10 @@ class StackConfig:
     dtype: Optional[str] = field(default=None, metadata={"help": "engine dtype (auto, float32, float16, bfloat16)"})
     device: Optional[str] = field(default=None, metadata={"help": "engine device (auto, cpu, cuda, cuda:1 ...)"})
     kv_store_capacity_bytes: Optional[int] = field(default=None, metadata={"help": "kv-store block pool size"})
+    kv_transport: Optional[str] = field(default=None, metadata={
+        "help": "KV data plane of prefill and decode: ucx (default) or tcp"})
+    kv_checksum: bool = field(default=False, metadata={
+        "help": "crc32 every KV block: writers send, the kv-store and readers verify"})
     log_dir: Optional[str] = field(default=None, metadata={
         "help": "folder for one log file per process (default: a new temporary folder)"})
     startup_timeout_s: float = field(default=300.0, metadata={"help": "give up if not ready after this long"})
@@ -111,6 +115,9 @@ def flags(**values: object) -> list[str]:
     for name, value in values.items():
         if value is None:
             continue
+        if isinstance(value, bool):  # the services take booleans as --name / --no-name
+            out.append(("--" if value else "--no-") + name.replace("_", "-"))
+            continue
         if isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
         out += ["--" + name.replace("_", "-"), str(value)]
@@ -148,7 +155,8 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
         redis = config.redis_url
 
     tokenizer = service("tokenizer", "tokenizer", next(ports), *flags(model=model))
-    kv_store = service("kv-store", "kv-store", next(ports), *flags(capacity_bytes=config.kv_store_capacity_bytes))
+    kv_store = service("kv-store", "kv-store", next(ports), *flags(capacity_bytes=config.kv_store_capacity_bytes,
+                                                                  kv_checksum=config.kv_checksum or None))
     workers = []
     for role, count in (("prefill", config.prefill_workers), ("decode", config.decode_workers)):
         for index in range(count):
@@ -157,7 +165,8 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
                 *flags(model=model, kv_store_address=kv_store.address, redis_url=redis, torch_threads=threads,
                        num_kv_blocks=config.num_kv_blocks, max_num_seqs=config.max_num_seqs,
                        max_num_batched_tokens=config.max_num_batched_tokens, dtype=config.dtype,
-                       device=config.device),
+                       device=config.device, kv_transport=config.kv_transport,
+                       kv_checksum=config.kv_checksum or None),
                 omp_threads=threads))
     tiers.append([tokenizer, kv_store, *workers])
 

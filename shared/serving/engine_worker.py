@@ -34,6 +34,8 @@ class EngineWorkerSettings:
     kv_store_address: Optional[str] = field(default=None, metadata={"help": "kv-store gRPC address"})
     kv_transport: str = field(default="ucx", metadata={
         "help": "KV data plane: ucx (UCX, gRPC for control) or tcp (gRPC streams only; alias grpc)"})
+    kv_checksum: bool = field(default=False, metadata={
+        "help": "send a crc32 with every KV block written and verify every block read"})
     kv_timeout_s: float = field(default=30.0, metadata={"help": "deadline of one KV transfer"})
     redis_url: Optional[str] = field(default=None, metadata={"help": "announce this worker and its load to Redis"})
     torch_threads: Optional[int] = field(default=None, metadata={"help": "torch intra-op threads (CPU)"})
@@ -139,16 +141,16 @@ def register_engine_metrics(async_engine, role: str) -> None:
 KV_TRANSPORTS = ("ucx", "tcp", "grpc")  # "tcp" and "grpc" name the same gRPC-stream transport
 
 
-def make_transport(name: str):
+def make_transport(name: str, checksum: bool = False):
     """The KV transport by name; "ucx" raises UcxUnavailableError (with what to install) if UCX cannot load."""
     if name in ("grpc", "tcp"):
         from splitserve.kv_transfer.grpc_transport import GrpcKVTransport
 
-        return GrpcKVTransport()
+        return GrpcKVTransport(checksum=checksum)
     if name == "ucx":
         from splitserve.kv_transfer.ucx_transport import UcxKVTransport
 
-        return UcxKVTransport()
+        return UcxKVTransport(checksum=checksum)
     raise ValueError(f"unknown KV transport {name!r} (available: {', '.join(KV_TRANSPORTS)})")
 
 
@@ -162,7 +164,7 @@ async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_n
     engine = build_engine(settings)
     engine.start()
     register_engine_metrics(engine, role)
-    transport = make_transport(settings.kv_transport)
+    transport = make_transport(settings.kv_transport, settings.kv_checksum)
     service = GrpcService(role, settings.host, settings.port, settings.metrics_port, [service_name],
                           settings.grace_s)
     add_servicer(service, engine, transport)

@@ -20,7 +20,7 @@ API_KEY = "test-key"
 @pytest.fixture(scope="module")
 def stack(llama_ckpt, tmp_path_factory):
     with Stack(model=str(llama_ckpt), prefill_workers=1, decode_workers=1, api_key=API_KEY, torch_threads=1,
-               num_kv_blocks=256, log_dir=str(tmp_path_factory.mktemp("stack-logs"))) as running:
+               num_kv_blocks=256, kv_checksum=True, log_dir=str(tmp_path_factory.mktemp("stack-logs"))) as running:
         yield running
 
 

@@ -116,6 +116,14 @@ def test_workers_and_gateway_are_wired_to_each_other(compose):
         assert "./models:/models:ro" in services[name]["volumes"]
 
 
+def test_engines_share_the_kv_stores_ipc_namespace(compose):
+    """The UCX data plane copies through the store's System V shared-memory slabs only inside one IPC namespace."""
+    services = compose["services"]
+    assert services["kv-store"]["ipc"] == "shareable"
+    for name in ("prefill", "decode"):
+        assert services[name]["ipc"] == "service:kv-store", name
+
+
 def test_envoy_mounts_the_shared_config_and_its_ports_match_the_gateway(compose):
     services = compose["services"]
     envoy = services["envoy"]

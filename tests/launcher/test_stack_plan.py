@@ -24,6 +24,19 @@ def test_flags_skip_unset_values_and_join_lists():
         "--model", "m", "--prefill-addresses", "a:1,b:2"]
 
 
+def test_booleans_become_on_off_switches():
+    assert flags(kv_checksum=True, envoy=False) == ["--kv-checksum", "--no-envoy"]
+
+
+def test_kv_data_plane_options_reach_the_store_and_the_engines(tmp_path):
+    _, specs = _plan(tmp_path, kv_checksum=True, kv_transport="tcp")
+    assert "--kv-checksum" in specs["kv-store"].argv
+    for name in ("prefill-0", "decode-0"):
+        assert "--kv-checksum" in specs[name].argv and _flag(specs[name].argv, "--kv-transport") == "tcp"
+    _, specs = _plan(tmp_path)
+    assert not any("--kv-checksum" in spec.argv or "--kv-transport" in spec.argv for spec in specs.values())
+
+
 def test_start_order_and_roles(tmp_path):
     plan, _ = _plan(tmp_path, prefill_workers=2, decode_workers=3)
     assert [[spec.name for spec in tier] for tier in plan.tiers] == [
