@@ -90,16 +90,11 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
                                              _lease_s(request.lease_ms), request.request_id)
         except Exception as exc:
             await _abort(context, exc)
-        slots = []
-        for block_hash, present, remote in zip(request.block_hashes.hashes, reservation.already_present,
-                                               reservation.slots):
-            slot = kv_store_pb2.ReserveResponse.BlockSlot(block_hash=block_hash, already_present=present)
-            if remote is not None and self._serves_ucx:
-                slot.remote_addr, slot.rkey = remote
-            slots.append(slot)
         self._open_leases[reservation.reservation_id] = "in"
-        return kv_store_pb2.ReserveResponse(reservation_id=reservation.reservation_id, endpoint=self.endpoint,
-                                            slots=slots, block_bytes=reservation.block_bytes)
+        return kv_store_pb2.ReserveResponse(
+            reservation_id=reservation.reservation_id, endpoint=self.endpoint, block_bytes=reservation.block_bytes,
+            already_present=reservation.already_present,
+            slots=slot_addresses(reservation.slots) if self._serves_ucx else None)
 
     async def Commit(self, request, context):
         hashes = list(request.block_hashes.hashes)
@@ -142,10 +137,12 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
             await _abort(context, exc)
         self._open_leases[pin_id] = "out"
         found = iter(blocks)
-        locations = [self._location(next(found)) if flag else kv_store_pb2.PinResponse.BlockLocation()
-                     for flag in pinned]
-        return kv_store_pb2.PinResponse(pin_id=pin_id, pinned=pinned, endpoint=self.endpoint, block_bytes=size,
-                                        locations=locations)
+        per_hash = [next(found) if flag else None for flag in pinned]
+        return kv_store_pb2.PinResponse(
+            pin_id=pin_id, pinned=pinned, endpoint=self.endpoint, block_bytes=size,
+            locations=slot_addresses([b.remote if b is not None else None for b in per_hash]) if self._serves_ucx else None,
+            crc32=[b.crc32 if b is not None and b.crc32 is not None else 0 for b in per_hash],
+            has_crc32=[b is not None and b.crc32 is not None for b in per_hash])
 
     async def Release(self, request, context):
         released = self.store.release(request.pin_id)
@@ -249,14 +246,6 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
     def _serves_ucx(self) -> bool:
         return self.endpoint.transport == "ucx"
 
-    def _location(self, block) -> kv_store_pb2.PinResponse.BlockLocation:
-        location = kv_store_pb2.PinResponse.BlockLocation()
-        if self._serves_ucx:
-            location.remote_addr, location.rkey = block.remote
-        if block.crc32 is not None:
-            location.crc32 = block.crc32
-        return location
-
     async def _verified_checksums(self, reservation_id: str, hashes: list[bytes],
                                   claimed: Optional[list[int]]) -> list[Optional[int]]:
         """Hashes the reserved slots (off the loop); raises ChecksumError where they differ from `claimed`.
@@ -347,3 +336,17 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, UnknownLeaseError):
         await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
     raise exc
+
+
+def slot_addresses(remotes: list[Optional[tuple[int, bytes]]]) -> kv_store_pb2.SlotAddresses:
+    """(address, rkey) per block, or None for no slot, as packed arrays with each slab's rkey sent once."""
+    rkeys: dict[bytes, int] = {}
+    addresses, rkey_index = [], []
+    for remote in remotes:
+        if remote is None:
+            addresses.append(0)
+            rkey_index.append(0)
+        else:
+            addresses.append(remote[0])
+            rkey_index.append(rkeys.setdefault(remote[1], len(rkeys)))
+    return kv_store_pb2.SlotAddresses(remote_addrs=addresses, rkey_index=rkey_index, rkeys=list(rkeys))

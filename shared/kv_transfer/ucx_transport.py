@@ -73,8 +73,12 @@ class UcxKVTransport:
                 return await grpc_transport.put_blocks(store_address, layout, hashes, blocks, request_id,
                                                        _left(deadline))
             check_store_block_bytes(store_address, layout, size, reservation.block_bytes)
-            slots = [SlotRef(i, slot.remote_addr, slot.rkey) for i, slot in enumerate(reservation.slots)
-                     if not slot.already_present]
+            present = list(reservation.already_present)
+            if len(present) != len(hashes):
+                raise KVTransferError(f"kv-store {store_address}: Reserve answered for {len(present)} of "
+                                      f"{len(hashes)} blocks")
+            slots = [slot for slot in _slot_refs(store_address, reservation.slots, len(hashes))
+                     if not present[slot.row]]
             if slots:
                 copy = asyncio.ensure_future(self._copier.write(store_address, reservation.endpoint.worker_address,
                                                                 rows, slots, deadline))
@@ -118,7 +122,7 @@ class UcxKVTransport:
             # Sized after the Pin: a miss (the common case for a new prompt) allocates nothing.
             rows = check_out(out, found, size) if out is not None else await receive_buffer(found, size)
             if found:
-                slots = [SlotRef(i, loc.remote_addr, loc.rkey) for i, loc in enumerate(pin.locations[:found])]
+                slots = _slot_refs(store_address, pin.locations, len(hashes))[:found]
                 copy = asyncio.ensure_future(self._copier.read(store_address, pin.endpoint.worker_address, rows,
                                                                slots, deadline))
                 _count("get", await self._shielded(store_address, copy))
@@ -130,7 +134,8 @@ class UcxKVTransport:
             raise KVTransferError(f"kv-store {store_address}: the pin on {found} blocks ended before the copy did "
                                   f"(released {released.released_blocks}); the copy may be torn, discarded")
         if self.checksum and found:
-            crc32s = [loc.crc32 if loc.HasField("crc32") else None for loc in pin.locations[:found]]
+            known, values = list(pin.has_crc32), list(pin.crc32)
+            crc32s = [values[i] if i < len(known) and known[i] else None for i in range(found)]
             try:
                 await asyncio.to_thread(verify_rows, rows, crc32s, hashes[:found])
             except ChecksumMismatchError as exc:
@@ -199,6 +204,16 @@ def _lease_ms(timeout_s: float) -> int:
 
 def _left(deadline: float) -> float:
     return max(0.001, deadline - time.monotonic())
+
+
+def _slot_refs(store_address: str, addresses: kv_store_pb2.SlotAddresses, count: int) -> list[SlotRef]:
+    """The packed arrays of a Reserve/Pin answer as one SlotRef per block (row i = the request's i-th hash)."""
+    remote, index, rkeys = list(addresses.remote_addrs), list(addresses.rkey_index), list(addresses.rkeys)
+    if len(remote) != count or len(index) != count or any(
+            address and key >= len(rkeys) for address, key in zip(remote, index)):
+        raise KVTransferError(f"kv-store {store_address}: malformed slot addresses ({len(remote)} addresses, "
+                              f"{len(index)} key indexes, {len(rkeys)} keys for {count} blocks)")
+    return [SlotRef(i, remote[i], rkeys[index[i]] if remote[i] else b"") for i in range(count)]
 
 
 def _leading(flags) -> int:

@@ -165,11 +165,11 @@ def test_control_plane_reserve_pin_release(store):
     reserved = store.stub.Reserve(kv_store_pb2.ReserveRequest(request_id="r", layout=SMALL, block_hashes=blocks),
                                   timeout=5)
     assert reserved.endpoint.transport == "grpc" and reserved.block_bytes == S
-    assert [s.already_present for s in reserved.slots] == [True, False]
+    assert list(reserved.already_present) == [True, False] and not reserved.HasField("slots")
     released = store.stub.Release(kv_store_pb2.ReleaseRequest(pin_id=reserved.reservation_id), timeout=5)
     assert released.released_blocks == 2
     pinned = store.stub.Pin(kv_store_pb2.PinRequest(request_id="p", layout=SMALL, block_hashes=blocks), timeout=5)
-    assert list(pinned.pinned) == [True, False] and len(pinned.locations) == 2 and pinned.block_bytes == S
+    assert list(pinned.pinned) == [True, False] and len(pinned.has_crc32) == 2 and pinned.block_bytes == S
     assert store.stats().pinned_blocks >= 1
     assert store.stub.Release(kv_store_pb2.ReleaseRequest(pin_id=pinned.pin_id), timeout=5).released_blocks == 1
     with pytest.raises(grpc.RpcError) as err:

@@ -84,9 +84,11 @@ def test_store_advertises_its_ucx_worker_and_slot_keys(store):
         layout=SMALL, block_hashes=common_pb2.BlockHashes(hashes=hashes)), timeout=5)
     try:
         assert reserved.endpoint.transport == "ucx" and len(reserved.endpoint.worker_address) > 16
-        first, second = reserved.slots
-        assert first.rkey and first.rkey == second.rkey  # one registration for the whole slab
-        assert abs(second.remote_addr - first.remote_addr) == S  # neighbouring slots of one slab
+        slots = reserved.slots
+        assert len(slots.rkeys) == 1 and slots.rkeys[0]  # one registration for the whole slab, sent once
+        assert list(slots.rkey_index) == [0, 0]
+        first, second = slots.remote_addrs
+        assert abs(second - first) == S  # neighbouring slots of one slab
     finally:
         store.stub.Release(kv_store_pb2.ReleaseRequest(pin_id=reserved.reservation_id), timeout=5)
     assert_whole(store)
@@ -181,9 +183,9 @@ def test_checksum_catches_a_block_overwritten_in_the_store(store):
     pinned = store.stub.Pin(kv_store_pb2.PinRequest(layout=SMALL, block_hashes=common_pb2.BlockHashes(
         hashes=hashes[2:3])), timeout=5)
     store.stub.Release(kv_store_pb2.ReleaseRequest(pin_id=pinned.pin_id), timeout=5)
-    [location] = pinned.locations
-    assert location.HasField("crc32")
-    scribble(store.address, pinned.endpoint.worker_address, location.remote_addr + 100, location.rkey, 64)
+    assert list(pinned.has_crc32) == [True]
+    [remote_addr], [rkey] = pinned.locations.remote_addrs, pinned.locations.rkeys
+    scribble(store.address, pinned.endpoint.worker_address, remote_addr + 100, rkey, 64)
 
     with pytest.raises(KVTransferError, match=f"block {hashes[2].hex()} is corrupt"):
         run(lambda t: t.get_blocks(store.address, SMALL, hashes))

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.protos.splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csplitserve/v1/kv_store.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\">\n\x11\x44\x61taPlaneEndpoint\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\x0c\"\x91\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x30\n\x0c\x62lock_hashes\x18\x03 \x01(\x0b\x32\x1a.splitserve.v1.BlockHashes\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\"\x88\x02\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x32\n\x08\x65ndpoint\x18\x02 \x01(\x0b\x32 .splitserve.v1.DataPlaneEndpoint\x12\x37\n\x05slots\x18\x03 \x03(\x0b\x32(.splitserve.v1.ReserveResponse.BlockSlot\x12\x13\n\x0b\x62lock_bytes\x18\x04 \x01(\x04\x1a[\n\tBlockSlot\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\x12\x17\n\x0f\x61lready_present\x18\x02 \x01(\x08\x12\x13\n\x0bremote_addr\x18\x03 \x01(\x04\x12\x0c\n\x04rkey\x18\x04 \x01(\x0c\"n\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x30\n\x0c\x62lock_hashes\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.BlockHashes\x12\x13\n\x0b\x62lock_crc32\x18\x03 \x03(\r\"*\n\x0e\x43ommitResponse\x12\x18\n\x10\x63ommitted_blocks\x18\x01 \x01(\r\"j\n\rLookupRequest\x12\'\n\x06layout\x18\x01 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x30\n\x0c\x62lock_hashes\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.BlockHashes\"8\n\x0eLookupResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\x12\x15\n\rprefix_blocks\x18\x02 \x01(\r\"\xa2\x01\n\nPinRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x30\n\x0c\x62lock_hashes\x18\x03 \x01(\x0b\x32\x1a.splitserve.v1.BlockHashes\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x13\n\x0bleading_run\x18\x05 \x01(\x08\"\x85\x02\n\x0bPinResponse\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x03(\x08\x12\x32\n\x08\x65ndpoint\x18\x03 \x01(\x0b\x32 .splitserve.v1.DataPlaneEndpoint\x12;\n\tlocations\x18\x04 \x03(\x0b\x32(.splitserve.v1.PinResponse.BlockLocation\x12\x13\n\x0b\x62lock_bytes\x18\x05 \x01(\x04\x1aP\n\rBlockLocation\x12\x13\n\x0bremote_addr\x18\x01 \x01(\x04\x12\x0c\n\x04rkey\x18\x02 \x01(\x0c\x12\x12\n\x05\x63rc32\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_crc32\" \n\x0eReleaseRequest\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\"*\n\x0fReleaseResponse\x12\x17\n\x0freleased_blocks\x18\x01 \x01(\r\"\x15\n\x13KVStoreStatsRequest\"\xb8\x01\n\x14KVStoreStatsResponse\x12\x13\n\x0b\x62locks_used\x18\x01 \x01(\x04\x12\x17\n\x0f\x62locks_capacity\x18\x02 \x01(\x04\x12\x12\n\nbytes_used\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_capacity\x18\x04 \x01(\x04\x12\x15\n\rpinned_blocks\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\"\xa4\x01\n\nBlockChunk\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x0f\n\x07missing\x18\x06 \x01(\x08\x12\x12\n\x05\x63rc32\x18\x07 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_crc32\"J\n\x11PutBlocksResponse\x12\x15\n\rstored_blocks\x18\x01 \x01(\r\x12\x1e\n\x16\x61lready_present_blocks\x18\x02 \x01(\r\"\x86\x01\n\x10GetBlocksRequest\x12\'\n\x06layout\x18\x01 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x30\n\x0c\x62lock_hashes\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.BlockHashes\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\r2\xd2\x04\n\x07KVStore\x12H\n\x07Reserve\x12\x1d.splitserve.v1.ReserveRequest\x1a\x1e.splitserve.v1.ReserveResponse\x12\x45\n\x06\x43ommit\x12\x1c.splitserve.v1.CommitRequest\x1a\x1d.splitserve.v1.CommitResponse\x12\x45\n\x06Lookup\x12\x1c.splitserve.v1.LookupRequest\x1a\x1d.splitserve.v1.LookupResponse\x12<\n\x03Pin\x12\x19.splitserve.v1.PinRequest\x1a\x1a.splitserve.v1.PinResponse\x12H\n\x07Release\x12\x1d.splitserve.v1.ReleaseRequest\x1a\x1e.splitserve.v1.ReleaseResponse\x12P\n\x05Stats\x12\".splitserve.v1.KVStoreStatsRequest\x1a#.splitserve.v1.KVStoreStatsResponse\x12J\n\tPutBlocks\x12\x19.splitserve.v1.BlockChunk\x1a .splitserve.v1.PutBlocksResponse(\x01\x12I\n\tGetBlocks\x12\x1f.splitserve.v1.GetBlocksRequest\x1a\x19.splitserve.v1.BlockChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csplitserve/v1/kv_store.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\">\n\x11\x44\x61taPlaneEndpoint\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x16\n\x0eworker_address\x18\x02 \x01(\x0c\"\x91\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x30\n\x0c\x62lock_hashes\x18\x03 \x01(\x0b\x32\x1a.splitserve.v1.BlockHashes\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\"H\n\rSlotAddresses\x12\x14\n\x0cremote_addrs\x18\x01 \x03(\x04\x12\x12\n\nrkey_index\x18\x02 \x03(\r\x12\r\n\x05rkeys\x18\x03 \x03(\x0c\"\xbe\x01\n\x0fReserveResponse\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x32\n\x08\x65ndpoint\x18\x02 \x01(\x0b\x32 .splitserve.v1.DataPlaneEndpoint\x12\x13\n\x0b\x62lock_bytes\x18\x04 \x01(\x04\x12\x17\n\x0f\x61lready_present\x18\x05 \x03(\x08\x12+\n\x05slots\x18\x06 \x01(\x0b\x32\x1c.splitserve.v1.SlotAddressesJ\x04\x08\x03\x10\x04\"n\n\rCommitRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x30\n\x0c\x62lock_hashes\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.BlockHashes\x12\x13\n\x0b\x62lock_crc32\x18\x03 \x03(\r\"*\n\x0e\x43ommitResponse\x12\x18\n\x10\x63ommitted_blocks\x18\x01 \x01(\r\"j\n\rLookupRequest\x12\'\n\x06layout\x18\x01 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x30\n\x0c\x62lock_hashes\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.BlockHashes\"8\n\x0eLookupResponse\x12\x0f\n\x07present\x18\x01 \x03(\x08\x12\x15\n\rprefix_blocks\x18\x02 \x01(\r\"\xa2\x01\n\nPinRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x30\n\x0c\x62lock_hashes\x18\x03 \x01(\x0b\x32\x1a.splitserve.v1.BlockHashes\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\x12\x13\n\x0bleading_run\x18\x05 \x01(\x08\"\xcf\x01\n\x0bPinResponse\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\x12\x0e\n\x06pinned\x18\x02 \x03(\x08\x12\x32\n\x08\x65ndpoint\x18\x03 \x01(\x0b\x32 .splitserve.v1.DataPlaneEndpoint\x12\x13\n\x0b\x62lock_bytes\x18\x05 \x01(\x04\x12/\n\tlocations\x18\x06 \x01(\x0b\x32\x1c.splitserve.v1.SlotAddresses\x12\r\n\x05\x63rc32\x18\x07 \x03(\r\x12\x11\n\thas_crc32\x18\x08 \x03(\x08J\x04\x08\x04\x10\x05\" \n\x0eReleaseRequest\x12\x0e\n\x06pin_id\x18\x01 \x01(\t\"*\n\x0fReleaseResponse\x12\x17\n\x0freleased_blocks\x18\x01 \x01(\r\"\x15\n\x13KVStoreStatsRequest\"\xb8\x01\n\x14KVStoreStatsResponse\x12\x13\n\x0b\x62locks_used\x18\x01 \x01(\x04\x12\x17\n\x0f\x62locks_capacity\x18\x02 \x01(\x04\x12\x12\n\nbytes_used\x18\x03 \x01(\x04\x12\x16\n\x0e\x62ytes_capacity\x18\x04 \x01(\x04\x12\x15\n\rpinned_blocks\x18\x05 \x01(\x04\x12\x0c\n\x04hits\x18\x06 \x01(\x04\x12\x0e\n\x06misses\x18\x07 \x01(\x04\x12\x11\n\tevictions\x18\x08 \x01(\x04\"\xa4\x01\n\nBlockChunk\x12\x12\n\nblock_hash\x18\x01 \x01(\x0c\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x0c\n\x04last\x18\x05 \x01(\x08\x12\x0f\n\x07missing\x18\x06 \x01(\x08\x12\x12\n\x05\x63rc32\x18\x07 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_crc32\"J\n\x11PutBlocksResponse\x12\x15\n\rstored_blocks\x18\x01 \x01(\r\x12\x1e\n\x16\x61lready_present_blocks\x18\x02 \x01(\r\"\x86\x01\n\x10GetBlocksRequest\x12\'\n\x06layout\x18\x01 \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\x30\n\x0c\x62lock_hashes\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.BlockHashes\x12\x17\n\x0fmax_chunk_bytes\x18\x03 \x01(\r2\xd2\x04\n\x07KVStore\x12H\n\x07Reserve\x12\x1d.splitserve.v1.ReserveRequest\x1a\x1e.splitserve.v1.ReserveResponse\x12\x45\n\x06\x43ommit\x12\x1c.splitserve.v1.CommitRequest\x1a\x1d.splitserve.v1.CommitResponse\x12\x45\n\x06Lookup\x12\x1c.splitserve.v1.LookupRequest\x1a\x1d.splitserve.v1.LookupResponse\x12<\n\x03Pin\x12\x19.splitserve.v1.PinRequest\x1a\x1a.splitserve.v1.PinResponse\x12H\n\x07Release\x12\x1d.splitserve.v1.ReleaseRequest\x1a\x1e.splitserve.v1.ReleaseResponse\x12P\n\x05Stats\x12\".splitserve.v1.KVStoreStatsRequest\x1a#.splitserve.v1.KVStoreStatsResponse\x12J\n\tPutBlocks\x12\x19.splitserve.v1.BlockChunk\x1a .splitserve.v1.PutBlocksResponse(\x01\x12I\n\tGetBlocks\x12\x1f.splitserve.v1.GetBlocksRequest\x1a\x19.splitserve.v1.BlockChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DATAPLANEENDPOINT']._serialized_end=137
   _globals['_RESERVEREQUEST']._serialized_start=140
   _globals['_RESERVEREQUEST']._serialized_end=285
-  _globals['_RESERVERESPONSE']._serialized_start=288
+  _globals['_SLOTADDRESSES']._serialized_start=287
+  _globals['_SLOTADDRESSES']._serialized_end=359
+  _globals['_RESERVERESPONSE']._serialized_start=362
   _globals['_RESERVERESPONSE']._serialized_end=552
-  _globals['_RESERVERESPONSE_BLOCKSLOT']._serialized_start=461
-  _globals['_RESERVERESPONSE_BLOCKSLOT']._serialized_end=552
   _globals['_COMMITREQUEST']._serialized_start=554
   _globals['_COMMITREQUEST']._serialized_end=664
   _globals['_COMMITRESPONSE']._serialized_start=666
@@ -51,23 +51,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PINREQUEST']._serialized_start=877
   _globals['_PINREQUEST']._serialized_end=1039
   _globals['_PINRESPONSE']._serialized_start=1042
-  _globals['_PINRESPONSE']._serialized_end=1303
-  _globals['_PINRESPONSE_BLOCKLOCATION']._serialized_start=1223
-  _globals['_PINRESPONSE_BLOCKLOCATION']._serialized_end=1303
-  _globals['_RELEASEREQUEST']._serialized_start=1305
-  _globals['_RELEASEREQUEST']._serialized_end=1337
-  _globals['_RELEASERESPONSE']._serialized_start=1339
-  _globals['_RELEASERESPONSE']._serialized_end=1381
-  _globals['_KVSTORESTATSREQUEST']._serialized_start=1383
-  _globals['_KVSTORESTATSREQUEST']._serialized_end=1404
-  _globals['_KVSTORESTATSRESPONSE']._serialized_start=1407
-  _globals['_KVSTORESTATSRESPONSE']._serialized_end=1591
-  _globals['_BLOCKCHUNK']._serialized_start=1594
-  _globals['_BLOCKCHUNK']._serialized_end=1758
-  _globals['_PUTBLOCKSRESPONSE']._serialized_start=1760
-  _globals['_PUTBLOCKSRESPONSE']._serialized_end=1834
-  _globals['_GETBLOCKSREQUEST']._serialized_start=1837
-  _globals['_GETBLOCKSREQUEST']._serialized_end=1971
-  _globals['_KVSTORE']._serialized_start=1974
-  _globals['_KVSTORE']._serialized_end=2568
+  _globals['_PINRESPONSE']._serialized_end=1249
+  _globals['_RELEASEREQUEST']._serialized_start=1251
+  _globals['_RELEASEREQUEST']._serialized_end=1283
+  _globals['_RELEASERESPONSE']._serialized_start=1285
+  _globals['_RELEASERESPONSE']._serialized_end=1327
+  _globals['_KVSTORESTATSREQUEST']._serialized_start=1329
+  _globals['_KVSTORESTATSREQUEST']._serialized_end=1350
+  _globals['_KVSTORESTATSRESPONSE']._serialized_start=1353
+  _globals['_KVSTORESTATSRESPONSE']._serialized_end=1537
+  _globals['_BLOCKCHUNK']._serialized_start=1540
+  _globals['_BLOCKCHUNK']._serialized_end=1704
+  _globals['_PUTBLOCKSRESPONSE']._serialized_start=1706
+  _globals['_PUTBLOCKSRESPONSE']._serialized_end=1780
+  _globals['_GETBLOCKSREQUEST']._serialized_start=1783
+  _globals['_GETBLOCKSREQUEST']._serialized_end=1917
+  _globals['_KVSTORE']._serialized_start=1920
+  _globals['_KVSTORE']._serialized_end=2514
 # @@protoc_insertion_point(module_scope)

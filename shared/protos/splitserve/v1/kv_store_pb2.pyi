@@ -27,28 +27,29 @@ class ReserveRequest(_message.Message):
     lease_ms: int
     def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., block_hashes: _Optional[_Union[_common_pb2.BlockHashes, _Mapping]] = ..., lease_ms: _Optional[int] = ...) -> None: ...
 
+class SlotAddresses(_message.Message):
+    __slots__ = ("remote_addrs", "rkey_index", "rkeys")
+    REMOTE_ADDRS_FIELD_NUMBER: _ClassVar[int]
+    RKEY_INDEX_FIELD_NUMBER: _ClassVar[int]
+    RKEYS_FIELD_NUMBER: _ClassVar[int]
+    remote_addrs: _containers.RepeatedScalarFieldContainer[int]
+    rkey_index: _containers.RepeatedScalarFieldContainer[int]
+    rkeys: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, remote_addrs: _Optional[_Iterable[int]] = ..., rkey_index: _Optional[_Iterable[int]] = ..., rkeys: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class ReserveResponse(_message.Message):
-    __slots__ = ("reservation_id", "endpoint", "slots", "block_bytes")
-    class BlockSlot(_message.Message):
-        __slots__ = ("block_hash", "already_present", "remote_addr", "rkey")
-        BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
-        ALREADY_PRESENT_FIELD_NUMBER: _ClassVar[int]
-        REMOTE_ADDR_FIELD_NUMBER: _ClassVar[int]
-        RKEY_FIELD_NUMBER: _ClassVar[int]
-        block_hash: bytes
-        already_present: bool
-        remote_addr: int
-        rkey: bytes
-        def __init__(self, block_hash: _Optional[bytes] = ..., already_present: _Optional[bool] = ..., remote_addr: _Optional[int] = ..., rkey: _Optional[bytes] = ...) -> None: ...
+    __slots__ = ("reservation_id", "endpoint", "block_bytes", "already_present", "slots")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
-    SLOTS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALREADY_PRESENT_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     endpoint: DataPlaneEndpoint
-    slots: _containers.RepeatedCompositeFieldContainer[ReserveResponse.BlockSlot]
     block_bytes: int
-    def __init__(self, reservation_id: _Optional[str] = ..., endpoint: _Optional[_Union[DataPlaneEndpoint, _Mapping]] = ..., slots: _Optional[_Iterable[_Union[ReserveResponse.BlockSlot, _Mapping]]] = ..., block_bytes: _Optional[int] = ...) -> None: ...
+    already_present: _containers.RepeatedScalarFieldContainer[bool]
+    slots: SlotAddresses
+    def __init__(self, reservation_id: _Optional[str] = ..., endpoint: _Optional[_Union[DataPlaneEndpoint, _Mapping]] = ..., block_bytes: _Optional[int] = ..., already_present: _Optional[_Iterable[bool]] = ..., slots: _Optional[_Union[SlotAddresses, _Mapping]] = ...) -> None: ...
 
 class CommitRequest(_message.Message):
     __slots__ = ("reservation_id", "block_hashes", "block_crc32")
@@ -97,27 +98,22 @@ class PinRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., block_hashes: _Optional[_Union[_common_pb2.BlockHashes, _Mapping]] = ..., lease_ms: _Optional[int] = ..., leading_run: _Optional[bool] = ...) -> None: ...
 
 class PinResponse(_message.Message):
-    __slots__ = ("pin_id", "pinned", "endpoint", "locations", "block_bytes")
-    class BlockLocation(_message.Message):
-        __slots__ = ("remote_addr", "rkey", "crc32")
-        REMOTE_ADDR_FIELD_NUMBER: _ClassVar[int]
-        RKEY_FIELD_NUMBER: _ClassVar[int]
-        CRC32_FIELD_NUMBER: _ClassVar[int]
-        remote_addr: int
-        rkey: bytes
-        crc32: int
-        def __init__(self, remote_addr: _Optional[int] = ..., rkey: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+    __slots__ = ("pin_id", "pinned", "endpoint", "block_bytes", "locations", "crc32", "has_crc32")
     PIN_ID_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
-    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    HAS_CRC32_FIELD_NUMBER: _ClassVar[int]
     pin_id: str
     pinned: _containers.RepeatedScalarFieldContainer[bool]
     endpoint: DataPlaneEndpoint
-    locations: _containers.RepeatedCompositeFieldContainer[PinResponse.BlockLocation]
     block_bytes: int
-    def __init__(self, pin_id: _Optional[str] = ..., pinned: _Optional[_Iterable[bool]] = ..., endpoint: _Optional[_Union[DataPlaneEndpoint, _Mapping]] = ..., locations: _Optional[_Iterable[_Union[PinResponse.BlockLocation, _Mapping]]] = ..., block_bytes: _Optional[int] = ...) -> None: ...
+    locations: SlotAddresses
+    crc32: _containers.RepeatedScalarFieldContainer[int]
+    has_crc32: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, pin_id: _Optional[str] = ..., pinned: _Optional[_Iterable[bool]] = ..., endpoint: _Optional[_Union[DataPlaneEndpoint, _Mapping]] = ..., block_bytes: _Optional[int] = ..., locations: _Optional[_Union[SlotAddresses, _Mapping]] = ..., crc32: _Optional[_Iterable[int]] = ..., has_crc32: _Optional[_Iterable[bool]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("pin_id",)
