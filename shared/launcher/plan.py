@@ -72,6 +72,8 @@ class StackConfig:
             raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s}")
+        if self.kv_transport not in (None, "ucx", "tcp", "grpc"):
+            raise ValueError(f"kv_transport must be ucx or tcp (alias grpc), got {self.kv_transport!r}")
 
 
 @dataclass
