@@ -150,8 +150,8 @@ class LLMEngine:
         if not self.config.enable_prefix_caching or not hashes:
             return []
         return self.kv.import_blocks(
-            hashes, lambda block_ids, picked: import_blocks(self.runner.kv_caches, block_ids, rows[picked],
-                                                            self.layout))
+            hashes, lambda block_ids, picked: import_blocks(self.runner.kv_caches, block_ids, rows, self.layout,
+                                                            row_indices=picked))
 
     def _export_prompt_blocks(self, seq: Sequence) -> KVExport:
         full = min(seq.num_prompt_tokens, seq.num_computed_tokens) // self.config.block_size

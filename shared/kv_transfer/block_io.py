@@ -7,6 +7,8 @@ layer into one contiguous row; rows are handed around as uint8 so any transport 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from splitserve.engine.model_runner import KVLayout
@@ -37,17 +39,29 @@ def export_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], out_devic
     return rows
 
 
-def import_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], rows: torch.Tensor,
-                  layout: KVLayout) -> None:
-    """Writes payload rows (uint8 `[len(block_ids), bytes_per_block]`) into the given blocks."""
+def import_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], rows: torch.Tensor, layout: KVLayout,
+                  row_indices: Optional[list[int]] = None) -> None:
+    """Writes payload rows (uint8 `[num_rows, bytes_per_block]`) into the given blocks: block_ids[i] gets row
+    row_indices[i] (default: row i, and then there must be exactly one row per block).
+
+    Rows are read in place, a layer at a time (a subset is gathered per layer, which stays small), so received
+    bytes are copied once into the cache rather than first into a tensor of the picked rows.
+    """
     if not block_ids:
         return
-    if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.shape != (len(block_ids), layout.bytes_per_block):
-        raise ValueError(f"expected uint8 rows of shape ({len(block_ids)}, {layout.bytes_per_block}), "
+    expected_rows = len(block_ids) if row_indices is None else rows.shape[0]
+    if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.shape != (expected_rows, layout.bytes_per_block):
+        raise ValueError(f"expected uint8 rows of shape ({expected_rows}, {layout.bytes_per_block}), "
                          f"got {rows.dtype} {tuple(rows.shape)}")
+    if row_indices is not None and (len(row_indices) != len(block_ids)
+                                    or any(not 0 <= r < rows.shape[0] for r in row_indices)):
+        raise ValueError(f"row_indices must name one of the {rows.shape[0]} rows for each of {len(block_ids)} blocks")
     device = kv_caches[0].device
     blocks = rows.to(device).contiguous().view(layout.dtype).reshape(
-        len(block_ids), layout.num_layers, 2, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        rows.shape[0], layout.num_layers, 2, layout.block_size, layout.num_kv_heads, layout.head_dim)
     index = torch.tensor(block_ids, dtype=torch.long, device=device)
+    leading = row_indices is None or row_indices == list(range(len(row_indices)))
+    pick = None if leading else torch.tensor(row_indices, dtype=torch.long, device=device)
     for layer, cache in enumerate(kv_caches):
-        cache.index_copy_(1, index, blocks[:, layer].transpose(0, 1))
+        source = blocks[:len(block_ids), layer] if pick is None else blocks[:, layer].index_select(0, pick)
+        cache.index_copy_(1, index, source.transpose(0, 1))

@@ -54,6 +54,22 @@ def test_block_bytes_round_trip(engines):
         import_blocks(decode.runner.kv_caches, [1], rows, decode.layout)
 
 
+def test_import_of_picked_rows(engines):
+    """Blocks already cached on the decode side are skipped: only some received rows are written, in place."""
+    prefill, decode, _ = engines
+    caches = prefill.runner.kv_caches
+    for cache in caches:
+        cache.normal_()
+    rows = export_blocks(caches, [3, 7, 9])
+    import_blocks(decode.runner.kv_caches, [12, 4], rows, decode.layout, row_indices=[2, 0])
+    import_blocks(decode.runner.kv_caches, [6, 8], rows, decode.layout, row_indices=[0, 1])  # a leading run
+    for src, dst in zip(caches, decode.runner.kv_caches):
+        assert torch.equal(src[:, 9], dst[:, 12]) and torch.equal(src[:, 3], dst[:, 4])
+        assert torch.equal(src[:, 3], dst[:, 6]) and torch.equal(src[:, 7], dst[:, 8])
+    with pytest.raises(ValueError, match="row_indices"):
+        import_blocks(decode.runner.kv_caches, [1, 2], rows, decode.layout, row_indices=[0, 3])
+
+
 @pytest.mark.parametrize("prompt_len", [5, 16, 47, 200])
 def test_prefill_then_decode_equals_one_engine(engines, prompt_len):
     prefill, decode, offline = engines
