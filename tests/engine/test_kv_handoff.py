@@ -54,6 +54,16 @@ def test_block_bytes_round_trip(engines):
         import_blocks(decode.runner.kv_caches, [1], rows, decode.layout)
 
 
+def test_export_for_another_device_has_the_same_bytes(engines):
+    """The branch GPU caches take (gather on the cache's device, then move) against the host branch."""
+    prefill, _, _ = engines
+    for cache in prefill.runner.kv_caches:
+        cache.normal_()
+    host = export_blocks(prefill.runner.kv_caches, [5, 1, 8])
+    moved = export_blocks(prefill.runner.kv_caches, [5, 1, 8], out_device="cpu:0")
+    assert torch.equal(host, moved)
+
+
 def test_import_of_picked_rows(engines):
     """Blocks already cached on the decode side are skipped: only some received rows are written, in place."""
     prefill, decode, _ = engines
