@@ -194,14 +194,26 @@ def make_stack(loop_thread):
                   for server in [stack.tokenizer, *stack.prefills, *stack.decodes, *stack.extra_servers]]
         hung = []
         for name, step in steps:
-            try:
-                await asyncio.wait_for(step, timeout=10.0)
-            except asyncio.TimeoutError:
-                hung.append(name)
+            task = asyncio.ensure_future(step)
+            done, _ = await asyncio.wait({task}, timeout=10.0)
+            if not done:
+                hung.append(f"{name}: {_awaiting(task)}")
+                task.cancel()
         return hung
 
     hung = [name for stack in stacks for name in loop_thread.run(stop(stack), timeout=120.0)]
     assert not hung, f"teardown steps did not finish within 10 s: {hung}"
+
+
+def _awaiting(task: asyncio.Task) -> str:
+    """Where a task is stuck: its chain of awaits, innermost last."""
+    coro, chain = task.get_coro(), []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None)
+        if frame is not None:
+            chain.append(f"{frame.f_code.co_name} ({frame.f_code.co_filename}:{frame.f_lineno})")
+        coro = getattr(coro, "cr_await", None)
+    return " -> ".join(chain)
 
 
 @pytest.fixture
