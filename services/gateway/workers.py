@@ -114,10 +114,10 @@ class WorkerPool:
         return worker
 
     async def _loop(self) -> None:
-        while not self._closing.is_set():
+        while True:
             try:
                 await asyncio.wait_for(self._closing.wait(), timeout=self.check_interval_s)
-                return
+                return  # closing
             except asyncio.TimeoutError:
                 pass
             try:

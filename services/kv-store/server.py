@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.protos.splitserve.v1 import kv_store_pb2, kv_store_pb2_grpc
 from splitserve.serving.grpc_service import GrpcService
 from splitserve.serving.logs import setup_logging
@@ -22,9 +23,6 @@ from splitserve.services.kv_store.servicer import GRPC_ENDPOINT, KVStoreServicer
 from splitserve.services.kv_store.slot_pool import anonymous_slab
 
 SERVICE_NAME = kv_store_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
-# "ucx": slabs in UCX memory + the gRPC streams; "grpc" (alias "tcp"): the gRPC streams only. Either way a
-# client of the gRPC data plane can talk to the store.
-KV_TRANSPORTS = ("ucx", "grpc", "tcp")
 LEASE_SWEEP_S = 1.0  # expired leases are also dropped by every store call; the sweep covers an idle store
 
 

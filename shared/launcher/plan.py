@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
 
+from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.launcher.envoy import EnvoyPorts, envoy_argv
 from splitserve.launcher.redis_server import redis_server_argv, redis_url
 
@@ -72,7 +73,7 @@ class StackConfig:
             raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s}")
-        if self.kv_transport not in (None, "ucx", "tcp", "grpc"):
+        if self.kv_transport is not None and self.kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"kv_transport must be ucx or tcp (alias grpc), got {self.kv_transport!r}")
 
 

@@ -15,6 +15,7 @@ from typing import Optional
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.protos.convert import layout_to_proto
 from splitserve.protos.splitserve.v1 import common_pb2
 
@@ -136,9 +137,6 @@ class EngineMetricsCollector(Collector):
 
 def register_engine_metrics(async_engine, role: str) -> None:
     REGISTRY.register(EngineMetricsCollector(async_engine, role))
-
-
-KV_TRANSPORTS = ("ucx", "tcp", "grpc")  # "tcp" and "grpc" name the same gRPC-stream transport
 
 
 def make_transport(name: str, checksum: bool = False):
