@@ -10,16 +10,17 @@ A worker must keep serving when Redis is down: announcer errors are logged (at m
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import logging
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Awaitable, Callable, Mapping, Optional, Union
+from typing import Any, Awaitable, Callable, Mapping, Union
 
 import redis.asyncio as redis
 from prometheus_client import Counter
+
+from splitserve.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +91,16 @@ class WorkerAnnouncer:
         self.interval_s = interval_s
         self._redis = redis.from_url(redis_url, socket_timeout=max(interval_s, 1.0),
                                      socket_connect_timeout=max(interval_s, 1.0))
-        self._task: Optional[asyncio.Task] = None
+        self._announcer = Periodic(self.announce_once, interval_s, name=f"announce-{kind}-{address}")
         self._errors = _RateLimitedLog()
 
     async def start(self) -> None:
         """Announces once right away (so discovery does not wait an interval), then every interval_s."""
         await self.announce_once()
-        self._task = asyncio.create_task(self._loop(), name=f"announce-{self.kind}-{self.address}")
+        self._announcer.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._announcer.stop()
         try:
             await self._redis.hdel(self.key, self.address)
         except (redis.RedisError, OSError) as exc:
@@ -132,11 +130,6 @@ class WorkerAnnouncer:
             self._errors.warning("%s worker %s: cannot announce to Redis: %s", self.kind, self.address, exc)
             return False
         return True
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            await self.announce_once()
 
 
 async def read_workers(redis_client: redis.Redis, kind: str, max_age_s: float = 5.0) -> list[WorkerInfo]:

@@ -18,6 +18,7 @@ import grpc
 import redis.asyncio as redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from splitserve.periodic import Periodic
 from splitserve.serving.grpc_service import insecure_channel
 from splitserve.services.gateway import metrics
 from splitserve.worker_registry import KINDS, WorkerInfo, read_workers
@@ -56,8 +57,7 @@ class WorkerPool:
         self.check_timeout_s = check_timeout_s
         self.registry_max_age_s = registry_max_age_s
         self._retired: list[Worker] = []
-        self._task: Optional[asyncio.Task] = None
-        self._closing = asyncio.Event()
+        self._refresher = Periodic(self._refresh_logged, check_interval_s, name="worker-pool")
         self._discovery_failing = False
 
     def workers(self, kind: str) -> list[Worker]:
@@ -69,15 +69,10 @@ class WorkerPool:
     async def start(self) -> None:
         """One full refresh before returning, so the first request already sees healthy workers."""
         await self.refresh()
-        self._task = asyncio.create_task(self._loop(), name="worker-pool")
+        self._refresher.start()
 
     async def close(self) -> None:
-        # The flag, not only the cancel, ends the loop: a cancel that lands inside a Redis call can be turned
-        # into a timeout error there (seen: one close in ~20 hung forever), which the loop then survives.
-        self._closing.set()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._refresher.stop()
         for worker in [w for kind in self._workers.values() for w in kind.values()] + self._retired:
             await worker.channel.close()
 
@@ -113,17 +108,11 @@ class WorkerPool:
         self._workers[kind][address] = worker
         return worker
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await asyncio.wait_for(self._closing.wait(), timeout=self.check_interval_s)
-                return  # closing
-            except asyncio.TimeoutError:
-                pass
-            try:
-                await self.refresh()
-            except Exception:  # a bug here must not stop health checking for good
-                log.exception("worker pool refresh failed")
+    async def _refresh_logged(self) -> None:
+        try:
+            await self.refresh()
+        except Exception:  # a bug here must not stop health checking for good
+            log.exception("worker pool refresh failed")
 
     async def _check(self, worker: Worker) -> None:
         stub = health_pb2_grpc.HealthStub(worker.channel)

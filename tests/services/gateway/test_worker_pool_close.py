@@ -1,4 +1,5 @@
-"""WorkerPool.close ends its refresh loop even when a cancel gets swallowed inside a refresh."""
+"""Stopping a periodic loop (the gateway's health checks, a worker's announcements) ends it even when the
+cancel is swallowed inside a step."""
 
 import asyncio
 
@@ -11,9 +12,14 @@ from splitserve.services.gateway.workers import WorkerPool
 def test_close_ends_the_loop_when_a_refresh_swallows_the_cancel():
     async def main() -> float:
         pool = WorkerPool({}, check_interval_s=0.01)
+        calls = 0
         in_refresh = asyncio.Event()
 
         async def refresh_that_eats_cancels() -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:  # start()'s own first refresh
+                return
             # What a client library can do: turn a cancellation that races its own timeout into a timeout error.
             in_refresh.set()
             try:
@@ -22,7 +28,7 @@ def test_close_ends_the_loop_when_a_refresh_swallows_the_cancel():
                 raise TimeoutError("timed out") from None
 
         pool.refresh = refresh_that_eats_cancels
-        pool._task = asyncio.create_task(pool._loop())
+        await pool.start()
         await in_refresh.wait()
         started = asyncio.get_running_loop().time()
         await asyncio.wait_for(pool.close(), timeout=5.0)
