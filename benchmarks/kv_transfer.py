@@ -1,8 +1,11 @@
 """KV block transfer throughput: the UCX path the services use, against raw UCX, the TCP fallback and memcpy.
 
 For N blocks of a real model's size (16 tokens of Llama-3-8B = 2 MiB) and of a small one, in GB/s:
-  (a)  UcxKVTransport.put_blocks / get_blocks through a real `splitserve kv-store --kv-transport ucx` process,
-       as prefill and decode call them (get into a fresh tensor), and get into a reused buffer (`out=`);
+  (a)  UcxKVTransport.put_blocks / get_blocks through a real `splitserve kv-store --kv-transport ucx` process
+       with rows in memory (get into a fresh tensor, and into a reused buffer `out=`); and from one paged KV
+       cache to another for scattered block ids, as prefill and decode move a prompt: (a*) in place (lent
+       cache blocks gathered straight into the store's slots, slots read where they lie into the cache), and
+       (a~) through exported copies (export_blocks, put, get, import_blocks: the services before in place);
   (b)  raw UCX between two processes with one big buffer and no control plane: RMA into UCX-allocated memory
        (the mechanism (a) uses), and ucxx tag send/recv over a listener endpoint (the issue's baseline);
   (c)  the TCP fallback (GrpcKVTransport: PutBlocks/GetBlocks streams) through the same store;
@@ -197,6 +200,66 @@ async def through_store(transport, address: str, shape: BlockShape, reps: Reps, 
                       gbps(shape.total, reused_s) if reused_get else None)
 
 
+def paged_cache(shape: BlockShape, num_blocks: int, fill: str) -> list[torch.Tensor]:
+    """An engine's KV cache in the shape's layout, one `[2, num_blocks, block_size, heads, head_dim]` per layer."""
+    layout = shape.layout
+    dtype = getattr(torch, layout.dtype)
+    per_layer = 2 * num_blocks * layout.block_size * layout.num_kv_heads * layout.head_dim
+    element = torch.empty((), dtype=dtype).element_size()
+    memory = host_tensor(layout.num_layers, per_layer * element, fill)
+    return [memory[i].view(dtype).view(2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+            for i in range(layout.num_layers)]
+
+
+async def cache_to_cache(transport, address: str, shape: BlockShape, reps: Reps, in_place: bool) -> Row:
+    """Prefill's cache -> store -> decode's cache for scattered block ids, as the services move a prompt:
+    in place (lent blocks gathered into the slots; slots read where they lie) or through exported copies."""
+    from splitserve.kv_transfer.block_io import CacheBlocks, export_blocks, import_blocks
+
+    num_blocks = shape.count + 16
+    source, target = paged_cache(shape, num_blocks, "random"), paged_cache(shape, num_blocks, "zero")
+    rng = random.Random(shape.count)
+    put_s, get_s = [], []
+    for rep in range(reps.warmup + reps.timed):
+        hashes = [random.randbytes(16) for _ in range(shape.count)]
+        source_ids, target_ids = rng.sample(range(num_blocks), shape.count), rng.sample(range(num_blocks), shape.count)
+        if in_place:
+            put = await timed_async(lambda: transport.put_blocks(address, shape.layout, hashes,
+                                                                 CacheBlocks(source, source_ids), timeout_s=120))
+
+            async def get():
+                received = await transport.get_blocks_in_place(address, shape.layout, hashes, timeout_s=120)
+                with received.reading() as runs:
+                    for first, view in runs:
+                        import_blocks(target, target_ids[first:first + view.shape[0]], view, layout_of(shape))
+        else:
+            async def put_copy():
+                await transport.put_blocks(address, shape.layout, hashes, export_blocks(source, source_ids),
+                                           timeout_s=120)
+
+            put = await timed_async(put_copy)
+
+            async def get():
+                rows = await transport.get_blocks(address, shape.layout, hashes, timeout_s=120)
+                import_blocks(target, target_ids, rows, layout_of(shape))
+
+        fetch = await timed_async(get)
+        if not torch.equal(export_blocks(target, target_ids[-1:]), export_blocks(source, source_ids[-1:])):
+            raise RuntimeError("cache to cache: the blocks did not arrive intact")
+        if rep >= reps.warmup:
+            put_s.append(put)
+            get_s.append(fetch)
+    label = ("(a*) cache->store->cache in place (services now)" if in_place
+             else "(a~) cache->store->cache via copies (services before)")
+    return Row(label, gbps(shape.total, put_s), gbps(shape.total, get_s))
+
+
+def layout_of(shape: BlockShape):
+    from splitserve.protos.convert import layout_from_proto
+
+    return layout_from_proto(shape.layout)
+
+
 def run_transports(shape: BlockShape, reps: Reps, log_dir: Path, checksum_row: bool) -> list[Row]:
     from splitserve.kv_transfer.grpc_transport import GrpcKVTransport
     from splitserve.kv_transfer.ucx_transport import UcxKVTransport
@@ -209,10 +272,13 @@ def run_transports(shape: BlockShape, reps: Reps, log_dir: Path, checksum_row: b
             ucx = UcxKVTransport(checksum=False)
             try:
                 a = await through_store(ucx, address, shape, reps, reused_get=True)
+                in_place = await cache_to_cache(ucx, address, shape, reps, in_place=True)
+                copied = await cache_to_cache(ucx, address, shape, reps, in_place=False)
             finally:
                 await ucx.close()
             rows.append(Row("(a)  UCX path, UcxKVTransport: get into a new tensor", a.put, a.get))
             rows.append(Row("(a') UCX path, get into a reused buffer (out=)", a.put, a.reused_get))
+            rows.extend([in_place, copied])
             if checksum_row:
                 ucx = UcxKVTransport(checksum=True)
                 try:
@@ -477,6 +543,11 @@ def main() -> None:
             print(f"  (a)/(b): put {a.put / raw.put:.2f}, get {a.get / raw.get:.2f}, move {a.move / raw.move:.2f} "
                   f"(get into a reused buffer: {a_reused.get / raw.get:.2f}, move {a_reused.move / raw.move:.2f});"
                   f" (a)/(d): put {a.put / ceiling.put:.2f}, get {a.get / ceiling.get:.2f}")
+            [in_place] = [r for r in rows if r.label.startswith("(a*)")]
+            [copied] = [r for r in rows if r.label.startswith("(a~)")]
+            print(f"  cache to cache: in place / via copies: put {in_place.put / copied.put:.2f}, get "
+                  f"{in_place.get / copied.get:.2f}, move {in_place.move / copied.move:.2f}; in place / (b) move "
+                  f"{in_place.move / raw.move:.2f}")
             print(f"  crc32 checksum: {checksum_rate(shape):.2f} GB/s on one core (what each side pays when on)")
             if headline is None:
                 headline = a.move / raw.move

@@ -14,12 +14,11 @@ import uuid
 from typing import Optional
 
 import grpc
-import torch
 from prometheus_client import Counter
 
 from splitserve.engine.async_engine import EngineDeadError
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, record_transfer
-from splitserve.kv_transfer.transport import KVTransferError
+from splitserve.kv_transfer.transport import KVTransferError, ReceivedBlocks
 from splitserve.protos.convert import (finish_reason_to_proto, layout_mismatch, sampling_params_from_proto,
                                        token_logprob_to_proto)
 from splitserve.protos.splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
@@ -95,9 +94,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         except EngineDeadError as exc:
             DECODE_REQUESTS.labels("engine_dead").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        finally:
+            if kv_blocks is not None:
+                kv_blocks[1].abandon()  # read when the request joined the batch, unless it ended before
 
     async def _pull_blocks(self, request: decode_pb2.GenerateRequest,
-                           request_id: str) -> Optional[tuple[list[bytes], torch.Tensor]]:
+                           request_id: str) -> Optional[tuple[list[bytes], ReceivedBlocks]]:
         handle = request.kv_handle
         hashes = list(handle.block_hashes.hashes)
         num_full = len(request.prompt_token_ids) // self.engine.engine.config.block_size
@@ -111,17 +113,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             return None
         started = time.monotonic()
         try:
-            rows = await self.transport.get_blocks(handle.store_address, handle.layout, hashes, request_id,
-                                                   timeout_s=self.kv_timeout_s)
+            received = await self.transport.get_blocks_in_place(handle.store_address, handle.layout, hashes,
+                                                                request_id, timeout_s=self.kv_timeout_s)
         except KVTransferError as exc:
             KV_TRANSFER_FAILURES.labels("get", type(exc).__name__).inc()
             self._recompute("transfer_failed", request_id, str(exc))
             return None
-        record_transfer("get", time.monotonic() - started, rows.numel(), rows.shape[0])
-        if rows.shape[0] < len(hashes):
+        record_transfer("get", time.monotonic() - started, received.nbytes, received.count)
+        if received.count < len(hashes):
             self._recompute("missing_blocks", request_id,
-                            f"the store had {rows.shape[0]} of {len(hashes)} blocks")
-        return hashes[: rows.shape[0]], rows
+                            f"the store had {received.count} of {len(hashes)} blocks")
+        return hashes[: received.count], received
 
     @staticmethod
     def _recompute(reason: str, request_id: str, detail: str) -> None:

@@ -12,6 +12,7 @@ import time
 import uuid
 
 import grpc
+import torch
 from prometheus_client import Counter, Histogram
 
 from splitserve.engine.async_engine import EngineDeadError
@@ -51,36 +52,44 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         request_id = request.request_id or uuid.uuid4().hex
         prompt = list(request.prompt_token_ids)
         store = request.kv_target.store_address or self.kv_store_address
+        last = pulled = None
         try:
-            params = sampling_params_from_proto(request.sampling_params)
-            self.engine.engine.validate_prompt(prompt)
-            pulled = await self._pull_stored_prefix(store, prompt, request_id)
-            last = None
-            async for delta in self.engine.generate(request_id, prompt, params.replace(max_tokens=1, n=1),
-                                                    export_kv=True, kv_blocks=pulled):
-                last = delta
-        except InvalidRequestError as exc:
-            PREFILL_REQUESTS.labels("invalid").inc()
-            await abort_invalid(context, exc)
-        except EngineDeadError as exc:
-            PREFILL_REQUESTS.labels("engine_dead").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        if last is None or last.finish_reason in ("abort", "error") or not last.token_ids:
-            PREFILL_REQUESTS.labels("error").inc()
-            await context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {last.message if last else 'no output'}")
+            try:
+                params = sampling_params_from_proto(request.sampling_params)
+                self.engine.engine.validate_prompt(prompt)
+                pulled = await self._pull_stored_prefix(store, prompt, request_id)
+                async for delta in self.engine.generate(request_id, prompt, params.replace(max_tokens=1, n=1),
+                                                        export_kv=True, kv_blocks=pulled):
+                    last = delta
+            except InvalidRequestError as exc:
+                PREFILL_REQUESTS.labels("invalid").inc()
+                await abort_invalid(context, exc)
+            except EngineDeadError as exc:
+                PREFILL_REQUESTS.labels("engine_dead").inc()
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            finally:
+                if pulled is not None:
+                    pulled[1].abandon()  # read by now, unless the request ended first
+            if last is None or last.finish_reason in ("abort", "error") or not last.token_ids:
+                PREFILL_REQUESTS.labels("error").inc()
+                await context.abort(grpc.StatusCode.INTERNAL,
+                                    f"prefill failed: {last.message if last else 'no output'}")
 
-        finish = self._finish_reason(last.finish_reason, params.max_tokens, len(prompt))
-        response = prefill_pb2.PrefillResponse(
-            request_id=request_id, first_token_id=last.token_ids[0], cached_tokens=last.num_cached_tokens,
-            finish_reason=finish_reason_to_proto(finish))
-        if last.logprobs:
-            logprob, top = last.logprobs[0]
-            response.first_token_logprob.CopyFrom(token_logprob_to_proto(last.token_ids[0], logprob, top))
-        if finish is None and last.kv_export is not None and last.kv_export.block_hashes:
-            already_stored = set(pulled[0]) if pulled else set()
-            handle = await self._store_blocks(store, last.kv_export, request_id, already_stored)
-            if handle is not None:
-                response.kv_handle.CopyFrom(handle)
+            finish = self._finish_reason(last.finish_reason, params.max_tokens, len(prompt))
+            response = prefill_pb2.PrefillResponse(
+                request_id=request_id, first_token_id=last.token_ids[0], cached_tokens=last.num_cached_tokens,
+                finish_reason=finish_reason_to_proto(finish))
+            if last.logprobs:
+                logprob, top = last.logprobs[0]
+                response.first_token_logprob.CopyFrom(token_logprob_to_proto(last.token_ids[0], logprob, top))
+            if finish is None and last.kv_export is not None and last.kv_export.block_hashes:
+                already_stored = set(pulled[0]) if pulled else set()
+                handle = await self._store_blocks(store, last.kv_export, request_id, already_stored)
+                if handle is not None:
+                    response.kv_handle.CopyFrom(handle)
+        finally:
+            if last is not None and last.kv_export is not None:
+                last.kv_export.release()  # the engine lent the blocks for the handoff: it is over
         PREFILL_REQUESTS.labels("ok").inc()
         PREFILL_SECONDS.observe(time.monotonic() - started)
         return response
@@ -108,18 +117,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             return None
         started = time.monotonic()
         try:
-            rows = await self.transport.get_blocks(store, layout_proto(self.engine), hashes[local:], request_id,
-                                                   timeout_s=self.kv_timeout_s)
+            received = await self.transport.get_blocks_in_place(store, layout_proto(self.engine), hashes[local:],
+                                                                request_id, timeout_s=self.kv_timeout_s)
         except KVTransferError as exc:
             KV_TRANSFER_FAILURES.labels("get", type(exc).__name__).inc()
             log.warning("request %s: reading cached prefix blocks from %s failed (%s); computing them", request_id,
                         store, exc)
             return None
-        if rows.shape[0] == 0:
+        if received.count == 0:
             return None
-        record_transfer("get", time.monotonic() - started, rows.numel(), rows.shape[0])
-        STORE_PREFIX_HITS.inc(rows.shape[0] * block_size)
-        return hashes[local: local + rows.shape[0]], rows
+        record_transfer("get", time.monotonic() - started, received.nbytes, received.count)
+        STORE_PREFIX_HITS.inc(received.count * block_size)
+        return hashes[local: local + received.count], received
 
     async def _store_blocks(self, store: str | None, export, request_id: str, already_stored: set = frozenset()):
         if not store:
@@ -129,7 +138,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         layout = layout_proto(self.engine)
         # Blocks just read from the store are not sent back (the handle still names them: decode reads them there).
         fresh = [i for i, h in enumerate(export.block_hashes) if h not in already_stored]
-        blocks = export.blocks[fresh] if len(fresh) < len(export.block_hashes) else export.blocks
+        blocks = export.blocks if len(fresh) == len(export.block_hashes) else (
+            export.blocks[fresh] if isinstance(export.blocks, torch.Tensor) else export.blocks.subset(fresh))
         started = time.monotonic()
         try:
             if fresh:
@@ -140,7 +150,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             log.warning("request %s: writing %d KV blocks to %s failed (%s); decode will recompute", request_id,
                         len(export.block_hashes), store, exc)
             return None
-        record_transfer("put", time.monotonic() - started, blocks.numel() if fresh else 0, len(fresh))
+        record_transfer("put", time.monotonic() - started, len(fresh) * blocks.shape[1], len(fresh))
         return common_pb2.KVHandle(store_address=store, block_hashes=common_pb2.BlockHashes(
             hashes=export.block_hashes), layout=layout, num_tokens=export.num_tokens)
 

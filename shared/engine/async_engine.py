@@ -66,6 +66,8 @@ class AsyncEngine:
         self.dead: Optional[BaseException] = None
         # Written only by the loop thread, after each step: other threads read stats without racing the scheduler.
         self.stats_snapshot: dict[str, int] = engine.stats()
+        # Exports lend their blocks (no copy on this loop's thread); a transfer gives them back through here.
+        engine.return_lent_blocks = lambda block_ids: self._submit(lambda: engine.give_back_blocks(block_ids), None)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
@@ -223,3 +225,5 @@ class AsyncEngine:
             stream = self._streams.get(request_id)
             if stream is not None:
                 stream.queue.put_nowait(delta)
+            elif delta.kv_export is not None:  # nobody will transfer these blocks: end their loan now
+                delta.kv_export.release()

@@ -74,7 +74,8 @@ class KVCacheManager:
         """Makes blocks received from elsewhere findable by hash; returns the held ids of the leading run placed.
 
         A block already cached here is reused without writing. `write(block_ids, rows)` copies payload rows
-        (indices into `hashes`) into newly allocated blocks. Stops at the first block that finds no room.
+        (indices into `hashes`) into newly allocated blocks; if it raises, every block taken here is let go and
+        none is registered. Stops at the first block that finds no room.
         """
         held: list[int] = []
         fresh: list[int] = []
@@ -91,7 +92,12 @@ class KVCacheManager:
                 break
             held.append(block_id)
         if fresh:
-            write(fresh, rows)
+            try:
+                write(fresh, rows)
+            except BaseException:  # nothing half-written becomes findable, and nothing stays held
+                for block_id in held:
+                    self.pool.release(block_id)
+                raise
         for block_id, row in zip(fresh, rows):
             self.pool.register(block_id, hashes[row])
         return held

@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -20,7 +20,9 @@ from splitserve.engine.sequence import Sequence, SequenceStatus
 from splitserve.engine.stop_checker import StopChecker
 from splitserve.hashing import chain_block_hashes
 from splitserve.stop_tokens import eos_token_ids
-from splitserve.kv_transfer.block_io import export_blocks, import_blocks
+from splitserve.kv_transfer.block_io import CacheBlocks, export_blocks, import_blocks
+from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES
+from splitserve.kv_transfer.transport import KVTransferError
 from splitserve.models.loader import llama_args_from_config, load_model, model_fingerprint, read_model_files
 from splitserve.sampling_params import InvalidRequestError, SamplingParams
 
@@ -75,6 +77,9 @@ class LLMEngine:
         self.num_steps = 0
         # Sequences that received a token in the last step (finished ones included): streaming reads these.
         self.last_step_sampled: list[Sequence] = []
+        # Set by a server loop: exports then lend the cache blocks themselves (CacheBlocks, held until released
+        # through this callable, which must hand the ids back to the engine's thread) instead of copying them.
+        self.return_lent_blocks: Optional[Callable[[list[int]], None]] = None
 
     @property
     def layout(self):
@@ -142,23 +147,55 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def import_kv_blocks(self, hashes: list[bytes], rows: torch.Tensor) -> list[int]:
+    def import_kv_blocks(self, hashes: list[bytes], rows) -> list[int]:
         """Places received prompt blocks in the prefix cache; returns held block ids for add_request.
 
-        Needs prefix caching (blocks are adopted through it); without it nothing is imported.
+        `rows`: uint8 `[len(hashes), bytes_per_block]`, or a transport's ReceivedBlocks (possibly views of a
+        kv-store's memory, copied straight into the cache). Blocks whose copy cannot be trusted (the store's pin
+        ran out before it finished, or the rows were given back first) are dropped, counted and logged, and the
+        request computes them instead. Needs prefix caching (blocks are adopted through it).
         """
         if not self.config.enable_prefix_caching or not hashes:
             return []
-        return self.kv.import_blocks(
-            hashes, lambda block_ids, picked: import_blocks(self.runner.kv_caches, block_ids, rows, self.layout,
-                                                            row_indices=picked))
+        if isinstance(rows, torch.Tensor):
+            return self.kv.import_blocks(
+                hashes, lambda block_ids, picked: import_blocks(self.runner.kv_caches, block_ids, rows,
+                                                                self.layout, row_indices=picked))
+        try:
+            return self.kv.import_blocks(hashes[:rows.count], lambda block_ids, picked: self._copy_received(
+                rows, block_ids, picked))
+        except KVTransferError as exc:
+            KV_TRANSFER_FAILURES.labels("get", "received_rows_unusable").inc()
+            log.warning("received KV blocks not used, computing them instead: %s", exc)
+            return []
+
+    def _copy_received(self, received, block_ids: list[int], picked: list[int]) -> None:
+        with received.reading() as runs:
+            for first, view in runs:
+                inside = [(b, r - first) for b, r in zip(block_ids, picked) if first <= r < first + view.shape[0]]
+                if inside:
+                    import_blocks(self.runner.kv_caches, [b for b, _ in inside], view, self.layout,
+                                  row_indices=[r for _, r in inside])
+        if not received.in_time():
+            raise KVTransferError("the kv-store's pin on the blocks ran out before they were copied")
 
     def _export_prompt_blocks(self, seq: Sequence) -> KVExport:
         full = min(seq.num_prompt_tokens, seq.num_computed_tokens) // self.config.block_size
         hashes = chain_block_hashes(seq.prompt_token_ids[: full * self.config.block_size], self.config.block_size,
                                     self.model_id)
-        return KVExport(hashes, export_blocks(self.runner.kv_caches, seq.block_ids[:full]),
-                        full * self.config.block_size)
+        block_ids = list(seq.block_ids[:full])
+        give_back = self.return_lent_blocks
+        if give_back is None:
+            return KVExport(hashes, export_blocks(self.runner.kv_caches, block_ids), full * self.config.block_size)
+        for block_id in block_ids:
+            self.pool.touch(block_id)  # lent: not freed or reused until the transfer gives them back
+        lent = CacheBlocks(self.runner.kv_caches, block_ids, release=lambda: give_back(block_ids))
+        return KVExport(hashes, lent, full * self.config.block_size)
+
+    def give_back_blocks(self, block_ids: list[int]) -> None:
+        """Ends the hold an export took on lent blocks (on the engine's thread)."""
+        for block_id in block_ids:
+            self.pool.release(block_id)
 
     def validate_prompt(self, prompt: Union[str, list[int]]) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):

@@ -38,5 +38,11 @@ class RequestOutput:
 @dataclass
 class KVExport:
     block_hashes: list[bytes]
-    blocks: "object"  # torch.Tensor; typed loosely so this module stays import-light
+    blocks: "object"  # torch.Tensor, or CacheBlocks lent by a serving engine; typed loosely to stay import-light
     num_tokens: int
+
+    def release(self) -> None:
+        """Ends the loan of lent cache blocks (copied rows need nothing); safe to call more than once."""
+        release = getattr(self.blocks, "release", None)
+        if release is not None:
+            release()

@@ -7,6 +7,7 @@ layer into one contiguous row; rows are handed around as uint8 so any transport 
 
 from __future__ import annotations
 
+import zlib
 from typing import Optional
 
 import torch
@@ -18,25 +19,97 @@ from splitserve.kv_transfer.host_buffers import RECEIVE_BUFFERS
 def export_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], out_device: str = "cpu") -> torch.Tensor:
     """uint8 `[len(block_ids), bytes_per_block]` copies of the blocks.
 
-    On the host the rows come from the process's pool of faulted-in buffers and each layer is copied straight
-    into its place: one pass over the bytes instead of three, into memory that takes no page faults (measured
-    for 200 MiB of Llama-3-8B-shaped blocks: 55 ms against 268 ms with a stack of per-layer gathers).
+    On the host the rows come from the process's pool of faulted-in buffers and each layer's K and V are
+    gathered straight into their place (gather_blocks_into): one pass over the bytes, into memory that takes no
+    page faults (200 MiB of Llama-3-8B-shaped blocks: 268 ms with a stack of per-layer gathers, 55 ms gathered
+    in place through a temporary per layer, ~16 ms with no temporary).
     """
     first = kv_caches[0]
     per_block = first[:, 0].numel() * first.element_size() * len(kv_caches)
     if not block_ids:
         return torch.empty((0, per_block), dtype=torch.uint8)
     n = len(block_ids)
-    index = torch.tensor(block_ids, dtype=torch.long, device=first.device)
     if out_device != "cpu":
+        index = torch.tensor(block_ids, dtype=torch.long, device=first.device)
         per_layer = [cache.index_select(1, index) for cache in kv_caches]  # each [2, n, bs, H, D]
         blocks = torch.stack(per_layer, dim=0).permute(2, 0, 1, 3, 4, 5).contiguous()  # [n, L, 2, bs, H, D]
         return blocks.view(torch.uint8).reshape(n, -1).to(out_device)
     rows = RECEIVE_BUFFERS.rows(n, per_block)
-    out = rows.view(first.dtype).view(n, len(kv_caches), *first[:, 0].shape)  # [n, L, 2, bs, H, D]
-    for layer, cache in enumerate(kv_caches):
-        out[:, layer].copy_(cache.index_select(1, index).transpose(0, 1))  # a layer's gather is small; one pass
+    gather_blocks_into(kv_caches, block_ids, rows)
     return rows
+
+
+def gather_blocks_into(kv_caches: list[torch.Tensor], block_ids: list[int], rows: torch.Tensor) -> None:
+    """Writes the blocks' payloads into `rows` (uint8 `[len(block_ids), bytes_per_block]`, rows contiguous, on
+    the host): e.g. straight into a kv-store's mapped slab. Host caches are gathered by one index_select per
+    layer and K/V with the row slice as its output, so no temporary is made; device caches go through one.
+    """
+    first = kv_caches[0]
+    n = len(block_ids)
+    if rows.dtype != torch.uint8 or rows.dim() != 2 or rows.shape[0] != n or not rows[:1].is_contiguous():
+        raise ValueError(f"expected uint8 rows [{n}, bytes_per_block] with contiguous rows, got "
+                         f"{rows.dtype} {tuple(rows.shape)}")
+    if not n:
+        return
+    segment = first[0, 0].numel()  # one block's K (or V) of one layer, in elements
+    out = rows.view(first.dtype).view(n, len(kv_caches), 2, segment)
+    index = torch.tensor(block_ids, dtype=torch.long, device=first.device)
+    for layer, cache in enumerate(kv_caches):
+        for kv in range(2):
+            source = cache[kv].view(cache.shape[1], segment)
+            if source.device.type == "cpu":
+                torch.index_select(source, 0, index, out=out[:, layer, kv])
+            else:
+                out[:, layer, kv].copy_(source.index_select(0, index))
+
+
+class CacheBlocks:
+    """Blocks of an engine's KV cache lent to a transfer, so a transport can copy them straight from the cache
+    tensors into their destination instead of through an exported copy.
+
+    Only full prompt blocks are lent, and the engine holds a reference on each while they are out, so nothing
+    writes or reuses them; `release()` (once, from any thread) gives them back. Shaped like the rows they
+    stand for: `shape` is `(num_blocks, bytes_per_block)`.
+    """
+
+    def __init__(self, kv_caches: list[torch.Tensor], block_ids: list[int], release=None):
+        self.kv_caches = kv_caches
+        self.block_ids = list(block_ids)
+        first = kv_caches[0]
+        self.shape = (len(self.block_ids), first[:, 0].numel() * first.element_size() * len(kv_caches))
+        self._release = release
+
+    def __len__(self) -> int:
+        return len(self.block_ids)
+
+    def rows(self) -> torch.Tensor:
+        """A copy as uint8 rows, for transports that cannot reach the destination's memory."""
+        return export_blocks(self.kv_caches, self.block_ids)
+
+    def copy_rows_to(self, first: int, count: int, out: torch.Tensor) -> None:
+        """Rows first..first+count-1 into `out` (uint8 `[count, bytes_per_block]`)."""
+        gather_blocks_into(self.kv_caches, self.block_ids[first:first + count], out)
+
+    def subset(self, indices: list[int]) -> "CacheBlocks":
+        """The listed rows, lent under this object's hold (releasing stays with this object)."""
+        return CacheBlocks(self.kv_caches, [self.block_ids[i] for i in indices])
+
+    def row_crc32s(self) -> list[int]:
+        """CRC-32 of each row as it would be laid out, computed over the cache in place (K then V, layer by
+        layer, chained), so checksums describe the source even when the bytes go straight to another process."""
+        crcs = []
+        for block_id in self.block_ids:
+            crc = 0
+            for cache in self.kv_caches:
+                for kv in range(2):
+                    crc = zlib.crc32(cache[kv, block_id].contiguous().cpu().view(torch.uint8).numpy(), crc)
+            crcs.append(crc & 0xFFFFFFFF)
+        return crcs
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
 
 
 def import_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], rows: torch.Tensor, layout: KVLayout,

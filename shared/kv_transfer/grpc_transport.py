@@ -17,8 +17,8 @@ import torch
 from splitserve.kv_transfer.checksum import ChecksumMismatchError, enabled_from_env, row_crc32s, verify_rows
 from splitserve.kv_transfer.host_buffers import receive_buffer
 from splitserve.kv_transfer.store_client import (REQUEST_ID_METADATA_KEY, StoreChannels, block_bytes, check_out,
-                                                 check_rows, metadata, transfer_error)
-from splitserve.kv_transfer.transport import KVLayoutMismatchError, KVTransferError
+                                                 check_rows, host_rows, metadata, transfer_error)
+from splitserve.kv_transfer.transport import KVLayoutMismatchError, KVTransferError, PutRows, ReceivedBlocks
 from splitserve.protos.convert import layout_mismatch
 from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2
 
@@ -41,13 +41,13 @@ class GrpcKVTransport:
         self._owns_channels = channels is None
 
     async def put_blocks(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
-                         blocks: torch.Tensor, request_id: str = "", timeout_s: float = 30.0) -> int:
+                         blocks: PutRows, request_id: str = "", timeout_s: float = 30.0) -> int:
         """Stores `blocks[i]` under `hashes[i]`; returns how many the store now holds of them (new or present)."""
         size = block_bytes(store_address, layout)
         check_rows(layout, hashes, blocks, size)
         if not hashes:
             return 0
-        rows = blocks.detach().cpu().contiguous()
+        rows = await host_rows(blocks)
         crc32s = await asyncio.to_thread(row_crc32s, rows) if self.checksum else None
         payload = memoryview(rows.numpy()).cast("B")
         call = self._channels.stub(store_address).PutBlocks(self._pieces(layout, hashes, payload, size, crc32s),
@@ -113,6 +113,11 @@ class GrpcKVTransport:
             except ChecksumMismatchError as exc:
                 raise KVTransferError(f"kv-store {store_address}: {exc}") from exc
         return out[:done]
+
+    async def get_blocks_in_place(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
+                                  request_id: str = "", timeout_s: float = 30.0) -> ReceivedBlocks:
+        """Streams cannot reach the store's memory: the blocks are received into local rows (staged)."""
+        return ReceivedBlocks.staged(await self.get_blocks(store_address, layout, hashes, request_id, timeout_s))
 
     async def close(self) -> None:
         if self._owns_channels:

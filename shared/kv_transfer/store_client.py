@@ -13,6 +13,7 @@ from typing import Optional
 import grpc
 import torch
 
+from splitserve.kv_transfer.checksum import row_crc32s
 from splitserve.kv_transfer.transport import KVLayoutMismatchError, KVTransferError
 from splitserve.protos.convert import describe_layout, layout_from_proto
 from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2_grpc
@@ -72,9 +73,13 @@ def block_bytes(store_address: str, layout: common_pb2.KVLayout) -> int:
     return size
 
 
-def check_rows(layout: common_pb2.KVLayout, hashes: list[bytes], blocks: torch.Tensor, size: int) -> None:
-    """A put's payload must be uint8 `[len(hashes), size]`: a wrong row size is a layout mismatch."""
-    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[0] != len(hashes):
+def check_rows(layout: common_pb2.KVLayout, hashes: list[bytes], blocks, size: int) -> None:
+    """A put's payload must be uint8 `[len(hashes), size]` (a tensor, or lent cache blocks of that shape): a
+    wrong row size is a layout mismatch."""
+    if not isinstance(blocks, torch.Tensor):
+        if len(blocks.shape) != 2 or blocks.shape[0] != len(hashes):
+            raise ValueError(f"{len(hashes)} hashes for {blocks.shape[0]} lent blocks")
+    elif blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.shape[0] != len(hashes):
         raise ValueError(f"blocks must be a uint8 tensor [len(hashes)={len(hashes)}, block_bytes], "
                          f"got {blocks.dtype} {tuple(blocks.shape)}")
     if blocks.shape[1] != size:
@@ -106,3 +111,17 @@ def transfer_error(store_address: str, method: str, exc: grpc.aio.AioRpcError) -
     if exc.code() in _LAYOUT_CODES and param_from_error(exc) == "layout":
         return KVLayoutMismatchError(f"kv-store {store_address}: {exc.details()}")
     return KVTransferError(f"kv-store {store_address}: {method} failed: {exc.code().name}: {exc.details()}")
+
+
+async def host_rows(blocks) -> torch.Tensor:
+    """A put's payload as contiguous host rows: lent cache blocks are copied out (off the event loop)."""
+    if isinstance(blocks, torch.Tensor):
+        return blocks.detach().cpu().contiguous()
+    return await asyncio.to_thread(blocks.rows)
+
+
+async def payload_crc32s(blocks) -> list[int]:
+    """Each row's CRC-32, computed over the source (lent cache blocks in place), off the event loop."""
+    if isinstance(blocks, torch.Tensor):
+        return await asyncio.to_thread(row_crc32s, blocks.detach().cpu().contiguous())
+    return await asyncio.to_thread(blocks.row_crc32s)

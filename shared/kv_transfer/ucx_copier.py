@@ -17,7 +17,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Callable, Iterator, Optional, Protocol, TypeVar, Union
 
 import torch
 
@@ -32,6 +32,30 @@ class SlotRef:
     row: int  # row of the caller's tensor
     remote_addr: int
     rkey: bytes
+
+
+class CacheRows(Protocol):
+    """Rows that are not a tensor yet (block_io.CacheBlocks): gathered into wherever they go."""
+    shape: tuple[int, int]
+
+    def copy_rows_to(self, first: int, count: int, out: torch.Tensor) -> None: ...
+
+
+RowSource = Union[torch.Tensor, CacheRows]
+
+
+class MappedRuns:
+    """Row runs readable in place in a store's memory; `release()` (once) lets the mapping go."""
+
+    def __init__(self, runs: list[tuple[int, torch.Tensor]], release: Callable[[], object]):
+        self.runs = runs
+        self._release: Optional[Callable[[], object]] = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        self.runs = []
+        if release is not None:
+            release()
 
 
 @dataclass(frozen=True)
@@ -49,10 +73,21 @@ class UcxBlockCopier:
         self._context = None
         self._peers: dict[str, _Peer] = {}
 
-    async def write(self, store: str, worker_address: bytes, rows: torch.Tensor, slots: list[SlotRef],
+    async def write(self, store: str, worker_address: bytes, rows: RowSource, slots: list[SlotRef],
                     deadline: float) -> CopyCounts:
-        """Copies `rows[s.row]` into each slot; the bytes are in the store's memory when this returns."""
+        """Copies row `s.row` of `rows` into each slot; the bytes are in the store's memory when this returns.
+
+        `rows`: a contiguous uint8 CPU tensor, or lent cache blocks (block_io.CacheBlocks), which are gathered
+        straight into mapped slots (no copy in between) and staged only for slots reached by put.
+        """
         return await self._run(lambda: self._copy(store, worker_address, rows, slots, deadline, to_store=True))
+
+    async def map_for_reading(self, store: str, worker_address: bytes, slots: list[SlotRef], row_bytes: int,
+                              deadline: float) -> Optional[MappedRuns]:
+        """Views of the slots' bytes in the store's memory, when every slot is mapped here (else None: read
+        them with `read`). The views stay valid until the returned object's release(), even if the store fails
+        in between (its endpoint is closed only after that)."""
+        return await self._run(lambda: self._map(store, worker_address, slots, row_bytes, deadline))
 
     async def read(self, store: str, worker_address: bytes, out: torch.Tensor, slots: list[SlotRef],
                    deadline: float) -> CopyCounts:
@@ -77,11 +112,12 @@ class UcxBlockCopier:
 
     # ---- on the UCX thread ---------------------------------------------------------------------------------
 
-    def _copy(self, store: str, worker_address: bytes, tensor: torch.Tensor, slots: list[SlotRef],
+    def _copy(self, store: str, worker_address: bytes, tensor: RowSource, slots: list[SlotRef],
               deadline: float, to_store: bool) -> CopyCounts:
         if time.monotonic() > deadline:
             raise ucx_rma.UcxError("deadline passed before the copy started", ucx_rma.UCS_ERR_TIMED_OUT)
-        if not (tensor.is_contiguous() and tensor.device.type == "cpu" and tensor.dtype == torch.uint8):
+        if isinstance(tensor, torch.Tensor) and not (
+                tensor.is_contiguous() and tensor.device.type == "cpu" and tensor.dtype == torch.uint8):
             raise ValueError("UCX copies need a contiguous uint8 CPU tensor")
         peer = self._peer(store, worker_address)
         try:
@@ -109,10 +145,38 @@ class UcxBlockCopier:
         ucx_rma.progress(self._worker)  # lets UCX handle keepalives and report endpoint errors
         return peer
 
+    def _map(self, store: str, worker_address: bytes, slots: list[SlotRef], row_bytes: int,
+             deadline: float) -> Optional[MappedRuns]:
+        if time.monotonic() > deadline:
+            raise ucx_rma.UcxError("deadline passed before mapping", ucx_rma.UCS_ERR_TIMED_OUT)
+        peer = self._peer(store, worker_address)
+        try:
+            runs = peer.map_runs(slots, row_bytes)
+        except BaseException:
+            self._drop(store)
+            raise
+        if runs is None:
+            return None
+        peer.holders += 1
+        return MappedRuns(runs, lambda: self._submit_unhold(peer))
+
+    def _submit_unhold(self, peer: _Peer) -> None:
+        try:
+            self._executor.submit(self._unhold, peer)
+        except RuntimeError:  # the copier was closed: the process is letting go of UCX anyway
+            pass
+
+    def _unhold(self, peer: _Peer) -> None:
+        peer.holders -= 1
+        if peer.holders == 0 and peer.dropped:
+            peer.close()
+
     def _drop(self, store: str) -> None:
         peer = self._peers.pop(store, None)
         if peer is not None:
-            peer.close()
+            peer.dropped = True
+            if peer.holders == 0:  # else the last MappedRuns closes it: its views point into the mapping
+                peer.close()
 
 
 class _Peer:
@@ -128,19 +192,43 @@ class _Peer:
         self.endpoint = ucx_rma.ucx_api.UCXEndpoint.create_from_worker_address(worker, address, True)
         self._rkeys: dict[bytes, ucx_rma.RemoteKey] = {}
         self._path_logged = False
+        self.holders = 0  # MappedRuns handed out and not yet released
+        self.dropped = False
 
-    def copy(self, tensor: torch.Tensor, slots: list[SlotRef], deadline: float, to_store: bool) -> CopyCounts:
-        row_bytes = tensor.shape[1]
-        base = tensor.data_ptr()
+    def map_runs(self, slots: list[SlotRef], row_bytes: int) -> Optional[list[tuple[int, torch.Tensor]]]:
+        """(first row, uint8 view `[count, row_bytes]` of the store's memory) per run, or None if any is unmapped."""
+        runs = []
+        for first_row, count, remote_addr, packed in _runs(slots, row_bytes):
+            pointer = self._rkey(packed).local_pointer(remote_addr)
+            if pointer is None:
+                return None
+            runs.append((first_row, _view_at(pointer, count * row_bytes).view(count, row_bytes)))
+        self._log_path(len(slots), 0)
+        return runs
+
+    def copy(self, rows: RowSource, slots: list[SlotRef], deadline: float, to_store: bool) -> CopyCounts:
+        row_bytes = rows.shape[1]
+        tensor = rows if isinstance(rows, torch.Tensor) else None  # else lent cache blocks (only to the store)
         operations = ucx_rma.Operations(self.worker, self.endpoint)
+        staged: list[torch.Tensor] = []  # rows gathered for put: alive until the puts complete
         mapped = rma = 0
         try:
             for first_row, count, remote_addr, packed in _runs(slots, row_bytes):
                 if time.monotonic() > deadline:
                     raise ucx_rma.UcxError("deadline passed during the copy", ucx_rma.UCS_ERR_TIMED_OUT)
                 rkey = self._rkey(packed)
-                local, nbytes = base + first_row * row_bytes, count * row_bytes
+                nbytes = count * row_bytes
                 pointer = rkey.local_pointer(remote_addr)
+                if pointer is not None and tensor is None:
+                    rows.copy_rows_to(first_row, count, _view_at(pointer, nbytes).view(count, row_bytes))
+                    mapped += count
+                    continue
+                if tensor is None:
+                    staged.append(torch.empty((count, row_bytes), dtype=torch.uint8))
+                    rows.copy_rows_to(first_row, count, staged[-1])
+                    local = staged[-1].data_ptr()
+                else:
+                    local = tensor.data_ptr() + first_row * row_bytes
                 if pointer is not None:
                     ctypes.memmove(pointer, local, nbytes) if to_store else ctypes.memmove(local, pointer, nbytes)
                     mapped += count
@@ -199,3 +287,8 @@ def _runs(slots: list[SlotRef], row_bytes: int) -> Iterator[tuple[int, int, int,
         run = [slot.row, 1, slot.remote_addr, slot.rkey]
     if run is not None:
         yield tuple(run)
+
+
+def _view_at(pointer: int, nbytes: int) -> torch.Tensor:
+    """A uint8 tensor over memory this process has mapped (it does not own or free it)."""
+    return torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(pointer), dtype=torch.uint8)

@@ -20,13 +20,13 @@ from typing import Optional
 import grpc
 import torch
 
-from splitserve.kv_transfer.checksum import ChecksumMismatchError, enabled_from_env, row_crc32s, verify_rows
+from splitserve.kv_transfer.checksum import ChecksumMismatchError, enabled_from_env, verify_rows
 from splitserve.kv_transfer.grpc_transport import GrpcKVTransport
 from splitserve.kv_transfer.host_buffers import receive_buffer
 from splitserve.kv_transfer.metrics import KV_TRANSPORT_FALLBACKS, KV_UCX_BLOCKS
 from splitserve.kv_transfer.store_client import (StoreChannels, block_bytes, check_out, check_rows,
-                                                 check_store_block_bytes, metadata, transfer_error)
-from splitserve.kv_transfer.transport import KVTransferError
+                                                 check_store_block_bytes, metadata, payload_crc32s, transfer_error)
+from splitserve.kv_transfer.transport import KVTransferError, PutRows, ReceivedBlocks
 from splitserve.kv_transfer.ucx_copier import CopyCounts, SlotRef, UcxBlockCopier
 from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2
 
@@ -49,17 +49,19 @@ class UcxKVTransport:
         self._grpc = GrpcKVTransport(checksum=self.checksum, channels=self._channels)
         self._grpc_only_logged: set[str] = set()
         self._cleanups: set[asyncio.Task] = set()
+        self._unread: set[ReceivedBlocks] = set()  # mapped rows whose pin is still open
 
     async def put_blocks(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
-                         blocks: torch.Tensor, request_id: str = "", timeout_s: float = 30.0) -> int:
-        """Stores `blocks[i]` under `hashes[i]`; returns how many the store now holds of them (new or present)."""
+                         blocks: PutRows, request_id: str = "", timeout_s: float = 30.0) -> int:
+        """Stores row i of `blocks` under `hashes[i]`; returns how many the store now holds of them (new or
+        present). Lent cache blocks are gathered straight into the store's mapped slots."""
         size = block_bytes(store_address, layout)
         check_rows(layout, hashes, blocks, size)
         if not hashes:
             return 0
         deadline = time.monotonic() + timeout_s
-        rows = blocks.detach().cpu().contiguous()
-        crc32s = await asyncio.to_thread(row_crc32s, rows) if self.checksum else None
+        rows = blocks.detach().cpu().contiguous() if isinstance(blocks, torch.Tensor) else blocks
+        crc32s = await payload_crc32s(rows) if self.checksum else None
         stub = self._channels.stub(store_address)
         reservation = await self._call(store_address, "Reserve", stub.Reserve(
             kv_store_pb2.ReserveRequest(request_id=request_id, layout=layout, lease_ms=_lease_ms(timeout_s),
@@ -142,7 +144,88 @@ class UcxKVTransport:
                 raise KVTransferError(f"kv-store {store_address}: {exc}") from exc
         return rows
 
+    async def get_blocks_in_place(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
+                                  request_id: str = "", timeout_s: float = 30.0) -> ReceivedBlocks:
+        """The leading run of `hashes` the store holds, as views of the store's memory when it is mapped here
+        (no copy until the caller's own into its cache), else staged through get_blocks.
+
+        The pin is asked for the deadline plus the margin and is trusted until the deadline plus half the
+        margin, counted from before it was asked (the store's lease starts later, when it answers). It ends in
+        the background once the rows were read or abandoned; a Release that finds it gone is only logged,
+        since readers check in_time() themselves.
+        """
+        size = block_bytes(store_address, layout)
+        if not hashes:
+            return ReceivedBlocks.staged(torch.empty((0, size), dtype=torch.uint8))
+        asked = time.monotonic()
+        deadline = asked + timeout_s
+        stub = self._channels.stub(store_address)
+        pin = await self._call(store_address, "Pin", stub.Pin(
+            kv_store_pb2.PinRequest(request_id=request_id, layout=layout, lease_ms=_lease_ms(timeout_s),
+                                    block_hashes=common_pb2.BlockHashes(hashes=hashes), leading_run=True),
+            timeout=_left(deadline), metadata=metadata(request_id)))
+        found = _leading(pin.pinned)
+        mapped = None
+        try:
+            if pin.endpoint.transport != "ucx" or not found:
+                await self._release(store_address, pin.pin_id)
+                if pin.endpoint.transport != "ucx":
+                    grpc_transport = self._fallback(store_address, pin.endpoint.transport)
+                    return await grpc_transport.get_blocks_in_place(store_address, layout, hashes, request_id,
+                                                                    _left(deadline))
+                return ReceivedBlocks.staged(torch.empty((0, size), dtype=torch.uint8))
+            check_store_block_bytes(store_address, layout, size, pin.block_bytes)
+            slots = _slot_refs(store_address, pin.locations, len(hashes))[:found]
+            mapped = await self._copier.map_for_reading(store_address, pin.endpoint.worker_address, slots, size,
+                                                        deadline)
+            if mapped is None:  # another host or IPC namespace: copy them out by UCX get
+                await self._release(store_address, pin.pin_id)
+                rows = await self.get_blocks(store_address, layout, hashes, request_id, _left(deadline))
+                return ReceivedBlocks.staged(rows)
+            if self.checksum:
+                await asyncio.to_thread(self._verify_mapped, store_address, pin, mapped.runs, hashes)
+        except BaseException:
+            if mapped is not None:
+                mapped.release()
+            self._clean_up(store_address, pin.pin_id, None)
+            raise
+        KV_UCX_BLOCKS.labels("get", "mapped").inc(found)
+        received = ReceivedBlocks(found, mapped.runs, valid_until=asked + timeout_s + LEASE_MARGIN_S / 2,
+                                  mapped=True)
+        self._unread.add(received)
+        self._track(asyncio.ensure_future(self._end_pin_after_read(store_address, pin.pin_id, received, mapped)))
+        return received
+
+    async def _end_pin_after_read(self, store_address: str, pin_id: str, received: ReceivedBlocks, mapped) -> None:
+        try:
+            await received.wait_read()
+        finally:
+            self._unread.discard(received)
+            await asyncio.to_thread(received.close)
+            mapped.release()
+            try:
+                released = await self._release(store_address, pin_id)
+                if released.released_blocks != received.count:
+                    log.info("kv-store %s: pin %s had ended before its release (%d of %d blocks); readers "
+                             "checked their copies' timing", store_address, pin_id, released.released_blocks,
+                             received.count)
+            except KVTransferError as exc:
+                log.debug("releasing pin %s: %s (it will expire)", pin_id, exc)
+
+    @staticmethod
+    def _verify_mapped(store_address: str, pin, runs, hashes: list[bytes]) -> None:
+        known, values = list(pin.has_crc32), list(pin.crc32)
+        for first, view in runs:
+            count = view.shape[0]
+            crc32s = [values[i] if i < len(known) and known[i] else None for i in range(first, first + count)]
+            try:
+                verify_rows(view, crc32s, hashes[first:first + count])
+            except ChecksumMismatchError as exc:
+                raise KVTransferError(f"kv-store {store_address}: {exc}") from exc
+
     async def close(self) -> None:
+        for received in list(self._unread):
+            received.abandon()
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
         await self._copier.close()
@@ -184,7 +267,10 @@ class UcxKVTransport:
             except KVTransferError as exc:
                 log.debug("releasing %s after a failed transfer: %s (the lease will expire)", lease_id, exc)
 
-        task = asyncio.ensure_future(clean_up())
+        self._track(asyncio.ensure_future(clean_up()))
+
+    def _track(self, task: asyncio.Task) -> None:
+        """Background work close() waits for (and that must not be garbage-collected half way)."""
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 

@@ -94,7 +94,9 @@ def test_killing_the_kv_store_mid_transfer_then_restarting_it(store_stack, refer
         assert response.status_code == 200
         if _metric(stack, "decode", 'splitserve_kv_transfer_blocks_total{direction="get"}') > gets_before:
             break
-        assert time.monotonic() < deadline, "requests never used the restarted kv-store"
+        assert time.monotonic() < deadline, (
+            "requests never used the restarted kv-store; prefill log:\n" + stack.process("prefill").log_tail()
+            + "\ndecode log:\n" + stack.process("decode").log_tail())
         fresh = [t + 1 for t in fresh]
         time.sleep(0.5)
     assert kv_store_stats(stack).blocks_used >= 6

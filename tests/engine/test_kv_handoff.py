@@ -4,6 +4,7 @@ engine imports them and continues — and the result equals one engine doing eve
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -11,7 +12,10 @@ import torch
 from hf_reference import mixed_prompts
 from splitserve import LLM, InvalidRequestError, SamplingParams
 from splitserve.engine.async_engine import AsyncEngine
-from splitserve.kv_transfer.block_io import export_blocks, import_blocks
+from splitserve.kv_transfer.block_io import CacheBlocks, export_blocks, import_blocks
+from splitserve.kv_transfer.checksum import row_crc32s
+from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES
+from splitserve.kv_transfer.transport import ReceivedBlocks
 
 VOCAB = 1000
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -172,3 +176,66 @@ def test_async_engine_streams_and_cancels(llama_ckpt):
 
     asyncio.run(main())
     _assert_pool_whole(engine)
+
+
+def test_a_serving_engine_lends_its_blocks_instead_of_copying_them(llama_ckpt, engines):
+    _, decode, offline = engines
+    lender = _engine(llama_ckpt)
+    given_back = []
+    lender.return_lent_blocks = given_back.append  # a server loop hands these to its engine thread
+    prompt = mixed_prompts(VOCAB, [70], seed=11)[0]
+    export = _run(lender, "lend", prompt, GREEDY.replace(max_tokens=1), export_kv=True).kv_export
+    lent = export.blocks
+    assert isinstance(lent, CacheBlocks) and lent.shape == (4, lender.layout.bytes_per_block)
+    # The request is over, yet its prompt blocks stay held (not freed or reused) while the transfer runs.
+    assert all(lender.pool.ref_count(b) == 1 for b in lent.block_ids)
+    rows = lent.rows()
+    assert torch.equal(rows, export_blocks(lender.runner.kv_caches, lent.block_ids))
+    assert lent.row_crc32s() == row_crc32s(rows)  # computed in place over the cache, K then V, layer by layer
+    part = torch.zeros((2, rows.shape[1]), dtype=torch.uint8)
+    lent.subset([3, 1]).copy_rows_to(0, 2, part)
+    assert torch.equal(part, rows[[3, 1]])
+    export.release()
+    export.release()  # once only
+    assert given_back == [lent.block_ids]
+    lender.give_back_blocks(given_back[0])
+    _assert_pool_whole(lender)
+    # What was lent is what a decode engine continues from.
+    held = decode.import_kv_blocks(export.block_hashes, rows)
+    out = _run(decode, "lent-d", prompt, GREEDY, first_token=(export_first_token(offline, prompt), None, None),
+               held_block_ids=held)
+    [reference] = offline.generate([prompt], GREEDY)
+    assert out.outputs[0].token_ids == reference.outputs[0].token_ids
+    _assert_pool_whole(decode)
+
+
+def export_first_token(offline, prompt):
+    [first] = offline.generate([prompt], GREEDY.replace(max_tokens=1))
+    return first.outputs[0].token_ids[0]
+
+
+def test_received_rows_copied_too_late_are_not_used(engines):
+    prefill, decode, _ = engines
+    prompt = mixed_prompts(VOCAB, [64], seed=12)[0]
+    export = _run(prefill, "late", prompt, GREEDY.replace(max_tokens=1), export_kv=True).kv_export
+    failures_before = KV_TRANSFER_FAILURES.labels("get", "received_rows_unusable")._value.get()
+    cached_before = decode.stats()
+
+    expired = ReceivedBlocks(4, [(0, export.blocks[:2]), (2, export.blocks[2:])], valid_until=time.monotonic() - 1,
+                             mapped=True)
+    assert decode.import_kv_blocks(export.block_hashes, expired) == []  # copied, but after the pin ran out
+    given_back = ReceivedBlocks(4, [(0, export.blocks)], mapped=True)
+    given_back.close()
+    assert decode.import_kv_blocks(export.block_hashes, given_back) == []  # the transport took them back first
+    assert KV_TRANSFER_FAILURES.labels("get", "received_rows_unusable")._value.get() == failures_before + 2
+    assert all(decode.pool.lookup(h) is None for h in export.block_hashes)  # nothing of it became findable
+    assert decode.stats()["free_blocks"] == cached_before["free_blocks"]
+
+    in_time = ReceivedBlocks(4, [(0, export.blocks[:1]), (1, export.blocks[1:])], mapped=True)
+    held = decode.import_kv_blocks(export.block_hashes, in_time)
+    assert len(held) == 4
+    for block_id, row in zip(held, export.blocks):
+        assert torch.equal(export_blocks(decode.runner.kv_caches, [block_id])[0], row)
+    for block_id in held:
+        decode.pool.release(block_id)
+    _assert_pool_whole(decode)
