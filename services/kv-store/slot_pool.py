@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Optional
 
 
 class SlotPoolExhaustedError(RuntimeError):
@@ -61,27 +61,35 @@ class SlotPool:
         return self._next_fresh - len(self._freed)
 
     def allocate(self) -> int:
-        if self._freed:
-            return self._freed.pop()
-        if self._next_fresh == self.num_slots:
-            raise SlotPoolExhaustedError(f"all {self.num_slots} slots of {self.slot_bytes} bytes are in use")
-        self._next_fresh += 1
-        return self._next_fresh - 1
+        return self.allocate_many(1)[0]
 
     def allocate_many(self, count: int) -> list[int]:
-        """`count` slots in ascending order, so a chain's blocks tend to sit side by side and move in one copy."""
-        taken: list[int] = []
-        try:
-            for _ in range(count):
-                taken.append(self.allocate())
-        except SlotPoolExhaustedError:
-            for slot in taken:
-                self.free(slot)
-            raise
-        return sorted(taken)
+        """`count` slots in ascending order, so a chain's blocks tend to sit side by side and move in one copy.
+
+        The most recently freed slots first, then fresh ones; all or nothing.
+        """
+        reused = min(count, len(self._freed))
+        fresh = count - reused
+        if self._next_fresh + fresh > self.num_slots:
+            raise SlotPoolExhaustedError(f"{count} slots of {self.slot_bytes} bytes asked for, "
+                                         f"{self.num_slots - self.num_used} of {self.num_slots} free")
+        taken = self._freed[len(self._freed) - reused:]
+        del self._freed[len(self._freed) - reused:]
+        taken.extend(range(self._next_fresh, self._next_fresh + fresh))
+        self._next_fresh += fresh
+        taken.sort()
+        return taken
 
     def free(self, slot: int) -> None:
         self._freed.append(slot)
+
+    def free_many(self, slots: Iterable[int]) -> None:
+        self._freed.extend(slots)
+
+    def addresses(self, slots: Iterable[Optional[int]]) -> list[int]:
+        """Where each slot starts in this process, which UCX peers reach with the slab's rkey; 0 for None."""
+        base, size = self.slab.address, self.slot_bytes
+        return [0 if slot is None else base + slot * size for slot in slots]
 
     def view(self, slot: int) -> memoryview:
         """The slot's bytes, writable, without a copy; valid until the slot is freed and taken again."""

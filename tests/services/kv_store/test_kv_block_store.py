@@ -262,3 +262,16 @@ def test_slot_pool_reuses_freed_slots_and_refuses_past_its_size():
         pool.allocate()
     pool.free(a)
     assert pool.allocate() == a and bytes(pool.view(b)) == b"b" * 8
+
+
+def test_slot_pool_hands_out_slots_in_bulk_ascending_reused_first_and_all_or_nothing():
+    pool = SlotPool(slot_bytes=8, num_slots=6)
+    assert pool.allocate_many(3) == [0, 1, 2]
+    pool.free_many([2, 0])
+    assert pool.allocate_many(3) == [0, 2, 3]  # the freed ones (resident pages) before fresh ones
+    assert pool.num_used == 4
+    with pytest.raises(SlotPoolExhaustedError, match="3 slots of 8 bytes asked for, 2 of 6 free"):
+        pool.allocate_many(3)
+    assert pool.num_used == 4 and pool.allocate_many(2) == [4, 5]  # the refused call took nothing
+    base = pool.slab.address
+    assert pool.addresses([0, None, 5]) == [base, 0, base + 5 * 8]
