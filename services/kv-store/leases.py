@@ -10,12 +10,9 @@ import heapq
 import math
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from splitserve.services.kv_store.block_layout import LayoutKey
-
-if TYPE_CHECKING:
-    from splitserve.services.kv_store.block_store import Block
 
 UNTIL_RELEASED = math.inf  # for leases a live RPC holds and always releases itself
 
@@ -26,14 +23,17 @@ class UnknownLeaseError(LookupError):
 
 @dataclass(eq=False)
 class Lease:
-    """A pin (pinned blocks only) or a reservation (pinned present blocks plus new, still invisible slots)."""
+    """A pin (pinned blocks only) or a reservation (pinned present blocks plus new, still invisible slots).
+
+    Blocks are named by hash: a lease holds blocks of its one layout.
+    """
 
     lease_id: str
     request_id: str
     layout_key: LayoutKey
     expires_at: float
-    pinned: list[Block] = field(default_factory=list)
-    reserved: dict[bytes, Block] = field(default_factory=dict)
+    pinned: list[bytes] = field(default_factory=list)  # a hash pinned twice is listed twice
+    reserved: dict[bytes, int] = field(default_factory=dict)  # hash -> slot taken for it
 
     @property
     def num_blocks(self) -> int:

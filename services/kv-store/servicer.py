@@ -25,7 +25,7 @@ from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2, kv_store_p
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.errors import PARAM_METADATA_KEY, abort_invalid
 from splitserve.services.kv_store import metrics
-from splitserve.services.kv_store.block_layout import LayoutConflictError, block_bytes, check_payload_size
+from splitserve.services.kv_store.block_layout import LayoutConflictError, check_payload_size
 from splitserve.services.kv_store.block_store import BlockStore, StoreFullError, leading_run
 from splitserve.services.kv_store.leases import UNTIL_RELEASED, UnknownLeaseError
 
@@ -91,10 +91,12 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         except Exception as exc:
             await _abort(context, exc)
         self._open_leases[reservation.reservation_id] = "in"
-        return kv_store_pb2.ReserveResponse(
+        response = kv_store_pb2.ReserveResponse(
             reservation_id=reservation.reservation_id, endpoint=self.endpoint, block_bytes=reservation.block_bytes,
-            already_present=reservation.already_present,
-            slots=slot_addresses(reservation.slots) if self._serves_ucx else None)
+            already_present=reservation.already_present)
+        if self._serves_ucx:
+            fill_slot_addresses(response.slots, reservation.addresses, reservation.rkey)
+        return response
 
     async def Commit(self, request, context):
         hashes = list(request.block_hashes.hashes)
@@ -122,27 +124,18 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         return kv_store_pb2.LookupResponse(present=present, prefix_blocks=leading_run(present))
 
     async def Pin(self, request, context):
-        hashes = list(request.block_hashes.hashes)
         try:
-            size = block_bytes(request.layout)
-            if request.leading_run:
-                pin_id, blocks = self.store.pin_leading_blocks(request.layout, hashes, _lease_s(request.lease_ms),
-                                                               request.request_id)
-                pinned = [i < len(blocks) for i in range(len(hashes))]
-            else:
-                pin_id, pinned = self.store.pin(request.layout, hashes, _lease_s(request.lease_ms),
-                                                request.request_id)
-                blocks = self.store.pinned_blocks(pin_id)
+            pin = self.store.pin(request.layout, list(request.block_hashes.hashes), _lease_s(request.lease_ms),
+                                 request.request_id, leading_run=request.leading_run)
         except Exception as exc:
             await _abort(context, exc)
-        self._open_leases[pin_id] = "out"
-        found = iter(blocks)
-        per_hash = [next(found) if flag else None for flag in pinned]
-        return kv_store_pb2.PinResponse(
-            pin_id=pin_id, pinned=pinned, endpoint=self.endpoint, block_bytes=size,
-            locations=slot_addresses([b.remote if b is not None else None for b in per_hash]) if self._serves_ucx else None,
-            crc32=[b.crc32 if b is not None and b.crc32 is not None else 0 for b in per_hash],
-            has_crc32=[b is not None and b.crc32 is not None for b in per_hash])
+        self._open_leases[pin.pin_id] = "out"
+        crc32, has_crc32 = checksum_fields(pin.crc32s)
+        response = kv_store_pb2.PinResponse(pin_id=pin.pin_id, pinned=pin.pinned, endpoint=self.endpoint,
+                                            block_bytes=pin.block_bytes, crc32=crc32, has_crc32=has_crc32)
+        if self._serves_ucx:
+            fill_slot_addresses(response.locations, pin.addresses, pin.rkey)
+        return response
 
     async def Release(self, request, context):
         released = self.store.release(request.pin_id)
@@ -217,28 +210,28 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
         piece = min(request.max_chunk_bytes or PIECE_BYTES, MAX_PIECE_BYTES)
         with self._transfers.track("out") as transfer:
             try:
-                pin_id, blocks = self.store.pin_leading_blocks(request.layout, hashes, UNTIL_RELEASED, request_id)
+                pin = self.store.pin(request.layout, hashes, UNTIL_RELEASED, request_id, leading_run=True)
             except Exception as exc:
                 log.warning("GetBlocks (request %r) refused: %s", request_id, exc)
                 await _abort(context, exc)
             try:
-                for block_hash, block in zip(hashes, blocks):
-                    payload = block.payload
+                payloads = self.store.pinned_payloads(pin.pin_id)
+                for block_hash, payload, checksum in zip(hashes, payloads, pin.crc32s):
                     for offset in range(0, len(payload), piece):
                         data = bytes(payload[offset:offset + piece])
                         chunk = kv_store_pb2.BlockChunk(block_hash=block_hash, offset=offset, data=data,
                                                         last=offset + piece >= len(payload))
                         if offset == 0:
                             chunk.layout.CopyFrom(request.layout)
-                            if block.crc32 is not None:
-                                chunk.crc32 = block.crc32
+                            if checksum is not None:
+                                chunk.crc32 = checksum
                         yield chunk
                         transfer.nbytes += len(data)
-                if len(blocks) < len(hashes):
-                    yield kv_store_pb2.BlockChunk(block_hash=hashes[len(blocks)], missing=True)
+                if len(payloads) < len(hashes):
+                    yield kv_store_pb2.BlockChunk(block_hash=hashes[len(payloads)], missing=True)
                 transfer.ok = True
             finally:
-                self.store.release(pin_id)
+                self.store.release(pin.pin_id)
 
     # ---- helpers -------------------------------------------------------------------------------------------
 
@@ -338,15 +331,19 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     raise exc
 
 
-def slot_addresses(remotes: list[Optional[tuple[int, bytes]]]) -> kv_store_pb2.SlotAddresses:
-    """(address, rkey) per block, or None for no slot, as packed arrays with each slab's rkey sent once."""
-    rkeys: dict[bytes, int] = {}
-    addresses, rkey_index = [], []
-    for remote in remotes:
-        if remote is None:
-            addresses.append(0)
-            rkey_index.append(0)
-        else:
-            addresses.append(remote[0])
-            rkey_index.append(rkeys.setdefault(remote[1], len(rkeys)))
-    return kv_store_pb2.SlotAddresses(remote_addrs=addresses, rkey_index=rkey_index, rkeys=list(rkeys))
+def fill_slot_addresses(slots: kv_store_pb2.SlotAddresses, addresses: list[int], rkey: bytes) -> None:
+    """Sets a response's SlotAddresses from slot addresses (0: no slot), in place: a SlotAddresses built apart
+    and passed to the response's constructor is copied, which costs as much again for 2000 blocks. One rkey
+    opens them all: a call's blocks share a layout, hence a block size and a slab."""
+    slots.SetInParent()
+    slots.remote_addrs.extend(addresses)
+    slots.rkey_index.extend([0] * len(addresses))
+    if any(addresses):
+        slots.rkeys.append(rkey)
+
+
+def checksum_fields(crc32s: list[Optional[int]]) -> tuple[list[int], list[bool]]:
+    """PinResponse's parallel `crc32` and `has_crc32` for checksums that may be missing (None)."""
+    if crc32s.count(None) == len(crc32s):
+        return [0] * len(crc32s), [False] * len(crc32s)
+    return [0 if c is None else c for c in crc32s], [c is not None for c in crc32s]

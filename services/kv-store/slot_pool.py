@@ -95,7 +95,3 @@ class SlotPool:
         """The slot's bytes, writable, without a copy; valid until the slot is freed and taken again."""
         start = slot * self.slot_bytes
         return self._memory[start:start + self.slot_bytes]
-
-    def remote(self, slot: int) -> tuple[int, bytes]:
-        """(address, packed rkey) by which a UCX peer reaches the slot."""
-        return self.slab.address + slot * self.slot_bytes, self.slab.rkey

@@ -1,5 +1,7 @@
 """BlockStore alone: byte-capacity LRU, pins and reservations under leases (with a fake clock), layouts, stats."""
 
+import ctypes
+
 import pytest
 
 from splitserve.protos.splitserve.v1 import common_pb2
@@ -8,7 +10,7 @@ from splitserve.services.kv_store.block_layout import (LayoutConflictError, Layo
                                                        check_payload_size)
 from splitserve.services.kv_store.block_store import BlockStore, StoreFullError, leading_run
 from splitserve.services.kv_store.leases import UnknownLeaseError
-from splitserve.services.kv_store.slot_pool import SlotPool, SlotPoolExhaustedError
+from splitserve.services.kv_store.slot_pool import Slab, SlotPool, SlotPoolExhaustedError, anonymous_slab
 
 SMALL = common_pb2.KVLayout(num_layers=2, block_size=16, num_kv_heads=2, head_dim=64, dtype="float32",
                             model_fingerprint="model-a")
@@ -48,6 +50,12 @@ def held(store: BlockStore, layout, *ids: int) -> list[bool]:
     return store.lookup(layout, [h(i) for i in ids])
 
 
+def pin_leading(store: BlockStore, layout, hashes: list[bytes]) -> tuple[str, list[memoryview]]:
+    """What GetBlocks does: pin the leading run, read the payloads in place."""
+    pin = store.pin(layout, hashes, leading_run=True)
+    return pin.pin_id, store.pinned_payloads(pin.pin_id)
+
+
 def test_block_bytes_follows_layout_and_dtype():
     assert block_bytes(SMALL) == S
     for dtype, size in (("float16", 2), ("bfloat16", 2), ("float8_e4m3fn", 1), ("float32", 4)):
@@ -80,7 +88,7 @@ def test_written_bytes_come_back_and_only_committed_blocks_are_visible():
     assert store.commit(reservation.reservation_id, [h(1)]) == 1  # h(2) left out: its write failed
     assert held(store, SMALL, 1, 2) == [True, False]
     assert store.stats().bytes_used == S  # h(2)'s slot went back
-    pin_id, [view] = store.pin_leading(SMALL, [h(1), h(2)])
+    pin_id, [view] = pin_leading(store, SMALL, [h(1), h(2)])
     assert bytes(view) == payload(7)[: S // 2] + payload(8)[: S // 2]
     store.release(pin_id)
 
@@ -101,12 +109,12 @@ def test_lru_by_bytes_evicts_least_recently_used_first():
 def test_pins_block_eviction_and_a_full_store_refuses_without_evicting():
     store = BlockStore(2 * S)
     put(store, SMALL, 1, 2)
-    pin_id, pinned = store.pin(SMALL, [h(1), h(2), h(3)])
-    assert pinned == [True, True, False] and store.stats().pinned_blocks == 2
+    pin = store.pin(SMALL, [h(1), h(2), h(3)])
+    assert pin.pinned == [True, True, False] and store.stats().pinned_blocks == 2
     with pytest.raises(StoreFullError, match="pinned or reserved"):
         store.reserve(SMALL, [h(3)])
     assert store.stats().evictions == 0 and store.stats().bytes_used == 2 * S
-    assert store.release(pin_id) == 2
+    assert store.release(pin.pin_id) == 2
     put(store, SMALL, 3)
     assert store.stats().evictions == 1 and store.stats().pinned_blocks == 0
 
@@ -114,7 +122,7 @@ def test_pins_block_eviction_and_a_full_store_refuses_without_evicting():
 def test_reserve_is_all_or_nothing():
     store = BlockStore(3 * S)
     put(store, SMALL, 1)
-    pin_id, _ = store.pin(SMALL, [h(1)])
+    pin_id = store.pin(SMALL, [h(1)]).pin_id
     with pytest.raises(StoreFullError):
         store.reserve(SMALL, [h(2), h(3), h(4)])  # needs 3 slots; only 2 can exist next to the pinned one
     assert store.stats().bytes_used == S and store.stats().evictions == 0
@@ -140,7 +148,7 @@ def test_pin_lease_expires():
     clock = FakeClock()
     store = BlockStore(2 * S, default_lease_s=30.0, clock=clock)
     put(store, SMALL, 1, 2)
-    pin_id, _ = store.pin(SMALL, [h(1), h(2)], lease_s=1.0)
+    pin_id = store.pin(SMALL, [h(1), h(2)], lease_s=1.0).pin_id
     clock.now += 0.5
     assert store.expire() == 0 and store.stats().pinned_blocks == 2
     clock.now += 0.6
@@ -211,23 +219,23 @@ def test_layouts_are_isolated():
     other_model.CopyFrom(SMALL)
     other_model.model_fingerprint = "model-b"
     assert held(store, other_model, 1, 2) == [False, False]
-    assert store.pin(other_model, [h(1)])[1] == [False]
+    assert store.pin(other_model, [h(1)]).pinned == [False]
     # A reader asking for held content in another format gets a clear error, not a silent miss.
     with pytest.raises(LayoutConflictError, match="held as .*model model-a, requested as .*model model-b"):
-        store.pin_leading(other_model, [h(1), h(2)])
+        pin_leading(store, other_model, [h(1), h(2)])
     reservation = store.reserve(other_model, [h(1)])
     assert reservation.already_present == [False]
     store.write(reservation.reservation_id, h(1), 0, payload(50))
     store.commit(reservation.reservation_id, [h(1)])
-    pin_a, [view_a] = store.pin_leading(SMALL, [h(1)])
-    pin_b, [view_b] = store.pin_leading(other_model, [h(1)])
+    pin_a, [view_a] = pin_leading(store, SMALL, [h(1)])
+    pin_b, [view_b] = pin_leading(store, other_model, [h(1)])
     assert bytes(view_a) == payload(1) and bytes(view_b) == payload(50)
 
 
 def test_pin_leading_pins_only_the_leading_run():
     store = BlockStore(4 * S)
     put(store, SMALL, 1, 2, 4)
-    pin_id, views = store.pin_leading(SMALL, [h(1), h(2), h(3), h(4)])
+    pin_id, views = pin_leading(store, SMALL, [h(1), h(2), h(3), h(4)])
     assert [bytes(v) for v in views] == [payload(1), payload(2)]
     assert store.stats().pinned_blocks == 2
     store.release(pin_id)
@@ -240,7 +248,7 @@ def test_hits_and_misses_are_counted_per_block():
     present = held(store, SMALL, 1, 3, 2)
     assert present == [True, False, True] and leading_run(present) == 1
     store.pin(SMALL, [h(1), h(5)])
-    store.pin_leading(SMALL, [h(1), h(2), h(6), h(7)])  # a request's blocks past the first gap are misses too
+    pin_leading(store, SMALL, [h(1), h(2), h(6), h(7)])  # a request's blocks past the first gap are misses too
     stats = store.stats()
     assert (stats.hits, stats.misses) == (2 + 1 + 2, 1 + 1 + 2)
 
@@ -275,3 +283,67 @@ def test_slot_pool_hands_out_slots_in_bulk_ascending_reused_first_and_all_or_not
     assert pool.num_used == 4 and pool.allocate_many(2) == [4, 5]  # the refused call took nothing
     base = pool.slab.address
     assert pool.addresses([0, None, 5]) == [base, 0, base + 5 * 8]
+
+
+def slab_with_rkey(nbytes: int) -> Slab:
+    slab = anonymous_slab(nbytes)
+    return Slab(slab.memory, slab.address, rkey=b"rkey", owner=slab.owner)
+
+
+def test_reservations_and_pins_hand_out_the_addresses_of_their_slots():
+    store = BlockStore(8 * S, allocate_slab=slab_with_rkey)
+    put(store, SMALL, 1)
+    reservation = store.reserve(SMALL, [h(2), h(1), h(3), h(2)])  # a present block and a hash listed twice
+    assert reservation.already_present == [False, True, False, False] and reservation.rkey == b"rkey"
+    two, present, three, two_again = reservation.addresses
+    assert present == 0 and two == two_again and 0 not in (two, three) and two != three
+    for i, address in ((2, two), (3, three)):  # what an engine on this host does: write through the address
+        ctypes.memmove(address, payload(i), S)
+    assert store.commit(reservation.reservation_id, [h(2), h(1), h(3)]) == 3
+    pin = store.pin(SMALL, [h(3), h(9), h(2)])
+    assert pin.pinned == [True, False, True] and pin.addresses == [three, 0, two] and pin.rkey == b"rkey"
+    assert [bytes(view) for view in store.pinned_payloads(pin.pin_id)] == [payload(3), payload(2)]
+    assert ctypes.string_at(pin.addresses[0], S) == payload(3)
+    store.release(pin.pin_id)
+
+
+def test_checksums_come_back_with_their_blocks_and_leave_with_them():
+    store = BlockStore(3 * S)
+    reservation = store.reserve(SMALL, [h(1), h(2), h(3)])
+    assert store.commit(reservation.reservation_id, [h(1), h(2)], [111, None]) == 2  # h(3)'s write failed
+    pin = store.pin(SMALL, [h(1), h(2), h(3)], leading_run=True)
+    assert pin.pinned == [True, True, False] and pin.crc32s == [111, None, None]
+    store.release(pin.pin_id)
+    put(store, SMALL, 4, 5, 6)  # evicts 1 and 2
+    reservation = store.reserve(SMALL, [h(1)])
+    assert store.commit(reservation.reservation_id, [h(1)]) == 1  # stored again, this time without a checksum
+    assert store.pin(SMALL, [h(1)]).crc32s == [None]
+
+
+def test_a_second_writer_of_a_block_keeps_the_first_ones_checksum_and_slot():
+    store = BlockStore(4 * S)
+    first, second = store.reserve(SMALL, [h(1)]), store.reserve(SMALL, [h(1), h(2)])
+    assert store.commit(first.reservation_id, [h(1)], [111]) == 1
+    assert store.commit(second.reservation_id, [h(1), h(2)], [222, 333]) == 2
+    assert store.pin(SMALL, [h(1), h(2)]).crc32s == [111, 333]
+    assert store.stats().blocks_used == 2 and store.stats().bytes_used == 2 * S
+
+
+def test_a_hash_listed_twice_is_pinned_and_released_twice():
+    store = BlockStore(2 * S)
+    put(store, SMALL, 1, 2)
+    pin = store.pin(SMALL, [h(1), h(1), h(2)], leading_run=True)
+    assert pin.pinned == [True, True, True] and store.stats().pinned_blocks == 2
+    assert len(store.pinned_payloads(pin.pin_id)) == 3
+    assert store.release(pin.pin_id) == 3
+    assert store.stats().pinned_blocks == 0 and store.stats().hits == 3
+
+
+def test_a_block_read_under_a_pin_becomes_the_most_recently_used():
+    store = BlockStore(3 * S)
+    put(store, SMALL, 1, 2, 3)
+    pin_id, _ = pin_leading(store, SMALL, [h(1)])
+    assert held(store, SMALL, 1, 2) == [True, True]  # a lookup does not move a pinned block (2 moves)
+    store.release(pin_id)  # 1 was read last: order 3, 2, 1
+    put(store, SMALL, 4)
+    assert held(store, SMALL, 1, 2, 3, 4) == [True, True, False, True]
