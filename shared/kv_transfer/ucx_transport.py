@@ -20,6 +20,7 @@ import time
 from typing import Optional
 
 import grpc
+import numpy as np
 import torch
 
 from splitserve.kv_transfer.checksum import ChecksumMismatchError, enabled_from_env, verify_rows
@@ -29,7 +30,7 @@ from splitserve.kv_transfer.metrics import KV_TRANSPORT_FALLBACKS, KV_UCX_BLOCKS
 from splitserve.kv_transfer.store_client import (StoreChannels, block_bytes, check_out, check_rows,
                                                  check_store_block_bytes, metadata, payload_crc32s, transfer_error)
 from splitserve.kv_transfer.transport import KVTransferError, PutRows, ReceivedBlocks
-from splitserve.kv_transfer.ucx_copier import CopyCounts, SlotRef, UcxBlockCopier
+from splitserve.kv_transfer.ucx_copier import CopyCounts, SlotTable, UcxBlockCopier
 from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,7 @@ class UcxKVTransport:
             if len(present) != len(hashes):
                 raise KVTransferError(f"kv-store {store_address}: Reserve answered for {len(present)} of "
                                       f"{len(hashes)} blocks")
-            slots = [slot for slot in _slot_refs(store_address, reservation.slots, len(hashes))
-                     if not present[slot.row]]
+            slots = _slot_table(store_address, reservation.slots, len(hashes)).select(~np.array(present, dtype=bool))
             if slots:
                 copy = asyncio.ensure_future(self._copier.write(store_address, reservation.endpoint.worker_address,
                                                                 rows, slots, deadline))
@@ -127,7 +127,7 @@ class UcxKVTransport:
             # Sized after the Pin: a miss (the common case for a new prompt) allocates nothing.
             rows = check_out(out, found, size) if out is not None else await receive_buffer(found, size)
             if found:
-                slots = _slot_refs(store_address, pin.locations, len(hashes))[:found]
+                slots = _slot_table(store_address, pin.locations, len(hashes))[:found]
                 copy = asyncio.ensure_future(self._copier.read(store_address, pin.endpoint.worker_address, rows,
                                                                slots, deadline))
                 _count("get", await self._shielded(store_address, copy))
@@ -180,7 +180,7 @@ class UcxKVTransport:
                                                                     _left(deadline))
                 return ReceivedBlocks.staged(torch.empty((0, size), dtype=torch.uint8))
             check_store_block_bytes(store_address, layout, size, pin.block_bytes)
-            slots = _slot_refs(store_address, pin.locations, len(hashes))[:found]
+            slots = _slot_table(store_address, pin.locations, len(hashes))[:found]
             mapped = await self._copier.map_for_reading(store_address, pin.endpoint.worker_address, slots, size,
                                                         deadline)
             if mapped is None:  # another host or IPC namespace: copy them out by UCX get
@@ -303,14 +303,16 @@ def _left(deadline: float) -> float:
     return max(0.001, deadline - time.monotonic())
 
 
-def _slot_refs(store_address: str, addresses: kv_store_pb2.SlotAddresses, count: int) -> list[SlotRef]:
-    """The packed arrays of a Reserve/Pin answer as one SlotRef per block (row i = the request's i-th hash)."""
-    remote, index, rkeys = list(addresses.remote_addrs), list(addresses.rkey_index), list(addresses.rkeys)
-    if len(remote) != count or len(index) != count or any(
-            address and key >= len(rkeys) for address, key in zip(remote, index)):
+def _slot_table(store_address: str, addresses: kv_store_pb2.SlotAddresses, count: int) -> SlotTable:
+    """The packed arrays of a Reserve/Pin answer as a SlotTable (row i = the request's i-th hash; address 0 =
+    no slot, e.g. a block already present)."""
+    remote = np.array(addresses.remote_addrs, dtype=np.uint64)
+    index = np.array(addresses.rkey_index, dtype=np.int64)
+    rkeys = list(addresses.rkeys)
+    if len(remote) != count or len(index) != count or bool(np.any((remote != 0) & (index >= len(rkeys)))):
         raise KVTransferError(f"kv-store {store_address}: malformed slot addresses ({len(remote)} addresses, "
                               f"{len(index)} key indexes, {len(rkeys)} keys for {count} blocks)")
-    return [SlotRef(i, remote[i], rkeys[index[i]] if remote[i] else b"") for i in range(count)]
+    return SlotTable(np.arange(count, dtype=np.int64), remote, index, rkeys)
 
 
 def _leading(flags) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import zlib
 
 import pytest
@@ -90,3 +91,30 @@ def test_ucx_copies_coalesce_adjacent_slots_of_one_slab():
              SlotRef(6, 1600, b"other")]  # a gap in the rows
     assert list(_runs(slots, 100)) == [(0, 3, 1000, b"k"), (3, 1, 1400, b"k"), (4, 1, 1500, b"other"),
                                        (6, 1, 1600, b"other")]
+
+
+def test_a_slot_table_finds_the_same_runs_as_slot_refs():
+    """Reserve/Pin answers become SlotTables (arrays, vectorised runs): same runs, rows and keys as SlotRefs."""
+    pytest.importorskip("splitserve.kv_transfer.ucx_rma", reason="ucxx is not installed", exc_type=ImportError)
+    import numpy as np
+
+    from splitserve.kv_transfer.ucx_copier import SlotRef, _runs
+    from splitserve.kv_transfer.ucx_transport import _slot_table
+    from splitserve.kv_transfer.transport import KVTransferError
+    from splitserve.protos.splitserve.v1 import kv_store_pb2
+
+    rng = random.Random(0)
+    for _ in range(300):
+        count, address, addresses, keys = rng.randint(0, 24), 4096, [], []
+        for _ in range(count):
+            address += 100 * rng.choice([1, 1, 1, 2, 5])
+            addresses.append(address)
+            keys.append(rng.choice([0, 0, 0, 1]))
+        answer = kv_store_pb2.SlotAddresses(remote_addrs=addresses, rkey_index=keys, rkeys=[b"k", b"other"])
+        wanted = np.array([rng.random() < 0.8 for _ in range(count)], dtype=bool)
+        table = _slot_table("store", answer, count).select(wanted)
+        refs = [SlotRef(i, addresses[i], [b"k", b"other"][keys[i]]) for i in range(count) if wanted[i]]
+        assert list(_runs(table, 100)) == list(_runs(refs, 100))
+        assert list(table) == refs and table[:2].rows.tolist() == [r.row for r in refs[:2]]
+    with pytest.raises(KVTransferError, match="malformed slot addresses"):
+        _slot_table("store", kv_store_pb2.SlotAddresses(remote_addrs=[1, 2], rkey_index=[0, 1], rkeys=[b"k"]), 2)
