@@ -201,7 +201,8 @@ async def through_store(transport, address: str, shape: BlockShape, reps: Reps, 
 
 
 def paged_cache(shape: BlockShape, num_blocks: int, fill: str) -> list[torch.Tensor]:
-    """An engine's KV cache in the shape's layout, one `[2, num_blocks, block_size, heads, head_dim]` per layer."""
+    """An engine's KV cache in the shape's layout: `[2, num_blocks, block_size, heads, head_dim]` per layer, the
+    layers of one tensor (as ModelRunner allocates them)."""
     layout = shape.layout
     dtype = getattr(torch, layout.dtype)
     per_layer = 2 * num_blocks * layout.block_size * layout.num_kv_heads * layout.head_dim

@@ -53,7 +53,10 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int) -> None:
         lay = self.layout
         shape = (2, num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(lay.num_layers)]
+        # One tensor, a view per layer: a block's bytes across all layers can then be written in one strided copy
+        # (block_io.import_blocks); each layer's view is contiguous, as the attention backends expect.
+        stacked = torch.zeros((lay.num_layers, *shape), dtype=self.dtype, device=self.device)
+        self.kv_caches = list(stacked.unbind(0))
         log.info("KV cache: %d blocks of %d tokens, %.1f MiB", num_blocks, lay.block_size,
                  num_blocks * lay.bytes_per_block / 2**20)
 

@@ -117,8 +117,9 @@ def import_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], rows: tor
     """Writes payload rows (uint8 `[num_rows, bytes_per_block]`) into the given blocks: block_ids[i] gets row
     row_indices[i] (default: row i, and then there must be exactly one row per block).
 
-    Rows are read in place, a layer at a time (a subset is gathered per layer, which stays small), so received
-    bytes are copied once into the cache rather than first into a tensor of the picked rows.
+    Rows are read in place (e.g. views of a kv-store's slots), so received bytes are copied once, straight
+    into the cache: a block at a time for large blocks when the layers share one tensor, else a layer's K or V
+    for all blocks at a time (a picked subset of rows is gathered per layer, which stays small).
     """
     if not block_ids:
         return
@@ -130,11 +131,43 @@ def import_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], rows: tor
                                     or any(not 0 <= r < rows.shape[0] for r in row_indices)):
         raise ValueError(f"row_indices must name one of the {rows.shape[0]} rows for each of {len(block_ids)} blocks")
     device = kv_caches[0].device
-    blocks = rows.to(device).contiguous().view(layout.dtype).reshape(
-        rows.shape[0], layout.num_layers, 2, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    rows_here = rows.to(device).contiguous()
+    picked = list(range(len(block_ids))) if row_indices is None else list(row_indices)
+    stacked = stacked_caches(kv_caches)
+    if stacked is not None and layout.bytes_per_block >= PER_BLOCK_COPY_BYTES:
+        blocks = rows_here.view(layout.dtype).view(rows.shape[0], layout.num_layers, 2, -1)
+        for block_id, row in zip(block_ids, picked):
+            stacked[:, :, block_id].copy_(blocks[row])  # every layer's K and V of one block in one strided copy
+        return
+    segment = layout.block_size * layout.num_kv_heads * layout.head_dim
+    blocks = rows_here.view(layout.dtype).view(rows.shape[0], layout.num_layers, 2, segment)
     index = torch.tensor(block_ids, dtype=torch.long, device=device)
-    leading = row_indices is None or row_indices == list(range(len(row_indices)))
-    pick = None if leading else torch.tensor(row_indices, dtype=torch.long, device=device)
+    pick = None if picked == list(range(len(picked))) else torch.tensor(picked, dtype=torch.long, device=device)
     for layer, cache in enumerate(kv_caches):
-        source = blocks[:len(block_ids), layer] if pick is None else blocks[:, layer].index_select(0, pick)
-        cache.index_copy_(1, index, source.transpose(0, 1))
+        for kv in range(2):
+            source = blocks[:len(block_ids), layer, kv] if pick is None else blocks[:, layer, kv].index_select(0, pick)
+            cache[kv].view(cache.shape[1], segment).index_copy_(0, index, source)
+
+
+# Above this a block's payload is written with one copy per block (all layers at once, when the layers share one
+# tensor); below, per-call overhead wins and each layer's K and V take one index_copy_ for all blocks. Measured
+# on one thread: 2 MiB blocks (Llama-3-8B) 6.3 against 2.8 GB/s, 128 KiB about even, 32 KiB 3.0 against 4.0 GB/s.
+PER_BLOCK_COPY_BYTES = 128 << 10
+
+
+def stacked_caches(kv_caches: list[torch.Tensor]) -> Optional[torch.Tensor]:
+    """`[num_layers, 2, num_blocks, block elements]` over the caches when they are the layers of one tensor
+    (ModelRunner allocates them so), else None."""
+    first = kv_caches[0]
+    if not all(cache.is_contiguous() and cache.shape == first.shape for cache in kv_caches):
+        return None
+    layer_elements = first.numel()
+    base = first.data_ptr()
+    step = layer_elements * first.element_size()
+    if any(cache.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+           or cache.data_ptr() != base + i * step for i, cache in enumerate(kv_caches)):
+        return None
+    num_blocks = first.shape[1]
+    segment = first[0, 0].numel()
+    return torch.as_strided(first, (len(kv_caches), 2, num_blocks, segment),
+                            (layer_elements, num_blocks * segment, segment, 1))

@@ -239,3 +239,23 @@ def test_received_rows_copied_too_late_are_not_used(engines):
     for block_id in held:
         decode.pool.release(block_id)
     _assert_pool_whole(decode)
+
+
+@pytest.mark.parametrize("layers,heads,head_dim,dtype", [(3, 8, 128, torch.bfloat16), (2, 2, 8, torch.float32)],
+                         ids=["large-blocks-one-copy-each", "small-blocks-per-layer"])
+def test_import_writes_the_same_bytes_whether_or_not_layers_share_one_tensor(layers, heads, head_dim, dtype):
+    from splitserve.engine.model_runner import KVLayout
+    from splitserve.kv_transfer.block_io import PER_BLOCK_COPY_BYTES, stacked_caches
+
+    layout = KVLayout(layers, 16, heads, head_dim, dtype)
+    stacked = list(torch.randn(layers, 2, 20, 16, heads, head_dim).to(dtype).unbind(0))  # as ModelRunner allocates
+    separate = [cache.clone() for cache in stacked]
+    assert stacked_caches(stacked) is not None and stacked_caches(separate) is None
+    assert stacked_caches(stacked[::-1]) is None  # layers out of order are not one tensor's layers
+    source = [torch.randn(2, 20, 16, heads, head_dim).to(dtype) for _ in range(layers)]
+    rows = export_blocks(source, [1, 5, 9, 2])
+    for caches in (stacked, separate):
+        import_blocks(caches, [7, 3, 11], rows, layout, row_indices=[2, 0, 3])
+        assert torch.equal(export_blocks(caches, [7, 3, 11]), rows[[2, 0, 3]])
+    assert torch.equal(torch.stack(stacked), torch.stack(separate))  # and nothing else was touched
+    assert (layout.bytes_per_block >= PER_BLOCK_COPY_BYTES) == (heads == 8)  # both paths are exercised
