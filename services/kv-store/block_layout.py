@@ -6,6 +6,8 @@ kv_store.proto; its size comes from the engine's own KVLayout so the store and t
 
 from __future__ import annotations
 
+import functools
+
 from splitserve.protos.convert import describe_layout, layout_from_proto
 from splitserve.protos.splitserve.v1 import common_pb2
 from splitserve.sampling_params import InvalidRequestError
@@ -38,13 +40,22 @@ def layout_of_key(key: LayoutKey) -> common_pb2.KVLayout:
 
 def block_bytes(layout: common_pb2.KVLayout) -> int:
     """Payload size of one block; raises LayoutError for an unknown dtype or a zero dimension."""
-    try:
-        size = layout_from_proto(layout).bytes_per_block
-    except InvalidRequestError as exc:
-        raise LayoutError(str(exc)) from exc
+    size = _block_bytes(layout.num_layers, layout.block_size, layout.num_kv_heads, layout.head_dim, layout.dtype)
     if size <= 0:
         raise LayoutError(f"KV layout has a zero dimension: {describe_layout(layout)}")
     return size
+
+
+@functools.lru_cache(maxsize=256)
+def _block_bytes(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: str) -> int:
+    """Cached: every call to the store names a layout, and working the size out through the engine's KVLayout
+    (a torch dtype's element size) took ~6 µs of a one-block Reserve's ~30 µs here."""
+    layout = common_pb2.KVLayout(num_layers=num_layers, block_size=block_size, num_kv_heads=num_kv_heads,
+                                 head_dim=head_dim, dtype=dtype)
+    try:
+        return layout_from_proto(layout).bytes_per_block
+    except InvalidRequestError as exc:
+        raise LayoutError(str(exc)) from exc
 
 
 def check_payload_size(layout: common_pb2.KVLayout, block_hash: bytes, nbytes: int) -> None:
