@@ -110,11 +110,7 @@ class UcxKVTransport:
             check_out(out, len(hashes), size)
         asked = time.monotonic()
         deadline = asked + timeout_s
-        stub = self._channels.stub(store_address)
-        pin = await self._call(store_address, "Pin", stub.Pin(
-            kv_store_pb2.PinRequest(request_id=request_id, layout=layout, lease_ms=_lease_ms(timeout_s),
-                                    block_hashes=common_pb2.BlockHashes(hashes=hashes), leading_run=True),
-            timeout=_left(deadline), metadata=metadata(request_id)))
+        pin = await self._pin(store_address, layout, hashes, request_id, timeout_s, deadline)
         found = _leading(pin.pinned)
         copy: Optional[asyncio.Future] = None
         try:
@@ -164,11 +160,7 @@ class UcxKVTransport:
             return ReceivedBlocks.staged(torch.empty((0, size), dtype=torch.uint8))
         asked = time.monotonic()
         deadline = asked + timeout_s
-        stub = self._channels.stub(store_address)
-        pin = await self._call(store_address, "Pin", stub.Pin(
-            kv_store_pb2.PinRequest(request_id=request_id, layout=layout, lease_ms=_lease_ms(timeout_s),
-                                    block_hashes=common_pb2.BlockHashes(hashes=hashes), leading_run=True),
-            timeout=_left(deadline), metadata=metadata(request_id)))
+        pin = await self._pin(store_address, layout, hashes, request_id, timeout_s, deadline)
         found = _leading(pin.pinned)
         mapped = None
         try:
@@ -199,6 +191,15 @@ class UcxKVTransport:
         self._unread.add(received)
         self._track(asyncio.ensure_future(self._end_pin_after_read(store_address, pin.pin_id, received, mapped)))
         return received
+
+    async def _pin(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes], request_id: str,
+                   timeout_s: float, deadline: float):
+        """Pins the leading run of `hashes` for the deadline plus the margin."""
+        stub = self._channels.stub(store_address)
+        return await self._call(store_address, "Pin", stub.Pin(
+            kv_store_pb2.PinRequest(request_id=request_id, layout=layout, lease_ms=_lease_ms(timeout_s),
+                                    block_hashes=common_pb2.BlockHashes(hashes=hashes), leading_run=True),
+            timeout=_left(deadline), metadata=metadata(request_id)))
 
     async def _end_pin_after_read(self, store_address: str, pin_id: str, received: ReceivedBlocks, mapped) -> None:
         try:
