@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import time
@@ -171,11 +172,15 @@ class LLMEngine:
 
     def _copy_received(self, received, block_ids: list[int], picked: list[int]) -> None:
         with received.reading() as runs:
-            for first, view in runs:
-                inside = [(b, r - first) for b, r in zip(block_ids, picked) if first <= r < first + view.shape[0]]
-                if inside:
-                    import_blocks(self.runner.kv_caches, [b for b, _ in inside], view, self.layout,
-                                  row_indices=[r for _, r in inside])
+            starts = [first for first, _ in runs]
+            per_run: dict[int, tuple[list[int], list[int]]] = {}
+            for block_id, row in zip(block_ids, picked):  # each row to the run it lies in (runs are row-ordered)
+                run = bisect.bisect_right(starts, row) - 1
+                ids, rows_in_run = per_run.setdefault(run, ([], []))
+                ids.append(block_id)
+                rows_in_run.append(row - starts[run])
+            for run, (ids, rows_in_run) in per_run.items():
+                import_blocks(self.runner.kv_caches, ids, runs[run][1], self.layout, row_indices=rows_in_run)
         if not received.in_time():
             raise KVTransferError("the kv-store's pin on the blocks ran out before they were copied")
 
