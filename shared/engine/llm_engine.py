@@ -22,7 +22,7 @@ from splitserve.engine.stop_checker import StopChecker
 from splitserve.hashing import chain_block_hashes
 from splitserve.stop_tokens import eos_token_ids
 from splitserve.kv_transfer.block_io import CacheBlocks, export_blocks, import_blocks
-from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES
+from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
 from splitserve.kv_transfer.transport import KVTransferError
 from splitserve.models.loader import llama_args_from_config, load_model, model_fingerprint, read_model_files
 from splitserve.sampling_params import InvalidRequestError, SamplingParams
@@ -171,6 +171,7 @@ class LLMEngine:
             return []
 
     def _copy_received(self, received, block_ids: list[int], picked: list[int]) -> None:
+        started = time.monotonic()
         with received.reading() as runs:
             starts = [first for first, _ in runs]
             per_run: dict[int, tuple[list[int], list[int]]] = {}
@@ -181,6 +182,8 @@ class LLMEngine:
                 rows_in_run.append(row - starts[run])
             for run, (ids, rows_in_run) in per_run.items():
                 import_blocks(self.runner.kv_caches, ids, runs[run][1], self.layout, row_indices=rows_in_run)
+        if received.mapped:  # this copy is the transfer's data movement: the transport timed only its RPCs
+            KV_TRANSFER_SECONDS.labels("get").inc(time.monotonic() - started)
         if not received.in_time():
             raise KVTransferError("the kv-store's pin on the blocks ran out before they were copied")
 

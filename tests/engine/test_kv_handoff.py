@@ -14,7 +14,7 @@ from splitserve import LLM, InvalidRequestError, SamplingParams
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.kv_transfer.block_io import CacheBlocks, export_blocks, import_blocks
 from splitserve.kv_transfer.checksum import row_crc32s
-from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES
+from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
 from splitserve.kv_transfer.transport import ReceivedBlocks
 
 VOCAB = 1000
@@ -232,8 +232,10 @@ def test_received_rows_copied_too_late_are_not_used(engines):
     assert decode.stats()["free_blocks"] == cached_before["free_blocks"]
 
     in_time = ReceivedBlocks(4, [(0, export.blocks[:1]), (1, export.blocks[1:])], mapped=True)
+    seconds_before = KV_TRANSFER_SECONDS.labels("get")._value.get()
     held = decode.import_kv_blocks(export.block_hashes, in_time)
     assert len(held) == 4
+    assert KV_TRANSFER_SECONDS.labels("get")._value.get() > seconds_before  # the copy out of the store, timed
     for block_id, row in zip(held, export.blocks):
         assert torch.equal(export_blocks(decode.runner.kv_caches, [block_id])[0], row)
     for block_id in held:
