@@ -25,7 +25,7 @@ def export_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], out_devic
     in place through a temporary per layer, ~16 ms with no temporary).
     """
     first = kv_caches[0]
-    per_block = first[:, 0].numel() * first.element_size() * len(kv_caches)
+    per_block = row_bytes(kv_caches)
     if not block_ids:
         return torch.empty((0, per_block), dtype=torch.uint8)
     n = len(block_ids)
@@ -37,6 +37,12 @@ def export_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], out_devic
     rows = RECEIVE_BUFFERS.rows(n, per_block)
     gather_blocks_into(kv_caches, block_ids, rows)
     return rows
+
+
+def row_bytes(kv_caches: list[torch.Tensor]) -> int:
+    """One block's payload in bytes: K and V of every layer."""
+    first = kv_caches[0]
+    return first[:, 0].numel() * first.element_size() * len(kv_caches)
 
 
 def gather_blocks_into(kv_caches: list[torch.Tensor], block_ids: list[int], rows: torch.Tensor) -> None:
@@ -75,12 +81,8 @@ class CacheBlocks:
     def __init__(self, kv_caches: list[torch.Tensor], block_ids: list[int], release=None):
         self.kv_caches = kv_caches
         self.block_ids = list(block_ids)
-        first = kv_caches[0]
-        self.shape = (len(self.block_ids), first[:, 0].numel() * first.element_size() * len(kv_caches))
+        self.shape = (len(self.block_ids), row_bytes(kv_caches))
         self._release = release
-
-    def __len__(self) -> int:
-        return len(self.block_ids)
 
     def rows(self) -> torch.Tensor:
         """A copy as uint8 rows, for transports that cannot reach the destination's memory."""

@@ -17,12 +17,13 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Protocol, TypeVar, Union
+from typing import Callable, Iterator, Optional, TypeVar, Union
 
 import numpy as np
 import torch
 
 from splitserve.kv_transfer import ucx_rma
+from splitserve.kv_transfer.transport import PutRows
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,16 +34,6 @@ class SlotRef:
     row: int  # row of the caller's tensor
     remote_addr: int
     rkey: bytes
-
-
-class CacheRows(Protocol):
-    """Rows that are not a tensor yet (block_io.CacheBlocks): gathered into wherever they go."""
-    shape: tuple[int, int]
-
-    def copy_rows_to(self, first: int, count: int, out: torch.Tensor) -> None: ...
-
-
-RowSource = Union[torch.Tensor, CacheRows]
 
 
 class MappedRuns:
@@ -66,6 +57,14 @@ class SlotTable:
 
     def __init__(self, rows: np.ndarray, remote_addrs: np.ndarray, rkey_index: np.ndarray, rkeys: list[bytes]):
         self.rows, self.remote_addrs, self.rkey_index, self.rkeys = rows, remote_addrs, rkey_index, rkeys
+
+    @classmethod
+    def of(cls, slots: list[SlotRef]) -> "SlotTable":
+        keys = list(dict.fromkeys(slot.rkey for slot in slots))
+        index = {key: i for i, key in enumerate(keys)}
+        return cls(np.array([slot.row for slot in slots], dtype=np.int64),
+                   np.array([slot.remote_addr for slot in slots], dtype=np.uint64),
+                   np.array([index[slot.rkey] for slot in slots], dtype=np.int64), keys)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -113,7 +112,7 @@ class UcxBlockCopier:
         self._context = None
         self._peers: dict[str, _Peer] = {}
 
-    async def write(self, store: str, worker_address: bytes, rows: RowSource, slots: Slots,
+    async def write(self, store: str, worker_address: bytes, rows: PutRows, slots: Slots,
                     deadline: float) -> CopyCounts:
         """Copies row `s.row` of `rows` into each slot; the bytes are in the store's memory when this returns.
 
@@ -152,7 +151,7 @@ class UcxBlockCopier:
 
     # ---- on the UCX thread ---------------------------------------------------------------------------------
 
-    def _copy(self, store: str, worker_address: bytes, tensor: RowSource, slots: Slots,
+    def _copy(self, store: str, worker_address: bytes, tensor: PutRows, slots: Slots,
               deadline: float, to_store: bool) -> CopyCounts:
         if time.monotonic() > deadline:
             raise ucx_rma.UcxError("deadline passed before the copy started", ucx_rma.UCS_ERR_TIMED_OUT)
@@ -246,7 +245,7 @@ class _Peer:
         self._log_path(len(slots), 0)
         return runs
 
-    def copy(self, rows: RowSource, slots: Slots, deadline: float, to_store: bool) -> CopyCounts:
+    def copy(self, rows: PutRows, slots: Slots, deadline: float, to_store: bool) -> CopyCounts:
         row_bytes = rows.shape[1]
         tensor = rows if isinstance(rows, torch.Tensor) else None  # else lent cache blocks (only to the store)
         operations = ucx_rma.Operations(self.worker, self.endpoint)
@@ -314,22 +313,10 @@ class _Peer:
             log.info("kv-store %s: blocks move by direct copy through UCX-mapped shared memory", self.store)
 
 
-def _runs(slots: Slots, row_bytes: int) -> Iterator[tuple[int, int, int, bytes]]:
+def _runs(slots: Slots, row_bytes: int) -> list[tuple[int, int, int, bytes]]:
     """(first row, count, remote address, rkey) of each run of consecutive rows in adjacent slots of one slab."""
-    if isinstance(slots, SlotTable):
-        yield from slots.runs(row_bytes)
-        return
-    run: Optional[list] = None
-    for slot in slots:
-        if (run is not None and slot.row == run[0] + run[1] and slot.rkey == run[3]
-                and slot.remote_addr == run[2] + run[1] * row_bytes):
-            run[1] += 1
-            continue
-        if run is not None:
-            yield tuple(run)
-        run = [slot.row, 1, slot.remote_addr, slot.rkey]
-    if run is not None:
-        yield tuple(run)
+    table = slots if isinstance(slots, SlotTable) else SlotTable.of(slots)
+    return table.runs(row_bytes)
 
 
 def _view_at(pointer: int, nbytes: int) -> torch.Tensor:

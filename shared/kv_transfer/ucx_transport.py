@@ -111,14 +111,25 @@ class UcxKVTransport:
         asked = time.monotonic()
         deadline = asked + timeout_s
         pin = await self._pin(store_address, layout, hashes, request_id, timeout_s, deadline)
+        if pin.endpoint.transport == "ucx":
+            return await self._copy_pinned(store_address, layout, hashes, pin, out, asked, timeout_s)
+        try:
+            await self._release(store_address, pin.pin_id)
+            grpc_transport = self._fallback(store_address, pin.endpoint.transport)
+            return await grpc_transport.get_blocks(store_address, layout, hashes, request_id, _left(deadline),
+                                                   out=out)
+        except BaseException:
+            self._clean_up(store_address, pin.pin_id, None)
+            raise
+
+    async def _copy_pinned(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes], pin,
+                           out: Optional[torch.Tensor], asked: float, timeout_s: float) -> torch.Tensor:
+        """Copies a UCX store's pinned leading run out into `out` or a receive buffer, then lets the pin go."""
+        size = block_bytes(store_address, layout)
+        deadline = asked + timeout_s
         found = _leading(pin.pinned)
         copy: Optional[asyncio.Future] = None
         try:
-            if pin.endpoint.transport != "ucx":
-                await self._release(store_address, pin.pin_id)
-                grpc_transport = self._fallback(store_address, pin.endpoint.transport)
-                return await grpc_transport.get_blocks(store_address, layout, hashes, request_id, _left(deadline),
-                                                       out=out)
             check_store_block_bytes(store_address, layout, size, pin.block_bytes)
             # Sized after the Pin: a miss (the common case for a new prompt) allocates nothing.
             rows = check_out(out, found, size) if out is not None else await receive_buffer(found, size)
@@ -137,18 +148,13 @@ class UcxKVTransport:
             raise KVTransferError(f"kv-store {store_address}: the copy of {found} blocks ended after their pin could "
                                   "have run out; it may be torn, discarded")
         if self.checksum and found:
-            known, values = list(pin.has_crc32), list(pin.crc32)
-            crc32s = [values[i] if i < len(known) and known[i] else None for i in range(found)]
-            try:
-                await asyncio.to_thread(verify_rows, rows, crc32s, hashes[:found])
-            except ChecksumMismatchError as exc:
-                raise KVTransferError(f"kv-store {store_address}: {exc}") from exc
+            await asyncio.to_thread(_verify_pinned, store_address, pin, [(0, rows)], hashes)
         return rows
 
     async def get_blocks_in_place(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
                                   request_id: str = "", timeout_s: float = 30.0) -> ReceivedBlocks:
         """The leading run of `hashes` the store holds, as views of the store's memory when it is mapped here
-        (no copy until the caller's own into its cache), else staged through get_blocks.
+        (no copy until the caller's own into its cache), else copied out under the same pin (staged).
 
         The pin is asked for the deadline plus the margin and is trusted until the deadline plus half the
         margin, counted from before it was asked (the store's lease starts later, when it answers). It ends in
@@ -175,17 +181,16 @@ class UcxKVTransport:
             slots = _slot_table(store_address, pin.locations, len(hashes))[:found]
             mapped = await self._copier.map_for_reading(store_address, pin.endpoint.worker_address, slots, size,
                                                         deadline)
-            if mapped is None:  # another host or IPC namespace: copy them out by UCX get
-                await self._release(store_address, pin.pin_id)
-                rows = await self.get_blocks(store_address, layout, hashes, request_id, _left(deadline))
-                return ReceivedBlocks.staged(rows)
-            if self.checksum:
-                await asyncio.to_thread(self._verify_mapped, store_address, pin, mapped.runs, hashes)
+            if mapped is not None and self.checksum:
+                await asyncio.to_thread(_verify_pinned, store_address, pin, mapped.runs, hashes)
         except BaseException:
             if mapped is not None:
                 mapped.release()
             self._clean_up(store_address, pin.pin_id, None)
             raise
+        if mapped is None:  # another host or IPC namespace: copy them out by UCX get, under the same pin
+            return ReceivedBlocks.staged(await self._copy_pinned(store_address, layout, hashes, pin, None, asked,
+                                                                 timeout_s))
         KV_UCX_BLOCKS.labels("get", "mapped").inc(found)
         received = ReceivedBlocks(found, mapped.runs, valid_until=_trusted_until(asked, timeout_s), mapped=True)
         self._unread.add(received)
@@ -216,17 +221,6 @@ class UcxKVTransport:
                              received.count)
             except KVTransferError as exc:
                 log.debug("releasing pin %s: %s (it will expire)", pin_id, exc)
-
-    @staticmethod
-    def _verify_mapped(store_address: str, pin, runs, hashes: list[bytes]) -> None:
-        known, values = list(pin.has_crc32), list(pin.crc32)
-        for first, view in runs:
-            count = view.shape[0]
-            crc32s = [values[i] if i < len(known) and known[i] else None for i in range(first, first + count)]
-            try:
-                verify_rows(view, crc32s, hashes[first:first + count])
-            except ChecksumMismatchError as exc:
-                raise KVTransferError(f"kv-store {store_address}: {exc}") from exc
 
     async def close(self) -> None:
         for received in list(self._unread):
@@ -314,6 +308,18 @@ def _slot_table(store_address: str, addresses: kv_store_pb2.SlotAddresses, count
         raise KVTransferError(f"kv-store {store_address}: malformed slot addresses ({len(remote)} addresses, "
                               f"{len(index)} key indexes, {len(rkeys)} keys for {count} blocks)")
     return SlotTable(np.arange(count, dtype=np.int64), remote, index, rkeys)
+
+
+def _verify_pinned(store_address: str, pin, runs: list[tuple[int, torch.Tensor]], hashes: list[bytes]) -> None:
+    """Checks each run of rows (first row, rows) against the checksums the Pin answered for those rows."""
+    known, values = list(pin.has_crc32), list(pin.crc32)
+    for first, view in runs:
+        count = view.shape[0]
+        crc32s = [values[i] if i < len(known) and known[i] else None for i in range(first, first + count)]
+        try:
+            verify_rows(view, crc32s, hashes[first:first + count])
+        except ChecksumMismatchError as exc:
+            raise KVTransferError(f"kv-store {store_address}: {exc}") from exc
 
 
 def _leading(flags) -> int:
