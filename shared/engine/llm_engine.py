@@ -66,6 +66,13 @@ class LLMEngine:
         self.runner = ModelRunner(model, config.block_size, self.device, self.dtype, config.attention_backend)
         self.num_blocks = config.num_kv_blocks or self._blocks_from_memory_budget()
         self.runner.allocate_kv_cache(self.num_blocks)
+        capacity = self.num_blocks * config.block_size
+        if capacity < self.max_model_len:
+            # A sequence longer than the whole cache could never run, not even alone: preempting it to make room
+            # would only restart it. So it ends ("length") where the cache ends.
+            log.warning("the KV cache holds %d tokens, fewer than max_model_len %d: sequences end at %d tokens",
+                        capacity, self.max_model_len, capacity)
+            self.max_model_len = capacity
         self.pool = BlockPool(self.num_blocks)
         self.kv = KVCacheManager(self.pool, config.block_size, self.model_id, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
@@ -246,6 +253,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled step; returns the requests that finished in it."""
+        self.last_step_sampled = []  # a step that schedules nothing sampled nothing: streams must not see old tokens
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -258,7 +266,6 @@ class LLMEngine:
             self.kv.commit_computed(seq)
         out = result.output
         touched: dict[str, _Request] = {}
-        self.last_step_sampled = []
         now = time.monotonic()
         for i, seq in enumerate(result.sampled):
             if seq.status != SequenceStatus.RUNNING:
@@ -320,6 +327,7 @@ class LLMEngine:
             "prompt_tokens_computed": self.num_prompt_tokens_computed,
             "generation_tokens": self.num_generation_tokens,
             "preemptions": self.scheduler.num_preemptions,
+            "held_blocks_released": self.scheduler.num_held_blocks_released,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "running_tokens": sum(s.num_tokens for s in self.scheduler.running),

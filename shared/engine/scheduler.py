@@ -4,15 +4,24 @@ Running sequences go first (oldest first), so decodes are never starved by new p
 admitted while the budget and the sequence cap allow. With chunked prefill a long prompt takes whatever budget
 is left and continues next step. When blocks run out the newest running sequence is preempted by recompute:
 its blocks are freed and it goes back to the front of the queue with all its tokens, to be recomputed later.
+
+Waiting sequences may hold blocks imported from a kv-store (decode). Those holds are the first thing given up
+when blocks run short, newest waiter first: the blocks stay in the prefix cache, so a waiter whose blocks were not
+evicted meanwhile still finds them at admission, and one whose blocks were evicted recomputes them. Holding them
+instead would let waiters that cannot run starve the ones that can (the queue's head, the running batch).
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Optional
 
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.sequence import Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +52,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_held_blocks_released = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -64,6 +74,8 @@ class Scheduler:
                 i += 1
                 continue
             while not self.kv.allocate(seq, num_new):
+                if self._release_waiting_holds(self.kv.blocks_needed(seq, num_new)):
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -82,9 +94,16 @@ class Scheduler:
             seq = self.waiting[0]
             self.kv.admit_cached_prefix(seq)
             num_new = self._tokens_to_run(seq, budget)
-            if num_new == 0 or not self.kv.allocate(seq, num_new):
+            if num_new == 0:
                 self._undo_admission(seq)
                 break
+            if not self.kv.allocate(seq, num_new):
+                if not self._release_waiting_holds(self.kv.blocks_needed(seq, num_new), keep=seq):
+                    self._undo_admission(seq)
+                    break
+                if not self.kv.allocate(seq, num_new):
+                    self._undo_admission(seq)
+                    break
             self.kv.record_prefix_query(seq)
             self.kv.release_held(seq)  # the prefix lookup above took its own references
             seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
@@ -104,6 +123,24 @@ class Scheduler:
             return budget
         # Unchunked: a prompt larger than the budget runs alone in its own step rather than never.
         return remaining if budget == self.max_num_batched_tokens else 0
+
+    def _release_waiting_holds(self, num_blocks: int, keep: Optional[Sequence] = None) -> bool:
+        """Lets go of waiting sequences' imported blocks, newest waiter first, until `num_blocks` are free.
+
+        Returns whether any hold was released (the caller then retries its allocation).
+        """
+        released = False
+        for seq in reversed(self.waiting):
+            if self.kv.can_allocate(num_blocks):
+                break
+            if seq is keep or not seq.held_block_ids:
+                continue
+            self.num_held_blocks_released += len(seq.held_block_ids)
+            log.info("request %s: releasing %d imported KV blocks while it waits (cache full); they stay cached "
+                     "until evicted", seq.request_id, len(seq.held_block_ids))
+            self.kv.release_held(seq)
+            released = True
+        return released
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -130,6 +130,8 @@ class EngineMetricsCollector(Collector):
                       s["prefix_query_tokens"])
         yield counter("prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache", s["prefix_hit_tokens"])
         yield counter("preemptions", "Sequences preempted by recompute", s["preemptions"])
+        yield counter("kv_held_blocks_released", "Imported KV blocks a waiting request let go of because the cache "
+                      "was full (recomputed if evicted before it ran)", s["held_blocks_released"])
         yield counter("prompt_tokens_computed", "Prompt tokens run through the model", s["prompt_tokens_computed"])
         yield counter("generation_tokens", "Tokens generated", s["generation_tokens"])
         yield counter("engine_steps", "Engine steps run", s["steps"])
