@@ -23,6 +23,8 @@ from splitserve.sampling_params import InvalidRequestError, SamplingParams
 
 log = logging.getLogger(__name__)
 
+_IDLE_RETRY_S = 0.05
+
 
 class EngineDeadError(RuntimeError):
     """The step loop failed; the process should be restarted (health turns NOT_SERVING)."""
@@ -177,6 +179,7 @@ class AsyncEngine:
             if not engine.has_unfinished_requests():
                 self.stats_snapshot = engine.stats()
                 continue
+            steps_before = engine.num_steps
             try:
                 finished = engine.step()
             except Exception as exc:
@@ -186,6 +189,12 @@ class AsyncEngine:
                 return
             self._post(self._deltas(engine.last_step_sampled, finished))
             self.stats_snapshot = engine.stats()
+            if engine.num_steps == steps_before:
+                # Nothing could run (e.g. every free block is lent to a transfer): wait for a command such as a
+                # block's return instead of spinning a core; the timeout retries in case memory frees otherwise.
+                with self._wake:
+                    if not self._commands and not self._stopping:
+                        self._wake.wait(_IDLE_RETRY_S)
 
     def _deltas(self, sampled: list[Sequence], finished) -> list[tuple[str, TokenDelta]]:
         exports = {out.request_id: out for out in finished}
