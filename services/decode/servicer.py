@@ -32,6 +32,8 @@ DECODE_REQUESTS = Counter("splitserve_decode_requests_total", "Decode requests b
 KV_RECOMPUTE = Counter("splitserve_decode_kv_recompute_total",
                        "Requests whose prompt KV was (partly) recomputed instead of transferred", ["reason"])
 LOCAL_PREFILL = Counter("splitserve_decode_local_prefill_total", "Requests prefilled by this decode worker")
+RESUMED = Counter("splitserve_decode_resumed_total",
+                  "Sequences resumed here after another decode worker failed mid-stream (their tail recomputed)")
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
@@ -55,7 +57,17 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             await abort_invalid(context, exc)
         first_token = None
         kv_blocks = None
-        if request.HasField("first_token_id"):
+        prior = list(request.prior_output_token_ids)
+        if prior:
+            # Failover: another decode worker produced these before it died; they are recomputed here.
+            RESUMED.inc()
+            if len(prior) >= params.max_tokens:
+                yield decode_pb2.GenerateChunk(finish_reason=common_pb2.FINISH_REASON_LENGTH, usage=common_pb2.Usage(
+                    prompt_tokens=len(prompt), completion_tokens=len(prior)))
+                return
+            if request.HasField("kv_handle"):
+                kv_blocks = await self._pull_blocks(request, request_id)
+        elif request.HasField("first_token_id"):
             lp = request.first_token_logprob
             top = [(t.token_id, t.logprob) for t in lp.top]
             first_token = (request.first_token_id, lp.logprob if request.HasField("first_token_logprob") else None,
@@ -72,7 +84,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         try:
             # aclosing: when gRPC closes this handler at a yield (client cancelled), the engine stream is closed
             # at once too, which aborts the request and frees its blocks now rather than at garbage collection.
-            deltas = self.engine.generate(request_id, prompt, params, first_token=first_token, kv_blocks=kv_blocks)
+            deltas = self.engine.generate(request_id, prompt, params, first_token=first_token, kv_blocks=kv_blocks,
+                                          prior_output_ids=prior)
             async with contextlib.aclosing(deltas):
                 async for delta in deltas:
                     chunk = decode_pb2.GenerateChunk(token_ids=delta.token_ids)

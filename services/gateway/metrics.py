@@ -29,6 +29,9 @@ WORKER_FAILURES = Counter("splitserve_gateway_worker_failures_total",
                           "Calls to a worker that failed, by worker kind and gRPC code", ["kind", "code"])
 DECODE_RETRIES = Counter("splitserve_gateway_decode_retries_total",
                          "Decode streams retried on another worker after a failure before any token")
+DECODE_MIGRATIONS = Counter("splitserve_gateway_decode_migrations_total",
+                            "Decode streams that failed mid-stream, by the failure (resumed on another worker) or by "
+                            "why they could not be resumed (limit_reached, no_other_worker)", ["reason"])
 HEALTHY_WORKERS = Gauge("splitserve_gateway_healthy_workers", "Workers passing health checks", ["kind"])
 DISCOVERY_ERRORS = Counter("splitserve_gateway_discovery_errors_total",
                            "Failed reads of the worker registry in Redis (static workers are still used)")

@@ -1,10 +1,10 @@
 """Chooses the prefill or decode worker for one sequence: the healthy one with the least load.
 
-Load, in tokens: what this gateway has in flight on the worker (prompt + max new tokens per sequence), plus
-what the worker itself reported to the registry (running and waiting sequences, which include other
-gateways' requests) weighed at `REPORTED_SEQUENCE_TOKENS` each. The gateway's own count reacts at once; the
-reported one covers other gateway replicas but lags by an announce interval. Ties rotate, so idle workers
-share the work instead of the first one taking all of it.
+Load is counted in sequences first: what this gateway has in flight on the worker (from the moment it picked
+it), plus the sequences the worker reports to the registry beyond this gateway's own (other gateway replicas;
+the report lags by an announce interval). Tokens in flight from this gateway break ties, and remaining ties
+rotate, so idle workers share the work. For equal requests from one gateway this keeps any two workers within
+one sequence of each other, plus whatever other gateways run there (tested with 16 streams on 2 workers).
 
 Prefix-cache-aware scoring (longest run of cached leading blocks) will plug in here as a bonus per worker.
 """
@@ -18,16 +18,18 @@ from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import NoHealthyWorkerError
 from splitserve.services.gateway.workers import Worker, WorkerPool
 
-# A sequence a worker reports as running or waiting counts like this many tokens of the gateway's own load:
-# a typical chat request (a few hundred prompt tokens plus the answer).
-REPORTED_SEQUENCE_TOKENS = 512
 
+def worker_load(worker: Worker) -> tuple[int, int]:
+    """(sequences, this gateway's tokens) on the worker; lower is less loaded.
 
-def worker_load(worker: Worker) -> int:
-    load = worker.in_flight_tokens
+    The worker's report includes this gateway's own requests: only what it reports beyond them is added, so a
+    lagging report neither double-counts this gateway's work nor outweighs a sequence picked a moment ago.
+    """
+    sequences = worker.in_flight_requests
     if worker.reported is not None:
-        load += REPORTED_SEQUENCE_TOKENS * (worker.reported.num_running + worker.reported.num_waiting)
-    return load
+        reported = worker.reported.num_running + worker.reported.num_waiting
+        sequences += max(0, reported - worker.in_flight_requests)
+    return sequences, worker.in_flight_tokens
 
 
 class Router:

@@ -5,12 +5,15 @@ cheaper than moving its KV) or no prefill worker is healthy; both are counted an
 comes from the prefill reply, so the caller can show it before decode has even started (TTFT).
 
 A decode worker that fails before it produced a token is replaced once by another one: the request can be
-replayed without the user seeing anything twice (the prefill's first token and KV handle stay valid).
+replayed without the user seeing anything twice (the prefill's first token and KV handle stay valid). One that
+fails mid-stream is replaced too, up to `max_migrations` times: the new worker gets the prompt's KV handle and
+every token produced so far, recomputes that tail, and the client's stream goes on where it was.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -44,8 +47,9 @@ class TokenBatch:
 
 class SequenceRunner:
     def __init__(self, router: Router, pool: WorkerPool, kv_store_address: Optional[str],
-                 local_prefill_threshold: int):
+                 local_prefill_threshold: int, max_migrations: int = 1):
         self.router = router
+        self.max_migrations = max_migrations
         self.pool = pool
         self.kv_store_address = kv_store_address
         self.local_prefill_threshold = local_prefill_threshold
@@ -54,48 +58,78 @@ class SequenceRunner:
     async def tokens(self, request_id: str, prompt: list[int], params: SamplingParams,
                      deadline: float) -> AsyncIterator[TokenBatch]:
         """Closing the iterator early (stop string, client gone) cancels the decode stream at once."""
+        decode_load = len(prompt) + params.max_tokens
         decode = self.router.pick("decode", len(prompt))
-        prefilled = await self._prefill(request_id, prompt, params, deadline)
-        request = decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
-                                             sampling_params=sampling_params_to_proto(params))
-        if prefilled is not None:
-            finish = finish_reason_from_proto(prefilled.finish_reason)
-            logprobs = [prefilled.first_token_logprob] if params.logprobs is not None else []
-            yield TokenBatch([prefilled.first_token_id], logprobs, finish, cached_tokens=prefilled.cached_tokens)
-            if finish is not None:
-                return
-            request.first_token_id = prefilled.first_token_id
-            request.kv_handle.CopyFrom(prefilled.kv_handle)
-            if params.logprobs is not None:
-                request.first_token_logprob.CopyFrom(prefilled.first_token_logprob)
-        tried: list[Worker] = []
-        while True:
-            produced = False
-            try:
-                with self.pool.track(decode, len(prompt) + params.max_tokens):
+        with contextlib.ExitStack() as reservation:
+            # The decode worker's load counts from the pick, not from after the prefill: otherwise every request
+            # arriving during a prefill sees the same idle worker (one worker took 15 of 16 streams).
+            reservation.enter_context(self.pool.track(decode, decode_load))
+            prefilled = await self._prefill(request_id, prompt, params, deadline)
+            request = decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
+                                                 sampling_params=sampling_params_to_proto(params))
+            produced: list[int] = []               # every token this sequence has yielded, the prefill's included
+            if prefilled is not None:
+                finish = finish_reason_from_proto(prefilled.finish_reason)
+                logprobs = [prefilled.first_token_logprob] if params.logprobs is not None else []
+                yield TokenBatch([prefilled.first_token_id], logprobs, finish, cached_tokens=prefilled.cached_tokens)
+                if finish is not None:
+                    return
+                produced.append(prefilled.first_token_id)
+                request.first_token_id = prefilled.first_token_id
+                request.kv_handle.CopyFrom(prefilled.kv_handle)
+                if params.logprobs is not None:
+                    request.first_token_logprob.CopyFrom(prefilled.first_token_logprob)
+            tried: list[Worker] = []
+            migrations = 0
+            while True:
+                produced_here = False
+                try:
                     call = decode_pb2_grpc.DecodeStub(decode.channel).Generate(request, timeout=time_left(deadline))
                     try:
                         async for chunk in call:
-                            produced = produced or bool(chunk.token_ids)
+                            produced_here = produced_here or bool(chunk.token_ids)
                             batch = _batch_from_chunk(chunk, first_from_prefill=prefilled is not None)
+                            produced += batch.token_ids
                             yield batch
                             if batch.finish_reason is not None:
                                 return
                     finally:
                         call.cancel()
-                raise UpstreamError(f"decode worker {decode.address} ended the stream without a finish reason",
-                                    retryable=False)
-            except grpc.aio.AioRpcError as exc:
-                error = self._failed(decode, "decode", exc)
-                if produced or tried or not getattr(error, "retryable", False):
-                    raise error from exc
-                tried.append(decode)
-                try:
-                    decode = self.router.pick("decode", len(prompt), exclude=tried)
-                except NoHealthyWorkerError:
-                    raise error from exc
-                metrics.DECODE_RETRIES.inc()
-                log.warning("request %s: %s; retrying on decode worker %s", request_id, error, decode.address)
+                    raise UpstreamError(f"decode worker {decode.address} ended the stream without a finish reason",
+                                        retryable=False)
+                except grpc.aio.AioRpcError as exc:
+                    error = self._failed(decode, "decode", exc)
+                    if not getattr(error, "retryable", False):
+                        raise error from exc
+                    if produced_here and migrations >= self.max_migrations:
+                        metrics.DECODE_MIGRATIONS.labels("limit_reached").inc()
+                        raise error from exc
+                    if not produced_here and tried:
+                        raise error from exc
+                    tried.append(decode)
+                    try:
+                        decode = self.router.pick("decode", len(prompt), exclude=tried)
+                    except NoHealthyWorkerError:
+                        if produced_here:
+                            metrics.DECODE_MIGRATIONS.labels("no_other_worker").inc()
+                        raise error from exc
+                    reservation.close()
+                    reservation.enter_context(self.pool.track(decode, decode_load))
+                    if produced_here:
+                        # The stream goes on elsewhere: the prompt's KV from the store, the produced tail recomputed.
+                        migrations += 1
+                        reason = exc.code().name.lower()
+                        metrics.DECODE_MIGRATIONS.labels(reason).inc()
+                        log.warning("request %s: %s after %d tokens; resuming on decode worker %s",
+                                    request_id, error, len(produced), decode.address)
+                        request.ClearField("first_token_id")
+                        request.ClearField("first_token_logprob")
+                        del request.prior_output_token_ids[:]
+                        request.prior_output_token_ids.extend(produced)
+                    else:
+                        metrics.DECODE_RETRIES.inc()
+                        log.warning("request %s: %s; retrying on decode worker %s", request_id, error,
+                                    decode.address)
 
     async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams,
                        deadline: float) -> Optional[prefill_pb2.PrefillResponse]:

@@ -62,12 +62,17 @@ class GatewaySettings:
         "help": "prompts with fewer tokens are prefilled by the decode worker itself"})
     request_timeout_s: float = field(default=600.0, metadata={"help": "deadline of one request, end to end"})
     health_check_interval_s: float = field(default=1.0, metadata={"help": "how often workers are health-checked"})
+    max_decode_migrations: int = field(default=1, metadata={
+        "help": "how many times one stream may move to another decode worker after its worker failed mid-stream "
+                "(0: the stream ends with an error instead)"})
 
     def __post_init__(self) -> None:
         if self.local_prefill_threshold < 0:
             raise ValueError("local_prefill_threshold must be >= 0")
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
+        if self.max_decode_migrations < 0:
+            raise ValueError("max_decode_migrations must be >= 0")
 
 
 class Gateway:
@@ -82,7 +87,8 @@ class Gateway:
                                check_interval_s=settings.health_check_interval_s)
         self.router = Router(self.pool)
         self.tokenizer = TokenizerClient(self.pool.workers("tokenizer")[0].channel)
-        runner = SequenceRunner(self.router, self.pool, settings.kv_store_address, settings.local_prefill_threshold)
+        runner = SequenceRunner(self.router, self.pool, settings.kv_store_address, settings.local_prefill_threshold,
+                                settings.max_decode_migrations)
         self.pipeline = Pipeline(self.tokenizer, runner, settings.model_name, settings.request_timeout_s)
         self.admission = Admission()
         self.app = build_app(ApiState(self.pipeline, self.admission, settings.api_key, self.why_unhealthy))

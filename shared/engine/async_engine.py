@@ -97,7 +97,8 @@ class AsyncEngine:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                        first_token: Optional[tuple] = None, kv_blocks: Optional[tuple[list[bytes], torch.Tensor]] = None,
-                       export_kv: bool = False) -> AsyncIterator[TokenDelta]:
+                       export_kv: bool = False,
+                       prior_output_ids: Optional[list[int]] = None) -> AsyncIterator[TokenDelta]:
         """Streams the request's deltas until it finishes; leaving the iteration early aborts the request.
 
         Bad input raises InvalidRequestError before anything is queued.
@@ -120,7 +121,7 @@ class AsyncEngine:
                 hashes, rows = kv_blocks
                 held = self.engine.import_kv_blocks(hashes, rows)
             self.engine.add_request(request_id, list(prompt_token_ids), params, first_token=first_token,
-                                    held_block_ids=held, export_kv=export_kv)
+                                    held_block_ids=held, export_kv=export_kv, prior_output_ids=prior_output_ids)
 
         self._submit(add, request_id)
         finished = False

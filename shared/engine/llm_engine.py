@@ -118,12 +118,15 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams,
                     arrival_time: Optional[float] = None, *, first_token: Optional[tuple] = None,
-                    held_block_ids: Optional[list[int]] = None, export_kv: bool = False) -> None:
+                    held_block_ids: Optional[list[int]] = None, export_kv: bool = False,
+                    prior_output_ids: Optional[list[int]] = None) -> None:
         """Queues a request.
 
         Disaggregation hooks: `first_token` = (token id, logprob or None, top logprobs) continues a request whose
-        first token was sampled by a prefill worker; `held_block_ids` (from import_kv_blocks) are prompt blocks
-        received from a kv-store; `export_kv` hands the prompt's full blocks back in the RequestOutput.
+        first token was sampled by a prefill worker; `prior_output_ids` continues one that another worker had
+        already generated these tokens for (decode failover; recomputed here, counted towards max_tokens);
+        `held_block_ids` (from import_kv_blocks) are prompt blocks received from a kv-store; `export_kv` hands
+        the prompt's full blocks back in the RequestOutput.
         """
         held = list(held_block_ids or [])
         try:
@@ -131,8 +134,15 @@ class LLMEngine:
                 raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
             text, token_ids = self.validate_prompt(prompt)
             self.validate_params(params, len(token_ids))
-            if (first_token is not None or held) and params.n != 1:
+            if (first_token is not None or held or prior_output_ids) and params.n != 1:
                 raise InvalidRequestError("a continued request (first token given) must have n = 1", "n")
+            if first_token is not None and prior_output_ids:
+                raise InvalidRequestError("give either the first token or the prior output, not both",
+                                          "prior_output_token_ids")
+            prior = list(prior_output_ids or [])
+            if any(not 0 <= t < self.vocab_size for t in prior):
+                raise InvalidRequestError(f"prior output token ids must be in [0, {self.vocab_size})",
+                                          "prior_output_token_ids")
         except BaseException:
             for block_id in held:
                 self.pool.release(block_id)
@@ -143,6 +153,10 @@ class LLMEngine:
             seq = Sequence(request_id, index, token_ids, params, now)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+            seq.output_token_ids.extend(prior)
+            if params.logprobs is not None:  # streamed by the worker that produced them; kept parallel here
+                seq.logprobs.extend([float("nan")] * len(prior))
+                seq.top_logprobs.extend([] for _ in prior)
             if first_token is not None:
                 token, logprob, top = first_token
                 seq.output_token_ids.append(int(token))

@@ -156,7 +156,7 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
     chunk_tokens: int = 1
     cached_tokens: int = 0
     fail_with: Optional[grpc.StatusCode] = None    # abort every Generate before any token with this code
-    die_after_tokens: Optional[int] = None         # stop the whole server after this many tokens
+    die_after_tokens: Optional[int] = None         # stop the whole server after this many tokens (of this call)
     engine_error: Optional[str] = None             # end every stream with an ERROR chunk carrying this message
     server: Optional[grpc.aio.Server] = None
     requests: list = field(default_factory=list)
@@ -176,7 +176,9 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
                 return
             params = request.sampling_params
             seed, max_tokens = _seed(params), _max_tokens(params)
-            if request.HasField("first_token_id"):
+            if request.prior_output_token_ids:  # resumed after another worker failed: continue after its tokens
+                previous, produced = request.prior_output_token_ids[-1], len(request.prior_output_token_ids)
+            elif request.HasField("first_token_id"):
                 previous, produced = request.first_token_id, 1
             else:
                 previous, produced = request.prompt_token_ids[-1], 0
@@ -193,7 +195,8 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
                     finish = common_pb2.FINISH_REASON_STOP
                 elif produced >= max_tokens:
                     finish = common_pb2.FINISH_REASON_LENGTH
-                if self.die_after_tokens is not None and produced > self.die_after_tokens:
+                if self.die_after_tokens is not None and \
+                        produced > self.die_after_tokens + len(request.prior_output_token_ids):
                     asyncio.get_running_loop().create_task(self.server.stop(None))
                     await asyncio.sleep(30)
                 if len(pending) >= self.chunk_tokens or finish != common_pb2.FINISH_REASON_UNSPECIFIED:

@@ -18,9 +18,9 @@ def _events(body: str) -> list[str]:
     return [e[len("data: "):] for e in body.split("\n\n") if e]
 
 
-def test_decode_dying_mid_stream_ends_the_stream_with_an_error_event(make_stack):
+def test_decode_dying_mid_stream_ends_the_stream_with_an_error_event_without_migration(make_stack):
     stack = make_stack(num_decode=2, decode={"die_after_tokens": 2, "token_delay_s": 0.01})
-    gateway = stack.start_gateway()
+    gateway = stack.start_gateway(max_decode_migrations=0)
     with gateway.http_client() as http:
         response = http.post("/v1/completions", json={"prompt": "x 10", "max_tokens": 50, "stream": True})
     assert response.status_code == 200
@@ -38,6 +38,49 @@ def test_decode_dying_mid_stream_ends_the_stream_with_an_error_event(make_stack)
     result = gateway.openai().completions.create(model="fake-model", prompt="x 10", max_tokens=3)
     assert result.choices[0].text == " w11 w12 w13"
     assert len(survivor.servicer.requests) == 1
+
+
+def _migrations(http, reason: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(f'splitserve_gateway_decode_migrations_total{{reason="{reason}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_decode_dying_mid_stream_moves_the_stream_to_another_worker(make_stack):
+    """The client's stream goes on: the survivor gets every token produced so far and continues after them."""
+    stack = make_stack(num_decode=2, decode={"token_delay_s": 0.01})
+    gateway = stack.start_gateway()
+    stack.decodes[0].servicer.die_after_tokens = 2
+    stack.decodes[1].servicer.die_after_tokens = 2
+    with gateway.http_client() as http:
+        before = _migrations(http, "unavailable")
+        response = http.post("/v1/completions", json={"prompt": "x 10", "max_tokens": 4, "stream": True})
+        assert response.status_code == 200
+        dead = next(s for s in stack.decodes if s.servicer.requests)
+        survivor = next(s for s in stack.decodes if s is not dead)
+        events = _events(response.text)
+        assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1])
+        text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+        finish = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]]
+        assert _migrations(http, "unavailable") == before + 1
+    # The survivor was told what was produced (prefill's first token w11, then w12), which is not streamed again.
+    [resumed] = survivor.servicer.requests
+    assert len(resumed.prior_output_token_ids) == 2 and not resumed.HasField("first_token_id")
+    assert resumed.kv_handle.block_hashes == dead.servicer.requests[0].kv_handle.block_hashes
+    assert text == " w11 w12 w13 w14" and finish[-1] == "length"
+
+
+def test_a_second_death_is_not_migrated_again_by_default(make_stack):
+    stack = make_stack(num_decode=3, decode={"die_after_tokens": 2, "token_delay_s": 0.01})
+    gateway = stack.start_gateway()
+    with gateway.http_client() as http:
+        before = _migrations(http, "limit_reached")
+        response = http.post("/v1/completions", json={"prompt": "x 10", "max_tokens": 50, "stream": True})
+        events = _events(response.text)
+        assert "error" in json.loads(events[-2])
+        assert _migrations(http, "limit_reached") == before + 1
+    assert sum(len(s.servicer.requests) for s in stack.decodes) == 2
 
 
 def test_openai_client_sees_the_mid_stream_error(make_stack):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import httpx
 import redis as sync_redis
 from prometheus_client import REGISTRY
 
@@ -103,3 +105,31 @@ def test_failed_prefill_worker_falls_back_to_local_prefill(make_stack):
     stack.wait_for(lambda: not gateway.gateway.pool.healthy("prefill"))
     gateway.openai().completions.create(model="fake-model", prompt="x 10", max_tokens=3)
     assert _sample("splitserve_gateway_local_prefill_total", reason="no_prefill_worker") >= before + 1
+
+
+def test_concurrent_equal_streams_are_balanced_across_decode_workers(make_stack, clean_redis):
+    """16 streams at once, one worker still reporting a sequence that has ended (a lagging report): the split
+    stays within the router's stated tolerance (one sequence, plus what the worker reports beyond this gateway)."""
+    stack = make_stack(num_decode=2, decode={"token_delay_s": 0.02})
+    lagging, other = stack.decodes
+    announcers = [WorkerAnnouncer(clean_redis, "decode", lagging.address, "fake-model", lambda: {"num_running": 1}),
+                  WorkerAnnouncer(clean_redis, "decode", other.address, "fake-model", lambda: {"num_running": 0})]
+    for announcer in announcers:
+        stack.loop.run(announcer.start())
+    try:
+        gateway = stack.start_gateway(redis_url=clean_redis)
+
+        async def one(http):
+            response = await http.post("/v1/completions", json={"prompt": "x 10", "max_tokens": 20})
+            assert response.status_code == 200
+
+        async def all_at_once():
+            async with httpx.AsyncClient(base_url=gateway.base_url, timeout=30) as http:
+                await asyncio.gather(*(one(http) for _ in range(16)))
+
+        asyncio.run(all_at_once())
+        counts = sorted([len(lagging.servicer.requests), len(other.servicer.requests)])
+        assert sum(counts) == 16 and counts[1] - counts[0] <= 2, counts
+    finally:
+        for announcer in announcers:
+            stack.loop.run(announcer.stop())
