@@ -1,8 +1,9 @@
-"""Workers die mid-request: the client's stream ends with an error event (never a hang) and the next request is
-served by the surviving worker."""
+"""Workers die mid-request: a decode worker's streams move to the surviving one (the client sees no error), a
+prefill worker's requests go to the other one, and the next requests are served."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -45,25 +46,70 @@ def _busy_decode_index(stack) -> int:
     raise AssertionError("no decode worker is running the request")
 
 
-def test_killing_the_decode_worker_mid_stream_ends_the_stream_with_an_error(pair_stack):
+def _gateway_metric(stack, name: str) -> float:
+    [port] = stack.metrics_ports["gateway"]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+def _decode_running(stack, index: int) -> int:
+    from e2e_stack import _call
+    from splitserve.protos.splitserve.v1 import decode_pb2, decode_pb2_grpc
+
+    return _call(stack.addresses["decode"][index], decode_pb2_grpc.DecodeStub, "Stats",
+                 decode_pb2.DecodeStatsRequest()).engine.num_running
+
+
+def test_killing_a_decode_worker_mid_stream_moves_its_streams(pair_stack, llama_ckpt):
+    """16 greedy streams, SIGKILL one of the two decode workers mid-stream: every stream completes with the
+    offline engine's text; the streams that were on the killed worker are migrated (counted), none lost."""
+    from splitserve import LLM, SamplingParams
+
     stack = pair_stack
-    body = {"model": _model(stack), "prompt": list(range(3, 90)), "max_tokens": 900, "temperature": 0.0,
-            "ignore_eos": True, "stream": True}
-    events = []
-    started = time.monotonic()
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{stack.base_url}/completions", json=body) as response:
+    model = _model(stack)
+    prompts = [list(range(3 + i, 60 + 3 * i)) for i in range(16)]
+    max_tokens = 300
+    migrations_before = _gateway_metric(stack, "splitserve_gateway_decode_migrations_total")
+    deadline = time.monotonic() + 30   # both decode workers routable (the gateway checks health every second)
+    while _gateway_metric(stack, 'splitserve_gateway_healthy_workers{kind="decode"}') < 2:
+        assert time.monotonic() < deadline, "the gateway never saw both decode workers healthy"
+        time.sleep(0.2)
+
+    async def stream(http, prompt, events):
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                "stream": True}
+        async with http.stream("POST", f"{stack.base_url}/completions", json=body) as response:
             assert response.status_code == 200
-            for line in response.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                events.append(line[6:])
-                if len(events) == 3:
-                    stack.process("decode", _busy_decode_index(stack)).kill()
-    assert time.monotonic() - started < 60
-    assert events[-1] == "[DONE]"
-    error = json.loads(events[-2])
-    assert "error" in error and error["error"]["message"]
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+
+    async def run():
+        events = [[] for _ in prompts]
+        async with httpx.AsyncClient(timeout=120) as http:
+            tasks = [asyncio.create_task(stream(http, p, e)) for p, e in zip(prompts, events)]
+            while not all(len(e) >= 3 for e in events):
+                await asyncio.sleep(0.01)
+            on_killed = await asyncio.to_thread(_decode_running, stack, 0)
+            stack.process("decode", 0).kill()
+            switch = time.monotonic()
+            await asyncio.wait_for(asyncio.gather(*tasks), 120)
+            return events, on_killed, time.monotonic() - switch
+
+    started = time.monotonic()
+    events, on_killed, after_kill = asyncio.run(run())
+    reference = LLM(str(llama_ckpt), dtype="float32", device="cpu", num_kv_blocks=512)
+    expected = reference.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    for i, (stream_events, ref) in enumerate(zip(events, expected)):
+        assert all("error" not in e for e in stream_events), (i, stream_events[-1])
+        text = "".join(e["choices"][0]["text"] for e in stream_events if e.get("choices"))
+        assert text == ref.outputs[0].text, f"stream {i} differs from the offline engine"
+        assert stream_events[-1]["choices"][0]["finish_reason"] == "length"
+    assert on_killed > 0
+    migrated = _gateway_metric(stack, "splitserve_gateway_decode_migrations_total") - migrations_before
+    assert migrated == on_killed
+    print(f"failover: {len(prompts)} streams kept, {on_killed} migrated, 0 lost; {time.monotonic() - started:.1f} s "
+          f"in all, {after_kill:.1f} s from the kill to the last stream's end")
     # The next requests are served by the surviving decode worker.
     for prompt in ("after the crash", list(range(10, 50))):
         response = _complete(stack, prompt)

@@ -261,3 +261,21 @@ def test_import_writes_the_same_bytes_whether_or_not_layers_share_one_tensor(lay
         assert torch.equal(export_blocks(caches, [7, 3, 11]), rows[[2, 0, 3]])
     assert torch.equal(torch.stack(stacked), torch.stack(separate))  # and nothing else was touched
     assert (layout.bytes_per_block >= PER_BLOCK_COPY_BYTES) == (heads == 8)  # both paths are exercised
+
+
+@pytest.mark.parametrize("already", [1, 9])
+def test_resumed_sequence_continues_after_its_prior_output(engines, already):
+    """Decode failover: a second engine gets the prompt's blocks and the tokens a failed worker produced; it
+    recomputes that tail and continues exactly as one engine would have."""
+    prefill, decode, offline = engines
+    prompt = mixed_prompts(VOCAB, [70], seed=31)[0]
+    [reference] = offline.generate([prompt], GREEDY)
+    expected = reference.outputs[0].token_ids
+    export = _run(prefill, f"rp{already}", prompt, GREEDY.replace(max_tokens=1), export_kv=True).kv_export
+    held = decode.import_kv_blocks(export.block_hashes, export.blocks)
+    out = _run(decode, f"rd{already}", prompt, GREEDY, held_block_ids=held, prior_output_ids=expected[:already])
+    assert out.outputs[0].token_ids == expected
+    assert out.num_cached_tokens == (70 // 16) * 16
+    _assert_pool_whole(decode)
+    with pytest.raises(InvalidRequestError, match="either"):
+        decode.add_request("both", prompt, GREEDY, first_token=(1, None, None), prior_output_ids=[1])
