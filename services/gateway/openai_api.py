@@ -1,18 +1,20 @@
 """The OpenAI-compatible HTTP API: routes, body parsing, streaming as server-sent events.
 
 Every failure leaves as an OpenAI error body (openai_errors.py), including malformed JSON and wrong types
-(400, not FastAPI's 422). A streamed response starts only once the request produced its first event, so
+(400, not FastAPI's 422), text that is not valid Unicode (400: a lone surrogate cannot be sent to the tokenizer)
+and bodies over max_body_bytes (413, refused from Content-Length or as soon as the count passes the limit). A streamed response starts only once the request produced its first event, so
 failures up to then (no worker, bad parameter found by prefill) still get their HTTP status; later failures
 end the stream with an error event and `[DONE]`, never a hang.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Optional, Union
+from typing import Any, AsyncIterator, Callable, Optional, Union
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -28,9 +30,9 @@ from splitserve.services.gateway.auth import check_api_key
 from splitserve.services.gateway.openai_errors import describe, error_body, error_response
 from splitserve.services.gateway.openai_format import ResponseFormatter
 from splitserve.services.gateway.outputs import SequenceEvent, collect, total_usage
-from splitserve.services.gateway.pipeline import Pipeline, PreparedRequest
+from splitserve.services.gateway.pipeline import Pipeline, PreparedRequest, internal_request_id
 from splitserve.services.gateway.schemas import ChatCompletionRequest, CompletionRequest
-from splitserve.services.gateway.errors import ShutdownError
+from splitserve.services.gateway.errors import RequestTooLargeError, ShutdownError
 from splitserve.services.gateway.sse import DONE, ClientDisconnected, EventStreamResponse, run_for_client, sse_event
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 # nginx's status for "the client closed the connection before the response"; only ever seen in metrics.
 CLIENT_CLOSED = 499
 _PYDANTIC_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+REQUEST_ID_HEADER = "x-request-id"
 
 
 @dataclass
@@ -46,6 +49,7 @@ class ApiState:
     admission: Admission
     api_key: Optional[str]
     healthy: Callable[[], Optional[str]]            # None when healthy, else why not
+    max_body_bytes: int = 8 * 2**20
 
 
 def build_app(state: ApiState) -> FastAPI:
@@ -61,11 +65,11 @@ def build_app(state: ApiState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await _generate(state, request, CompletionRequest, chat=False)
+        return _echo_request_id(request, await _generate(state, request, CompletionRequest, chat=False))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _generate(state, request, ChatCompletionRequest, chat=True)
+        return _echo_request_id(request, await _generate(state, request, ChatCompletionRequest, chat=True))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -87,10 +91,23 @@ def build_app(state: ApiState) -> FastAPI:
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        # Behind the key like the API (Prometheus without it scrapes --metrics-port, which is not public).
+        try:
+            check_api_key(request.headers.get("authorization"), state.api_key)
+        except Exception as exc:
+            return error_response(exc)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _echo_request_id(request: Request, response: Response) -> Response:
+    """The client's X-Request-Id comes back as it was sent, whatever the internal id (pipeline.internal_request_id)."""
+    client_id = request.headers.get(REQUEST_ID_HEADER)
+    if client_id:
+        response.headers[REQUEST_ID_HEADER] = client_id
+    return response
 
 
 def _finish(endpoint: str, response: Response) -> Response:
@@ -104,11 +121,13 @@ async def _generate(state: ApiState, request: Request,
     ticket: Optional[Ticket] = None
     try:
         check_api_key(request.headers.get("authorization"), state.api_key)
-        body = await _parse(request, schema)
-        ticket = state.admission.admit()
+        body = await _parse(request, schema, state.max_body_bytes)
         generation = body.to_generation_request()
-        if request.headers.get("x-request-id"):
-            generation.request_id = request.headers["x-request-id"]
+        client_id = request.headers.get(REQUEST_ID_HEADER)
+        if client_id:
+            generation.request_id = internal_request_id(client_id)
+            log.info("request %s: X-Request-Id %s", generation.request_id, client_id)
+        ticket = await run_for_client(request, state.admission.admit(), asyncio.Event())
         prepared = await run_for_client(request, state.pipeline.prepare(generation), ticket.aborted)
         formatter = ResponseFormatter(chat=chat, request_id=prepared.request_id, model=prepared.model,
                                       tokenizer=state.pipeline.tokenizer,
@@ -186,14 +205,20 @@ async def _sse(formatter: ResponseFormatter, prepared: PreparedRequest, first: S
     yield DONE
 
 
-async def _parse(request: Request, schema: type[BaseModel]) -> BaseModel:
-    raw = await request.body()
+async def _parse(request: Request, schema: type[BaseModel], max_body_bytes: int) -> BaseModel:
+    raw = await _read_body(request, max_body_bytes)
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_refuse_constant)
     except ValueError as exc:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidRequestError("the request body must be a JSON object")
+    unencodable = _first_unencodable_string(data, ())
+    if unencodable is not None:
+        param = _param_name(unencodable) or None
+        metrics.REJECTED_INPUT.labels("invalid_unicode").inc()
+        raise InvalidRequestError(f"{param or 'a key'}: the text holds a lone UTF-16 surrogate (e.g. \\ud800), which is not "
+                                  f"valid Unicode", param)
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
@@ -201,6 +226,54 @@ async def _parse(request: Request, schema: type[BaseModel]) -> BaseModel:
         param = _param_name(first["loc"])
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         raise InvalidRequestError(f"{param}: {first['msg']}{more}", param) from exc
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed `limit`: from Content-Length before reading
+    any of it, else while it streams in (chunked), never holding more than `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        _too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            _too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> None:
+    metrics.REJECTED_INPUT.labels("body_too_large").inc()
+    log.info("refused a request body of %d bytes or more: over the %d-byte limit", size, limit)
+    raise RequestTooLargeError("request body", limit)
+
+
+def _refuse_constant(name: str) -> float:
+    """NaN and Infinity are not JSON (Python's json accepts them) and no sampling parameter can use them."""
+    raise ValueError(f"{name} is not a valid JSON value")
+
+
+def _first_unencodable_string(value: Any, loc: tuple) -> Optional[tuple]:
+    """Where the first string (or key) that cannot be UTF-8 encoded sits; JSON's \\ud800 escapes decode to them."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return loc
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            for found in (_first_unencodable_string(key, loc), _first_unencodable_string(item, (*loc, key))):
+                if found is not None:
+                    return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _first_unencodable_string(item, (*loc, index))
+            if found is not None:
+                return found
+    return None
 
 
 def _param_name(loc: tuple) -> str:
