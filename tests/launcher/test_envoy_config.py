@@ -122,6 +122,7 @@ def test_the_file_keeps_its_promises():
     assert mapper["filter"]["status_code_filter"]["comparison"]["value"]["default_value"] == 413
     error = mapper["body_format_override"]["json_format"]["error"]
     assert error["code"] == "request_too_large" and str(BODY_LIMIT) in error["message"]
+    assert _hcm(config, "openai_http")["preserve_external_request_id"] is True   # clients' ids for tracing
     routes = [(name, route) for name, route in _routes(config) if name != "envoy_ready"]
     assert {name for name, _ in routes} == {"openai_http", "public_grpc"}
     for name, route in routes:
