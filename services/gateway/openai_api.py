@@ -1,29 +1,25 @@
-"""The OpenAI-compatible HTTP API: routes, body parsing, streaming as server-sent events.
+"""The OpenAI-compatible HTTP API: routes, admission, streaming as server-sent events.
 
-Every failure leaves as an OpenAI error body (openai_errors.py), including malformed JSON and wrong types
-(400, not FastAPI's 422), text that is not valid Unicode (400: a lone surrogate cannot be sent to the tokenizer)
-and bodies over max_body_bytes (413, refused from Content-Length or as soon as the count passes the limit). A streamed response starts only once the request produced its first event, so
-failures up to then (no worker, bad parameter found by prefill) still get their HTTP status; later failures
-end the stream with an error event and `[DONE]`, never a hang.
+Every failure leaves as an OpenAI error body (openai_errors.py), including a body that is too large, not JSON
+or of the wrong shape (request_body.py: 413 or 400, not FastAPI's 422). A streamed response starts only once
+the request produced its first event, so failures up to then (no worker, bad parameter found by prefill) still
+get their HTTP status; later failures end the stream with an error event and `[DONE]`, never a hang.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable, Optional, Union
+from typing import AsyncIterator, Callable, Optional, Union
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from splitserve.sampling_params import InvalidRequestError
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.admission import Admission, Ticket
 from splitserve.services.gateway.auth import check_api_key
@@ -32,14 +28,14 @@ from splitserve.services.gateway.openai_format import ResponseFormatter
 from splitserve.services.gateway.outputs import SequenceEvent, collect, total_usage
 from splitserve.services.gateway.pipeline import Pipeline, PreparedRequest, internal_request_id
 from splitserve.services.gateway.schemas import ChatCompletionRequest, CompletionRequest
-from splitserve.services.gateway.errors import RequestTooLargeError, ShutdownError
+from splitserve.services.gateway.errors import ShutdownError
+from splitserve.services.gateway.request_body import parse_body
 from splitserve.services.gateway.sse import DONE, ClientDisconnected, EventStreamResponse, run_for_client, sse_event
 
 log = logging.getLogger(__name__)
 
 # nginx's status for "the client closed the connection before the response"; only ever seen in metrics.
 CLIENT_CLOSED = 499
-_PYDANTIC_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 REQUEST_ID_HEADER = "x-request-id"
 
 
@@ -121,7 +117,7 @@ async def _generate(state: ApiState, request: Request,
     ticket: Optional[Ticket] = None
     try:
         check_api_key(request.headers.get("authorization"), state.api_key)
-        body = await _parse(request, schema, state.max_body_bytes)
+        body = await parse_body(request, schema, state.max_body_bytes)
         generation = body.to_generation_request()
         client_id = request.headers.get(REQUEST_ID_HEADER)
         if client_id:
@@ -203,87 +199,3 @@ async def _sse(formatter: ResponseFormatter, prepared: PreparedRequest, first: S
         log.warning("request %s: stream ended by an error: %s", prepared.request_id, exc)
         yield sse_event(body)
     yield DONE
-
-
-async def _parse(request: Request, schema: type[BaseModel], max_body_bytes: int) -> BaseModel:
-    raw = await _read_body(request, max_body_bytes)
-    try:
-        data = json.loads(raw, parse_constant=_refuse_constant)
-    except ValueError as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    unencodable = _first_unencodable_string(data, ())
-    if unencodable is not None:
-        param = _param_name(unencodable) or None
-        metrics.REJECTED_INPUT.labels("invalid_unicode").inc()
-        raise InvalidRequestError(f"{param or 'a key'}: the text holds a lone UTF-16 surrogate (e.g. \\ud800), which is not "
-                                  f"valid Unicode", param)
-    try:
-        return schema.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = _param_name(first["loc"])
-        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        raise InvalidRequestError(f"{param}: {first['msg']}{more}", param) from exc
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused (413) as soon as it is known to exceed `limit`: from Content-Length before reading
-    any of it, else while it streams in (chunked), never holding more than `limit` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        _too_large(int(declared), limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            _too_large(size, limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _too_large(size: int, limit: int) -> None:
-    metrics.REJECTED_INPUT.labels("body_too_large").inc()
-    log.info("refused a request body of %d bytes or more: over the %d-byte limit", size, limit)
-    raise RequestTooLargeError("request body", limit)
-
-
-def _refuse_constant(name: str) -> float:
-    """NaN and Infinity are not JSON (Python's json accepts them) and no sampling parameter can use them."""
-    raise ValueError(f"{name} is not a valid JSON value")
-
-
-def _first_unencodable_string(value: Any, loc: tuple) -> Optional[tuple]:
-    """Where the first string (or key) that cannot be UTF-8 encoded sits; JSON's \\ud800 escapes decode to them."""
-    if isinstance(value, str):
-        if not value.isascii():
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return loc
-        return None
-    if isinstance(value, dict):
-        for key, item in value.items():
-            for found in (_first_unencodable_string(key, loc), _first_unencodable_string(item, (*loc, key))):
-                if found is not None:
-                    return found
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _first_unencodable_string(item, (*loc, index))
-            if found is not None:
-                return found
-    return None
-
-
-def _param_name(loc: tuple) -> str:
-    """`messages[0].role` from pydantic's location, leaving out its union member tags."""
-    name = ""
-    for item in loc:
-        if isinstance(item, int):
-            name += f"[{item}]"
-        elif isinstance(item, str) and item not in _PYDANTIC_TYPE_TAGS and "[" not in item:
-            name += f".{item}" if name else item
-        else:
-            break
-    return name
