@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Optional
+
+# Seeds travel as proto int64 and seed torch generators; vLLM accepts the same range.
+SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
+_FLOAT_PARAMS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 class InvalidRequestError(ValueError):
@@ -48,6 +53,13 @@ class SamplingParams:
             bad("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", f"n must be an integer >= 1, got {self.n!r}")
+        for name in _FLOAT_PARAMS:   # NaN passes every range check below
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad(name, f"{name} must be a finite number, got {value!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not SEED_MIN <= self.seed <= SEED_MAX):
+            bad("seed", f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
         if self.temperature < 0.0:
             bad("temperature", f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:

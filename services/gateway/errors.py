@@ -19,6 +19,14 @@ class UnsupportedFeatureError(InvalidRequestError):
     """A valid OpenAI parameter this server does not implement; said plainly instead of being ignored."""
 
 
+class RequestTooLargeError(InvalidRequestError):
+    """The body or the prompt is over a configured byte limit; refused before it is read whole or tokenized."""
+
+    def __init__(self, what: str, limit: int, param: Optional[str] = None):
+        super().__init__(f"the {what} is larger than this server's limit of {limit} bytes", param)
+        self.limit = limit
+
+
 class GatewayError(Exception):
     """Base of the failures that are not the user's input."""
 
@@ -42,6 +50,14 @@ class NoHealthyWorkerError(GatewayError):
 class DrainingError(GatewayError):
     def __init__(self) -> None:
         super().__init__("the gateway is shutting down and takes no new requests; retry on another replica")
+
+
+class OverloadedError(GatewayError):
+    """max_in_flight requests are running and max_queued waiting: shed now rather than queue without bound."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__("the server is at capacity and its queue is full; retry after a short wait")
+        self.retry_after_s = retry_after_s
 
 
 class ShutdownError(GatewayError):

@@ -1,4 +1,9 @@
-"""The public gRPC API (splitserve.v1.Gateway): the same pipeline as the REST API, errors as gRPC statuses."""
+"""The public gRPC API (splitserve.v1.Gateway): the same pipeline as the REST API, errors as gRPC statuses.
+
+Bad input is INVALID_ARGUMENT with a message, including a request protobuf cannot parse (a string that is not
+UTF-8); a full admission queue is RESOURCE_EXHAUSTED; messages over max_body_bytes are refused by gRPC itself
+(RESOURCE_EXHAUSTED) before they are read.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import logging
 from typing import AsyncIterator, Optional
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from splitserve.protos.convert import finish_reason_to_proto, sampling_params_from_proto
 from splitserve.protos.splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -17,14 +23,17 @@ from splitserve.services.gateway import metrics
 from splitserve.services.gateway.admission import Admission, Ticket
 from splitserve.services.gateway.auth import check_api_key
 from splitserve.services.gateway.errors import (AuthenticationError, DrainingError, ModelNotFoundError,
-                                                NoHealthyWorkerError, RequestTimeoutError, ShutdownError,
-                                                UpstreamError)
+                                                NoHealthyWorkerError, OverloadedError, RequestTimeoutError,
+                                                ShutdownError, UpstreamError)
 from splitserve.services.gateway.outputs import SequenceEvent
-from splitserve.services.gateway.pipeline import GenerationRequest, Pipeline, Prompt
+from splitserve.services.gateway.pipeline import GenerationRequest, Pipeline, Prompt, internal_request_id
 
 log = logging.getLogger(__name__)
 
 ENDPOINT = "grpc_generate"
+SERVICE_NAME = "splitserve.v1.Gateway"
+# gRPC clients with a retry policy wait this long before retrying an overloaded call (gRFC A6 pushback).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 def status_of(exc: BaseException) -> grpc.StatusCode:
@@ -34,6 +43,8 @@ def status_of(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.UNAUTHENTICATED
     if isinstance(exc, ModelNotFoundError):
         return grpc.StatusCode.NOT_FOUND
+    if isinstance(exc, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(exc, (NoHealthyWorkerError, DrainingError, ShutdownError)):
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, RequestTimeoutError):
@@ -57,12 +68,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         try:
             metadata = {key: value for key, value in (context.invocation_metadata() or ())}
             check_api_key(metadata.get("authorization"), self.api_key)
-            ticket = self.admission.admit()
+            generation = generation_request(request)
+            ticket = await self.admission.admit()
             stopper = _cancel_when_set(ticket.aborted, asyncio.current_task())
-            prepared = await self.pipeline.prepare(generation_request(request))
+            prepared = await self.pipeline.prepare(generation)
+            # The client's own id comes back as sent; the workers see a unique one (internal_request_id).
+            reply_id = request.request_id or prepared.request_id
             async with contextlib.aclosing(self.pipeline.generate(prepared)) as events:
                 async for event in events:
-                    yield chunk_from_event(event, prepared.request_id)
+                    yield chunk_from_event(event, reply_id)
             code = grpc.StatusCode.OK
         except asyncio.CancelledError:
             if ticket is None or not ticket.aborted.is_set():
@@ -75,6 +89,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 log.error("internal error in Gateway.Generate", exc_info=exc)
             if isinstance(exc, InvalidRequestError):
                 await abort_invalid(context, exc)
+            if isinstance(exc, OverloadedError):
+                context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(exc.retry_after_s * 1000)),))
             message = str(exc) if code != grpc.StatusCode.INTERNAL or isinstance(exc, UpstreamError) \
                 else "internal error; see the gateway's log"
             await context.abort(code, message)
@@ -96,7 +112,35 @@ def _cancel_when_set(event: asyncio.Event, task: asyncio.Task) -> asyncio.Task:
     return asyncio.create_task(watch())
 
 
-def generation_request(request: gateway_pb2.GatewayGenerateRequest) -> GenerationRequest:
+class UndecodableRequest:
+    """Request bytes protobuf could not parse; Generate answers them with INVALID_ARGUMENT."""
+
+    def __init__(self, error: DecodeError):
+        self.error = error
+
+
+def _decode_request(data: bytes) -> "gateway_pb2.GatewayGenerateRequest | UndecodableRequest":
+    try:
+        return gateway_pb2.GatewayGenerateRequest.FromString(data)
+    except DecodeError as exc:
+        return UndecodableRequest(exc)
+
+
+def add_to_server(servicer: GatewayServicer, server: grpc.aio.Server) -> None:
+    """The generated add_GatewayServicer_to_server, except for the request decoder: with the generated one a
+    request protobuf refuses (a lone surrogate sent as UTF-8 bytes) fails inside gRPC as an INTERNAL error."""
+    handlers = {"Generate": grpc.unary_stream_rpc_method_handler(
+        servicer.Generate, request_deserializer=_decode_request,
+        response_serializer=gateway_pb2.GatewayGenerateChunk.SerializeToString)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def generation_request(request: "gateway_pb2.GatewayGenerateRequest | UndecodableRequest") -> GenerationRequest:
+    if isinstance(request, UndecodableRequest):
+        metrics.REJECTED_INPUT.labels("invalid_unicode").inc()
+        raise InvalidRequestError(f"the request is not a valid GatewayGenerateRequest (strings must be UTF-8): "
+                                  f"{request.error}")
     which = request.WhichOneof("prompt")
     if which == "text":
         prompt = Prompt(text=request.text)
@@ -109,7 +153,7 @@ def generation_request(request: gateway_pb2.GatewayGenerateRequest) -> Generatio
     generation = GenerationRequest(prompt=prompt, params=sampling_params_from_proto(request.sampling_params),
                                    model=request.model or None, skip_special_tokens=request.skip_special_tokens)
     if request.request_id:
-        generation.request_id = request.request_id
+        generation.request_id = internal_request_id(request.request_id)
     return generation
 
 

@@ -13,6 +13,12 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
 REQUESTS = Counter("splitserve_gateway_requests_total", "Finished requests by endpoint and status",
                    ["endpoint", "status"])
 IN_FLIGHT = Gauge("splitserve_gateway_requests_in_flight", "Requests being served now")
+QUEUED = Gauge("splitserve_gateway_requests_queued", "Requests waiting for one of the max_in_flight slots")
+SHED = Counter("splitserve_gateway_requests_shed_total",
+               "Requests refused (429 / RESOURCE_EXHAUSTED) because max_in_flight ran and max_queued waited")
+REJECTED_INPUT = Counter("splitserve_gateway_rejected_requests_total",
+                         "Requests refused before any work, by reason (body_too_large, prompt_too_large, "
+                         "invalid_unicode)", ["reason"])
 TTFT = Histogram("splitserve_gateway_time_to_first_token_seconds",
                  "From request arrival to its first generated token", buckets=_LATENCY_BUCKETS)
 INTER_TOKEN = Histogram("splitserve_gateway_inter_token_latency_seconds",

@@ -1,14 +1,14 @@
-"""The OpenAI-compatible HTTP API: routes, body parsing, streaming as server-sent events.
+"""The OpenAI-compatible HTTP API: routes, admission, streaming as server-sent events.
 
-Every failure leaves as an OpenAI error body (openai_errors.py), including malformed JSON and wrong types
-(400, not FastAPI's 422). A streamed response starts only once the request produced its first event, so
-failures up to then (no worker, bad parameter found by prefill) still get their HTTP status; later failures
-end the stream with an error event and `[DONE]`, never a hang.
+Every failure leaves as an OpenAI error body (openai_errors.py), including a body that is too large, not JSON
+or of the wrong shape (request_body.py: 413 or 400, not FastAPI's 422). A streamed response starts only once
+the request produced its first event, so failures up to then (no worker, bad parameter found by prefill) still
+get their HTTP status; later failures end the stream with an error event and `[DONE]`, never a hang.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -16,28 +16,27 @@ from typing import AsyncIterator, Callable, Optional, Union
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from splitserve.sampling_params import InvalidRequestError
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.admission import Admission, Ticket
 from splitserve.services.gateway.auth import check_api_key
 from splitserve.services.gateway.openai_errors import describe, error_body, error_response
 from splitserve.services.gateway.openai_format import ResponseFormatter
 from splitserve.services.gateway.outputs import SequenceEvent, collect, total_usage
-from splitserve.services.gateway.pipeline import Pipeline, PreparedRequest
+from splitserve.services.gateway.pipeline import Pipeline, PreparedRequest, internal_request_id
 from splitserve.services.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from splitserve.services.gateway.errors import ShutdownError
+from splitserve.services.gateway.request_body import parse_body
 from splitserve.services.gateway.sse import DONE, ClientDisconnected, EventStreamResponse, run_for_client, sse_event
 
 log = logging.getLogger(__name__)
 
 # nginx's status for "the client closed the connection before the response"; only ever seen in metrics.
 CLIENT_CLOSED = 499
-_PYDANTIC_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+REQUEST_ID_HEADER = "x-request-id"
 
 
 @dataclass
@@ -46,6 +45,7 @@ class ApiState:
     admission: Admission
     api_key: Optional[str]
     healthy: Callable[[], Optional[str]]            # None when healthy, else why not
+    max_body_bytes: int = 8 * 2**20
 
 
 def build_app(state: ApiState) -> FastAPI:
@@ -61,11 +61,11 @@ def build_app(state: ApiState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await _generate(state, request, CompletionRequest, chat=False)
+        return _echo_request_id(request, await _generate(state, request, CompletionRequest, chat=False))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await _generate(state, request, ChatCompletionRequest, chat=True)
+        return _echo_request_id(request, await _generate(state, request, ChatCompletionRequest, chat=True))
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
@@ -87,10 +87,23 @@ def build_app(state: ApiState) -> FastAPI:
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        # Behind the key like the API (Prometheus without it scrapes --metrics-port, which is not public).
+        try:
+            check_api_key(request.headers.get("authorization"), state.api_key)
+        except Exception as exc:
+            return error_response(exc)
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _echo_request_id(request: Request, response: Response) -> Response:
+    """The client's X-Request-Id comes back as it was sent, whatever the internal id (pipeline.internal_request_id)."""
+    client_id = request.headers.get(REQUEST_ID_HEADER)
+    if client_id:
+        response.headers[REQUEST_ID_HEADER] = client_id
+    return response
 
 
 def _finish(endpoint: str, response: Response) -> Response:
@@ -104,11 +117,13 @@ async def _generate(state: ApiState, request: Request,
     ticket: Optional[Ticket] = None
     try:
         check_api_key(request.headers.get("authorization"), state.api_key)
-        body = await _parse(request, schema)
-        ticket = state.admission.admit()
+        body = await parse_body(request, schema, state.max_body_bytes)
         generation = body.to_generation_request()
-        if request.headers.get("x-request-id"):
-            generation.request_id = request.headers["x-request-id"]
+        client_id = request.headers.get(REQUEST_ID_HEADER)
+        if client_id:
+            generation.request_id = internal_request_id(client_id)
+            log.info("request %s: X-Request-Id %s", generation.request_id, client_id)
+        ticket = await run_for_client(request, state.admission.admit(), asyncio.Event())
         prepared = await run_for_client(request, state.pipeline.prepare(generation), ticket.aborted)
         formatter = ResponseFormatter(chat=chat, request_id=prepared.request_id, model=prepared.model,
                                       tokenizer=state.pipeline.tokenizer,
@@ -184,33 +199,3 @@ async def _sse(formatter: ResponseFormatter, prepared: PreparedRequest, first: S
         log.warning("request %s: stream ended by an error: %s", prepared.request_id, exc)
         yield sse_event(body)
     yield DONE
-
-
-async def _parse(request: Request, schema: type[BaseModel]) -> BaseModel:
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise InvalidRequestError("the request body must be a JSON object")
-    try:
-        return schema.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = _param_name(first["loc"])
-        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        raise InvalidRequestError(f"{param}: {first['msg']}{more}", param) from exc
-
-
-def _param_name(loc: tuple) -> str:
-    """`messages[0].role` from pydantic's location, leaving out its union member tags."""
-    name = ""
-    for item in loc:
-        if isinstance(item, int):
-            name += f"[{item}]"
-        elif isinstance(item, str) and item not in _PYDANTIC_TYPE_TAGS and "[" not in item:
-            name += f".{item}" if name else item
-        else:
-            break
-    return name

@@ -12,8 +12,9 @@ from starlette.responses import JSONResponse
 
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.services.gateway.errors import (AuthenticationError, ContextLengthExceededError, DrainingError,
-                                                ModelNotFoundError, NoHealthyWorkerError, RequestTimeoutError,
-                                                ShutdownError, UnsupportedFeatureError, UpstreamError)
+                                                ModelNotFoundError, NoHealthyWorkerError, OverloadedError,
+                                                RequestTimeoutError, RequestTooLargeError, ShutdownError,
+                                                UnsupportedFeatureError, UpstreamError)
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,16 @@ def describe(exc: BaseException) -> tuple[int, dict[str, Any]]:
         return 400, error_body(str(exc), "invalid_request_error", exc.param, "context_length_exceeded")
     if isinstance(exc, UnsupportedFeatureError):
         return 400, error_body(str(exc), "invalid_request_error", exc.param, "unsupported_parameter")
+    if isinstance(exc, RequestTooLargeError):
+        return 413, error_body(str(exc), "invalid_request_error", exc.param, "request_too_large")
     if isinstance(exc, InvalidRequestError):
         return 400, error_body(str(exc), "invalid_request_error", exc.param)
     if isinstance(exc, AuthenticationError):
         return 401, error_body(str(exc), "authentication_error", None, "invalid_api_key")
     if isinstance(exc, ModelNotFoundError):
         return 404, error_body(str(exc), "invalid_request_error", "model", "model_not_found")
+    if isinstance(exc, OverloadedError):
+        return 429, error_body(str(exc), "rate_limit_error", None, "rate_limit_exceeded")
     if isinstance(exc, NoHealthyWorkerError):
         return 503, error_body(str(exc), "service_unavailable_error", None, "no_healthy_worker")
     if isinstance(exc, (DrainingError, ShutdownError)):
@@ -50,4 +55,6 @@ def describe(exc: BaseException) -> tuple[int, dict[str, Any]]:
 
 def error_response(exc: BaseException) -> JSONResponse:
     status, body = describe(exc)
-    return JSONResponse(body, status_code=status)
+    # OpenAI's SDKs wait Retry-After seconds before they retry a 429.
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, OverloadedError) else None
+    return JSONResponse(body, status_code=status, headers=headers)

@@ -18,16 +18,30 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Union
 
-from splitserve.sampling_params import InvalidRequestError, SamplingParams
+from splitserve.sampling_params import SEED_MIN, InvalidRequestError, SamplingParams
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import (ContextLengthExceededError, GatewayError, ModelNotFoundError,
-                                                UpstreamError)
+                                                RequestTooLargeError, UpstreamError)
 from splitserve.services.gateway.outputs import SequenceEvent, Usage
 from splitserve.services.gateway.sequence import SequenceRunner, time_left
 from splitserve.services.gateway.stop_strings import StopStringMatcher
 from splitserve.services.gateway.tokenizer_client import TokenizerClient
 
 log = logging.getLogger(__name__)
+
+MAX_N = 128                     # OpenAI's limit; each of the n sequences is its own request to the workers
+# Without --max-prompt-bytes a text prompt may hold 16 bytes per token of the context window: natural text and
+# code average 3-5 bytes per token, so a longer prompt cannot fit and is refused before the tokenizer spends
+# seconds and hundreds of MiB on it (16 MiB took 16-37 s and 1.1 GiB).
+PROMPT_BYTES_PER_TOKEN = 16
+_MAX_CLIENT_ID_CHARS = 128
+
+
+def internal_request_id(client_id: Optional[str] = None) -> str:
+    """The id the workers see. Unique even when clients reuse theirs (a worker refuses an id that is already
+    running): the client's id, kept for tracing in logs, plus a random suffix."""
+    suffix = uuid.uuid4().hex
+    return f"{client_id[:_MAX_CLIENT_ID_CHARS]}-{suffix[:12]}" if client_id else suffix
 
 
 @dataclass
@@ -47,7 +61,7 @@ class GenerationRequest:
     prompt: Prompt
     params: SamplingParams
     model: Optional[str] = None                         # None or "": the served model
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=internal_request_id)
     skip_special_tokens: bool = True
     # Chat without max_tokens: generate up to the end of the context window, as OpenAI does.
     max_tokens_fills_context: bool = False
@@ -66,22 +80,26 @@ class PreparedRequest:
 
 class Pipeline:
     def __init__(self, tokenizer: TokenizerClient, runner: SequenceRunner, model_name: Optional[str] = None,
-                 request_timeout_s: float = 600.0):
+                 request_timeout_s: float = 600.0, max_prompt_bytes: Optional[int] = None):
         self.tokenizer = tokenizer
         self.runner = runner
         self.model_name = model_name
         self.request_timeout_s = request_timeout_s
+        self.max_prompt_bytes = max_prompt_bytes
 
     async def served_model(self) -> str:
         return self.model_name or (await self.tokenizer.info()).model
 
     async def prepare(self, request: GenerationRequest) -> PreparedRequest:
         arrival = asyncio.get_running_loop().time()
+        if request.params.n > MAX_N:
+            raise InvalidRequestError(f"n must be at most {MAX_N}, got {request.params.n}", "n")
         info = await self.tokenizer.info()
         served = self.model_name or info.model
         if request.model and request.model != served:
             raise ModelNotFoundError(request.model, served)
         prompt = request.prompt
+        self._check_prompt_bytes(prompt, info.max_context_length)
         if prompt.token_ids is not None:
             ids = list(prompt.token_ids)
             bad = [t for t in ids if not 0 <= t < info.vocab_size]
@@ -113,6 +131,18 @@ class Pipeline:
         return PreparedRequest(request_id=request.request_id, model=served, prompt_token_ids=ids, params=params,
                                skip_special_tokens=request.skip_special_tokens, arrival=arrival,
                                deadline=arrival + self.request_timeout_s)
+
+    def _check_prompt_bytes(self, prompt: Prompt, max_context_length: int) -> None:
+        if prompt.token_ids is not None:
+            return
+        texts = [prompt.text or ""] if prompt.messages is None else [content for _, content in prompt.messages]
+        # surrogatepass: counting must not fail; the API layers refuse unencodable text with its parameter.
+        size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+        limit = self.max_prompt_bytes or max_context_length * PROMPT_BYTES_PER_TOKEN
+        if size > limit:
+            metrics.REJECTED_INPUT.labels("prompt_too_large").inc()
+            log.info("refused a %d-byte %s: over the %d-byte limit", size, prompt.param, limit)
+            raise RequestTooLargeError(f"{prompt.param} ({size} bytes)", limit, prompt.param)
 
     async def generate(self, request: PreparedRequest) -> AsyncIterator[SequenceEvent]:
         """Events of all n sequences, interleaved as they come. Closing the iterator cancels them all."""
@@ -181,8 +211,9 @@ class Pipeline:
 
 
 def _sub_params(params: SamplingParams, index: int) -> SamplingParams:
-    """Each of the n sequences is its own n=1 request; a fixed seed still gives n different samples."""
-    seed = None if params.seed is None else params.seed + index
+    """Each of the n sequences is its own n=1 request; a fixed seed still gives n different samples (wrapping
+    within int64, the seed's wire type)."""
+    seed = None if params.seed is None else (params.seed + index - SEED_MIN) % 2**64 + SEED_MIN
     return params.replace(n=1, seed=seed)
 
 

@@ -16,11 +16,11 @@ from typing import Optional
 import redis.asyncio as redis
 import uvicorn
 
-from splitserve.protos.splitserve.v1 import gateway_pb2_grpc
 from splitserve.serving.grpc_service import GrpcService
 from splitserve.serving.logs import setup_logging
 from splitserve.serving.settings import log_settings, parse_settings
 from splitserve.services.gateway.admission import Admission
+from splitserve.services.gateway import grpc_api
 from splitserve.services.gateway.grpc_api import GatewayServicer
 from splitserve.services.gateway.openai_api import ApiState, build_app
 from splitserve.services.gateway.pipeline import Pipeline
@@ -30,8 +30,6 @@ from splitserve.services.gateway.tokenizer_client import TokenizerClient
 from splitserve.services.gateway.workers import WorkerPool
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = "splitserve.v1.Gateway"
 
 
 @dataclass
@@ -65,6 +63,15 @@ class GatewaySettings:
     max_decode_migrations: int = field(default=1, metadata={
         "help": "how many times one stream may move to another decode worker after its worker failed mid-stream "
                 "(0: the stream ends with an error instead)"})
+    max_in_flight: int = field(default=256, metadata={
+        "help": "requests served at once; more wait in the queue (4 decode workers' default max_num_seqs)"})
+    max_queued: int = field(default=256, metadata={
+        "help": "requests waiting for a slot; beyond, 429 with Retry-After (gRPC RESOURCE_EXHAUSTED)"})
+    max_body_bytes: int = field(default=8 * 2**20, metadata={
+        "help": "largest HTTP request body and gRPC request message; larger ones get 413 (RESOURCE_EXHAUSTED)"})
+    max_prompt_bytes: Optional[int] = field(default=None, metadata={
+        "help": "largest text prompt (chat: all contents) in UTF-8 bytes, refused with 413 before tokenizing "
+                "(default: 16 bytes per token of the model's context window)"})
 
     def __post_init__(self) -> None:
         if self.local_prefill_threshold < 0:
@@ -73,6 +80,15 @@ class GatewaySettings:
             raise ValueError("request_timeout_s must be > 0")
         if self.max_decode_migrations < 0:
             raise ValueError("max_decode_migrations must be >= 0")
+        if self.max_in_flight < 1 or self.max_queued < 0:
+            raise ValueError("max_in_flight must be >= 1 and max_queued >= 0")
+        if self.max_body_bytes < 1 or (self.max_prompt_bytes is not None and self.max_prompt_bytes < 1):
+            raise ValueError("max_body_bytes and max_prompt_bytes must be >= 1")
+
+    @property
+    def grpc_server_options(self) -> list[tuple[str, int]]:
+        """The public gRPC server's options: requests no larger than the HTTP API takes."""
+        return [("grpc.max_receive_message_length", self.max_body_bytes)]
 
 
 class Gateway:
@@ -89,9 +105,11 @@ class Gateway:
         self.tokenizer = TokenizerClient(self.pool.workers("tokenizer")[0].channel)
         runner = SequenceRunner(self.router, self.pool, settings.kv_store_address, settings.local_prefill_threshold,
                                 settings.max_decode_migrations)
-        self.pipeline = Pipeline(self.tokenizer, runner, settings.model_name, settings.request_timeout_s)
-        self.admission = Admission()
-        self.app = build_app(ApiState(self.pipeline, self.admission, settings.api_key, self.why_unhealthy))
+        self.pipeline = Pipeline(self.tokenizer, runner, settings.model_name, settings.request_timeout_s,
+                                 settings.max_prompt_bytes)
+        self.admission = Admission(settings.max_in_flight, settings.max_queued)
+        self.app = build_app(ApiState(self.pipeline, self.admission, settings.api_key, self.why_unhealthy,
+                                      settings.max_body_bytes))
         self.servicer = GatewayServicer(self.pipeline, self.admission, settings.api_key)
 
     def why_unhealthy(self) -> Optional[str]:
@@ -163,8 +181,8 @@ class _UvicornWithoutSignals(uvicorn.Server):
 async def serve(settings: GatewaySettings) -> None:
     gateway = Gateway(settings)
     grpc_service = GrpcService("gateway", settings.host, settings.grpc_port, settings.metrics_port,
-                               [SERVICE_NAME], settings.grace_s)
-    gateway_pb2_grpc.add_GatewayServicer_to_server(gateway.servicer, grpc_service.server)
+                               [grpc_api.SERVICE_NAME], settings.grace_s, options=settings.grpc_server_options)
+    grpc_api.add_to_server(gateway.servicer, grpc_service.server)
     http = HttpServer(gateway.app, settings.host, settings.port, settings.log_level)
 
     async def on_started() -> None:

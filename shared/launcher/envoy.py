@@ -1,8 +1,9 @@
 """Envoy in front of the local gateway: finds the binary and renders the one shared envoy.yaml for local ports.
 
 envoy.yaml beside this file is written for the containers (the gateway is the DNS name `gateway`). Locally only
-the addresses change: each listener's socket address, each cluster's endpoints and the admin port. Everything
-else (timeouts, retries, health checks) is the same file the containers run, so the two cannot drift apart.
+the addresses change: each public listener's socket address, the readiness listener's port and each cluster's
+endpoints; an admin interface (loopback only) is added only when asked for. Everything else (timeouts,
+retries, health checks, limits) is the same file the containers run, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from splitserve.launcher.errors import LauncherError, ToolNotInstalled
 ENVOY_TEMPLATE = Path(__file__).with_name("envoy.yaml")
 HTTP_LISTENER = "openai_http"
 GRPC_LISTENER = "public_grpc"
+READY_LISTENER = "envoy_ready"
+LOOPBACK = "127.0.0.1"
 HTTP_CLUSTER = "gateway_http"
 GRPC_CLUSTER = "gateway_grpc"
 
@@ -32,10 +35,12 @@ class EnvoyPorts:
     host: str
     http_port: int
     grpc_port: int
-    admin_port: int
+    ready_port: int                     # GET /ready on loopback
     gateway_host: str
     gateway_http_port: int
     gateway_grpc_port: int
+    # Envoy's admin interface (config dump, /quitquitquit) on loopback; None: none at all.
+    admin_port: Optional[int] = None
 
 
 def find_envoy() -> str:
@@ -70,10 +75,12 @@ def _set_socket(holder: dict[str, Any], address: str, port: int) -> None:
 
 def render_envoy_config(template: dict[str, Any], ports: EnvoyPorts) -> dict[str, Any]:
     config = copy.deepcopy(template)
-    config["admin"]["address"]["socket_address"]["port_value"] = ports.admin_port
+    if ports.admin_port is not None:
+        config["admin"] = {"address": {"socket_address": {"address": LOOPBACK, "port_value": ports.admin_port}}}
     resources = config["static_resources"]
     _set_socket(_named(resources["listeners"], HTTP_LISTENER, "listener"), ports.host, ports.http_port)
     _set_socket(_named(resources["listeners"], GRPC_LISTENER, "listener"), ports.host, ports.grpc_port)
+    _set_socket(_named(resources["listeners"], READY_LISTENER, "listener"), LOOPBACK, ports.ready_port)
     for cluster_name, port in ((HTTP_CLUSTER, ports.gateway_http_port), (GRPC_CLUSTER, ports.gateway_grpc_port)):
         cluster = _named(resources["clusters"], cluster_name, "cluster")
         for locality in cluster["load_assignment"]["endpoints"]:
@@ -84,8 +91,8 @@ def render_envoy_config(template: dict[str, Any], ports: EnvoyPorts) -> dict[str
 
 def write_envoy_config(path: Path, ports: EnvoyPorts, template_path: Path = ENVOY_TEMPLATE) -> Path:
     rendered = render_envoy_config(load_template(template_path), ports)
-    header = (f"# Rendered by `splitserve up` from {template_path}: only listener, cluster endpoint and admin\n"
-              f"# addresses differ from that file.\n")
+    header = (f"# Rendered by `splitserve up` from {template_path}: only listener and cluster endpoint addresses\n"
+              f"# (and an admin interface, if asked for) differ from that file.\n")
     path = Path(path)
     path.write_text(header + yaml.safe_dump(rendered, sort_keys=False), encoding="utf-8")
     return path

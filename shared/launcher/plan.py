@@ -39,6 +39,9 @@ class StackConfig:
     redis_url: Optional[str] = field(default=None, metadata={
         "help": "use this Redis instead of starting redis-server"})
     envoy: bool = field(default=True, metadata={"help": "run Envoy in front of the gateway"})
+    envoy_admin_port: Optional[int] = field(default=None, metadata={
+        "help": "serve Envoy's admin interface on 127.0.0.1:PORT (default: none; it can dump the config and stop "
+                "Envoy)"})
     api_key: Optional[str] = field(default=None, metadata={"help": "require this API key at the gateway"})
     model_name: Optional[str] = field(default=None, metadata={"help": "model name the API reports and accepts"})
     local_prefill_threshold: Optional[int] = field(default=None, metadata={
@@ -198,7 +201,7 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
         if envoy_binary is None:
             raise ValueError("plan_stack needs envoy_binary when Envoy is enabled")
         envoy_ports = EnvoyPorts(config.host, public_http, public_grpc, next(ports), gateway_host, gateway_http,
-                                 gateway_grpc)
+                                 gateway_grpc, admin_port=config.envoy_admin_port)
         envoy_config_path = Path(log_dir) / "envoy.yaml"
         # Ready only when a request goes THROUGH Envoy on both public ports.
         tiers.append([ServiceSpec("envoy", "envoy", envoy_argv(envoy_binary, envoy_config_path, config.log_level),

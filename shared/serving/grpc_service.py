@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Awaitable, Callable, Iterable, Optional
+from typing import Awaitable, Callable, Iterable, Optional, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -35,14 +35,16 @@ def insecure_channel(address: str) -> grpc.aio.Channel:
 
 class GrpcService:
     def __init__(self, name: str, host: str, port: int, metrics_port: Optional[int],
-                 service_names: Iterable[str], grace_s: float = 30.0):
+                 service_names: Iterable[str], grace_s: float = 30.0,
+                 options: Sequence[tuple[str, int]] = ()):
+        """`options` override CHANNEL_OPTIONS of the same name (the gateway takes smaller public messages)."""
         self.name = name
         self.host = host
         self.port = port
         self.metrics_port = metrics_port
         self.service_names = list(service_names)
         self.grace_s = grace_s
-        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self.server = grpc.aio.server(options=list({**dict(CHANNEL_OPTIONS), **dict(options)}.items()))
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._stop = asyncio.Event()

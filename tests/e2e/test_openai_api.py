@@ -214,3 +214,59 @@ def test_repeated_prompt_reports_cached_tokens(client, model_id):
     second = client.completions.create(model=model_id, prompt=prompt, max_tokens=4, temperature=0.0)
     assert second.choices[0].text == first.choices[0].text
     assert second.usage.prompt_tokens_details.cached_tokens == 4 * 16
+
+
+# --- the public edge: limits and bad input through Envoy ------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["seed_2_64", "surrogate_prompt", "surrogate_chat", "surrogate_stop", "nan", "n_129",
+                                  "10_mb_prompt"])
+def test_edge_refuses_bad_input_with_4xx(stack, model_id, case):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    path, raw, expected = "/completions", None, 400
+    body = {"model": model_id, "prompt": "hello", "max_tokens": 2}
+    if case == "seed_2_64":
+        body["seed"] = 2**64
+    elif case == "surrogate_prompt":
+        raw = json.dumps(body).replace('"hello"', '"hel\\ud800lo"')
+    elif case == "surrogate_chat":
+        path = "/chat/completions"
+        raw = json.dumps({"model": model_id, "messages": [{"role": "user", "content": "\ud800"}]})
+    elif case == "surrogate_stop":
+        body["stop"] = ["\udfff"]      # json.dumps writes it as the escape \udfff
+    elif case == "nan":
+        body["temperature"] = float("nan")   # json.dumps writes NaN
+    elif case == "n_129":
+        body["n"] = 129
+    elif case == "10_mb_prompt":
+        body["prompt"], expected = "x" * 10_000_000, 413
+    response = httpx.post(f"{stack.base_url}{path}", content=(raw or json.dumps(body)).encode(), headers=headers,
+                          timeout=30)
+    assert response.status_code == expected, response.text[:500]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    if expected == 413:
+        assert str(8 * 2**20) in error["message"]
+
+
+def test_concurrent_requests_may_share_an_x_request_id(stack, model_id):
+    headers = {"Authorization": f"Bearer {API_KEY}", "X-Request-Id": "shared-trace-id"}
+    long = {"model": model_id, "prompt": "hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{stack.base_url}/completions", json=long, headers=headers) as first:
+            assert first.status_code == 200 and first.headers["x-request-id"] == "shared-trace-id"
+            next(first.iter_lines())   # running in the engine now
+            second = http.post(f"{stack.base_url}/completions", headers=headers,
+                               json={"model": model_id, "prompt": "hello", "max_tokens": 2})
+            assert second.status_code == 200, second.text
+            assert second.headers["x-request-id"] == "shared-trace-id"
+    whole, stats, store = wait_until_pools_whole(stack)
+    assert whole, (stats, store)
+
+
+def test_metrics_on_the_public_port_need_the_key_and_envoy_has_no_admin(stack):
+    import yaml
+    assert httpx.get(f"{stack.http_url}/metrics", timeout=30).status_code == 401
+    reply = httpx.get(f"{stack.http_url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert reply.status_code == 200 and "splitserve_gateway_requests_total" in reply.text
+    assert "admin" not in yaml.safe_load(stack.plan.envoy_config_path.read_text())

@@ -27,10 +27,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 class _GatewayHTTP(http.server.BaseHTTPRequestHandler):
     """GET /health; GET /stream (three SSE events 0.5 s apart, to see that Envoy does not buffer a stream);
     POST /reset (counts the request, then resets the connection without answering) and GET /resets (the count),
-    to see that Envoy never replays a request that reached the gateway."""
+    to see that Envoy never replays a request that reached the gateway; any other POST is counted (GET /bodies),
+    to see what Envoy lets through."""
 
     protocol_version = "HTTP/1.1"
     resets = 0
+    bodies = 0
 
     def _reply(self, status: int, body: bytes) -> None:
         self.send_response(status)
@@ -44,6 +46,8 @@ class _GatewayHTTP(http.server.BaseHTTPRequestHandler):
             self._reply(200, b'{"status":"ok"}')
         elif self.path == "/resets":
             self._reply(200, json.dumps({"resets": _GatewayHTTP.resets}).encode())
+        elif self.path == "/bodies":
+            self._reply(200, json.dumps({"bodies": _GatewayHTTP.bodies}).encode())
         elif self.path == "/stream":
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
@@ -67,6 +71,8 @@ class _GatewayHTTP(http.server.BaseHTTPRequestHandler):
             self.connection.close()
             self.close_connection = True
         else:
+            _GatewayHTTP.bodies += 1
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
             self._reply(404, b"{}")
 
     def log_message(self, *args):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from splitserve.launcher.envoy import GRPC_CLUSTER, HTTP_CLUSTER, load_template
+from splitserve.launcher.envoy import GRPC_CLUSTER, GRPC_LISTENER, HTTP_CLUSTER, HTTP_LISTENER, load_template
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -130,9 +130,10 @@ def test_envoy_mounts_the_shared_config_and_its_ports_match_the_gateway(compose)
     assert "./shared/launcher/envoy.yaml:/etc/envoy/envoy.yaml:ro" in envoy["volumes"]
     assert envoy["image"] == "envoyproxy/envoy:v1.40-latest"
     config = load_template()
-    listener_ports = {l["address"]["socket_address"]["port_value"] for l in config["static_resources"]["listeners"]}
+    listener_ports = {l["name"]: l["address"]["socket_address"]["port_value"]
+                      for l in config["static_resources"]["listeners"]}
     published = {int(mapping.rsplit(":", 1)[1]) for mapping in envoy["ports"]}
-    assert published == listener_ports
+    assert published == {listener_ports[HTTP_LISTENER], listener_ports[GRPC_LISTENER]}   # not the readiness one
     endpoints = {c["name"]: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
                  ["socket_address"] for c in config["static_resources"]["clusters"]}
     gateway = services["gateway"]["environment"]

@@ -126,3 +126,10 @@ def test_extra_args_reach_only_their_role(tmp_path):
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         StackConfig(**bad)
+
+
+def test_envoy_has_an_admin_interface_only_when_asked(tmp_path):
+    plan, _ = _plan(tmp_path)
+    assert plan.envoy_ports.admin_port is None
+    plan, _ = _plan(tmp_path, envoy_admin_port=9901)
+    assert plan.envoy_ports.admin_port == 9901

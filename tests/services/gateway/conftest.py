@@ -22,7 +22,7 @@ import openai
 import pytest
 import redis
 
-from splitserve.protos.splitserve.v1 import gateway_pb2_grpc
+from splitserve.services.gateway import grpc_api
 from splitserve.services.gateway.server import Gateway, GatewaySettings, HttpServer
 
 from . import fakes
@@ -113,8 +113,8 @@ class RunningGateway:
 
 async def _start_gateway(settings: GatewaySettings) -> RunningGateway:
     gateway = Gateway(settings)
-    server = grpc.aio.server()
-    gateway_pb2_grpc.add_GatewayServicer_to_server(gateway.servicer, server)
+    server = grpc.aio.server(options=settings.grpc_server_options)
+    grpc_api.add_to_server(gateway.servicer, server)
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     await gateway.start()
     await server.start()

@@ -163,9 +163,14 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
     cancelled: list = field(default_factory=list)  # request ids whose stream the caller cancelled
     finished: list = field(default_factory=list)   # request ids whose stream ran to its end
     active: int = 0
+    running: set = field(default_factory=set)
 
     async def Generate(self, request, context):
         self.requests.append(request)
+        if request.request_id in self.running:    # as the engine does
+            await abort_invalid(context, InvalidRequestError(f"request id {request.request_id!r} is already running",
+                                                             "request_id"))
+        self.running.add(request.request_id)
         self.active += 1
         try:
             if self.fail_with is not None:
@@ -215,6 +220,7 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
             raise
         finally:
             self.active -= 1
+            self.running.discard(request.request_id)
 
 
 class FakeServer:
