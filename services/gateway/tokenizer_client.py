@@ -56,15 +56,21 @@ class TokenizerReplicas:
         ordered = replicas[turn:] + replicas[:turn]
         return sorted(ordered, key=lambda w: not w.healthy)[:TRIES]
 
-    def failed(self, worker: Worker, method: str, exc: grpc.aio.AioRpcError, will_retry: bool) -> None:
+    def failed(self, worker: Worker, method: str, exc: grpc.aio.AioRpcError, another_left: bool) -> bool:
+        """Accounts for a failed call; True when it should be retried on the next candidate: only when the
+        replica was down, since a refusal or a missed deadline would be the same anywhere."""
         code = exc.code()
+        if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return False  # the request's input or its deadline, not the replica
         metrics.WORKER_FAILURES.labels("tokenizer", code.name).inc()
-        if code in WORKER_DOWN_CODES:
-            self._pool.mark_failed(worker, f"{method} failed: {code.name}")
-        if will_retry:
+        if code not in WORKER_DOWN_CODES:
+            return False
+        self._pool.mark_failed(worker, f"{method} failed: {code.name}")
+        if another_left:
             metrics.TOKENIZER_RETRIES.labels(method).inc()
             log.warning("tokenizer %s: %s failed (%s: %s); retrying on another replica", worker.address, method,
                         code.name, exc.details())
+        return another_left
 
     async def call(self, method: str, request, timeout_s: float, default_param: Optional[str] = None):
         """The unary `method` on one replica, or on a second one if the first was down."""
@@ -74,9 +80,7 @@ class TokenizerReplicas:
             try:
                 return await getattr(stub, method)(request, timeout=timeout_s)
             except grpc.aio.AioRpcError as exc:
-                retry = exc.code() in WORKER_DOWN_CODES and attempt + 1 < len(candidates)
-                self.failed(worker, method, exc, retry)
-                if not retry:
+                if not self.failed(worker, method, exc, another_left=attempt + 1 < len(candidates)):
                     raise translate_rpc_error("tokenizer", exc, default_param=default_param) from exc
         raise AssertionError("unreachable: the pool always holds a tokenizer")
 
@@ -157,7 +161,7 @@ class IncrementalDetokenizer:
             try:
                 return await self._exchange(groups)
             except grpc.aio.AioRpcError as exc:
-                self._replicas.failed(self._worker, "DetokenizeStream", exc, will_retry=False)
+                self._replicas.failed(self._worker, "DetokenizeStream", exc, another_left=False)
                 raise translate_rpc_error("tokenizer", exc) from exc
         candidates = self._replicas.candidates("DetokenizeStream")
         for attempt, worker in enumerate(candidates):
@@ -166,10 +170,9 @@ class IncrementalDetokenizer:
             try:
                 return await self._exchange(groups, first=True)
             except grpc.aio.AioRpcError as exc:
-                retry = exc.code() in WORKER_DOWN_CODES and attempt + 1 < len(candidates)
-                self._replicas.failed(worker, "DetokenizeStream", exc, retry)
                 self.cancel()
-                if not retry:
+                another_left = attempt + 1 < len(candidates)
+                if not self._replicas.failed(worker, "DetokenizeStream", exc, another_left):
                     raise translate_rpc_error("tokenizer", exc) from exc
         raise AssertionError("unreachable: the pool always holds a tokenizer")
 
@@ -196,6 +199,7 @@ class IncrementalDetokenizer:
                 if reply.final:
                     return text
         except grpc.aio.AioRpcError as exc:
+            self._replicas.failed(self._worker, "DetokenizeStream", exc, another_left=False)
             raise translate_rpc_error("tokenizer", exc) from exc
         finally:
             self._call = None

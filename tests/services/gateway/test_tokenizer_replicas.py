@@ -54,6 +54,22 @@ def test_a_dead_replica_costs_no_request(make_stack):
         assert http.get("/health").json() == {"status": "ok"}  # one replica is enough
 
 
+def test_a_detokenize_stream_moves_to_another_replica_before_its_first_answer(make_stack):
+    stack = make_stack()
+    gateway, second = _two_replicas(stack)
+    stack.loop.run(second.stop())
+    before = _retries("DetokenizeStream")
+
+    async def detokenize():
+        stream = gateway.gateway.tokenizer.detokenizer([5], skip_special_tokens=True, timeout_s=10)
+        deltas = await stream.push([[10], [11]])
+        return "".join(deltas) + await stream.finish()
+
+    # Streams take the replicas in turn (both still look healthy): one of two opens on the dead one first.
+    assert [stack.loop.run(detokenize()) for _ in range(2)] == [fakes.decode_text([10, 11])] * 2
+    assert _retries("DetokenizeStream") == before + 1
+
+
 def test_a_refused_request_is_not_retried(make_stack):
     stack = make_stack()
     gateway, _ = _two_replicas(stack)
