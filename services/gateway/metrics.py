@@ -33,6 +33,9 @@ LOCAL_PREFILL = Counter("splitserve_gateway_local_prefill_total",
                         "Requests prefilled by their decode worker instead of a prefill worker", ["reason"])
 WORKER_FAILURES = Counter("splitserve_gateway_worker_failures_total",
                           "Calls to a worker that failed, by worker kind and gRPC code", ["kind", "code"])
+TOKENIZER_RETRIES = Counter("splitserve_gateway_tokenizer_retries_total",
+                            "Tokenizer calls retried on another replica after theirs was down, by method",
+                            ["method"])
 DECODE_RETRIES = Counter("splitserve_gateway_decode_retries_total",
                          "Decode streams retried on another worker after a failure before any token")
 DECODE_MIGRATIONS = Counter("splitserve_gateway_decode_migrations_total",

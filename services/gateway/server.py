@@ -45,7 +45,8 @@ class GatewaySettings:
     grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long requests in flight may finish"})
     model_name: Optional[str] = field(default=None, metadata={
         "help": "model name clients use (default: the tokenizer's model)"})
-    tokenizer_address: str = field(default="127.0.0.1:50051", metadata={"help": "tokenizer service host:port"})
+    tokenizer_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1:50051"], metadata={
+        "help": "tokenizer replicas host:port, comma-separated (a failed call is retried on another)"})
     prefill_addresses: list[str] = field(default_factory=list, metadata={
         "help": "prefill workers host:port, comma-separated (more are discovered from Redis)"})
     decode_addresses: list[str] = field(default_factory=list, metadata={
@@ -74,6 +75,8 @@ class GatewaySettings:
                 "(default: 16 bytes per token of the model's context window)"})
 
     def __post_init__(self) -> None:
+        if not self.tokenizer_addresses:
+            raise ValueError("tokenizer_addresses needs at least one host:port")
         if self.local_prefill_threshold < 0:
             raise ValueError("local_prefill_threshold must be >= 0")
         if self.request_timeout_s <= 0:
@@ -98,11 +101,11 @@ class Gateway:
         self.settings = settings
         self.redis = (redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
                       if settings.redis_url else None)
-        self.pool = WorkerPool({"tokenizer": [settings.tokenizer_address], "prefill": settings.prefill_addresses,
+        self.pool = WorkerPool({"tokenizer": settings.tokenizer_addresses, "prefill": settings.prefill_addresses,
                                 "decode": settings.decode_addresses}, redis_client=self.redis,
                                check_interval_s=settings.health_check_interval_s)
         self.router = Router(self.pool)
-        self.tokenizer = TokenizerClient(self.pool.workers("tokenizer")[0].channel)
+        self.tokenizer = TokenizerClient(self.pool)
         runner = SequenceRunner(self.router, self.pool, settings.kv_store_address, settings.local_prefill_threshold,
                                 settings.max_decode_migrations)
         self.pipeline = Pipeline(self.tokenizer, runner, settings.model_name, settings.request_timeout_s,
@@ -113,9 +116,10 @@ class Gateway:
         self.servicer = GatewayServicer(self.pipeline, self.admission, settings.api_key)
 
     def why_unhealthy(self) -> Optional[str]:
-        """None when requests can be served: the tokenizer and at least one decode worker are healthy."""
+        """None when requests can be served: a tokenizer replica and a decode worker are healthy."""
         if not self.pool.healthy("tokenizer"):
-            return f"tokenizer unhealthy: {self.pool.workers('tokenizer')[0].why_unhealthy}"
+            reasons = "; ".join(f"{w.address}: {w.why_unhealthy}" for w in self.pool.workers("tokenizer"))
+            return f"tokenizer unhealthy: {reasons}"
         if not self.pool.healthy("decode"):
             return "no healthy decode worker"
         return None

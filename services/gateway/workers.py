@@ -25,7 +25,7 @@ from splitserve.worker_registry import KINDS, WorkerInfo, read_workers
 
 log = logging.getLogger(__name__)
 
-# The tokenizer is health-checked like a worker but never routed to: there is one address.
+# Tokenizer replicas are health-checked like workers; the tokenizer client, not the router, picks one per call.
 POOL_KINDS = ("tokenizer", *KINDS)
 
 

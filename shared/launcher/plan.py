@@ -18,6 +18,9 @@ from splitserve.launcher.redis_server import redis_server_argv, redis_url
 
 # Internal services listen on loopback only; --host chooses where the public API (Envoy, or the gateway) listens.
 INTERNAL_HOST = "127.0.0.1"
+# UCX's tcp transport listens on every network device it may use, whatever address its peers connect to; limited
+# to loopback it listens there like every other internal service, and one host's KV moves by shared memory anyway.
+LOOPBACK_DEVICE = "lo"
 SERVICE_COMMAND = (sys.executable, "-m", "splitserve.services.cli")
 ENGINE_ROLES = ("prefill", "decode")
 # Stopped front to back so no new work arrives at a service that is already going away.
@@ -36,6 +39,10 @@ class StackConfig:
     grpc_port: int = field(default=50051, metadata={"help": "public gRPC API port (0: any free port)"})
     prefill_workers: int = field(default=1, metadata={"help": "number of prefill worker processes"})
     decode_workers: int = field(default=1, metadata={"help": "number of decode worker processes"})
+    # Two by default: a tokenizer costs one light process, and with a second one a crash costs no request (the
+    # gateway retries on the other) instead of every request failing until the restart has loaded the tokenizer.
+    tokenizer_replicas: int = field(default=2, metadata={
+        "help": "number of tokenizer processes (the gateway spreads calls over them and retries on another)"})
     redis_url: Optional[str] = field(default=None, metadata={
         "help": "use this Redis instead of starting redis-server"})
     envoy: bool = field(default=True, metadata={"help": "run Envoy in front of the gateway"})
@@ -64,9 +71,16 @@ class StackConfig:
     grace_s: float = field(default=10.0, metadata={
         "help": "each service's drain time on stop; the launcher kills what is left 5 s later"})
     log_level: str = field(default="INFO", metadata={"help": "log level of the launcher and every service"})
+    max_restarts: int = field(default=5, metadata={
+        "help": "a process that exits is restarted, at most this many times within --restart-window-s "
+                "(0: never restart)"})
+    restart_window_s: float = field(default=300.0, metadata={"help": "the window --max-restarts counts in"})
+    ucx_net_devices: Optional[str] = field(default=None, metadata={
+        "help": "network devices the KV data plane (UCX) may use and listen on (default: UCX_NET_DEVICES from the "
+                "environment, else loopback only)"})
 
     def __post_init__(self) -> None:
-        for name in ("prefill_workers", "decode_workers"):
+        for name in ("prefill_workers", "decode_workers", "tokenizer_replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("port", "grpc_port"):
@@ -74,6 +88,10 @@ class StackConfig:
                 raise ValueError(f"{name} must be a TCP port (0 for any free one), got {getattr(self, name)}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
+        if self.max_restarts < 0:
+            raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts}")
+        if self.restart_window_s <= 0:
+            raise ValueError(f"restart_window_s must be > 0, got {self.restart_window_s}")
         if self.startup_timeout_s <= 0:
             raise ValueError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s}")
         if self.kv_transport is not None and self.kv_transport not in KV_TRANSPORTS:
@@ -112,7 +130,7 @@ def default_torch_threads(engine_workers: int) -> int:
 def ports_needed(config: StackConfig) -> int:
     """The free ports `plan_stack` may take (two per service, Redis, Envoy, the public ones), plus two spare so the
     caller can drop any that equal the public ports."""
-    return 2 * (config.prefill_workers + config.decode_workers) + 13
+    return 2 * (config.tokenizer_replicas + config.prefill_workers + config.decode_workers) + 11
 
 
 def flags(**values: object) -> list[str]:
@@ -160,9 +178,12 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
     else:
         redis = config.redis_url
 
-    tokenizer = service("tokenizer", "tokenizer", next(ports), *flags(model=model))
+    tokenizers = [service(f"tokenizer-{index}", "tokenizer", next(ports), *flags(model=model))
+                  for index in range(config.tokenizer_replicas)]
+    ucx_env = {"UCX_NET_DEVICES": ucx_net_devices(config)}
     kv_store = service("kv-store", "kv-store", next(ports), *flags(capacity_bytes=config.kv_store_capacity_bytes,
-                                                                  kv_checksum=config.kv_checksum or None))
+                                                                  kv_checksum=config.kv_checksum or None),
+                       env=ucx_env)
     workers = []
     for role, count in (("prefill", config.prefill_workers), ("decode", config.decode_workers)):
         for index in range(count):
@@ -173,10 +194,10 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
                        max_num_batched_tokens=config.max_num_batched_tokens, dtype=config.dtype,
                        device=config.device, kv_transport=config.kv_transport,
                        kv_checksum=config.kv_checksum or None),
-                omp_threads=threads))
-    tiers.append([tokenizer, kv_store, *workers])
+                omp_threads=threads, env=ucx_env))
+    tiers.append([*tokenizers, kv_store, *workers])
 
-    addresses = {"tokenizer": [tokenizer.address], "kv-store": [kv_store.address],
+    addresses = {"tokenizer": [t.address for t in tokenizers], "kv-store": [kv_store.address],
                  **{role: [w.address for w in workers if w.role == role] for role in ENGINE_ROLES}}
     if config.envoy:
         gateway_host, gateway_http, gateway_grpc = INTERNAL_HOST, next(ports), next(ports)
@@ -184,7 +205,7 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
         gateway_host, gateway_http, gateway_grpc = config.host, public_http, public_grpc
     # The key goes by env, not argv, so it does not show in `ps`.
     gateway = service("gateway", "gateway", gateway_http,
-                      *flags(grpc_port=gateway_grpc, tokenizer_address=tokenizer.address,
+                      *flags(grpc_port=gateway_grpc, tokenizer_addresses=addresses["tokenizer"],
                              prefill_addresses=addresses["prefill"], decode_addresses=addresses["decode"],
                              kv_store_address=kv_store.address, redis_url=redis, model_name=config.model_name,
                              local_prefill_threshold=config.local_prefill_threshold),
@@ -211,6 +232,12 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
     return StackPlan(tiers, base_url=f"http://{host_port(public_host, public_http)}/v1",
                      grpc_address=host_port(public_host, public_grpc), redis_url=redis, addresses=addresses,
                      envoy_ports=envoy_ports, envoy_config_path=envoy_config_path)
+
+
+def ucx_net_devices(config: StackConfig) -> str:
+    """What the stack's UCX workers may use: the flag, else what the user's environment already says, else
+    loopback, so that no internal socket listens beyond this host."""
+    return config.ucx_net_devices or os.environ.get("UCX_NET_DEVICES") or LOOPBACK_DEVICE
 
 
 def connect_host(host: str) -> str:

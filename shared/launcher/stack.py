@@ -5,16 +5,16 @@ tests.
         client = openai.OpenAI(base_url=stack.base_url, api_key="unused")
         stack.process("decode", 0).kill()          # fault tests
 
-Starting is tier by tier (Redis; tokenizer, kv-store and the workers together; gateway; Envoy), each tier ready
+Starting is tier by tier (Redis; tokenizers, kv-store and the workers together; gateway; Envoy), each tier ready
 (health SERVING, /health 200) before the next. If a child exits or the timeout passes first, everything started
-so far is stopped and StackStartError carries the child's name and the tail of its log.
+so far is stopped and StackStartError carries the child's name and the tail of its log. Once ready, a child that
+exits is restarted on the same ports, bounded (supervisor.py; `max_restarts=0` turns that off).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +28,7 @@ from splitserve.launcher.plan import (SERVICE_COMMAND, STOP_ORDER, ServiceSpec, 
 from splitserve.launcher.ports import ensure_free, free_ports
 from splitserve.launcher.processes import ChildProcess, stop_together
 from splitserve.launcher.redis_server import find_redis_server
+from splitserve.launcher.supervisor import RestartPolicy, Supervisor, describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class Stack:
         self.model_is_demo = False
         self.plan: Optional[StackPlan] = None
         self._children: dict[str, list[ChildProcess]] = {}
-        self._reported_dead: set[str] = set()
+        self.supervisor: Optional[Supervisor] = None
         self._started = False
         self._stopped = False
 
@@ -112,6 +113,11 @@ class Stack:
     @property
     def children(self) -> list[ChildProcess]:
         return [child for group in self._children.values() for child in group]
+
+    @property
+    def restarts(self) -> dict[str, int]:
+        """How often each child has been restarted, by name (e.g. {"tokenizer-0": 1})."""
+        return dict(self.supervisor.restarts) if self.supervisor is not None else {}
 
     def process(self, role: str, index: int = 0) -> ChildProcess:
         try:
@@ -172,6 +178,8 @@ class Stack:
         if config.redis_url is not None and not probe.is_ready("redis", config.redis_url):
             log.warning("Redis at %s does not answer; the gateway routes by load alone until it does",
                         config.redis_url)
+        self.supervisor = Supervisor(self.children, RestartPolicy(config.max_restarts, config.restart_window_s))
+        self.supervisor.start()
 
     def _wait_ready(self, tier: list[ServiceSpec], deadline: float) -> None:
         pending = {spec.name: list(spec.probes) for spec in tier}
@@ -206,27 +214,14 @@ class Stack:
                     f"({reasons.get(name, 'no answer')}). Last lines of {child.log_path}:\n{child.log_tail()}")
             time.sleep(POLL_S)
 
-    def reap_dead(self) -> list[ChildProcess]:
-        """Children that have exited since the last call (each reported once)."""
-        dead = [c for c in self.children if c.returncode is not None and c.name not in self._reported_dead]
-        self._reported_dead.update(c.name for c in dead)
-        return dead
-
     def stop(self) -> None:
         """Stops everything started, front to back (gateway and Envoy first, Redis last). Safe to call twice."""
         if self._stopped:
             return
         self._stopped = True
+        if self.supervisor is not None:
+            self.supervisor.stop()  # before any child is stopped, so none is restarted
         grace_s = self.config.grace_s + KILL_MARGIN_S
         for roles in STOP_ORDER:
             stop_together([c for role in roles for c in self._children.get(role, [])], grace_s)
         log.info("stack stopped")
-
-
-def describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"signal {-returncode}"
-    return f"code {returncode}"

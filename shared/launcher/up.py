@@ -3,7 +3,8 @@
 stdout gets exactly one line, `splitserve ready: http://HOST:PORT/v1`, once every service answers its health
 check (through Envoy when it runs), so scripts can wait for it; everything else goes to stderr and to one log file
 per process in the log dir. SIGINT/SIGTERM stop everything, front to back, and exit 0. A child that dies while
-the stack runs is reported and the rest keep serving (the gateway routes around a dead worker).
+the stack runs is logged and restarted on the same ports (bounded: --max-restarts within --restart-window-s); the
+rest keep serving meanwhile (the gateway routes around a dead worker or tokenizer).
 """
 
 from __future__ import annotations
@@ -16,13 +17,11 @@ from typing import Optional, Sequence
 
 from splitserve.launcher.errors import LauncherError
 from splitserve.launcher.plan import SERVICE_COMMAND, StackConfig
-from splitserve.launcher.stack import Stack, describe_exit
+from splitserve.launcher.stack import Stack
 from splitserve.serving.logs import setup_logging
 from splitserve.serving.settings import log_settings, parse_settings
 
 log = logging.getLogger("splitserve.up")
-
-WATCH_INTERVAL_S = 0.5
 
 
 class StopRequested(Exception):
@@ -65,10 +64,8 @@ def main(argv: Optional[Sequence[str]] = None, *, service_command: Sequence[str]
         stack.start()
         print(f"splitserve up: started\n{_describe(stack)}", file=sys.stderr, flush=True)
         print(f"splitserve ready: {stack.base_url}", flush=True)
-        while not stop.wait(WATCH_INTERVAL_S):
-            for child in stack.reap_dead():
-                log.error("%s (pid %d) exited with %s; the rest keep running. Last lines of %s:\n%s", child.name,
-                          child.pid, describe_exit(child.returncode), child.log_path, child.log_tail())
+        while not stop.wait(1.0):  # a timed wait lets the signal handler run; the supervisor restarts children
+            pass
     except StopRequested:
         pass
     except LauncherError as exc:

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def store_stack(llama_ckpt, tmp_path_factory):
-    with Stack(model=str(llama_ckpt), torch_threads=1, num_kv_blocks=256, grace_s=3,
+    # Restarts off: the test serves requests while the store is down, then restarts it itself.
+    with Stack(model=str(llama_ckpt), torch_threads=1, num_kv_blocks=256, grace_s=3, max_restarts=0,
                log_dir=str(tmp_path_factory.mktemp("store-fault-logs"))) as running:
         yield running
 

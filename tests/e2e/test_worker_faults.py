@@ -17,8 +17,10 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def pair_stack(llama_ckpt, tmp_path_factory):
+    # Restarts off: these tests are about the gateway routing around a worker that stays dead
+    # (test_stack_processes.py covers the restart).
     with Stack(model=str(llama_ckpt), prefill_workers=2, decode_workers=2, torch_threads=1, num_kv_blocks=256,
-               log_dir=str(tmp_path_factory.mktemp("fault-logs")), grace_s=3) as running:
+               log_dir=str(tmp_path_factory.mktemp("fault-logs")), grace_s=3, max_restarts=0) as running:
         yield running
 
 

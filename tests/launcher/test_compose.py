@@ -104,7 +104,7 @@ def test_workers_and_gateway_are_wired_to_each_other(compose):
     services = compose["services"]
     grpc_port = lambda name: services[name]["environment"]["SPLITSERVE_PORT"]  # noqa: E731
     gateway = services["gateway"]["environment"]
-    assert gateway["SPLITSERVE_TOKENIZER_ADDRESS"] == f"tokenizer:{grpc_port('tokenizer')}"
+    assert gateway["SPLITSERVE_TOKENIZER_ADDRESSES"] == f"tokenizer:{grpc_port('tokenizer')}"
     assert gateway["SPLITSERVE_PREFILL_ADDRESSES"] == f"prefill:{grpc_port('prefill')}"
     assert gateway["SPLITSERVE_DECODE_ADDRESSES"] == f"decode:{grpc_port('decode')}"
     for name in ("gateway", "prefill", "decode"):

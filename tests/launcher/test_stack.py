@@ -1,6 +1,7 @@
 """`Stack` end to end with stand-in services (fake_services.py) and the real Redis and Envoy."""
 
 import json
+import time
 import urllib.request
 
 import pytest
@@ -28,8 +29,8 @@ def test_the_stack_is_ready_through_envoy(stack):
     probe.check_grpc(stack.grpc_address)
     probe.check_redis(stack.redis_url)
     assert stack.base_url.endswith("/v1")
-    assert [c.name for c in stack.children] == ["redis", "tokenizer", "kv-store", "prefill-0", "prefill-1",
-                                                "decode-0", "gateway", "envoy"]
+    assert [c.name for c in stack.children] == ["redis", "tokenizer-0", "tokenizer-1", "kv-store", "prefill-0",
+                                                "prefill-1", "decode-0", "gateway", "envoy"]
     assert all(c.alive for c in stack.children)
     assert len(stack.addresses["prefill"]) == 2 and len(stack.addresses["decode"]) == 1
     for role in ("tokenizer", "kv-store", "prefill", "decode"):
@@ -40,13 +41,38 @@ def test_the_stack_is_ready_through_envoy(stack):
     assert (stack.log_dir / "envoy.yaml").is_file()
 
 
-def test_a_dead_worker_is_reported_once_and_the_rest_keep_running(stack):
+def _wait(condition, timeout_s=20.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.1)
+
+
+def test_a_dead_process_is_restarted_on_its_own_port(stack, caplog):
     victim = stack.process("decode", 0)
-    victim.kill()
-    assert stack.reap_dead() == [victim]
-    assert stack.reap_dead() == []
-    assert all(c.alive for c in stack.children if c is not victim)
+    old_pid = victim.pid
+    with caplog.at_level("ERROR", logger="splitserve.launcher.supervisor"):
+        victim.kill()
+        _wait(lambda: victim.alive and victim.pid != old_pid)
+    assert f"decode-0 (pid {old_pid}) exited with signal SIGKILL; restarting it" in caplog.text
+    _wait(lambda: probe.is_ready("grpc", stack.addresses["decode"][0]))  # the address the gateway was given
+    assert stack.restarts == {**{c.name: 0 for c in stack.children}, "decode-0": 1}
+    assert all(c.alive for c in stack.children)
     probe.check_http(stack.http_url + "/health")
+
+
+def test_without_restarts_a_dead_process_stays_down_and_the_rest_keep_running(tmp_path, fake_command, caplog):
+    with Stack(model="/models/m", grace_s=1, log_dir=tmp_path, service_command=fake_command,
+               max_restarts=0) as stack:
+        victim = stack.process("decode", 0)
+        with caplog.at_level("ERROR", logger="splitserve.launcher.supervisor"):
+            victim.kill()
+            _wait(lambda: "decode-0" in stack.supervisor.given_up)
+        assert "decode-0" in caplog.text and "not restarting it (restarts are off)" in caplog.text
+        time.sleep(0.5)
+        assert not victim.alive and stack.restarts["decode-0"] == 0
+        assert all(c.alive for c in stack.children if c is not victim)
+        probe.check_http(stack.http_url + "/health")
 
 
 def test_stop_ends_every_process_group(tmp_path, fake_command, assert_all_gone):

@@ -40,7 +40,8 @@ def test_kv_data_plane_options_reach_the_store_and_the_engines(tmp_path):
 def test_start_order_and_roles(tmp_path):
     plan, _ = _plan(tmp_path, prefill_workers=2, decode_workers=3)
     assert [[spec.name for spec in tier] for tier in plan.tiers] == [
-        ["redis"], ["tokenizer", "kv-store", "prefill-0", "prefill-1", "decode-0", "decode-1", "decode-2"],
+        ["redis"], ["tokenizer-0", "tokenizer-1", "kv-store", "prefill-0", "prefill-1", "decode-0", "decode-1",
+                    "decode-2"],
         ["gateway"], ["envoy"]]
     assert {role for tier in STOP_ORDER for role in tier} == {spec.role for tier in plan.tiers for spec in tier}
 
@@ -74,14 +75,36 @@ def test_workers_and_gateway_are_wired_together(tmp_path):
     gateway = specs["gateway"]
     assert _flag(gateway.argv, "--prefill-addresses") == f"{specs['prefill-0'].address},{specs['prefill-1'].address}"
     assert _flag(gateway.argv, "--decode-addresses") == specs["decode-0"].address
-    assert _flag(gateway.argv, "--tokenizer-address") == specs["tokenizer"].address
+    assert _flag(gateway.argv, "--tokenizer-addresses") == (
+        f"{specs['tokenizer-0'].address},{specs['tokenizer-1'].address}")
     assert _flag(gateway.argv, "--kv-store-address") == kv_store
     assert _flag(gateway.argv, "--local-prefill-threshold") == "32"
     assert _flag(gateway.argv, "--model-name") == "tiny"
     assert "secret" not in " ".join(gateway.argv)  # visible in `ps`: it goes by env instead
     assert gateway.env["SPLITSERVE_API_KEY"] == "secret"
-    assert specs["tokenizer"].env["OMP_NUM_THREADS"] == "1"
+    assert specs["tokenizer-0"].env["OMP_NUM_THREADS"] == "1"
     assert plan.addresses["prefill"] == [specs["prefill-0"].address, specs["prefill-1"].address]
+
+
+def test_tokenizer_replicas_each_get_their_own_port(tmp_path):
+    plan, specs = _plan(tmp_path, tokenizer_replicas=3)
+    tokenizers = [specs[f"tokenizer-{i}"] for i in range(3)]
+    assert plan.addresses["tokenizer"] == [t.address for t in tokenizers]
+    assert len({t.address for t in tokenizers}) == 3
+    assert all(t.role == "tokenizer" for t in tokenizers) and "tokenizer-3" not in specs
+    with pytest.raises(ValueError, match="tokenizer_replicas must be >= 1"):
+        StackConfig(tokenizer_replicas=0)
+
+
+def test_the_kv_data_plane_uses_loopback_unless_told_otherwise(tmp_path, monkeypatch):
+    """UCX listens on every network device it may use; the stack's internal services listen on loopback only."""
+    monkeypatch.delenv("UCX_NET_DEVICES", raising=False)
+    _, specs = _plan(tmp_path)
+    for name in ("kv-store", "prefill-0", "decode-0"):
+        assert specs[name].env["UCX_NET_DEVICES"] == "lo"
+    monkeypatch.setenv("UCX_NET_DEVICES", "eth1")
+    assert _plan(tmp_path)[1]["kv-store"].env["UCX_NET_DEVICES"] == "eth1"
+    assert _plan(tmp_path, ucx_net_devices="mlx5_0:1")[1]["decode-0"].env["UCX_NET_DEVICES"] == "mlx5_0:1"
 
 
 def test_with_envoy_the_gateway_is_internal_and_envoy_checks_both_public_ports(tmp_path):

@@ -41,7 +41,7 @@ def test_ready_line_then_a_clean_stop_on_sigterm(tmp_path, fake_command, assert_
     assert stdout == ""  # the ready line was the only one
     assert f"logs in {tmp_path}" in stderr
     pids = _pids(stderr)
-    assert len(pids) == 7  # redis, tokenizer, kv-store, prefill, decode, gateway, envoy
+    assert len(pids) == 8  # redis, 2 tokenizers, kv-store, prefill, decode, gateway, envoy
     assert_all_gone(pids)
 
 
@@ -65,7 +65,7 @@ def test_sigterm_during_start_stops_what_was_started(tmp_path, fake_command, ass
     assert "splitserve ready" not in stdout
     assert "SIGTERM received, stopping the stack" in stderr
     pids = _pids(stderr)
-    assert len(pids) == 5  # redis, tokenizer, kv-store, prefill, decode: the gateway never started
+    assert len(pids) == 6  # redis, 2 tokenizers, kv-store, prefill, decode: the gateway never started
     assert_all_gone(pids)
 
 
@@ -80,11 +80,11 @@ def test_a_bad_model_path_fails_fast_and_leaves_nothing_running(tmp_path, assert
     assert result.returncode == 1, result.stderr
     assert time.monotonic() - started < 120  # failed on the exit, not the timeout
     assert result.stdout == ""
-    assert re.search(r"splitserve up: (tokenizer|prefill-0|decode-0) exited with code \d+ while the stack was "
+    assert re.search(r"splitserve up: (tokenizer-\d|prefill-0|decode-0) exited with code \d+ while the stack was "
                      r"starting\. Last lines of .*\.log:", result.stderr), result.stderr
     assert str(model) in result.stderr.split("while the stack was starting", 1)[1]  # the tail names the model
     pids = _pids(result.stderr)
-    assert len(pids) >= 5  # redis, tokenizer, kv-store, prefill, decode
+    assert len(pids) >= 6  # redis, 2 tokenizers, kv-store, prefill, decode
     assert_all_gone(pids)
 
 

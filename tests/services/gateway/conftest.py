@@ -142,7 +142,7 @@ class Stack:
         return self.prefills[0].servicer
 
     def start_gateway(self, static_workers: bool = True, **overrides: Any) -> RunningGateway:
-        values = dict(tokenizer_address=self.tokenizer.address, health_check_interval_s=0.2,
+        values = dict(tokenizer_addresses=[self.tokenizer.address], health_check_interval_s=0.2,
                       request_timeout_s=10.0, kv_store_address="127.0.0.1:50090")
         if static_workers:
             values.update(prefill_addresses=[s.address for s in self.prefills],

@@ -135,7 +135,7 @@ def test_no_healthy_decode_worker_is_503_and_health_says_so(stack):
 
 
 def test_health_needs_the_tokenizer(stack):
-    gateway = stack.start_gateway(tokenizer_address="127.0.0.1:1")
+    gateway = stack.start_gateway(tokenizer_addresses=["127.0.0.1:1"])
     with gateway.http_client() as http:
         health = http.get("/health")
         assert health.status_code == 503 and "tokenizer" in health.json()["reason"]

@@ -39,7 +39,7 @@ def test_gateway_process_serves_then_drains_on_sigterm(make_stack):
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     cmd = [sys.executable, "-m", "splitserve.services.cli", "gateway", "--port", str(http_port),
            "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-           "--tokenizer-address", stack.tokenizer.address, "--decode-addresses", stack.decodes[0].address,
+           "--tokenizer-addresses", stack.tokenizer.address, "--decode-addresses", stack.decodes[0].address,
            "--grace-s", "10", "--log-level", "WARNING"]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "SPLITSERVE_PREFILL_ADDRESSES": stack.prefills[0].address}   # settings from env too
