@@ -30,6 +30,12 @@ WORKER_FAILURES = Counter("splitserve_gateway_worker_failures_total",
 DECODE_RETRIES = Counter("splitserve_gateway_decode_retries_total",
                          "Decode streams retried on another worker after a failure before any token")
 HEALTHY_WORKERS = Gauge("splitserve_gateway_healthy_workers", "Workers passing health checks", ["kind"])
+SLOW_HEALTH_CHECKS = Counter("splitserve_gateway_slow_health_checks_total",
+                             "Worker health checks that timed out (the worker stays routed while it makes progress)",
+                             ["kind"])
+WORKER_REJECTIONS = Counter("splitserve_gateway_worker_rejections_total",
+                            "Workers refused admission: no or wrong membership proof, another model, no Stats",
+                            ["kind", "reason"])
 DISCOVERY_ERRORS = Counter("splitserve_gateway_discovery_errors_total",
                            "Failed reads of the worker registry in Redis (static workers are still used)")
 STOP_STRING_CANCELS = Counter("splitserve_gateway_stop_string_cancels_total",

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from splitserve.kv_transfer import KV_TRANSPORTS
+from splitserve.membership import membership_mac
 from splitserve.protos.convert import layout_to_proto
 from splitserve.protos.splitserve.v1 import common_pb2
 
@@ -38,7 +39,11 @@ class EngineWorkerSettings:
     kv_checksum: bool = field(default=False, metadata={
         "help": "send a crc32 with every KV block written and verify every block read"})
     kv_timeout_s: float = field(default=30.0, metadata={"help": "deadline of one KV transfer"})
-    redis_url: Optional[str] = field(default=None, metadata={"help": "announce this worker and its load to Redis"})
+    redis_url: Optional[str] = field(default=None, metadata={
+        "help": "announce this worker and its load to Redis (credentials in the URL: pass it by env)"})
+    cluster_token: Optional[str] = field(default=None, metadata={
+        "help": "shared secret this worker proves it holds to gateways (the gateway's --cluster-token; pass it by "
+                "env)"})
     torch_threads: Optional[int] = field(default=None, metadata={"help": "torch intra-op threads (CPU)"})
     dtype: str = "auto"
     device: str = "auto"
@@ -53,6 +58,21 @@ class EngineWorkerSettings:
     @property
     def address(self) -> str:
         return self.advertise_address or f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """What this worker answers when a gateway challenges it (splitserve.membership)."""
+    kind: str
+    address: str
+    model: str
+    cluster_token: Optional[str] = None
+
+    def answer(self, nonce: bytes) -> common_pb2.MembershipProof:
+        proof = common_pb2.MembershipProof(address=self.address)
+        if nonce and self.cluster_token:
+            proof.mac = membership_mac(self.cluster_token, nonce, self.kind, self.address, self.model)
+        return proof
 
 
 def build_engine(settings: EngineWorkerSettings):
@@ -155,7 +175,7 @@ def make_transport(name: str, checksum: bool = False):
 async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_name: str, add_servicer) -> int:
     """Hosts an engine as a service: load, serve, announce to Redis, drain on SIGTERM, stop.
 
-    `add_servicer(server, async_engine, transport)` registers the role's servicer.
+    `add_servicer(service, async_engine, transport, identity)` registers the role's servicer.
     """
     from splitserve.serving.grpc_service import GrpcService
 
@@ -165,7 +185,8 @@ async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_n
     transport = make_transport(settings.kv_transport, settings.kv_checksum)
     service = GrpcService(role, settings.host, settings.port, settings.metrics_port, [service_name],
                           settings.grace_s)
-    add_servicer(service, engine, transport)
+    identity = WorkerIdentity(role, settings.address, engine.engine.config.model, settings.cluster_token)
+    add_servicer(service, engine, transport, identity)
     announcer = None
     if settings.redis_url:
         from splitserve.worker_registry import WorkerAnnouncer
