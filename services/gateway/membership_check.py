@@ -46,8 +46,8 @@ class MembershipCheck:
     def required(self, kind: str, static: bool) -> bool:
         return kind in CHECKED_KINDS and (not static or self.cluster_token is not None)
 
-    async def verify(self, kind: str, address: str, static: bool, channel: grpc.aio.Channel) -> None:
-        """Returns when the worker at `address` belongs; raises Rejected or NotCheckable."""
+    async def verify(self, kind: str, address: str, static: bool, channel: grpc.aio.Channel) -> str:
+        """The worker's health address ("" if it has none) once it belongs; raises Rejected or NotCheckable."""
         try:
             model = await self._served_model()
         except Exception as exc:  # whatever the tokenizer client raises: not this worker's fault
@@ -64,14 +64,16 @@ class MembershipCheck:
             raise Rejected("stats_failed", f"Stats failed: {exc.code().name} {exc.details() or ''}".strip()) from exc
         if reply.engine.model != model:
             raise Rejected("model_mismatch", f"serves model {reply.engine.model!r}, not {model!r}")
-        if self.cluster_token is None:
-            return
         proof = reply.membership
+        if self.cluster_token is None:
+            return proof.health_address
         if not proof.mac:
             raise Rejected("no_proof", "no membership proof: the worker has no cluster token")
         # A discovered worker must answer for the address it announced; a configured one may know itself under
         # another name than the one the operator dials (its proof still covers the name it gives).
         if not static and proof.address != address:
             raise Rejected("address_mismatch", f"answers as {proof.address!r}, announced as {address!r}")
-        if not is_member(self.cluster_token, nonce, kind, proof.address, reply.engine.model, proof.mac):
+        if not is_member(self.cluster_token, nonce, kind, proof.address, reply.engine.model, proof.mac,
+                         proof.health_address):
             raise Rejected("bad_proof", "membership proof does not match this gateway's cluster token")
+        return proof.health_address

@@ -46,6 +46,7 @@ class Worker:
     in_flight_tokens: int = 0
     reported: Optional[WorkerInfo] = None          # the worker's own load, from the registry
     admitted: bool = False                         # proved it belongs since it was last seen down
+    health_channel: Optional[grpc.aio.Channel] = field(default=None, repr=False)  # to its own health thread
     slow_checks: int = 0                           # health checks timed out in a row
     last_progress: float = float("-inf")           # monotonic time of its last sign of life besides health
 
@@ -86,6 +87,7 @@ class WorkerPool:
         await self._refresher.stop()
         for worker in [w for kind in self._workers.values() for w in kind.values()] + self._retired:
             await worker.channel.close()
+            await self._forget_health_address(worker)
 
     async def refresh(self) -> None:
         if self._redis is not None:
@@ -102,7 +104,7 @@ class WorkerPool:
             log.warning("%s worker %s marked unhealthy: %s", worker.kind, worker.address, reason)
         worker.healthy = False
         worker.why_unhealthy = reason
-        worker.admitted = False
+        worker.admitted = False  # the next check goes to its main port, and it proves itself again
         metrics.HEALTHY_WORKERS.labels(worker.kind).set(len(self.healthy(worker.kind)))
 
     @staticmethod
@@ -132,7 +134,10 @@ class WorkerPool:
             log.exception("worker pool refresh failed")
 
     async def _check(self, worker: Worker) -> None:
-        stub = health_pb2_grpc.HealthStub(worker.channel)
+        # An admitted worker is asked on its health thread, which answers while its event loop is busy; any other
+        # on its main port, since a restarted worker's health port is not the one it proved last time.
+        channel = worker.health_channel if worker.admitted and worker.health_channel is not None else worker.channel
+        stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.check_timeout_s)
             result = from_reply(reply.status)
@@ -142,6 +147,7 @@ class WorkerPool:
             metrics.SLOW_HEALTH_CHECKS.labels(worker.kind).inc()
         elif result.outcome is not Outcome.SERVING:
             worker.admitted = False  # whatever answers at this address next proves itself again
+            await self._forget_health_address(worker)
         elif not worker.admitted:
             result = await self._admit(worker)
         verdict = self.policy.judge(result, healthy=worker.healthy, slow_checks=worker.slow_checks,
@@ -162,15 +168,26 @@ class WorkerPool:
             worker.admitted = True
             return CheckResult(Outcome.SERVING)
         try:
-            await self.membership.verify(worker.kind, worker.address, worker.static, worker.channel)
+            health_address = await self.membership.verify(worker.kind, worker.address, worker.static,
+                                                          worker.channel)
         except Rejected as exc:
             metrics.WORKER_REJECTIONS.labels(worker.kind, exc.reason).inc()
             return CheckResult(Outcome.REJECTED, f"not admitted ({exc.reason}): {exc}")
         except NotCheckable as exc:
             return CheckResult(Outcome.REJECTED, f"not admitted yet: {exc}")
-        log.info("%s worker %s proved it belongs to the cluster", worker.kind, worker.address)
+        log.info("%s worker %s proved it belongs to the cluster (health checks at %s)", worker.kind,
+                 worker.address, health_address or "its main port")
+        await self._forget_health_address(worker)
+        if health_address:
+            worker.health_channel = insecure_channel(health_address)
         worker.admitted = True
         return CheckResult(Outcome.SERVING)
+
+    @staticmethod
+    async def _forget_health_address(worker: Worker) -> None:
+        if worker.health_channel is not None:
+            channel, worker.health_channel = worker.health_channel, None
+            await channel.close()
 
     async def _discover(self) -> None:
         """Adds newly announced workers, drops discovered ones whose announcements stopped, refreshes loads.
@@ -213,4 +230,5 @@ class WorkerPool:
                 keep.append(worker)
             else:
                 await worker.channel.close()
+                await self._forget_health_address(worker)
         self._retired = keep

@@ -33,6 +33,9 @@ class EngineWorkerSettings:
     grace_s: float = field(default=30.0, metadata={"help": "seconds to finish in-flight work on SIGTERM"})
     advertise_address: Optional[str] = field(
         default=None, metadata={"help": "address announced to Redis and in KV handles (default host:port)"})
+    health_port: int = field(default=0, metadata={
+        "help": "port of a health-only gRPC server on its own thread, answered even while the event loop is "
+                "busy; gateways learn it from the worker (0: any free port, -1: none)"})
     kv_store_address: Optional[str] = field(default=None, metadata={"help": "kv-store gRPC address"})
     kv_transport: str = field(default="ucx", metadata={
         "help": "KV data plane: ucx (UCX, gRPC for control) or tcp (gRPC streams only; alias grpc)"})
@@ -67,11 +70,13 @@ class WorkerIdentity:
     address: str
     model: str
     cluster_token: Optional[str] = None
+    health_address: str = ""
 
     def answer(self, nonce: bytes) -> common_pb2.MembershipProof:
-        proof = common_pb2.MembershipProof(address=self.address)
+        proof = common_pb2.MembershipProof(address=self.address, health_address=self.health_address)
         if nonce and self.cluster_token:
-            proof.mac = membership_mac(self.cluster_token, nonce, self.kind, self.address, self.model)
+            proof.mac = membership_mac(self.cluster_token, nonce, self.kind, self.address, self.model,
+                                       self.health_address)
         return proof
 
 
@@ -184,8 +189,12 @@ async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_n
     register_engine_metrics(engine, role)
     transport = make_transport(settings.kv_transport, settings.kv_checksum)
     service = GrpcService(role, settings.host, settings.port, settings.metrics_port, [service_name],
-                          settings.grace_s)
-    identity = WorkerIdentity(role, settings.address, engine.engine.config.model, settings.cluster_token)
+                          settings.grace_s, health_port=settings.health_port if settings.health_port >= 0 else None)
+    health_address = ""
+    if service.health_thread is not None:
+        health_address = f"{settings.address.rsplit(':', 1)[0]}:{service.health_thread.port}"
+    identity = WorkerIdentity(role, settings.address, engine.engine.config.model, settings.cluster_token,
+                              health_address)
     add_servicer(service, engine, transport, identity)
     announcer = None
     if settings.redis_url:

@@ -131,10 +131,11 @@ class FakeWorker:
     model: str = "fake-model"
     cluster_token: Optional[str] = None
     address: str = ""                              # set by FakeServer.start, as a real worker knows its own
+    health_address: str = ""                       # a real worker's health thread
     stats_calls: int = 0
 
     def identity(self, kind: str) -> WorkerIdentity:
-        return WorkerIdentity(kind, self.address, self.model, self.cluster_token)
+        return WorkerIdentity(kind, self.address, self.model, self.cluster_token, self.health_address)
 
     def engine_stats(self) -> common_pb2.EngineStats:
         self.stats_calls += 1

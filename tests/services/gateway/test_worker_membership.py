@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
 from splitserve.membership import is_member, membership_mac, new_nonce
@@ -50,14 +51,17 @@ def _stop(stack, announcers) -> None:
         stack.loop.run(announcer.stop())
 
 
-def test_mac_binds_nonce_kind_address_and_model():
+def test_mac_binds_nonce_kind_address_model_and_health_address():
     nonce = new_nonce()
-    mac = membership_mac(TOKEN, nonce, "decode", "10.0.0.1:1", "m")
-    assert is_member(TOKEN, nonce, "decode", "10.0.0.1:1", "m", mac)
-    for changed in [("other-token", nonce, "decode", "10.0.0.1:1", "m"), (TOKEN, new_nonce(), "decode", "10.0.0.1:1", "m"),
-                    (TOKEN, nonce, "prefill", "10.0.0.1:1", "m"), (TOKEN, nonce, "decode", "10.0.0.2:1", "m"),
-                    (TOKEN, nonce, "decode", "10.0.0.1:1", "m2")]:
-        assert not is_member(*changed, mac)
+    mac = membership_mac(TOKEN, nonce, "decode", "10.0.0.1:1", "m", "10.0.0.1:2")
+    assert is_member(TOKEN, nonce, "decode", "10.0.0.1:1", "m", mac, "10.0.0.1:2")
+    for changed in [("other-token", nonce, "decode", "10.0.0.1:1", "m", mac, "10.0.0.1:2"),
+                    (TOKEN, new_nonce(), "decode", "10.0.0.1:1", "m", mac, "10.0.0.1:2"),
+                    (TOKEN, nonce, "prefill", "10.0.0.1:1", "m", mac, "10.0.0.1:2"),
+                    (TOKEN, nonce, "decode", "10.0.0.2:1", "m", mac, "10.0.0.1:2"),
+                    (TOKEN, nonce, "decode", "10.0.0.1:1", "m2", mac, "10.0.0.1:2"),
+                    (TOKEN, nonce, "decode", "10.0.0.1:1", "m", mac, "10.0.0.9:2")]:
+        assert not is_member(*changed)
 
 
 def test_impostors_announced_in_redis_get_no_requests_and_members_get_them_all(make_stack, clean_redis):
@@ -129,17 +133,37 @@ def test_a_worker_proves_itself_again_after_it_was_down(make_stack):
     assert worker.healthy and stack.decode.stats_calls == calls + 1
 
 
+def test_an_admitted_worker_is_checked_on_its_health_thread(make_stack):
+    stack = make_stack(num_prefill=0, num_decode=1, decode={"cluster_token": TOKEN})
+    health_thread = stack.start_server(fakes.tokenizer_server)   # stands in for the worker's health-only server
+    stack.decode.health_address = health_thread.address
+    gateway = stack.start_gateway(cluster_token=TOKEN)
+    pool = gateway.gateway.pool
+    [worker] = pool.workers("decode")
+    assert worker.healthy and worker.health_channel is not None
+    # The main port's answer no longer decides (a busy loop answers it late); the health thread's does.
+    stack.loop.run(stack.decodes[0].health.set("", health_pb2.HealthCheckResponse.NOT_SERVING))
+    stack.loop.run(pool.refresh())
+    assert worker.healthy
+    # The health thread gone: the worker is down, and asked on its main port again until it proves itself anew.
+    stack.loop.run(health_thread.stop())
+    stack.loop.run(pool.refresh())
+    assert not worker.healthy and not worker.admitted and worker.health_channel is None
+    stack.loop.run(pool.refresh())
+    assert not worker.healthy and "NOT_SERVING" in worker.why_unhealthy
+
+
 @pytest.mark.parametrize("token", [None, TOKEN])
 def test_a_real_workers_stats_answer_is_checked_like_the_fakes(token):
     """The worker side (WorkerIdentity) answers what the gateway side checks."""
     from splitserve.serving.engine_worker import WorkerIdentity
 
-    identity = WorkerIdentity("decode", "10.0.0.9:5", "m", token)
+    identity = WorkerIdentity("decode", "10.0.0.9:5", "m", token, "10.0.0.9:6")
     nonce = new_nonce()
     proof = identity.answer(nonce)
-    assert proof.address == "10.0.0.9:5"
+    assert (proof.address, proof.health_address) == ("10.0.0.9:5", "10.0.0.9:6")
     assert bool(proof.mac) == (token is not None)
     if token:
-        assert is_member(TOKEN, nonce, "decode", "10.0.0.9:5", "m", proof.mac)
+        assert is_member(TOKEN, nonce, "decode", "10.0.0.9:5", "m", proof.mac, "10.0.0.9:6")
     assert identity.answer(b"").mac == b""                          # no challenge, no proof
     assert decode_pb2.DecodeStatsResponse(membership=proof).membership.address == "10.0.0.9:5"
