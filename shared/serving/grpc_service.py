@@ -73,12 +73,15 @@ class GrpcService:
             raise RuntimeError(f"{self.name}: cannot listen on {self.host}:{self.port}")
         self.port = bound
         await self.server.start()
+        beat = None
         if self.health_thread is not None:
             self.health_thread.start()
+            beat = asyncio.create_task(self.health_thread.beat(), name=f"{self.name}-loop-heartbeat")
         try:
             await self._serve(drain, on_started)
         finally:
             if self.health_thread is not None:
+                beat.cancel()
                 self.health_thread.stop()
 
     async def _serve(self, drain: Optional[Callable[[], Awaitable[None]]],

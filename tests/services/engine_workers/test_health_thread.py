@@ -70,3 +70,37 @@ def test_health_answers_on_its_thread_while_the_event_loop_is_stuck():
     assert seen["thread"] == SERVING                      # answered within 1 s while the loop was stuck
     assert seen["main"] == grpc.StatusCode.DEADLINE_EXCEEDED   # the loop's own health could not answer
     assert seen["draining"] == NOT_SERVING
+
+
+def test_a_loop_stuck_longer_than_the_stall_limit_is_reported_not_serving():
+    seen = {}
+
+    async def main() -> None:
+        service = GrpcService("test", "127.0.0.1", 0, None, [], grace_s=1, health_port=0)
+        service.health_thread.stall_s = 1.0
+        started = asyncio.Event()
+
+        async def on_started() -> None:
+            started.set()
+
+        task = asyncio.create_task(service.run(on_started=on_started))
+        await started.wait()
+        await asyncio.sleep(0.1)
+        address = f"127.0.0.1:{service.health_thread.port}"
+
+        def probe() -> None:
+            time.sleep(2.0)       # past the limit: the loop is stuck, not busy
+            seen["stuck"] = _check(address)
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        time.sleep(2.5)
+        await asyncio.to_thread(prober.join)
+        await asyncio.sleep(0.1)  # the loop turns again
+        seen["after"] = await asyncio.to_thread(_check, address)
+        service.request_stop()
+        await task
+
+    asyncio.run(main())
+    assert seen["stuck"] == NOT_SERVING
+    assert seen["after"] == SERVING
