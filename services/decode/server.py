@@ -22,8 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("decode", settings.log_level)
     log_settings("decode", settings)
 
-    def add_servicer(service, engine, transport) -> None:
-        servicer = DecodeServicer(engine, transport, settings.kv_timeout_s, engine.engine.config.model,
+    def add_servicer(service, engine, transport, identity) -> None:
+        servicer = DecodeServicer(engine, transport, settings.kv_timeout_s, identity,
                                   lambda: service.draining)
         decode_pb2_grpc.add_DecodeServicer_to_server(servicer, service.server)
 

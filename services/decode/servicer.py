@@ -23,7 +23,7 @@ from splitserve.protos.convert import (finish_reason_to_proto, layout_mismatch, 
                                        token_logprob_to_proto)
 from splitserve.protos.splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
-from splitserve.serving.engine_worker import engine_stats_proto, layout_proto
+from splitserve.serving.engine_worker import WorkerIdentity, engine_stats_proto, layout_proto
 from splitserve.serving.errors import abort_invalid
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,11 @@ RESUMED = Counter("splitserve_decode_resumed_total",
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, engine, transport, kv_timeout_s: float, model_name: str, is_draining):
+    def __init__(self, engine, transport, kv_timeout_s: float, identity: WorkerIdentity, is_draining):
         self.engine = engine
         self.transport = transport
         self.kv_timeout_s = kv_timeout_s
-        self.model_name = model_name
+        self.identity = identity
         self.is_draining = is_draining
 
     async def Generate(self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
@@ -147,4 +147,5 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return decode_pb2.CancelResponse(found=self.engine.abort(request.request_id))
 
     async def Stats(self, request, context):
-        return decode_pb2.DecodeStatsResponse(engine=engine_stats_proto(self.engine, self.model_name))
+        return decode_pb2.DecodeStatsResponse(engine=engine_stats_proto(self.engine, self.identity.model),
+                                              membership=self.identity.answer(request.nonce))

@@ -42,6 +42,12 @@ DECODE_MIGRATIONS = Counter("splitserve_gateway_decode_migrations_total",
                             "Decode streams that failed mid-stream, by the failure (resumed on another worker) or by "
                             "why they could not be resumed (limit_reached, no_other_worker)", ["reason"])
 HEALTHY_WORKERS = Gauge("splitserve_gateway_healthy_workers", "Workers passing health checks", ["kind"])
+SLOW_HEALTH_CHECKS = Counter("splitserve_gateway_slow_health_checks_total",
+                             "Worker health checks that timed out (the worker stays routed while it makes progress)",
+                             ["kind"])
+WORKER_REJECTIONS = Counter("splitserve_gateway_worker_rejections_total",
+                            "Workers refused admission: no or wrong membership proof, another model, no Stats",
+                            ["kind", "reason"])
 DISCOVERY_ERRORS = Counter("splitserve_gateway_discovery_errors_total",
                            "Failed reads of the worker registry in Redis (static workers are still used)")
 STOP_STRING_CANCELS = Counter("splitserve_gateway_stop_string_cancels_total",

@@ -87,6 +87,7 @@ class SequenceRunner:
                     call = decode_pb2_grpc.DecodeStub(decode.channel).Generate(request, timeout=time_left(deadline))
                     try:
                         async for chunk in call:
+                            self.pool.note_progress(decode)
                             produced_here = produced_here or bool(chunk.token_ids)
                             batch = _batch_from_chunk(chunk, first_from_prefill=prefilled is not None)
                             produced += batch.token_ids
@@ -149,7 +150,10 @@ class SequenceRunner:
             request.kv_target.store_address = self.kv_store_address
         try:
             with self.pool.track(worker, len(prompt)):
-                return await prefill_pb2_grpc.PrefillStub(worker.channel).Prefill(request, timeout=time_left(deadline))
+                reply = await prefill_pb2_grpc.PrefillStub(worker.channel).Prefill(request,
+                                                                                   timeout=time_left(deadline))
+            self.pool.note_progress(worker)
+            return reply
         except grpc.aio.AioRpcError as exc:
             error = self._failed(worker, "prefill", exc)
             if not isinstance(error, UpstreamError):

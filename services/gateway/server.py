@@ -22,6 +22,7 @@ from splitserve.serving.settings import log_settings, parse_settings
 from splitserve.services.gateway.admission import Admission
 from splitserve.services.gateway import grpc_api
 from splitserve.services.gateway.grpc_api import GatewayServicer
+from splitserve.services.gateway.membership_check import MembershipCheck
 from splitserve.services.gateway.openai_api import ApiState, build_app
 from splitserve.services.gateway.pipeline import Pipeline
 from splitserve.services.gateway.router import Router
@@ -52,7 +53,10 @@ class GatewaySettings:
     decode_addresses: list[str] = field(default_factory=list, metadata={
         "help": "decode workers host:port, comma-separated (more are discovered from Redis)"})
     redis_url: Optional[str] = field(default=None, metadata={
-        "help": "Redis for worker discovery and load, e.g. redis://127.0.0.1:6379/0"})
+        "help": "Redis for worker discovery and load, e.g. redis://splitserve:PASSWORD@127.0.0.1:6379/0 (pass "
+                "it by env when it holds a password)"})
+    cluster_token: Optional[str] = field(default=None, metadata={
+        "help": "shared secret workers must prove they hold before they get requests (pass it by env)"})
     api_key: Optional[str] = field(default=None, metadata={
         "help": "when set, requests need `Authorization: Bearer <key>`"})
     kv_store_address: Optional[str] = field(default=None, metadata={
@@ -101,9 +105,10 @@ class Gateway:
         self.settings = settings
         self.redis = (redis.from_url(settings.redis_url, socket_timeout=1.0, socket_connect_timeout=1.0)
                       if settings.redis_url else None)
+        membership = MembershipCheck(settings.cluster_token, self._worker_model)
         self.pool = WorkerPool({"tokenizer": settings.tokenizer_addresses, "prefill": settings.prefill_addresses,
                                 "decode": settings.decode_addresses}, redis_client=self.redis,
-                               check_interval_s=settings.health_check_interval_s)
+                               check_interval_s=settings.health_check_interval_s, membership=membership)
         self.router = Router(self.pool)
         self.tokenizer = TokenizerClient(self.pool)
         runner = SequenceRunner(self.router, self.pool, settings.kv_store_address, settings.local_prefill_threshold,
@@ -115,6 +120,10 @@ class Gateway:
                                       settings.max_body_bytes))
         self.servicer = GatewayServicer(self.pipeline, self.admission, settings.api_key)
 
+    async def _worker_model(self) -> str:
+        """The model every worker must serve: the tokenizer's (every service of a stack gets the same --model)."""
+        return (await self.tokenizer.info()).model
+
     def why_unhealthy(self) -> Optional[str]:
         """None when requests can be served: a tokenizer replica and a decode worker are healthy."""
         if not self.pool.healthy("tokenizer"):
@@ -125,6 +134,10 @@ class Gateway:
         return None
 
     async def start(self) -> None:
+        if self.redis is not None and not self.settings.cluster_token:
+            log.warning("no cluster token: a worker announced in Redis gets requests once it names the served "
+                        "model, so anyone who can write to Redis can receive traffic; set --cluster-token "
+                        "(SPLITSERVE_CLUSTER_TOKEN) on the gateway and every worker")
         await self.pool.start()
 
     async def drain(self) -> None:

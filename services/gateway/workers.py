@@ -2,7 +2,9 @@
 
 Workers come from flags (static) and, when Redis is configured, from the worker registry (discovered; they
 leave the pool when their announcements stop). A worker is healthy after a grpc.health.v1 check answered
-SERVING, and unhealthy after a failed check or a failed request, until a later check passes. The pool also
+SERVING and, where membership_check.py asks for it, after it proved it belongs to the cluster; it is unhealthy
+after a check or a request says it is down, until a later check passes (and it proves itself again). A check
+that only times out does not take out a worker that is making progress (health_policy.py). The pool also
 counts each worker's in-flight requests and tokens as this gateway sent them, which the router reads.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -21,6 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from splitserve.periodic import Periodic
 from splitserve.serving.grpc_service import insecure_channel
 from splitserve.services.gateway import metrics
+from splitserve.services.gateway.health_policy import CheckResult, HealthPolicy, Outcome, from_error, from_reply
+from splitserve.services.gateway.membership_check import MembershipCheck, NotCheckable, Rejected
 from splitserve.worker_registry import KINDS, WorkerInfo, read_workers
 
 log = logging.getLogger(__name__)
@@ -40,11 +45,16 @@ class Worker:
     in_flight_requests: int = 0
     in_flight_tokens: int = 0
     reported: Optional[WorkerInfo] = None          # the worker's own load, from the registry
+    admitted: bool = False                         # proved it belongs since it was last seen down
+    health_channel: Optional[grpc.aio.Channel] = field(default=None, repr=False)  # to its own health thread
+    slow_checks: int = 0                           # health checks timed out in a row
+    last_progress: float = float("-inf")           # monotonic time of its last sign of life besides health
 
 
 class WorkerPool:
     def __init__(self, static: dict[str, list[str]], redis_client: Optional[redis.Redis] = None,
-                 check_interval_s: float = 1.0, check_timeout_s: float = 1.0, registry_max_age_s: float = 5.0):
+                 check_interval_s: float = 1.0, check_timeout_s: float = 1.0, registry_max_age_s: float = 5.0,
+                 membership: Optional[MembershipCheck] = None, policy: HealthPolicy = HealthPolicy()):
         unknown = set(static) - set(POOL_KINDS)
         if unknown:
             raise ValueError(f"unknown worker kinds {sorted(unknown)}")
@@ -56,6 +66,8 @@ class WorkerPool:
         self.check_interval_s = check_interval_s
         self.check_timeout_s = check_timeout_s
         self.registry_max_age_s = registry_max_age_s
+        self.membership = membership
+        self.policy = policy
         self._retired: list[Worker] = []
         self._refresher = Periodic(self._refresh_logged, check_interval_s, name="worker-pool")
         self._discovery_failing = False
@@ -75,6 +87,7 @@ class WorkerPool:
         await self._refresher.stop()
         for worker in [w for kind in self._workers.values() for w in kind.values()] + self._retired:
             await worker.channel.close()
+            await self._forget_health_address(worker)
 
     async def refresh(self) -> None:
         if self._redis is not None:
@@ -91,7 +104,13 @@ class WorkerPool:
             log.warning("%s worker %s marked unhealthy: %s", worker.kind, worker.address, reason)
         worker.healthy = False
         worker.why_unhealthy = reason
+        worker.admitted = False  # the next check goes to its main port, and it proves itself again
         metrics.HEALTHY_WORKERS.labels(worker.kind).set(len(self.healthy(worker.kind)))
+
+    @staticmethod
+    def note_progress(worker: Worker) -> None:
+        """The worker just did work for this gateway (a reply, a streamed token): it is alive, if slow."""
+        worker.last_progress = time.monotonic()
 
     @contextlib.contextmanager
     def track(self, worker: Worker, tokens: int) -> Iterator[Worker]:
@@ -115,19 +134,60 @@ class WorkerPool:
             log.exception("worker pool refresh failed")
 
     async def _check(self, worker: Worker) -> None:
-        stub = health_pb2_grpc.HealthStub(worker.channel)
+        # An admitted worker is asked on its health thread, which answers while its event loop is busy; any other
+        # on its main port, since a restarted worker's health port is not the one it proved last time.
+        channel = worker.health_channel if worker.admitted and worker.health_channel is not None else worker.channel
+        stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=self.check_timeout_s)
-            serving = reply.status == health_pb2.HealthCheckResponse.SERVING
-            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-            reason = "" if serving else f"health check says {status}"
+            result = from_reply(reply.status)
         except grpc.aio.AioRpcError as exc:
-            serving, reason = False, f"health check failed: {exc.code().name} {exc.details() or ''}".strip()
-        if serving and not worker.healthy:
+            result = from_error(exc)
+        if result.outcome is Outcome.SLOW:
+            metrics.SLOW_HEALTH_CHECKS.labels(worker.kind).inc()
+        elif result.outcome is not Outcome.SERVING:
+            worker.admitted = False  # whatever answers at this address next proves itself again
+            await self._forget_health_address(worker)
+        elif not worker.admitted:
+            result = await self._admit(worker)
+        verdict = self.policy.judge(result, healthy=worker.healthy, slow_checks=worker.slow_checks,
+                                    last_progress=worker.last_progress, now=time.monotonic())
+        if verdict.healthy and not worker.healthy:
             log.info("%s worker %s is healthy", worker.kind, worker.address)
-        elif not serving and (worker.healthy or worker.why_unhealthy != reason):
-            log.warning("%s worker %s is unhealthy: %s", worker.kind, worker.address, reason)
-        worker.healthy, worker.why_unhealthy = serving, reason
+        elif not verdict.healthy and (worker.healthy or worker.why_unhealthy != verdict.reason):
+            log.warning("%s worker %s is unhealthy: %s", worker.kind, worker.address, verdict.reason)
+        elif verdict.healthy and verdict.slow_checks == 1:
+            log.info("%s worker %s answered no health check within %.1f s; still routed to while it makes "
+                     "progress", worker.kind, worker.address, self.check_timeout_s)
+        worker.healthy, worker.slow_checks = verdict.healthy, verdict.slow_checks
+        worker.why_unhealthy = verdict.reason
+
+    async def _admit(self, worker: Worker) -> CheckResult:
+        """SERVING once the worker proved it belongs (or need not), else why not."""
+        if self.membership is None or not self.membership.required(worker.kind, worker.static):
+            worker.admitted = True
+            return CheckResult(Outcome.SERVING)
+        try:
+            health_address = await self.membership.verify(worker.kind, worker.address, worker.static,
+                                                          worker.channel)
+        except Rejected as exc:
+            metrics.WORKER_REJECTIONS.labels(worker.kind, exc.reason).inc()
+            return CheckResult(Outcome.REJECTED, f"not admitted ({exc.reason}): {exc}")
+        except NotCheckable as exc:
+            return CheckResult(Outcome.REJECTED, f"not admitted yet: {exc}")
+        log.info("%s worker %s proved it belongs to the cluster (health checks at %s)", worker.kind,
+                 worker.address, health_address or "its main port")
+        await self._forget_health_address(worker)
+        if health_address:
+            worker.health_channel = insecure_channel(health_address)
+        worker.admitted = True
+        return CheckResult(Outcome.SERVING)
+
+    @staticmethod
+    async def _forget_health_address(worker: Worker) -> None:
+        if worker.health_channel is not None:
+            channel, worker.health_channel = worker.health_channel, None
+            await channel.close()
 
     async def _discover(self) -> None:
         """Adds newly announced workers, drops discovered ones whose announcements stopped, refreshes loads.
@@ -151,6 +211,8 @@ class WorkerPool:
                 worker = pool.get(address) or self._add(kind, address, static=False)
                 if not worker.static and worker.reported is None:
                     log.info("discovered %s worker %s (model %s)", kind, address, info.model)
+                if worker.reported is not None and info.updated > worker.reported.updated:
+                    self.note_progress(worker)  # its event loop is turning: a late health answer means busy
                 worker.reported = info
             for address, worker in list(pool.items()):
                 if address in found[kind]:
@@ -168,4 +230,5 @@ class WorkerPool:
                 keep.append(worker)
             else:
                 await worker.channel.close()
+                await self._forget_health_address(worker)
         self._retired = keep

@@ -22,9 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("prefill", settings.log_level)
     log_settings("prefill", settings)
 
-    def add_servicer(service, engine, transport) -> None:
+    def add_servicer(service, engine, transport, identity) -> None:
         servicer = PrefillServicer(engine, transport, settings.kv_store_address, settings.kv_timeout_s,
-                                   engine.engine.config.model, lambda: service.draining)
+                                   identity, lambda: service.draining)
         prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, service.server)
 
     return asyncio.run(run_engine_worker(settings, "prefill", "splitserve.v1.Prefill", add_servicer))

@@ -22,7 +22,7 @@ from splitserve.kv_transfer.transport import KVTransferError
 from splitserve.protos.convert import finish_reason_to_proto, sampling_params_from_proto, token_logprob_to_proto
 from splitserve.protos.splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
-from splitserve.serving.engine_worker import engine_stats_proto, layout_proto
+from splitserve.serving.engine_worker import WorkerIdentity, engine_stats_proto, layout_proto
 from splitserve.serving.errors import abort_invalid
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,13 @@ PREFILL_SECONDS = Histogram("splitserve_prefill_seconds", "Prompt in to first to
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
-    def __init__(self, engine, transport, kv_store_address: str | None, kv_timeout_s: float, model_name: str,
-                 is_draining):
+    def __init__(self, engine, transport, kv_store_address: str | None, kv_timeout_s: float,
+                 identity: WorkerIdentity, is_draining):
         self.engine = engine
         self.transport = transport
         self.kv_store_address = kv_store_address
         self.kv_timeout_s = kv_timeout_s
-        self.model_name = model_name
+        self.identity = identity
         self.is_draining = is_draining
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
@@ -155,4 +155,5 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             hashes=export.block_hashes), layout=layout, num_tokens=export.num_tokens)
 
     async def Stats(self, request, context):
-        return prefill_pb2.PrefillStatsResponse(engine=engine_stats_proto(self.engine, self.model_name))
+        return prefill_pb2.PrefillStatsResponse(engine=engine_stats_proto(self.engine, self.identity.model),
+                                                membership=self.identity.answer(request.nonce))

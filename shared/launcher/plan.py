@@ -44,7 +44,11 @@ class StackConfig:
     tokenizer_replicas: int = field(default=2, metadata={
         "help": "number of tokenizer processes (the gateway spreads calls over them and retries on another)"})
     redis_url: Optional[str] = field(default=None, metadata={
-        "help": "use this Redis instead of starting redis-server"})
+        "help": "use this Redis instead of starting redis-server (with its password in the URL: "
+                "redis://USER:PASSWORD@HOST:PORT/DB; pass it by env)"})
+    cluster_token: Optional[str] = field(default=None, metadata={
+        "help": "secret the workers prove they hold before the gateway routes to them (default: a new random "
+                "one; pass it by env)"})
     envoy: bool = field(default=True, metadata={"help": "run Envoy in front of the gateway"})
     envoy_admin_port: Optional[int] = field(default=None, metadata={
         "help": "serve Envoy's admin interface on 127.0.0.1:PORT (default: none; it can dump the config and stop "
@@ -115,10 +119,11 @@ class StackPlan:
     tiers: list[list[ServiceSpec]]  # started in order; each tier is ready before the next starts
     base_url: str
     grpc_address: str
-    redis_url: str
+    redis_url: str                        # with the password: it goes to the services by env, not argv
     addresses: dict[str, list[str]]
     envoy_ports: Optional[EnvoyPorts]
     envoy_config_path: Optional[Path]
+    redis_config_path: Optional[Path] = None
 
 
 def default_torch_threads(engine_workers: int) -> int:
@@ -151,7 +156,11 @@ def flags(**values: object) -> list[str]:
 def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[int], *,
                redis_binary: Optional[str] = None, envoy_binary: Optional[str] = None,
                service_command: Sequence[str] = SERVICE_COMMAND,
-               extra_args: Optional[Mapping[str, Sequence[str]]] = None) -> StackPlan:
+               extra_args: Optional[Mapping[str, Sequence[str]]] = None, redis_password: Optional[str] = None,
+               cluster_token: Optional[str] = None) -> StackPlan:
+    """`redis_password` protects the Redis this plan starts (needed unless config.redis_url is set);
+    `cluster_token` is what workers prove to the gateway. Both reach the services by env, so `ps` shows
+    neither."""
     extra_args = extra_args or {}
     tiers: list[list[ServiceSpec]] = []
     public_http = config.port or next(ports)
@@ -168,15 +177,21 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
         env = {"OMP_NUM_THREADS": str(omp_threads), **(env or {})}
         return ServiceSpec(name, role, argv, [("grpc", address)], env, address, metrics_port)
 
+    redis_config_path = None
     if config.redis_url is None:
-        if redis_binary is None:
-            raise ValueError("plan_stack needs redis_binary when no redis_url is configured")
+        if redis_binary is None or redis_password is None:
+            raise ValueError("plan_stack needs redis_binary and redis_password when no redis_url is configured")
         redis_port = next(ports)
-        redis = redis_url(INTERNAL_HOST, redis_port)
-        tiers.append([ServiceSpec("redis", "redis", redis_server_argv(redis_binary, INTERNAL_HOST, redis_port),
+        redis = redis_url(INTERNAL_HOST, redis_port, redis_password)
+        redis_config_path = Path(log_dir) / "redis.conf"
+        tiers.append([ServiceSpec("redis", "redis", redis_server_argv(redis_binary, INTERNAL_HOST, redis_port,
+                                                                      redis_config_path),
                                   [("redis", redis)])])
     else:
         redis = config.redis_url
+    cluster = {"SPLITSERVE_REDIS_URL": redis}
+    if cluster_token:
+        cluster["SPLITSERVE_CLUSTER_TOKEN"] = cluster_token
 
     tokenizers = [service(f"tokenizer-{index}", "tokenizer", next(ports), *flags(model=model))
                   for index in range(config.tokenizer_replicas)]
@@ -189,12 +204,12 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
         for index in range(count):
             workers.append(service(
                 f"{role}-{index}", role, next(ports),
-                *flags(model=model, kv_store_address=kv_store.address, redis_url=redis, torch_threads=threads,
+                *flags(model=model, kv_store_address=kv_store.address, torch_threads=threads,
                        num_kv_blocks=config.num_kv_blocks, max_num_seqs=config.max_num_seqs,
                        max_num_batched_tokens=config.max_num_batched_tokens, dtype=config.dtype,
                        device=config.device, kv_transport=config.kv_transport,
                        kv_checksum=config.kv_checksum or None),
-                omp_threads=threads, env=ucx_env))
+                omp_threads=threads, env={**ucx_env, **cluster}))
     tiers.append([*tokenizers, kv_store, *workers])
 
     addresses = {"tokenizer": [t.address for t in tokenizers], "kv-store": [kv_store.address],
@@ -203,13 +218,14 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
         gateway_host, gateway_http, gateway_grpc = INTERNAL_HOST, next(ports), next(ports)
     else:
         gateway_host, gateway_http, gateway_grpc = config.host, public_http, public_grpc
-    # The key goes by env, not argv, so it does not show in `ps`.
+    # Secrets go by env, not argv, so they do not show in `ps`.
+    gateway_env = {**cluster, **({"SPLITSERVE_API_KEY": config.api_key} if config.api_key else {})}
     gateway = service("gateway", "gateway", gateway_http,
                       *flags(grpc_port=gateway_grpc, tokenizer_addresses=addresses["tokenizer"],
                              prefill_addresses=addresses["prefill"], decode_addresses=addresses["decode"],
-                             kv_store_address=kv_store.address, redis_url=redis, model_name=config.model_name,
+                             kv_store_address=kv_store.address, model_name=config.model_name,
                              local_prefill_threshold=config.local_prefill_threshold),
-                      env={"SPLITSERVE_API_KEY": config.api_key} if config.api_key else None, host=gateway_host)
+                      env=gateway_env, host=gateway_host)
     gateway.address = host_port(connect_host(gateway_host), gateway_grpc)
     gateway.probes = [("grpc", gateway.address),
                       ("http", f"http://{host_port(connect_host(gateway_host), gateway_http)}/health")]
@@ -231,7 +247,8 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
 
     return StackPlan(tiers, base_url=f"http://{host_port(public_host, public_http)}/v1",
                      grpc_address=host_port(public_host, public_grpc), redis_url=redis, addresses=addresses,
-                     envoy_ports=envoy_ports, envoy_config_path=envoy_config_path)
+                     envoy_ports=envoy_ports, envoy_config_path=envoy_config_path,
+                     redis_config_path=redis_config_path)
 
 
 def ucx_net_devices(config: StackConfig) -> str:

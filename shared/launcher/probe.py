@@ -52,11 +52,13 @@ def check_http(url: str, timeout_s: float = 1.0) -> None:
 def check_redis(url: str, timeout_s: float = 1.0) -> None:
     import redis
 
+    from splitserve.serving.settings import redact_url
+
     client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     try:
         client.ping()
     except redis.RedisError as exc:
-        raise NotReady(f"Redis at {url}: {exc}") from exc
+        raise NotReady(f"Redis at {redact_url(url)}: {exc}") from exc
     finally:
         client.close()
 

@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
+from urllib.parse import urlsplit
 
 from splitserve.launcher import probe
 from splitserve.launcher.envoy import find_envoy, write_envoy_config
@@ -27,8 +28,9 @@ from splitserve.launcher.plan import (SERVICE_COMMAND, STOP_ORDER, ServiceSpec, 
                                       plan_stack, ports_needed)
 from splitserve.launcher.ports import ensure_free, free_ports
 from splitserve.launcher.processes import ChildProcess, stop_together
-from splitserve.launcher.redis_server import find_redis_server
+from splitserve.launcher.redis_server import find_redis_server, new_secret, write_redis_config
 from splitserve.launcher.supervisor import RestartPolicy, Supervisor, describe_exit
+from splitserve.serving.settings import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +163,17 @@ class Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         public = {config.port, config.grpc_port}
         internal_ports = iter([p for p in free_ports(ports_needed(config)) if p not in public])
+        redis_password = new_secret() if config.redis_url is None else None
         self.plan = plan_stack(
             config, self.model, self.log_dir, internal_ports,
             redis_binary=find_redis_server() if config.redis_url is None else None,
             envoy_binary=find_envoy() if config.envoy else None,
-            service_command=self.service_command, extra_args=self.extra_args)
+            service_command=self.service_command, extra_args=self.extra_args,
+            redis_password=redis_password, cluster_token=config.cluster_token or new_secret())
         if self.plan.envoy_ports is not None:
             write_envoy_config(self.plan.envoy_config_path, self.plan.envoy_ports)
+        if self.plan.redis_config_path is not None:
+            write_redis_config(self.plan.redis_config_path, redis_password)
         deadline = time.monotonic() + config.startup_timeout_s
         for tier in self.plan.tiers:
             for spec in tier:
@@ -175,9 +181,12 @@ class Stack:
                 self._children.setdefault(spec.role, []).append(child)
                 child.start()
             self._wait_ready(tier, deadline)
+        if config.redis_url is not None and urlsplit(config.redis_url).password is None:
+            log.warning("--redis-url has no password: whoever reaches that Redis can rewrite the worker registry "
+                        "(workers must still prove the cluster token before they get requests)")
         if config.redis_url is not None and not probe.is_ready("redis", config.redis_url):
-            log.warning("Redis at %s does not answer; the gateway routes by load alone until it does",
-                        config.redis_url)
+            log.warning("Redis at %s does not answer (or refuses the credentials); the gateway routes by load "
+                        "alone until it does", redact_url(config.redis_url))
         self.supervisor = Supervisor(self.children, RestartPolicy(config.max_restarts, config.restart_window_s))
         self.supervisor.start()
 

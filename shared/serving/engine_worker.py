@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from splitserve.kv_transfer import KV_TRANSPORTS
+from splitserve.membership import membership_mac
 from splitserve.protos.convert import layout_to_proto
 from splitserve.protos.splitserve.v1 import common_pb2
 
@@ -32,13 +33,20 @@ class EngineWorkerSettings:
     grace_s: float = field(default=30.0, metadata={"help": "seconds to finish in-flight work on SIGTERM"})
     advertise_address: Optional[str] = field(
         default=None, metadata={"help": "address announced to Redis and in KV handles (default host:port)"})
+    health_port: int = field(default=0, metadata={
+        "help": "port of a health-only gRPC server on its own thread, answered even while the event loop is "
+                "busy; gateways learn it from the worker (0: any free port, -1: none)"})
     kv_store_address: Optional[str] = field(default=None, metadata={"help": "kv-store gRPC address"})
     kv_transport: str = field(default="ucx", metadata={
         "help": "KV data plane: ucx (UCX, gRPC for control) or tcp (gRPC streams only; alias grpc)"})
     kv_checksum: bool = field(default=False, metadata={
         "help": "send a crc32 with every KV block written and verify every block read"})
     kv_timeout_s: float = field(default=30.0, metadata={"help": "deadline of one KV transfer"})
-    redis_url: Optional[str] = field(default=None, metadata={"help": "announce this worker and its load to Redis"})
+    redis_url: Optional[str] = field(default=None, metadata={
+        "help": "announce this worker and its load to Redis (credentials in the URL: pass it by env)"})
+    cluster_token: Optional[str] = field(default=None, metadata={
+        "help": "shared secret this worker proves it holds to gateways (the gateway's --cluster-token; pass it by "
+                "env)"})
     torch_threads: Optional[int] = field(default=None, metadata={"help": "torch intra-op threads (CPU)"})
     dtype: str = "auto"
     device: str = "auto"
@@ -53,6 +61,23 @@ class EngineWorkerSettings:
     @property
     def address(self) -> str:
         return self.advertise_address or f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """What this worker answers when a gateway challenges it (splitserve.membership)."""
+    kind: str
+    address: str
+    model: str
+    cluster_token: Optional[str] = None
+    health_address: str = ""
+
+    def answer(self, nonce: bytes) -> common_pb2.MembershipProof:
+        proof = common_pb2.MembershipProof(address=self.address, health_address=self.health_address)
+        if nonce and self.cluster_token:
+            proof.mac = membership_mac(self.cluster_token, nonce, self.kind, self.address, self.model,
+                                       self.health_address)
+        return proof
 
 
 def build_engine(settings: EngineWorkerSettings):
@@ -157,7 +182,7 @@ def make_transport(name: str, checksum: bool = False):
 async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_name: str, add_servicer) -> int:
     """Hosts an engine as a service: load, serve, announce to Redis, drain on SIGTERM, stop.
 
-    `add_servicer(server, async_engine, transport)` registers the role's servicer.
+    `add_servicer(service, async_engine, transport, identity)` registers the role's servicer.
     """
     from splitserve.serving.grpc_service import GrpcService
 
@@ -166,8 +191,13 @@ async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_n
     register_engine_metrics(engine, role)
     transport = make_transport(settings.kv_transport, settings.kv_checksum)
     service = GrpcService(role, settings.host, settings.port, settings.metrics_port, [service_name],
-                          settings.grace_s)
-    add_servicer(service, engine, transport)
+                          settings.grace_s, health_port=settings.health_port if settings.health_port >= 0 else None)
+    health_address = ""
+    if service.health_thread is not None:
+        health_address = f"{settings.address.rsplit(':', 1)[0]}:{service.health_thread.port}"
+    identity = WorkerIdentity(role, settings.address, engine.engine.config.model, settings.cluster_token,
+                              health_address)
+    add_servicer(service, engine, transport, identity)
     announcer = None
     if settings.redis_url:
         from splitserve.worker_registry import WorkerAnnouncer

@@ -16,6 +16,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
+from splitserve.serving.health_thread import ThreadedHealthServer
+
 log = logging.getLogger(__name__)
 
 # KV blocks and long prompts travel in single messages; gRPC's 4 MiB default is too small for either.
@@ -36,8 +38,9 @@ def insecure_channel(address: str) -> grpc.aio.Channel:
 class GrpcService:
     def __init__(self, name: str, host: str, port: int, metrics_port: Optional[int],
                  service_names: Iterable[str], grace_s: float = 30.0,
-                 options: Sequence[tuple[str, int]] = ()):
-        """`options` override CHANNEL_OPTIONS of the same name (the gateway takes smaller public messages)."""
+                 options: Sequence[tuple[str, int]] = (), health_port: Optional[int] = None):
+        """`options` override CHANNEL_OPTIONS of the same name (the gateway takes smaller public messages);
+        `health_port` (0: any free one) adds a health-only server on its own thread (health_thread.py)."""
         self.name = name
         self.host = host
         self.port = port
@@ -47,6 +50,7 @@ class GrpcService:
         self.server = grpc.aio.server(options=list({**dict(CHANNEL_OPTIONS), **dict(options)}.items()))
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.health_thread = ThreadedHealthServer(host, health_port) if health_port is not None else None
         self._stop = asyncio.Event()
         self.draining = False
 
@@ -55,6 +59,8 @@ class GrpcService:
             result = self.health.set(service, status)
             if asyncio.iscoroutine(result):
                 await result
+            if self.health_thread is not None:
+                self.health_thread.set(service, status)
 
     def request_stop(self) -> None:
         if self._stop.is_set():
@@ -69,6 +75,19 @@ class GrpcService:
             raise RuntimeError(f"{self.name}: cannot listen on {self.host}:{self.port}")
         self.port = bound
         await self.server.start()
+        beat = None
+        if self.health_thread is not None:
+            self.health_thread.start()
+            beat = asyncio.create_task(self.health_thread.beat(), name=f"{self.name}-loop-heartbeat")
+        try:
+            await self._serve(drain, on_started)
+        finally:
+            if self.health_thread is not None:
+                beat.cancel()
+                self.health_thread.stop()
+
+    async def _serve(self, drain: Optional[Callable[[], Awaitable[None]]],
+                     on_started: Optional[Callable[[], Awaitable[None]]]) -> None:
         if self.metrics_port is not None:
             start_http_server(self.metrics_port, addr=self.host)
         loop = asyncio.get_running_loop()
@@ -77,7 +96,9 @@ class GrpcService:
         if on_started is not None:
             await on_started()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("%s serving gRPC on %s:%d, metrics on :%s", self.name, self.host, self.port, self.metrics_port)
+        also = f", health also on :{self.health_thread.port}" if self.health_thread is not None else ""
+        log.info("%s serving gRPC on %s:%d, metrics on :%s%s", self.name, self.host, self.port, self.metrics_port,
+                 also)
         await self._stop.wait()
         self.draining = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

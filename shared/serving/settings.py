@@ -12,6 +12,7 @@ import logging
 import os
 import typing
 from typing import Any, Optional, Sequence, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 T = TypeVar("T")
 ENV_PREFIX = "SPLITSERVE_"
@@ -82,6 +83,22 @@ def parse_settings(cls: type[T], argv: Optional[Sequence[str]] = None, prog: Opt
         raise  # unreachable: parser.error exits
 
 
+_SECRET_FIELDS = ("key", "token", "password")
+
+
 def log_settings(name: str, settings: Any) -> None:
-    shown = {k: ("***" if "key" in k and v else v) for k, v in dataclasses.asdict(settings).items()}
+    """Logs the settings with secrets masked: API keys, tokens, and passwords inside URLs."""
+    shown = {k: ("***" if v and any(word in k for word in _SECRET_FIELDS) else
+                 redact_url(v) if isinstance(v, str) and k.endswith("url") else v)
+             for k, v in dataclasses.asdict(settings).items()}
     log.info("%s settings: %s", name, shown)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password (if any) replaced by ***, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo = f"{parts.username}:***" if parts.username else ":***"
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))

@@ -19,6 +19,7 @@ from splitserve.launcher.envoy import GRPC_CLUSTER, GRPC_LISTENER, HTTP_CLUSTER,
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 SPLITSERVE = ("tokenizer", "kv-store", "prefill", "decode", "gateway")
+SECRETS = {"REDIS_PASSWORD": "redis-password", "SPLITSERVE_CLUSTER_TOKEN": "cluster-token"}
 GPU_RESERVATION = [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
 
 
@@ -44,7 +45,7 @@ def test_compose_cli_accepts_the_file(profile):
     cli = _compose_cli()
     if cli is None:
         pytest.skip("neither the docker compose plugin nor docker-compose is installed")
-    env = {**os.environ, "MODEL_NAME": "demo"}
+    env = {**os.environ, **SECRETS, "MODEL_NAME": "demo"}
     result = subprocess.run([*cli, "-f", str(COMPOSE), *profile, "config", "-q"], capture_output=True, text=True,
                             env=env, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -54,11 +55,23 @@ def test_compose_cli_requires_a_model_name():
     cli = _compose_cli()
     if cli is None:
         pytest.skip("neither the docker compose plugin nor docker-compose is installed")
-    env = {k: v for k, v in os.environ.items() if k != "MODEL_NAME"}
+    env = {**{k: v for k, v in os.environ.items() if k != "MODEL_NAME"}, **SECRETS}
     result = subprocess.run([*cli, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=env,
                             cwd=ROOT, timeout=60)
     assert result.returncode != 0
     assert "set MODEL_NAME" in result.stderr
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_compose_cli_requires_the_redis_password_and_the_cluster_token(missing):
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("neither the docker compose plugin nor docker-compose is installed")
+    env = {**{k: v for k, v in os.environ.items() if k not in SECRETS}, **SECRETS, "MODEL_NAME": "demo"}
+    del env[missing]
+    result = subprocess.run([*cli, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=60)
+    assert result.returncode != 0 and f"set {missing}" in result.stderr
 
 
 def test_every_service_has_a_healthcheck(compose):
@@ -110,10 +123,21 @@ def test_workers_and_gateway_are_wired_to_each_other(compose):
     for name in ("gateway", "prefill", "decode"):
         env = services[name]["environment"]
         assert env["SPLITSERVE_KV_STORE_ADDRESS"] == f"kv-store:{grpc_port('kv-store')}"
-        assert env["SPLITSERVE_REDIS_URL"] == "redis://redis:6379/0"
+        assert env["SPLITSERVE_REDIS_URL"] == "redis://splitserve:${REDIS_PASSWORD:?set REDIS_PASSWORD}@redis:6379/0"
+        assert env["SPLITSERVE_CLUSTER_TOKEN"] == "${SPLITSERVE_CLUSTER_TOKEN:?set SPLITSERVE_CLUSTER_TOKEN}"
     for name in ("tokenizer", "prefill", "decode"):
         assert services[name]["environment"]["SPLITSERVE_MODEL"].startswith("/models/")
         assert "./models:/models:ro" in services[name]["volumes"]
+
+
+def test_redis_requires_the_password_with_the_launchers_acl(compose):
+    from splitserve.launcher.redis_server import ALLOWED, KEY_PATTERN, REDIS_USER
+
+    command = compose["services"]["redis"]["command"]
+    users = " ".join(command).split("--user ")[1:]
+    assert [u.strip() for u in users] == [
+        "default off", f"{REDIS_USER} on >${{REDIS_PASSWORD:?set REDIS_PASSWORD}} ~{KEY_PATTERN} &{KEY_PATTERN} "
+                       f"{ALLOWED}"]
 
 
 def test_engines_share_the_kv_stores_ipc_namespace(compose):

@@ -3,8 +3,11 @@
 import json
 import time
 import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import redis
 
 from splitserve.launcher import probe
 from splitserve.launcher.errors import StackStartError
@@ -46,6 +49,37 @@ def _wait(condition, timeout_s=20.0):
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.1)
+
+
+def test_the_stacks_redis_refuses_clients_without_its_password(stack):
+    url = urlsplit(stack.redis_url)
+    password = url.password
+    assert url.username == "splitserve" and len(password) >= 32
+    without = urlunsplit(url._replace(netloc=url.netloc.rsplit("@", 1)[1]))
+    with pytest.raises(probe.NotReady, match="authenticated|NOAUTH") as refused:
+        probe.check_redis(without)
+    wrong = urlunsplit(url._replace(netloc="splitserve:guess@" + url.netloc.rsplit("@", 1)[1]))
+    with pytest.raises(probe.NotReady, match="invalid username-password"):
+        probe.check_redis(wrong)
+    assert password not in str(refused.value)
+    client = redis.Redis.from_url(stack.redis_url)
+    try:  # the splitserve user keeps to splitserve's keys and harmless commands
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.set("someone-elses-key", "x")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            client.flushall()
+    finally:
+        client.close()
+    config = stack.log_dir / "redis.conf"
+    assert config.stat().st_mode & 0o777 == 0o600 and password not in config.read_text()
+    # The secrets reach the services in their environment; command lines (`ps`) show neither.
+    decode = stack.process("decode", 0)
+    environ = dict(entry.split("=", 1) for entry in
+                   Path(f"/proc/{decode.pid}/environ").read_bytes().decode().split("\0") if "=" in entry)
+    assert environ["SPLITSERVE_REDIS_URL"] == stack.redis_url and len(environ["SPLITSERVE_CLUSTER_TOKEN"]) >= 32
+    for child in stack.children:
+        cmdline = Path(f"/proc/{child.pid}/cmdline").read_bytes().decode()
+        assert password not in cmdline and environ["SPLITSERVE_CLUSTER_TOKEN"] not in cmdline
 
 
 def test_a_dead_process_is_restarted_on_its_own_port(stack, caplog):

@@ -7,11 +7,16 @@ import pytest
 from splitserve.launcher.plan import STOP_ORDER, StackConfig, flags, plan_stack
 
 
+REDIS_PASSWORD = "redis-secret"
+CLUSTER_TOKEN = "cluster-secret"
+
+
 def _plan(tmp_path, **fields):
     config = StackConfig(**{"model": "/models/m", **fields})
     ports = itertools.count(20000)
     plan = plan_stack(config, config.model, tmp_path, ports, redis_binary="/usr/bin/redis-server",
-                      envoy_binary="/venv/bin/envoy", service_command=["python", "-m", "splitserve.services.cli"])
+                      envoy_binary="/venv/bin/envoy", service_command=["python", "-m", "splitserve.services.cli"],
+                      redis_password=REDIS_PASSWORD, cluster_token=CLUSTER_TOKEN)
     return plan, {spec.name: spec for tier in plan.tiers for spec in tier}
 
 
@@ -69,7 +74,6 @@ def test_workers_and_gateway_are_wired_together(tmp_path):
         argv = specs[name].argv
         assert _flag(argv, "--model") == "/models/m"
         assert _flag(argv, "--kv-store-address") == kv_store
-        assert _flag(argv, "--redis-url") == plan.redis_url
         assert _flag(argv, "--torch-threads") == "3" == specs[name].env["OMP_NUM_THREADS"]
         assert _flag(argv, "--num-kv-blocks") == "64"
     gateway = specs["gateway"]
@@ -132,13 +136,32 @@ def test_an_external_redis_is_used_as_given(tmp_path):
     plan, specs = _plan(tmp_path, redis_url="redis://cache:6379/2")
     assert "redis" not in specs
     assert plan.redis_url == "redis://cache:6379/2"
-    assert _flag(specs["decode-0"].argv, "--redis-url") == "redis://cache:6379/2"
+    assert specs["decode-0"].env["SPLITSERVE_REDIS_URL"] == "redis://cache:6379/2"
+    assert plan.redis_config_path is None
+
+
+def test_redis_needs_a_password_and_secrets_reach_services_by_env_only(tmp_path):
+    plan, specs = _plan(tmp_path, api_key="secret")
+    assert plan.redis_url.startswith(f"redis://splitserve:{REDIS_PASSWORD}@127.0.0.1:")
+    assert specs["redis"].argv[1] == str(plan.redis_config_path) == str(tmp_path / "redis.conf")
+    assert specs["redis"].probes == [("redis", plan.redis_url)]
+    for name in ("prefill-0", "decode-0", "gateway"):
+        assert specs[name].env["SPLITSERVE_REDIS_URL"] == plan.redis_url
+        assert specs[name].env["SPLITSERVE_CLUSTER_TOKEN"] == CLUSTER_TOKEN
+    for spec in specs.values():  # command lines are visible to every user of the machine (`ps`)
+        assert "--redis-url" not in spec.argv
+        assert all(REDIS_PASSWORD not in arg and CLUSTER_TOKEN not in arg for arg in spec.argv)
+    for name in ("tokenizer", "kv-store"):  # they do not use Redis or the token
+        assert "SPLITSERVE_CLUSTER_TOKEN" not in specs[name].env
+    with pytest.raises(ValueError, match="redis_password"):
+        plan_stack(StackConfig(model="m"), "m", tmp_path, itertools.count(20000), redis_binary="r",
+                   envoy_binary="e")
 
 
 def test_extra_args_reach_only_their_role(tmp_path):
     config = StackConfig(model="m")
     plan = plan_stack(config, "m", tmp_path, itertools.count(20000), redis_binary="r", envoy_binary="e",
-                      extra_args={"decode": ["--max-model-len", "512"]})
+                      extra_args={"decode": ["--max-model-len", "512"]}, redis_password="p")
     specs = {spec.name: spec for tier in plan.tiers for spec in tier}
     assert specs["decode-0"].argv[-2:] == ["--max-model-len", "512"]
     assert "--max-model-len" not in specs["prefill-0"].argv

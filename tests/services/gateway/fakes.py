@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from splitserve.protos.splitserve.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc,
                                              tokenizer_pb2, tokenizer_pb2_grpc)
 from splitserve.sampling_params import InvalidRequestError
+from splitserve.serving.engine_worker import WorkerIdentity
 from splitserve.serving.errors import abort_invalid
 
 VOCAB = 1000
@@ -125,9 +126,30 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
 
 
 @dataclass
-class FakePrefill(prefill_pb2_grpc.PrefillServicer):
+class FakeWorker:
+    """What prefill and decode fakes share: the Stats reply, with a membership proof when given a token."""
+    model: str = "fake-model"
+    cluster_token: Optional[str] = None
+    address: str = ""                              # set by FakeServer.start, as a real worker knows its own
+    health_address: str = ""                       # a real worker's health thread
+    stats_calls: int = 0
+
+    def identity(self, kind: str) -> WorkerIdentity:
+        return WorkerIdentity(kind, self.address, self.model, self.cluster_token, self.health_address)
+
+    def engine_stats(self) -> common_pb2.EngineStats:
+        self.stats_calls += 1
+        return common_pb2.EngineStats(model=self.model)
+
+
+@dataclass
+class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServicer):
     cached_tokens: int = 3
     requests: list = field(default_factory=list)
+
+    async def Stats(self, request, context):
+        return prefill_pb2.PrefillStatsResponse(engine=self.engine_stats(),
+                                                membership=self.identity("prefill").answer(request.nonce))
 
     async def Prefill(self, request, context):
         self.requests.append(request)
@@ -151,7 +173,7 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
 
 
 @dataclass
-class FakeDecode(decode_pb2_grpc.DecodeServicer):
+class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServicer):
     token_delay_s: float = 0.0
     chunk_tokens: int = 1
     cached_tokens: int = 0
@@ -164,6 +186,10 @@ class FakeDecode(decode_pb2_grpc.DecodeServicer):
     finished: list = field(default_factory=list)   # request ids whose stream ran to its end
     active: int = 0
     running: set = field(default_factory=set)
+
+    async def Stats(self, request, context):
+        return decode_pb2.DecodeStatsResponse(engine=self.engine_stats(),
+                                              membership=self.identity("decode").answer(request.nonce))
 
     async def Generate(self, request, context):
         self.requests.append(request)
@@ -243,6 +269,8 @@ class FakeServer:
         if hasattr(self.servicer, "server"):
             self.servicer.server = self.server
         self.address = f"127.0.0.1:{port}"
+        if hasattr(self.servicer, "address"):
+            self.servicer.address = self.address
         return self
 
     async def stop(self) -> None:

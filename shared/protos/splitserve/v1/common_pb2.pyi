@@ -156,3 +156,13 @@ class EngineStats(_message.Message):
     layout: KVLayout
     model: str
     def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., running_tokens: _Optional[int] = ..., waiting_tokens: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
+
+class MembershipProof(_message.Message):
+    __slots__ = ("address", "mac", "health_address")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    mac: bytes
+    health_address: str
+    def __init__(self, address: _Optional[str] = ..., mac: _Optional[bytes] = ..., health_address: _Optional[str] = ...) -> None: ...

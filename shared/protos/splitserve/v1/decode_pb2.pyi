@@ -54,11 +54,15 @@ class CancelResponse(_message.Message):
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
 class DecodeStatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class DecodeStatsResponse(_message.Message):
-    __slots__ = ("engine",)
+    __slots__ = ("engine", "membership")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
     engine: _common_pb2.EngineStats
-    def __init__(self, engine: _Optional[_Union[_common_pb2.EngineStats, _Mapping]] = ...) -> None: ...
+    membership: _common_pb2.MembershipProof
+    def __init__(self, engine: _Optional[_Union[_common_pb2.EngineStats, _Mapping]] = ..., membership: _Optional[_Union[_common_pb2.MembershipProof, _Mapping]] = ...) -> None: ...

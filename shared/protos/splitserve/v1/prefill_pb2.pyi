@@ -44,11 +44,15 @@ class PrefillResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_token_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., kv_handle: _Optional[_Union[_common_pb2.KVHandle, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ...) -> None: ...
 
 class PrefillStatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class PrefillStatsResponse(_message.Message):
-    __slots__ = ("engine",)
+    __slots__ = ("engine", "membership")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
     engine: _common_pb2.EngineStats
-    def __init__(self, engine: _Optional[_Union[_common_pb2.EngineStats, _Mapping]] = ...) -> None: ...
+    membership: _common_pb2.MembershipProof
+    def __init__(self, engine: _Optional[_Union[_common_pb2.EngineStats, _Mapping]] = ..., membership: _Optional[_Union[_common_pb2.MembershipProof, _Mapping]] = ...) -> None: ...
