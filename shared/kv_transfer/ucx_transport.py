@@ -28,7 +28,8 @@ from splitserve.kv_transfer.grpc_transport import GrpcKVTransport
 from splitserve.kv_transfer.host_buffers import receive_buffer
 from splitserve.kv_transfer.metrics import KV_TRANSPORT_FALLBACKS, KV_UCX_BLOCKS
 from splitserve.kv_transfer.store_client import (StoreChannels, block_bytes, check_out, check_rows,
-                                                 check_store_block_bytes, metadata, payload_crc32s, transfer_error)
+                                                 check_store_block_bytes, checksum_failure, metadata, payload_crc32s,
+                                                 transfer_error)
 from splitserve.kv_transfer.transport import KVTransferError, PutRows, ReceivedBlocks
 from splitserve.kv_transfer.ucx_copier import CopyCounts, SlotTable, UcxBlockCopier
 from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2
@@ -113,13 +114,14 @@ class UcxKVTransport:
         deadline = asked + timeout_s
         pin = await self._pin(store_address, layout, hashes, request_id, timeout_s, deadline)
         if pin.endpoint.transport == "ucx":
-            return await self._copy_pinned(store_address, layout, hashes, pin, out, asked, timeout_s)
+            return await self._copy_pinned(store_address, layout, hashes, pin, out, asked, timeout_s, request_id)
         self._end_lease(store_address, pin.pin_id)
         grpc_transport = self._fallback(store_address, pin.endpoint.transport)
         return await grpc_transport.get_blocks(store_address, layout, hashes, request_id, _left(deadline), out=out)
 
     async def _copy_pinned(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes], pin,
-                           out: Optional[torch.Tensor], asked: float, timeout_s: float) -> torch.Tensor:
+                           out: Optional[torch.Tensor], asked: float, timeout_s: float,
+                           request_id: str) -> torch.Tensor:
         """Copies a UCX store's pinned leading run out into `out` or a receive buffer, then lets the pin go."""
         size = block_bytes(store_address, layout)
         deadline = asked + timeout_s
@@ -144,7 +146,10 @@ class UcxKVTransport:
             raise KVTransferError(f"kv-store {store_address}: the copy of {found} blocks ended after their pin could "
                                   "have run out; it may be torn, discarded")
         if self.checksum and found:
-            await asyncio.to_thread(_verify_pinned, store_address, pin, [(0, rows)], hashes)
+            try:
+                await asyncio.to_thread(_verify_pinned, pin, [(0, rows)], hashes)
+            except ChecksumMismatchError as exc:
+                raise await checksum_failure(self._channels, store_address, layout, exc, request_id) from exc
         return rows
 
     async def get_blocks_in_place(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
@@ -178,9 +183,11 @@ class UcxKVTransport:
             mapped = await _settled(asyncio.ensure_future(self._copier.map_for_reading(
                 store_address, pin.endpoint.worker_address, slots, size, deadline)), _release_mapping)
             if mapped is not None and self.checksum:
-                verify = asyncio.ensure_future(asyncio.to_thread(_verify_pinned, store_address, pin, mapped.runs,
-                                                                 hashes))
-                await _settled(verify)
+                verify = asyncio.ensure_future(asyncio.to_thread(_verify_pinned, pin, mapped.runs, hashes))
+                try:
+                    await _settled(verify)
+                except ChecksumMismatchError as exc:  # reported while pinned: dropped when the pin ends below
+                    raise await checksum_failure(self._channels, store_address, layout, exc, request_id) from exc
         except BaseException:
             reading = verify if verify is not None and not verify.done() else None  # a check left running
             if mapped is not None:
@@ -192,7 +199,7 @@ class UcxKVTransport:
             raise
         if mapped is None:  # another host or IPC namespace: copy them out by UCX get, under the same pin
             return ReceivedBlocks.staged(await self._copy_pinned(store_address, layout, hashes, pin, None, asked,
-                                                                 timeout_s))
+                                                                 timeout_s, request_id))
         KV_UCX_BLOCKS.labels("get", "mapped").inc(found)
         received = ReceivedBlocks(found, mapped.runs, valid_until=_trusted_until(asked, timeout_s), mapped=True)
         self._unread.add(received)
@@ -347,16 +354,14 @@ def _slot_table(store_address: str, addresses: kv_store_pb2.SlotAddresses, count
     return SlotTable(np.arange(count, dtype=np.int64), remote, index, rkeys)
 
 
-def _verify_pinned(store_address: str, pin, runs: list[tuple[int, torch.Tensor]], hashes: list[bytes]) -> None:
-    """Checks each run of rows (first row, rows) against the checksums the Pin answered for those rows."""
+def _verify_pinned(pin, runs: list[tuple[int, torch.Tensor]], hashes: list[bytes]) -> None:
+    """Checks each run of rows (first row, rows) against the checksums the Pin answered for those rows; raises
+    ChecksumMismatchError."""
     known, values = list(pin.has_crc32), list(pin.crc32)
     for first, view in runs:
         count = view.shape[0]
         crc32s = [values[i] if i < len(known) and known[i] else None for i in range(first, first + count)]
-        try:
-            verify_rows(view, crc32s, hashes[first:first + count])
-        except ChecksumMismatchError as exc:
-            raise KVTransferError(f"kv-store {store_address}: {exc}") from exc
+        verify_rows(view, crc32s, hashes[first:first + count])
 
 
 def _leading(flags) -> int:
