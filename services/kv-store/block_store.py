@@ -281,8 +281,9 @@ class BlockStore:
     def discard(self, layout: common_pb2.KVLayout, hashes: Sequence[bytes]) -> int:
         """Forgets blocks a reader found corrupt, so the next writer of them stores them afresh (first writer
         wins otherwise: a bad block would stay until evicted and fail every reader). An unpinned block goes at
-        once; a pinned one is hidden from readers now and dropped at its last unpin (its readers hold its slot).
-        Returns how many of `hashes` were held."""
+        once; a pinned one is hidden from readers now and dropped at its last unpin (its readers hold its slot;
+        a writer meanwhile finds it present, since one hash has one slot, and the writer after the drop replaces
+        it). Returns how many of `hashes` were held."""
         _check_request(layout, hashes)
         self.expire()
         blocks = self._layouts.get(layout_key(layout))

@@ -262,7 +262,7 @@ class UcxKVTransport:
     async def _shielded(self, store_address: str, copy: asyncio.Future) -> CopyCounts:
         """Awaits a copy without cancelling it: a copy stops only at its deadline (it may be touching slots)."""
         try:
-            return await asyncio.shield(copy)
+            return await _settled(copy)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
