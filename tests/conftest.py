@@ -1,5 +1,7 @@
 """Shared pytest fixtures."""
 
+import os
+
 import pytest
 
 from splitserve.demo_model import build_checkpoint
@@ -17,6 +19,19 @@ _LLAMA = dict(
     tie_word_embeddings=False,
     initializer_range=_INIT_RANGE,
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def weight_digest_cache(tmp_path_factory):
+    """Model fingerprints cache weight digests under the user's cache folder: not the tests' temporary models
+    (set in os.environ so the stack's processes use the same folder)."""
+    old = os.environ.get("SPLITSERVE_CACHE_DIR")
+    os.environ["SPLITSERVE_CACHE_DIR"] = str(tmp_path_factory.mktemp("splitserve-cache"))
+    yield
+    if old is None:
+        os.environ.pop("SPLITSERVE_CACHE_DIR", None)
+    else:
+        os.environ["SPLITSERVE_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

@@ -76,6 +76,8 @@ class LayoutBlocks:
     pins: dict[bytes, int] = field(default_factory=dict)  # hash -> pin count, for pinned blocks only
     # hash -> checksum, for blocks committed along with checksums (None where the writer had none for it)
     crc32: dict[bytes, Optional[int]] = field(default_factory=dict)
+    # Discarded (a reader found them corrupt) while pinned: hidden from readers, dropped at their last unpin.
+    doomed: set[bytes] = field(default_factory=set)
 
 
 def leading_run(present: Sequence[bool]) -> int:
@@ -120,6 +122,8 @@ class BlockStore:
             present = [False] * len(hashes)
         else:
             present = list(map(blocks.slots.__contains__, hashes))
+            if blocks.doomed:
+                present = [p and h not in blocks.doomed for h, p in zip(hashes, present)]
             for block_hash in filter(blocks.slots.__contains__, hashes):
                 if block_hash not in blocks.pins:
                     self._lru.move_to_end((blocks, block_hash))
@@ -139,6 +143,8 @@ class BlockStore:
         key = layout_key(layout)
         blocks = self._layouts.get(key)
         slots = list(map(blocks.slots.get, hashes)) if blocks is not None else [None] * len(hashes)
+        if blocks is not None and blocks.doomed:
+            slots = [None if h in blocks.doomed else slot for h, slot in zip(hashes, slots)]
         if leading_run:
             found = slots.index(None) if None in slots else len(slots)
             if found < len(hashes):
@@ -272,6 +278,26 @@ class BlockStore:
         lease = self._leases.find(lease_id)
         return self._end(lease) if lease is not None else 0
 
+    def discard(self, layout: common_pb2.KVLayout, hashes: Sequence[bytes]) -> int:
+        """Forgets blocks a reader found corrupt, so the next writer of them stores them afresh (first writer
+        wins otherwise: a bad block would stay until evicted and fail every reader). An unpinned block goes at
+        once; a pinned one is hidden from readers now and dropped at its last unpin (its readers hold its slot;
+        a writer meanwhile finds it present, since one hash has one slot, and the writer after the drop replaces
+        it). Returns how many of `hashes` were held."""
+        _check_request(layout, hashes)
+        self.expire()
+        blocks = self._layouts.get(layout_key(layout))
+        if blocks is None:
+            return 0
+        held = [h for h in dict.fromkeys(hashes) if h in blocks.slots and h not in blocks.doomed]
+        now = [h for h in held if h not in blocks.pins]
+        blocks.doomed.update(h for h in held if h in blocks.pins)
+        for block_hash in now:
+            del self._lru[blocks, block_hash]
+        self._evictable_bytes -= blocks.pool.slot_bytes * len(now)
+        self._drop(blocks, now)
+        return len(held)
+
     # ---- housekeeping --------------------------------------------------------------------------------------
 
     def expire(self) -> int:
@@ -323,15 +349,16 @@ class BlockStore:
             evicted.append(key)
             freed += key[0].pool.slot_bytes
         for blocks, keys in groupby(evicted, itemgetter(0)):  # mostly one layout: its blocks are freed at once
-            hashes = list(map(itemgetter(1), keys))
-            blocks.pool.free_many(map(blocks.slots.pop, hashes))
-            if blocks.crc32:
-                for block_hash in hashes:
-                    blocks.crc32.pop(block_hash, None)
+            self._drop(blocks, list(map(itemgetter(1), keys)))
         self._evictable_bytes -= freed
-        self._bytes_used -= freed
-        self._blocks_used -= len(evicted)
         self._evictions += len(evicted)
+
+    def _drop(self, blocks: LayoutBlocks, hashes: list[bytes]) -> None:
+        """Frees visible, unpinned blocks that are out of the LRU already (evicted or discarded)."""
+        self._free(blocks.pool, list(map(blocks.slots.pop, hashes)))
+        if blocks.crc32:
+            for block_hash in hashes:
+                blocks.crc32.pop(block_hash, None)
 
     def _free(self, pool: SlotPool, slots: list[int]) -> None:
         pool.free_many(slots)
@@ -355,15 +382,21 @@ class BlockStore:
     def _unpin(self, blocks: LayoutBlocks, hashes: list[bytes]) -> None:
         pins, lru = blocks.pins, self._lru
         last_pins = 0
+        doomed: list[bytes] = []
         for block_hash in hashes:
             count = pins.pop(block_hash) - 1
             if count:
                 pins[block_hash] = count
+            elif blocks.doomed and block_hash in blocks.doomed:
+                blocks.doomed.discard(block_hash)
+                doomed.append(block_hash)
             else:
                 lru[blocks, block_hash] = None  # just read: most recently used
                 last_pins += 1
         self._evictable_bytes += blocks.pool.slot_bytes * last_pins
-        self._pinned_blocks -= last_pins
+        self._pinned_blocks -= last_pins + len(doomed)
+        if doomed:
+            self._drop(blocks, doomed)
 
     def _end(self, lease: Lease) -> int:
         self._leases.close(lease)

@@ -26,6 +26,8 @@ UCX_BLOCKS = Counter("splitserve_kv_store_ucx_blocks", "Blocks engines wrote (co
                      "pins, out) through the UCX data plane", ["direction"])
 CHECKSUM_FAILURES = Counter("splitserve_kv_store_checksum_failures",
                             "Blocks refused on commit because their bytes did not match the writer's checksum")
+DISCARDED_BLOCKS = Counter("splitserve_kv_store_discarded_blocks",
+                           "Blocks dropped because a reader found their bytes did not match their checksum")
 for _direction in ("in", "out"):  # export zeros from the start so rate() has a baseline
     for _counter in (TRANSFER_BYTES, TRANSFER_SECONDS, TRANSFER_FAILURES, UCX_BLOCKS):
         _counter.labels(direction=_direction)

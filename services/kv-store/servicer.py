@@ -143,6 +143,18 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
             metrics.UCX_BLOCKS.labels("out").inc(released)
         return kv_store_pb2.ReleaseResponse(released_blocks=released)
 
+    async def Discard(self, request, context):
+        hashes = list(request.block_hashes.hashes)
+        try:
+            discarded = self.store.discard(request.layout, hashes)
+        except Exception as exc:
+            await _abort(context, exc)
+        metrics.DISCARDED_BLOCKS.inc(discarded)
+        log.warning("request %r: a reader found %d blocks corrupt (first %s); %d of them held here are dropped, so "
+                    "the next writer replaces them", request.request_id, len(hashes),
+                    hashes[0].hex() if hashes else "-", discarded)
+        return kv_store_pb2.DiscardResponse(discarded_blocks=discarded)
+
     async def Stats(self, request, context):
         self.store.expire()
         stats = self.store.stats()

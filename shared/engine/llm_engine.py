@@ -24,7 +24,8 @@ from splitserve.stop_tokens import eos_token_ids
 from splitserve.kv_transfer.block_io import CacheBlocks, export_blocks, import_blocks
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
 from splitserve.kv_transfer.transport import KVTransferError
-from splitserve.models.loader import llama_args_from_config, load_model, model_fingerprint, read_model_files
+from splitserve.models.fingerprint import model_fingerprint
+from splitserve.models.loader import llama_args_from_config, load_model, read_model_files
 from splitserve.sampling_params import InvalidRequestError, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,9 @@ class LLMEngine:
         self.config = config
         files = read_model_files(config.model)
         llama_args_from_config(files.config)  # an unsupported architecture fails here, before anything loads
-        self.model_id = model_fingerprint(files)
-        self.tokenizer = _load_tokenizer(config.tokenizer or str(files.path))
         self.device, self.dtype = config.torch_device, config.torch_dtype
+        self.model_id = model_fingerprint(files, str(self.dtype).removeprefix("torch."), config.block_size)
+        self.tokenizer = _load_tokenizer(config.tokenizer or str(files.path))
         torch.manual_seed(config.seed)
         model = load_model(files, self.dtype, self.device)
         self.model_config = files.config

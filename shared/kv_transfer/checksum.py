@@ -24,7 +24,12 @@ _FALSE = {"", "0", "false", "no", "off"}
 
 
 class ChecksumMismatchError(ValueError):
-    """A block's payload does not match the checksum its writer computed."""
+    """A block's payload does not match the checksum its writer computed (`corrupt_block`: its hash), or the
+    block came without one (`corrupt_block` None: nothing is wrong with the bytes, the writer made no checksum)."""
+
+    def __init__(self, message: str, corrupt_block: Optional[bytes] = None):
+        super().__init__(message)
+        self.corrupt_block = corrupt_block
 
 
 def enabled_from_env(explicit: Optional[bool] = None) -> bool:
@@ -65,4 +70,4 @@ def verify_rows(rows: torch.Tensor, expected: Sequence[Optional[int]], names: Se
         got = crc32(array[i])
         if got != want:
             raise ChecksumMismatchError(f"block {name.hex()} is corrupt: crc32 {got:08x} of the received bytes, "
-                                        f"{want:08x} when written (torn or overwritten transfer)")
+                                        f"{want:08x} when written (torn or overwritten transfer)", name)

@@ -17,7 +17,7 @@ import torch
 from splitserve.kv_transfer.checksum import ChecksumMismatchError, enabled_from_env, row_crc32s, verify_rows
 from splitserve.kv_transfer.host_buffers import receive_buffer
 from splitserve.kv_transfer.store_client import (REQUEST_ID_METADATA_KEY, StoreChannels, block_bytes, check_out,
-                                                 check_rows, host_rows, metadata, transfer_error)
+                                                 check_rows, checksum_failure, host_rows, metadata, transfer_error)
 from splitserve.kv_transfer.transport import KVLayoutMismatchError, KVTransferError, PutRows, ReceivedBlocks
 from splitserve.protos.convert import layout_mismatch
 from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2
@@ -111,7 +111,7 @@ class GrpcKVTransport:
             try:
                 await asyncio.to_thread(verify_rows, out[:done], crc32s, hashes[:done])
             except ChecksumMismatchError as exc:
-                raise KVTransferError(f"kv-store {store_address}: {exc}") from exc
+                raise await checksum_failure(self._channels, store_address, layout, exc, request_id) from exc
         return out[:done]
 
     async def get_blocks_in_place(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],

@@ -8,18 +8,21 @@ KVLayoutMismatchError, so callers handle exactly two exception types whichever t
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Optional
 
 import grpc
 import torch
 
-from splitserve.kv_transfer.checksum import row_crc32s
-from splitserve.kv_transfer.transport import KVLayoutMismatchError, KVTransferError
+from splitserve.kv_transfer.checksum import ChecksumMismatchError, row_crc32s
+from splitserve.kv_transfer.transport import KVChecksumError, KVLayoutMismatchError, KVTransferError
 from splitserve.protos.convert import describe_layout, layout_from_proto
-from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2_grpc
+from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.errors import param_from_error
 from splitserve.serving.grpc_service import CHANNEL_OPTIONS
+
+log = logging.getLogger(__name__)
 
 REQUEST_ID_METADATA_KEY = "splitserve-request-id"  # names the request in the store's logs
 # gRPC backs off reconnecting up to 120 s by default; a kv-store back from a restart should be used within ~2 s.
@@ -29,6 +32,7 @@ _RECONNECT_OPTIONS = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_rec
                       ("grpc.max_reconnect_backoff_ms", 2000), ("grpc.use_local_subchannel_pool", 1))
 _CLOSE_GRACE_S = 30.0
 _LAYOUT_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION)
+DISCARD_TIMEOUT_S = 2.0  # on a failed get's path: a store that does not answer must not hold the caller up
 
 
 class StoreChannels:
@@ -101,6 +105,23 @@ def check_store_block_bytes(store_address: str, layout: common_pb2.KVLayout, exp
     if got != expected:
         raise KVLayoutMismatchError(f"kv-store {store_address} sizes blocks of {describe_layout(layout)} at {got} "
                                     f"bytes, this worker at {expected}: they disagree about the KV layout")
+
+
+async def checksum_failure(channels: StoreChannels, store_address: str, layout: common_pb2.KVLayout,
+                           exc: ChecksumMismatchError, request_id: str = "") -> KVTransferError:
+    """The error for a get whose verification failed, for the caller to raise. A corrupt block is reported to
+    the store first (Discard), which drops it so the next writer of that prefix replaces it; otherwise it would
+    stay (first writer wins) and fail every later reader."""
+    if exc.corrupt_block is None:  # no checksum to compare with: the bytes are not known to be bad
+        return KVChecksumError(f"kv-store {store_address}: {exc}")
+    try:
+        await channels.stub(store_address).Discard(kv_store_pb2.DiscardRequest(
+            request_id=request_id, layout=layout, block_hashes=common_pb2.BlockHashes(hashes=[exc.corrupt_block])),
+            timeout=DISCARD_TIMEOUT_S, metadata=metadata(request_id))
+    except grpc.aio.AioRpcError as rpc_exc:
+        log.warning("kv-store %s: could not report corrupt block %s (%s: %s); it stays until evicted",
+                    store_address, exc.corrupt_block.hex(), rpc_exc.code().name, rpc_exc.details())
+    return KVChecksumError(f"kv-store {store_address}: {exc}")
 
 
 def metadata(request_id: str) -> Optional[tuple[tuple[str, str], ...]]:

@@ -29,6 +29,10 @@ class KVLayoutMismatchError(KVTransferError):
     """The store or the peer holds another KV layout; the message names both."""
 
 
+class KVChecksumError(KVTransferError):
+    """A received block does not match its writer's checksum; the store was asked to drop it (Discard)."""
+
+
 class LentRows(Protocol):
     """Rows still in an engine's KV cache (block_io.CacheBlocks): copied to where they go, then released."""
     shape: tuple[int, int]

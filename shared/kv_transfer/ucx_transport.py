@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import grpc
 import numpy as np
@@ -28,7 +28,8 @@ from splitserve.kv_transfer.grpc_transport import GrpcKVTransport
 from splitserve.kv_transfer.host_buffers import receive_buffer
 from splitserve.kv_transfer.metrics import KV_TRANSPORT_FALLBACKS, KV_UCX_BLOCKS
 from splitserve.kv_transfer.store_client import (StoreChannels, block_bytes, check_out, check_rows,
-                                                 check_store_block_bytes, metadata, payload_crc32s, transfer_error)
+                                                 check_store_block_bytes, checksum_failure, metadata, payload_crc32s,
+                                                 transfer_error)
 from splitserve.kv_transfer.transport import KVTransferError, PutRows, ReceivedBlocks
 from splitserve.kv_transfer.ucx_copier import CopyCounts, SlotTable, UcxBlockCopier
 from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 LEASE_MARGIN_S = 5.0  # lease = deadline + this: slots stay ours while a late copy may still touch them
 RELEASE_TIMEOUT_S = 2.0  # cleanup after a failure: a dead store must not hold the caller up
 _STORE_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+T = TypeVar("T")
 
 
 class UcxKVTransport:
@@ -66,14 +68,14 @@ class UcxKVTransport:
         rows = blocks.detach().cpu().contiguous() if isinstance(blocks, torch.Tensor) else blocks
         crc32s = await payload_crc32s(rows) if self.checksum else None
         stub = self._channels.stub(store_address)
-        reservation = await self._call(store_address, "Reserve", stub.Reserve(
+        reservation = await self._grant(store_address, "Reserve", stub.Reserve(
             kv_store_pb2.ReserveRequest(request_id=request_id, layout=layout, lease_ms=_lease_ms(timeout_s),
                                         block_hashes=common_pb2.BlockHashes(hashes=hashes)),
             timeout=_left(deadline), metadata=metadata(request_id)))
         copy: Optional[asyncio.Future] = None
         try:
             if reservation.endpoint.transport != "ucx":
-                await self._release(store_address, reservation.reservation_id)
+                self._end_lease(store_address, reservation.reservation_id)
                 grpc_transport = self._fallback(store_address, reservation.endpoint.transport)
                 return await grpc_transport.put_blocks(store_address, layout, hashes, blocks, request_id,
                                                        _left(deadline))
@@ -92,7 +94,7 @@ class UcxKVTransport:
                                            block_hashes=common_pb2.BlockHashes(hashes=hashes), block_crc32=crc32s),
                 timeout=_left(deadline), metadata=metadata(request_id)))
         except BaseException:
-            self._clean_up(store_address, reservation.reservation_id, copy)
+            self._end_lease(store_address, reservation.reservation_id, after=copy)
             raise
         return committed.committed_blocks
 
@@ -112,18 +114,14 @@ class UcxKVTransport:
         deadline = asked + timeout_s
         pin = await self._pin(store_address, layout, hashes, request_id, timeout_s, deadline)
         if pin.endpoint.transport == "ucx":
-            return await self._copy_pinned(store_address, layout, hashes, pin, out, asked, timeout_s)
-        try:
-            await self._release(store_address, pin.pin_id)
-            grpc_transport = self._fallback(store_address, pin.endpoint.transport)
-            return await grpc_transport.get_blocks(store_address, layout, hashes, request_id, _left(deadline),
-                                                   out=out)
-        except BaseException:
-            self._clean_up(store_address, pin.pin_id, None)
-            raise
+            return await self._copy_pinned(store_address, layout, hashes, pin, out, asked, timeout_s, request_id)
+        self._end_lease(store_address, pin.pin_id)
+        grpc_transport = self._fallback(store_address, pin.endpoint.transport)
+        return await grpc_transport.get_blocks(store_address, layout, hashes, request_id, _left(deadline), out=out)
 
     async def _copy_pinned(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes], pin,
-                           out: Optional[torch.Tensor], asked: float, timeout_s: float) -> torch.Tensor:
+                           out: Optional[torch.Tensor], asked: float, timeout_s: float,
+                           request_id: str) -> torch.Tensor:
         """Copies a UCX store's pinned leading run out into `out` or a receive buffer, then lets the pin go."""
         size = block_bytes(store_address, layout)
         deadline = asked + timeout_s
@@ -139,16 +137,19 @@ class UcxKVTransport:
                                                                slots, deadline))
                 _count("get", await self._shielded(store_address, copy))
         except BaseException:
-            self._clean_up(store_address, pin.pin_id, copy)
+            self._end_lease(store_address, pin.pin_id, after=copy)
             raise
         # The copy is over: the Release need not be waited for, since whether the pin held throughout is known
         # here (the store's lease began after `asked`), which takes one RPC off every get.
-        self._clean_up(store_address, pin.pin_id, None)
+        self._end_lease(store_address, pin.pin_id)
         if time.monotonic() >= _trusted_until(asked, timeout_s):
             raise KVTransferError(f"kv-store {store_address}: the copy of {found} blocks ended after their pin could "
                                   "have run out; it may be torn, discarded")
         if self.checksum and found:
-            await asyncio.to_thread(_verify_pinned, store_address, pin, [(0, rows)], hashes)
+            try:
+                await asyncio.to_thread(_verify_pinned, pin, [(0, rows)], hashes)
+            except ChecksumMismatchError as exc:
+                raise await checksum_failure(self._channels, store_address, layout, exc, request_id) from exc
         return rows
 
     async def get_blocks_in_place(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
@@ -168,10 +169,10 @@ class UcxKVTransport:
         deadline = asked + timeout_s
         pin = await self._pin(store_address, layout, hashes, request_id, timeout_s, deadline)
         found = _leading(pin.pinned)
-        mapped = None
+        mapped = verify = None
         try:
             if pin.endpoint.transport != "ucx" or not found:
-                await self._release(store_address, pin.pin_id)
+                self._end_lease(store_address, pin.pin_id)
                 if pin.endpoint.transport != "ucx":
                     grpc_transport = self._fallback(store_address, pin.endpoint.transport)
                     return await grpc_transport.get_blocks_in_place(store_address, layout, hashes, request_id,
@@ -179,48 +180,54 @@ class UcxKVTransport:
                 return ReceivedBlocks.staged(torch.empty((0, size), dtype=torch.uint8))
             check_store_block_bytes(store_address, layout, size, pin.block_bytes)
             slots = _slot_table(store_address, pin.locations, len(hashes))[:found]
-            mapped = await self._copier.map_for_reading(store_address, pin.endpoint.worker_address, slots, size,
-                                                        deadline)
+            mapped = await _settled(asyncio.ensure_future(self._copier.map_for_reading(
+                store_address, pin.endpoint.worker_address, slots, size, deadline)), _release_mapping)
             if mapped is not None and self.checksum:
-                await asyncio.to_thread(_verify_pinned, store_address, pin, mapped.runs, hashes)
+                verify = asyncio.ensure_future(asyncio.to_thread(_verify_pinned, pin, mapped.runs, hashes))
+                try:
+                    await _settled(verify)
+                except ChecksumMismatchError as exc:  # reported while pinned: dropped when the pin ends below
+                    raise await checksum_failure(self._channels, store_address, layout, exc, request_id) from exc
         except BaseException:
+            reading = verify if verify is not None and not verify.done() else None  # a check left running
             if mapped is not None:
-                mapped.release()
-            self._clean_up(store_address, pin.pin_id, None)
+                if reading is None:
+                    mapped.release()
+                else:
+                    reading.add_done_callback(lambda _: mapped.release())
+            self._end_lease(store_address, pin.pin_id, after=reading)
             raise
         if mapped is None:  # another host or IPC namespace: copy them out by UCX get, under the same pin
             return ReceivedBlocks.staged(await self._copy_pinned(store_address, layout, hashes, pin, None, asked,
-                                                                 timeout_s))
+                                                                 timeout_s, request_id))
         KV_UCX_BLOCKS.labels("get", "mapped").inc(found)
         received = ReceivedBlocks(found, mapped.runs, valid_until=_trusted_until(asked, timeout_s), mapped=True)
         self._unread.add(received)
-        self._track(asyncio.ensure_future(self._end_pin_after_read(store_address, pin.pin_id, received, mapped)))
+        self._end_pin_after_read(store_address, pin.pin_id, received, mapped)
         return received
 
     async def _pin(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes], request_id: str,
                    timeout_s: float, deadline: float):
         """Pins the leading run of `hashes` for the deadline plus the margin."""
         stub = self._channels.stub(store_address)
-        return await self._call(store_address, "Pin", stub.Pin(
+        return await self._grant(store_address, "Pin", stub.Pin(
             kv_store_pb2.PinRequest(request_id=request_id, layout=layout, lease_ms=_lease_ms(timeout_s),
                                     block_hashes=common_pb2.BlockHashes(hashes=hashes), leading_run=True),
             timeout=_left(deadline), metadata=metadata(request_id)))
 
-    async def _end_pin_after_read(self, store_address: str, pin_id: str, received: ReceivedBlocks, mapped) -> None:
-        try:
-            await received.wait_read()
-        finally:
-            self._unread.discard(received)
-            await asyncio.to_thread(received.close)
-            mapped.release()
+    def _end_pin_after_read(self, store_address: str, pin_id: str, received: ReceivedBlocks, mapped) -> None:
+        """The mapped rows' pin ends once they were read or abandoned (or their time ran out)."""
+
+        async def read_and_closed() -> None:
             try:
-                released = await self._release(store_address, pin_id)
-                if released.released_blocks != received.count:
-                    log.info("kv-store %s: pin %s had ended before its release (%d of %d blocks); readers "
-                             "checked their copies' timing", store_address, pin_id, released.released_blocks,
-                             received.count)
-            except KVTransferError as exc:
-                log.debug("releasing pin %s: %s (it will expire)", pin_id, exc)
+                await received.wait_read()
+            finally:
+                self._unread.discard(received)
+                await asyncio.to_thread(received.close)
+                mapped.release()
+
+        self._end_lease(store_address, pin_id, after=asyncio.ensure_future(read_and_closed()),
+                        expected_blocks=received.count)
 
     async def close(self) -> None:
         for received in list(self._unread):
@@ -241,10 +248,21 @@ class UcxKVTransport:
                 await self._copier.forget(store_address)
             raise transfer_error(store_address, method, exc) from exc
 
+    async def _grant(self, store_address: str, method: str, call):
+        """A Reserve or Pin: its lease is this transport's to end from the moment the store grants it, even if
+        the caller stops waiting (a client that disconnected mid-request) while the RPC is in flight: the store
+        may grant it anyway, and its id is then known only here."""
+        response = asyncio.ensure_future(self._call(store_address, method, call))
+
+        def end_granted(granted) -> None:
+            self._end_lease(store_address, granted.reservation_id if method == "Reserve" else granted.pin_id)
+
+        return await _settled(response, end_granted)
+
     async def _shielded(self, store_address: str, copy: asyncio.Future) -> CopyCounts:
         """Awaits a copy without cancelling it: a copy stops only at its deadline (it may be touching slots)."""
         try:
-            return await asyncio.shield(copy)
+            return await _settled(copy)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -255,19 +273,26 @@ class UcxKVTransport:
         return await self._call(store_address, "Release", stub.Release(
             kv_store_pb2.ReleaseRequest(pin_id=lease_id), timeout=RELEASE_TIMEOUT_S))
 
-    def _clean_up(self, store_address: str, lease_id: str, copy: Optional[asyncio.Future]) -> None:
-        """Releases the lease in the background once the copy (if any) has stopped touching it: after a failure or
-        cancellation, and after every staged get (nobody needs to wait for that Release)."""
+    def _end_lease(self, store_address: str, lease_id: str, after: Optional[asyncio.Future] = None,
+                   expected_blocks: Optional[int] = None) -> None:
+        """Where every pin and reservation this transport was granted ends (unless a Commit ended it): released
+        in the background once `after` (a copy, a mapped read) has stopped touching its slots. Nobody waits for
+        the Release: whether a lease held through a copy is known locally. A Release that fails is logged; the
+        lease then expires."""
 
-        async def clean_up():
-            if copy is not None:
-                await asyncio.gather(copy, return_exceptions=True)
+        async def end() -> None:
+            if after is not None:
+                await asyncio.gather(after, return_exceptions=True)
             try:
-                await self._release(store_address, lease_id)
+                released = await self._release(store_address, lease_id)
             except KVTransferError as exc:
-                log.debug("releasing %s after a failed transfer: %s (the lease will expire)", lease_id, exc)
+                log.debug("releasing %s: %s (the lease will expire)", lease_id, exc)
+                return
+            if expected_blocks is not None and released.released_blocks != expected_blocks:
+                log.info("kv-store %s: lease %s had ended before its release (%d of %d blocks); readers checked "
+                         "their copies' timing", store_address, lease_id, released.released_blocks, expected_blocks)
 
-        self._track(asyncio.ensure_future(clean_up()))
+        self._track(asyncio.ensure_future(end()))
 
     def _track(self, task: asyncio.Task) -> None:
         """Background work close() waits for (and that must not be garbage-collected half way)."""
@@ -282,6 +307,25 @@ class UcxKVTransport:
             log.warning("kv-store %s serves no UCX data plane (it offers %r): moving its blocks over gRPC streams",
                         store_address, transport)
         return self._grpc
+
+
+async def _settled(work: asyncio.Future, undo: Optional[Callable[[T], object]] = None) -> T:
+    """Awaits `work` without cancelling it: cancelling the caller leaves it running (it may be granting a
+    lease or touching mapped memory), and `undo` gets its result if it succeeds after the caller left."""
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        def settle(done: asyncio.Future) -> None:
+            if not done.cancelled() and done.exception() is None and undo is not None:
+                undo(done.result())
+
+        work.add_done_callback(settle)
+        raise
+
+
+def _release_mapping(mapped) -> None:
+    if mapped is not None:
+        mapped.release()
 
 
 def _lease_ms(timeout_s: float) -> int:
@@ -310,16 +354,14 @@ def _slot_table(store_address: str, addresses: kv_store_pb2.SlotAddresses, count
     return SlotTable(np.arange(count, dtype=np.int64), remote, index, rkeys)
 
 
-def _verify_pinned(store_address: str, pin, runs: list[tuple[int, torch.Tensor]], hashes: list[bytes]) -> None:
-    """Checks each run of rows (first row, rows) against the checksums the Pin answered for those rows."""
+def _verify_pinned(pin, runs: list[tuple[int, torch.Tensor]], hashes: list[bytes]) -> None:
+    """Checks each run of rows (first row, rows) against the checksums the Pin answered for those rows; raises
+    ChecksumMismatchError."""
     known, values = list(pin.has_crc32), list(pin.crc32)
     for first, view in runs:
         count = view.shape[0]
         crc32s = [values[i] if i < len(known) and known[i] else None for i in range(first, first + count)]
-        try:
-            verify_rows(view, crc32s, hashes[first:first + count])
-        except ChecksumMismatchError as exc:
-            raise KVTransferError(f"kv-store {store_address}: {exc}") from exc
+        verify_rows(view, crc32s, hashes[first:first + count])
 
 
 def _leading(flags) -> int:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -116,7 +114,7 @@ def llama_args_from_config(config: dict[str, Any]) -> LlamaArgs:
     )
 
 
-def _safetensors_files(path: Path) -> list[Path]:
+def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -135,7 +133,7 @@ def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device) -> L
     model = model.to(dtype).to_empty(device=device)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
-    for file in _safetensors_files(files.path):
+    for file in safetensors_files(files.path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name not in params:
@@ -157,21 +155,3 @@ def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device) -> L
         raise ModelLoadError(f"checkpoint is missing weights: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
     model.rotary.build_cache(device, dtype)
     return model.eval()
-
-
-def model_fingerprint(files: ModelFiles) -> str:
-    """Identity that goes into every block hash, so KV of one checkpoint is never served for another.
-
-    Config plus each weight file's size and its first and last 64 KiB: cheap for a 100 GB checkpoint, and two
-    checkpoints of one shape with different weights differ there.
-    """
-    digest = hashlib.sha256(json.dumps(files.config, sort_keys=True).encode())
-    for file in _safetensors_files(files.path):
-        size = file.stat().st_size
-        digest.update(f"{file.name}:{size}".encode())
-        with open(file, "rb") as f:
-            digest.update(f.read(65536))
-            f.seek(max(0, size - 65536))
-            digest.update(f.read(65536))
-    name = os.path.basename(str(files.path).rstrip("/")) or "model"
-    return f"{name}@{digest.hexdigest()[:16]}"

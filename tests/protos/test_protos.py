@@ -112,7 +112,8 @@ def test_expected_services_and_methods():
         "prefill": {"Prefill": {"Prefill", "Stats"}},
         "decode": {"Decode": {"Generate", "Cancel", "Stats"}},
         "kv_store": {
-            "KVStore": {"Reserve", "Commit", "Lookup", "Pin", "Release", "Stats", "PutBlocks", "GetBlocks"}
+            "KVStore": {"Reserve", "Commit", "Lookup", "Pin", "Release", "Stats", "Discard", "PutBlocks",
+                        "GetBlocks"}
         },
         "gateway": {"Gateway": {"Generate"}},
     }

@@ -348,3 +348,50 @@ def test_a_block_read_under_a_pin_becomes_the_most_recently_used():
     store.release(pin_id)  # 1 was read last: order 3, 2, 1
     put(store, SMALL, 4)
     assert held(store, SMALL, 1, 2, 3, 4) == [True, True, False, True]
+
+
+def _corrupt_put(store: BlockStore, i: int, good_crc: int) -> None:
+    """A writer whose bytes were torn: the block is committed (the store does not verify) with the right checksum."""
+    reservation = store.reserve(SMALL, [h(i)])
+    store.write(reservation.reservation_id, h(i), 0, payload(i + 1))
+    store.commit(reservation.reservation_id, [h(i)], [good_crc])
+
+
+def test_a_discarded_block_is_replaced_by_the_next_writer():
+    store = BlockStore(capacity_bytes=8 * S)
+    _corrupt_put(store, 1, 1234)
+    put(store, SMALL, 2)
+    before = store.stats()
+    assert store.discard(SMALL, [h(1), h(7)]) == 1  # h(7) is not held
+    assert held(store, SMALL, 1, 2) == [False, True]
+    after = store.stats()
+    assert (after.blocks_used, after.bytes_used) == (before.blocks_used - 1, before.bytes_used - S)
+    reservation = store.reserve(SMALL, [h(1)])
+    assert reservation.already_present == [False]  # first writer no longer wins: this one writes it afresh
+    store.write(reservation.reservation_id, h(1), 0, payload(1))
+    store.commit(reservation.reservation_id, [h(1)], [4321])
+    pin = store.pin(SMALL, [h(1)])
+    assert bytes(store.pinned_payloads(pin.pin_id)[0]) == payload(1) and pin.crc32s == [4321]
+    store.release(pin.pin_id)
+    assert store.stats().pinned_blocks == 0
+    # The store's room is whole: 8 blocks fit (no slot was lost).
+    put(store, SMALL, *range(10, 16))
+    assert store.stats().blocks_used == 8
+
+
+def test_a_discarded_block_still_pinned_is_hidden_then_dropped_at_its_last_unpin():
+    store = BlockStore(capacity_bytes=4 * S)
+    _corrupt_put(store, 1, 1234)
+    first, second = store.pin(SMALL, [h(1)]), store.pin(SMALL, [h(1)])
+    assert store.discard(SMALL, [h(1)]) == 1
+    assert store.discard(SMALL, [h(1)]) == 0  # already going
+    assert held(store, SMALL, 1) == [False]
+    assert store.pin(SMALL, [h(1)], leading_run=True).pinned == [False]  # no new reader gets it
+    assert bytes(store.pinned_payloads(first.pin_id)[0]) == payload(2)  # its readers' memory stays theirs
+    store.release(first.pin_id)
+    assert store.stats().blocks_used == 1 and store.stats().pinned_blocks == 1
+    store.release(second.pin_id)
+    stats = store.stats()
+    assert (stats.blocks_used, stats.bytes_used, stats.pinned_blocks) == (0, 0, 0)
+    put(store, SMALL, 1, 2, 3, 4)  # the whole capacity is usable again, the discarded block written afresh
+    assert held(store, SMALL, 1, 2, 3, 4) == [True] * 4

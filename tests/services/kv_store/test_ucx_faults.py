@@ -154,3 +154,33 @@ def test_sigterm_lets_a_running_ucx_put_commit_then_exits_zero(start_store, monk
     assert run(lambda t: t.put_blocks(store.address, LAYOUT, hashes, blocks)) == 8
     assert store.proc.wait(timeout=15) == 0
     assert "waiting for 1 UCX transfers to commit or release" in store.log()
+
+
+@pytest.mark.parametrize("operation", ["get_in_place", "get", "put"])
+def test_callers_cancelled_mid_rpc_leave_no_leases(start_store, operation):
+    """A caller cancelled while its Pin or Reserve is in flight (a client that disconnected): the store may grant
+    the lease anyway, after the caller stopped waiting; it must still end now, not when its lease expires."""
+    store = start_store(*UCX_STORE)
+    hashes, blocks = chain("cancelled", 6), random_blocks(6, SIZE, seed=5)
+
+    async def body(transport):
+        await transport.put_blocks(store.address, LAYOUT, hashes, blocks)
+        for attempt in range(40):
+            if operation == "get_in_place":
+                call = transport.get_blocks_in_place(store.address, LAYOUT, hashes)
+            elif operation == "get":
+                call = transport.get_blocks(store.address, LAYOUT, hashes)
+            else:  # a reservation pins the blocks already present
+                call = transport.put_blocks(store.address, LAYOUT, hashes, blocks)
+            task = asyncio.ensure_future(call)
+            for _ in range(attempt % 8):  # cancel at several points of the Pin / Reserve round trip
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.0005 * (attempt // 8))
+            task.cancel()
+            result = (await asyncio.gather(task, return_exceptions=True))[0]
+            if operation == "get_in_place" and not isinstance(result, BaseException):
+                result.abandon()  # got through before the cancel: its reader gives it up
+        await asyncio.sleep(0.5)  # background Releases
+
+    run(body)
+    wait_for_no_leases(store, timeout_s=3.0)  # the leases asked for are 30 s + margin

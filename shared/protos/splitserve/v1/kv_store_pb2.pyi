@@ -127,6 +127,22 @@ class ReleaseResponse(_message.Message):
     released_blocks: int
     def __init__(self, released_blocks: _Optional[int] = ...) -> None: ...
 
+class DiscardRequest(_message.Message):
+    __slots__ = ("request_id", "layout", "block_hashes")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    layout: _common_pb2.KVLayout
+    block_hashes: _common_pb2.BlockHashes
+    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.KVLayout, _Mapping]] = ..., block_hashes: _Optional[_Union[_common_pb2.BlockHashes, _Mapping]] = ...) -> None: ...
+
+class DiscardResponse(_message.Message):
+    __slots__ = ("discarded_blocks",)
+    DISCARDED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    discarded_blocks: int
+    def __init__(self, discarded_blocks: _Optional[int] = ...) -> None: ...
+
 class KVStoreStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

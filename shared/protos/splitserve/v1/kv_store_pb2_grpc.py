@@ -64,6 +64,11 @@ class KVStoreStub:
                 request_serializer=splitserve_dot_v1_dot_kv__store__pb2.KVStoreStatsRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_kv__store__pb2.KVStoreStatsResponse.FromString,
                 _registered_method=True)
+        self.Discard = channel.unary_unary(
+                '/splitserve.v1.KVStore/Discard',
+                request_serializer=splitserve_dot_v1_dot_kv__store__pb2.DiscardRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_kv__store__pb2.DiscardResponse.FromString,
+                _registered_method=True)
         self.PutBlocks = channel.stream_unary(
                 '/splitserve.v1.KVStore/PutBlocks',
                 request_serializer=splitserve_dot_v1_dot_kv__store__pb2.BlockChunk.SerializeToString,
@@ -115,6 +120,13 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Discard(self, request, context):
+        """A reader found these blocks' bytes do not match their checksums: they are dropped (once no pin holds them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PutBlocks(self, request_iterator, context):
         """Data plane over gRPC (fallback).
         """
@@ -160,6 +172,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=splitserve_dot_v1_dot_kv__store__pb2.KVStoreStatsRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_kv__store__pb2.KVStoreStatsResponse.SerializeToString,
+            ),
+            'Discard': grpc.unary_unary_rpc_method_handler(
+                    servicer.Discard,
+                    request_deserializer=splitserve_dot_v1_dot_kv__store__pb2.DiscardRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_kv__store__pb2.DiscardResponse.SerializeToString,
             ),
             'PutBlocks': grpc.stream_unary_rpc_method_handler(
                     servicer.PutBlocks,
@@ -334,6 +351,33 @@ class KVStore:
             '/splitserve.v1.KVStore/Stats',
             splitserve_dot_v1_dot_kv__store__pb2.KVStoreStatsRequest.SerializeToString,
             splitserve_dot_v1_dot_kv__store__pb2.KVStoreStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Discard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.KVStore/Discard',
+            splitserve_dot_v1_dot_kv__store__pb2.DiscardRequest.SerializeToString,
+            splitserve_dot_v1_dot_kv__store__pb2.DiscardResponse.FromString,
             options,
             channel_credentials,
             insecure,
