@@ -135,6 +135,19 @@ def test_min_tokens_holds_back_stop_ids_and_stop_strings(client, model_id, refer
     assert response.usage.completion_tokens == len(expected.token_ids)
 
 
+def test_chat_logprob_bytes_rebuild_the_text(client, model_id, reference_llm):
+    messages = [{"role": "user", "content": "blocks move between workers"}]
+    response = client.chat.completions.create(model=model_id, messages=messages, max_tokens=40, temperature=0.0,
+                                              logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content, entries = response.choices[0].message.content, response.choices[0].logprobs.content
+    # The demo model's random text splits characters over tokens: those show U+FFFD alone, not in their bytes.
+    split = [e for e in entries if e.token == "\ufffd"]
+    assert split and all(e.bytes != list("\ufffd".encode()) for e in split)
+    # Joined, the bytes are the text's UTF-8 (random text may also hold bytes that are no character at all:
+    # the text shows those as U+FFFD too).
+    assert bytes(b for e in entries for b in e.bytes).decode("utf-8", errors="replace") == content
+
+
 def test_prompt_blocks_travel_through_the_kv_store(client, model_id, reference_llm, stack):
     from e2e_stack import kv_store_stats
 
