@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -69,7 +68,7 @@ class TokenizerClient:
             raise translate_rpc_error("tokenizer", exc, default_param=param) from exc
         return list(reply.token_ids)
 
-    async def token_pieces(self, token_ids: Sequence[int]) -> list["TokenPiece"]:
+    async def token_pieces(self, token_ids: Sequence[int]) -> list[TokenPiece]:
         """Each id's own text (special tokens included) and real bytes, for logprob entries; cached, as
         alternatives repeat. One call for all the ids not cached."""
         missing = [t for t in dict.fromkeys(token_ids) if t not in self._token_pieces]
