@@ -162,7 +162,8 @@ class Client:
                        stop: Union[str, Sequence[str], None] = None, stop_token_ids: Optional[Sequence[int]] = None,
                        ignore_eos: Optional[bool] = None, presence_penalty: Optional[float] = None,
                        frequency_penalty: Optional[float] = None, repetition_penalty: Optional[float] = None,
-                       logprobs: Optional[int] = None, n: int = 1, skip_special_tokens: bool = True,
+                       logprobs: Optional[int] = None, n: int = 1, min_tokens: Optional[int] = None,
+                       skip_special_tokens: bool = True,
                        request_id: Optional[str] = None, stream: bool = False
                        ) -> Union[Completion, list[Completion], AsyncIterator[Chunk]]:
         """A Completion (a list of n when n > 1), or with stream=True an async iterator of Chunks.
@@ -172,7 +173,7 @@ class Client:
                                 min_p=min_p, seed=seed, stop=stop, stop_token_ids=stop_token_ids,
                                 ignore_eos=ignore_eos, presence_penalty=presence_penalty,
                                 frequency_penalty=frequency_penalty, repetition_penalty=repetition_penalty,
-                                logprobs=logprobs, n=n)
+                                logprobs=logprobs, n=n, min_tokens=min_tokens)
         if stream:
             return self._stream(request)
         chunks = [chunk async for chunk in self._stream(request)]

@@ -22,6 +22,9 @@ class InvalidRequestError(ValueError):
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
+    # EOS and stop_token_ids cannot be sampled, and stop strings do not end the sequence, until this many
+    # tokens were generated (vLLM's semantics).
+    min_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -51,6 +54,10 @@ class SamplingParams:
 
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
             bad("max_tokens", f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if (not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool)
+                or not 0 <= self.min_tokens <= self.max_tokens):
+            bad("min_tokens", f"min_tokens must be an integer between 0 and max_tokens ({self.max_tokens}), "
+                f"got {self.min_tokens!r}")
         if not isinstance(self.n, int) or self.n < 1:
             bad("n", f"n must be an integer >= 1, got {self.n!r}")
         for name in _FLOAT_PARAMS:   # NaN passes every range check below
@@ -84,6 +91,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def min_tokens_blocked_ids(self) -> list[int]:
+        """The ids the sampler masks while fewer than min_tokens were generated: every id that would end the
+        sequence. EOS is masked even with ignore_eos, as vLLM does."""
+        return sorted(set(self.stop_token_ids) | set(self._eos_token_ids))
 
     @property
     def has_penalties(self) -> bool:

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 from splitserve.protos.splitserve.v1 import common_pb2
 from splitserve.services.gateway.outputs import SequenceEvent, SequenceResult, Usage
-from splitserve.services.gateway.tokenizer_client import TokenizerClient
+from splitserve.services.gateway.tokenizer_client import TokenizerClient, TokenPiece
 
 
 def usage_json(usage: Usage) -> dict[str, Any]:
@@ -83,9 +83,10 @@ class ResponseFormatter:
         if not self.want_logprobs:
             return None
         ids = [lp.token_id for lp in logprobs] + [top.token_id for lp in logprobs for top in lp.top]
-        texts = dict(zip(ids, await self.tokenizer.token_texts(ids)))
+        pieces = dict(zip(ids, await self.tokenizer.token_pieces(ids)))
         if self.chat:
-            return {"content": [_chat_token(texts, lp) for lp in logprobs]}
+            return {"content": [_chat_token(pieces, lp) for lp in logprobs]}
+        texts = {token_id: piece.text for token_id, piece in pieces.items()}
         offset = self._text_offsets.get(index, 0)
         offsets = []
         for lp in logprobs:
@@ -98,9 +99,9 @@ class ResponseFormatter:
                 "text_offset": offsets}
 
 
-def _chat_token(texts: dict[int, str], lp: common_pb2.TokenLogprob) -> dict[str, Any]:
+def _chat_token(pieces: dict[int, TokenPiece], lp: common_pb2.TokenLogprob) -> dict[str, Any]:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        text = texts[token_id]
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        piece = pieces[token_id]
+        return {"token": piece.text, "logprob": logprob, "bytes": list(piece.data)}
 
     return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t.token_id, t.logprob) for t in lp.top]}

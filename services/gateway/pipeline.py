@@ -120,7 +120,8 @@ class Pipeline:
                                       "stop_token_ids")
         limit = info.max_context_length
         if request.max_tokens_fills_context and len(ids) < limit:
-            params = params.replace(max_tokens=limit - len(ids))
+            # Never below min_tokens: a prompt that leaves less room is refused just below, as too long.
+            params = params.replace(max_tokens=max(limit - len(ids), params.min_tokens))
         if len(ids) + params.max_tokens > limit:
             raise ContextLengthExceededError(
                 f"This model's maximum context length is {limit} tokens. However, you requested "
@@ -176,13 +177,15 @@ class Pipeline:
                     if ids:
                         deltas = await detokenizer.push([[t] for t in ids] if per_token else [ids])
                         for i, delta in enumerate(deltas):
-                            text += matcher.feed(delta)
+                            # Per token here: the delta is token number completion_tokens + i + 1's text.
+                            text += matcher.feed(delta, can_stop=completion_tokens + i >= params.min_tokens)
                             if matcher.matched is not None:
                                 ids, logprobs = ids[:i + 1], logprobs[:i + 1]
                                 break
                     finish = "stop" if matcher.matched is not None else batch.finish_reason
                     if matcher.matched is None and finish is not None:
-                        text += matcher.feed(await detokenizer.finish())
+                        text += matcher.feed(await detokenizer.finish(),
+                                             can_stop=completion_tokens + len(ids) > params.min_tokens)
                         finish = "stop" if matcher.matched is not None else finish
                         text += matcher.flush()
                     completion_tokens += len(ids)

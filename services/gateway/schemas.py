@@ -46,6 +46,7 @@ class _GenerationBody(BaseModel):
     repetition_penalty: Optional[float] = None
     ignore_eos: bool = False
     stop_token_ids: Optional[list[int]] = None
+    min_tokens: Optional[int] = None
     skip_special_tokens: bool = True
 
     @property
@@ -62,7 +63,7 @@ class _GenerationBody(BaseModel):
         given = dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                      min_p=self.min_p, seed=self.seed, presence_penalty=self.presence_penalty,
                      frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-                     logprobs=logprobs)
+                     logprobs=logprobs, min_tokens=self.min_tokens)
         values = {name: value for name, value in given.items() if value is not None}
         return SamplingParams(n=self.n, stop=self.stop, stop_token_ids=self.stop_token_ids,
                               ignore_eos=self.ignore_eos, **values)
@@ -138,7 +139,9 @@ class ChatCompletionRequest(_GenerationBody):
                                           "top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        params = self._sampling_params(max_tokens if max_tokens is not None else 1, logprobs)
+        # Without max_tokens the pipeline fills the context; until then any value that passes validation.
+        placeholder = max(1, self.min_tokens or 0)
+        params = self._sampling_params(max_tokens if max_tokens is not None else placeholder, logprobs)
         messages = [(m.role, m.text(i)) for i, m in enumerate(self.messages)]
         return GenerationRequest(prompt=Prompt(messages=messages), params=params, model=self.model,
                                  skip_special_tokens=self.skip_special_tokens,

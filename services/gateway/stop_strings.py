@@ -3,6 +3,9 @@
 Text arrives in deltas; a stop string can span several. While streaming, the longest tail of the text that is
 the beginning of some stop string is held back: releasing it could show the user the first half of a stop
 string that the next delta completes. When a stop string is found, the text is cut where it starts.
+
+A delta fed with can_stop=False (one of the first min_tokens tokens) ends nothing: a stop string it completes
+is released as text, as vLLM does. A later match must end in a later delta, though it may start earlier.
 """
 
 from __future__ import annotations
@@ -16,14 +19,16 @@ class StopStringMatcher:
         self.matched: Optional[str] = None
         self._held = ""
 
-    def feed(self, delta: str) -> str:
+    def feed(self, delta: str, can_stop: bool = True) -> str:
         """The text that is safe to release now. Once a stop string matched, the text before it, then ""."""
         if self.matched is not None:
             return ""
         if not self.stops:
             return delta
         text = self._held + delta
-        hits = [(text.find(stop), -len(stop), stop) for stop in self.stops if stop in text]
+        # Only matches that end in this delta: the held text may hold a whole stop string fed with can_stop=False.
+        starts = [(text.find(stop, max(0, len(self._held) - len(stop) + 1)), stop) for stop in self.stops]
+        hits = [(start, -len(stop), stop) for start, stop in starts if start >= 0] if can_stop else []
         if hits:
             # Earliest start wins; at the same start the longer stop string (it is what the user wrote).
             start, _, self.matched = min(hits)

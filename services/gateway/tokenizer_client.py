@@ -8,7 +8,6 @@ splitserve_gateway_tokenizer_retries_total and logged.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,8 +26,14 @@ log = logging.getLogger(__name__)
 # Tokenizers decide leading spaces and merges from the preceding ids; a few are enough for every tokenizer
 # we know (vLLM uses 5).
 DETOKENIZE_PREFIX_IDS = 6
-_TOKEN_TEXT_CACHE_SIZE = 65536
+_TOKEN_PIECE_CACHE_SIZE = 65536
 TRIES = 2  # a call and one retry on another replica: a crash is survived, a broken request is not multiplied
+
+
+@dataclass(frozen=True)
+class TokenPiece:
+    text: str        # what the token shows on its own (U+FFFD for part of a character)
+    data: bytes      # the bytes it stands for: joined over tokens they rebuild the text's UTF-8
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ class TokenizerClient:
         self._replicas = TokenizerReplicas(pool)
         self.timeout_s = timeout_s
         self._info: Optional[ModelInfo] = None
-        self._token_texts: OrderedDict[int, str] = OrderedDict()
+        self._token_pieces: OrderedDict[int, TokenPiece] = OrderedDict()
 
     async def info(self) -> ModelInfo:
         """Fetched once: the tokenizer serves one model for its whole life."""
@@ -114,19 +119,22 @@ class TokenizerClient:
         reply = await self._replicas.call("Tokenize", request, self.timeout_s, default_param=param)
         return list(reply.token_ids)
 
-    async def token_texts(self, token_ids: Sequence[int]) -> list[str]:
-        """Each id's own text (special tokens included), for logprob entries; cached, as alternatives repeat."""
-        missing = [t for t in dict.fromkeys(token_ids) if t not in self._token_texts]
+    async def token_pieces(self, token_ids: Sequence[int]) -> list[TokenPiece]:
+        """Each id's own text (special tokens included) and real bytes, for logprob entries; cached, as
+        alternatives repeat. One call for all the ids not cached."""
+        missing = [t for t in dict.fromkeys(token_ids) if t not in self._token_pieces]
         if missing:
-            replies = await asyncio.gather(*(
-                self._replicas.call("Detokenize", tokenizer_pb2.DetokenizeRequest(token_ids=[t],
-                                                                                  skip_special_tokens=False),
-                                    self.timeout_s) for t in missing))
-            for token_id, reply in zip(missing, replies):
-                self._token_texts[token_id] = reply.text
-            while len(self._token_texts) > _TOKEN_TEXT_CACHE_SIZE:
-                self._token_texts.popitem(last=False)
-        return [self._token_texts.get(t, "") for t in token_ids]
+            reply = await self._replicas.call("TokenPieces", tokenizer_pb2.TokenPiecesRequest(token_ids=missing),
+                                              self.timeout_s)
+            if len(reply.pieces) != len(missing):
+                raise UpstreamError(f"tokenizer answered {len(reply.pieces)} token pieces for {len(missing)} ids",
+                                    retryable=False)
+            for token_id, piece in zip(missing, reply.pieces):
+                self._token_pieces[token_id] = TokenPiece(piece.text, piece.token_bytes)
+        pieces = [self._token_pieces[t] for t in token_ids]
+        while len(self._token_pieces) > _TOKEN_PIECE_CACHE_SIZE:
+            self._token_pieces.popitem(last=False)
+        return pieces
 
     def detokenizer(self, prompt_token_ids: Sequence[int], skip_special_tokens: bool,
                     timeout_s: float) -> "IncrementalDetokenizer":

@@ -58,8 +58,10 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 params = sampling_params_from_proto(request.sampling_params)
                 self.engine.engine.validate_prompt(prompt)
                 pulled = await self._pull_stored_prefix(store, prompt, request_id)
-                async for delta in self.engine.generate(request_id, prompt, params.replace(max_tokens=1, n=1),
-                                                        export_kv=True, kv_blocks=pulled):
+                # Only the first token is sampled here; with min_tokens >= 1 it must not be EOS or a stop id.
+                first_only = params.replace(max_tokens=1, n=1, min_tokens=min(params.min_tokens, 1))
+                async for delta in self.engine.generate(request_id, prompt, first_only, export_kv=True,
+                                                        kv_blocks=pulled):
                     last = delta
             except InvalidRequestError as exc:
                 PREFILL_REQUESTS.labels("invalid").inc()

@@ -73,6 +73,14 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             held_back = detokenizer.flush() if detokenizer is not None else ""
             yield tokenizer_pb2.DetokenizeStreamResponse(text_delta=held_back, final=True)
 
+    async def TokenPieces(self, request: tokenizer_pb2.TokenPiecesRequest,
+                          context) -> tokenizer_pb2.TokenPiecesResponse:
+        async with self._call("TokenPieces", context):
+            pieces = await _run(len(request.token_ids) > LARGE_TOKEN_COUNT, self.model.token_pieces,
+                                list(request.token_ids))
+            return tokenizer_pb2.TokenPiecesResponse(
+                pieces=[tokenizer_pb2.TokenPiece(text=text, token_bytes=data) for text, data in pieces])
+
     async def GetInfo(self, request: tokenizer_pb2.GetInfoRequest, context) -> tokenizer_pb2.GetInfoResponse:
         async with self._call("GetInfo", context):
             info = self.model.info

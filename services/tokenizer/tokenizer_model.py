@@ -14,6 +14,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from splitserve.detokenizer import IncrementalDetokenizer
 from splitserve.sampling_params import InvalidRequestError
+from splitserve.services.tokenizer.token_bytes import TokenBytes
 from splitserve.stop_tokens import eos_token_ids
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class TokenizerModel:
     def __init__(self, model: str, tokenizer, config: dict[str, Any], generation_config: dict[str, Any]):
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
+        self._token_bytes = TokenBytes(tokenizer)
         self.info = TokenizerInfo(
             model=model,
             vocab_size=self.vocab_size,
@@ -97,6 +99,11 @@ class TokenizerModel:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool) -> str:
         self.check_ids(token_ids, param="token_ids")
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def token_pieces(self, token_ids: Sequence[int]) -> list[tuple[str, bytes]]:
+        """(text, bytes) of each id on its own: the text as users see it, the bytes the token really holds."""
+        self.check_ids(token_ids, param="token_ids")
+        return [(self.tokenizer.decode([t], skip_special_tokens=False), self._token_bytes(t)) for t in token_ids]
 
     def detokenizer(self, prompt_token_ids: Sequence[int], skip_special_tokens: bool) -> IncrementalDetokenizer:
         self.check_ids(prompt_token_ids, param="prefix_token_ids")

@@ -148,6 +148,8 @@ class LLMEngine:
             for block_id in held:
                 self.pool.release(block_id)
             raise
+        if params.min_tokens:  # the sampler keeps this model's EOS ids out of the first min_tokens tokens
+            params = params.replace(_eos_token_ids=tuple(sorted(self.eos_token_ids)))
         now = arrival_time or time.monotonic()
         seqs = []
         for index in range(params.n):

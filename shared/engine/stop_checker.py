@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from splitserve.detokenizer import REPLACEMENT_CHAR
 from splitserve.engine.sequence import Sequence
 
 
@@ -17,13 +18,16 @@ class StopChecker:
         """Returns the finish reason, setting seq.stop_reason, or None to go on."""
         params = seq.params
         token = seq.output_token_ids[-1]
-        if not params.ignore_eos and token in self.eos_token_ids:
-            return "stop"
-        if token in params.stop_token_ids:
-            seq.stop_reason = token
-            return "stop"
-        if params.stop and self._find_stop_string(seq) is not None:
-            return "stop"
+        # The first min_tokens tokens end nothing (the sampler keeps EOS and stop ids out of them; stop strings
+        # are not looked for), as in vLLM.
+        if len(seq.output_token_ids) > params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                return "stop"
+            if token in params.stop_token_ids:
+                seq.stop_reason = token
+                return "stop"
+            if params.stop and self._find_stop_string(seq) is not None:
+                return "stop"
         if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
@@ -35,12 +39,22 @@ class StopChecker:
         tail = self.decode(seq.output_token_ids[-window:])
         if not any(s in tail for s in seq.params.stop):
             return None
-        text = self.decode(seq.output_token_ids)
-        found = [(text.find(s), s) for s in seq.params.stop if s in text]
-        if not found:
+        found = self._stop_string_at(seq, self.decode(seq.output_token_ids))
+        if found is None:
             return None
-        seq.stop_reason = min(found)[1]
+        seq.stop_reason = found[1]
         return seq.stop_reason
+
+    def _stop_string_at(self, seq: Sequence, text: str) -> Optional[tuple[int, str]]:
+        """(start, stop string) of the earliest match that ends after the first min_tokens tokens' text; a match
+        inside that text ended nothing when it appeared, and does not later either."""
+        floor = 0
+        if seq.params.min_tokens:
+            # An incomplete character at the boundary is not text yet: the token that completes it adds it.
+            floor = len(self.decode(seq.output_token_ids[: seq.params.min_tokens]).rstrip(REPLACEMENT_CHAR))
+        found = [(text.find(s, max(0, floor - len(s) + 1)), s) for s in seq.params.stop]
+        found = [(start, s) for start, s in found if start >= 0]
+        return min(found) if found else None
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -49,5 +63,7 @@ class StopChecker:
         """The output text; a stop string and whatever followed it in the same token are cut off."""
         text = self.decode(seq.output_token_ids)
         if isinstance(seq.stop_reason, str):
-            text = text[: text.find(seq.stop_reason)]
+            found = self._stop_string_at(seq, text)
+            if found is not None:
+                text = text[: found[0]]
         return text

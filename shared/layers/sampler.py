@@ -1,6 +1,6 @@
 """Chooses one token per sequence for an engine step, batched over the whole step.
 
-Everything that filters or reshapes the distribution (penalties, temperature, top-k, top-p, min-p)
+Everything that filters or reshapes the distribution (min_tokens, penalties, temperature, top-k, top-p, min-p)
 is done with tensor ops over the rows that need it; the only per-row Python work is the random
 draw, which uses each request's own generator so a seeded request is reproducible no matter what
 else shares its batch or where it sits in it.
@@ -76,9 +76,13 @@ class Sampler:
 
         # From here on `x` is written in place; never write into the caller's tensor.
         x = raw
-        if any(p.has_penalties for p in params):
+        held = _min_tokens_held(rows, V, device)
+        if held is not None or any(p.has_penalties for p in params):
             if x.data_ptr() == logits.data_ptr():
                 x = x.clone()
+        if held is not None:
+            x[held] = float("-inf")
+        if any(p.has_penalties for p in params):
             self._apply_penalties(x, rows)
 
         tokens = torch.empty(B, dtype=torch.long, device=device)
@@ -232,6 +236,19 @@ class Sampler:
             else:
                 noise[j].copy_(torch.empty(V, device=g.device).uniform_(generator=g))
         return probs.div_(noise.log_().neg_()).argmax(dim=-1)
+
+
+def _min_tokens_held(rows: list[SamplingRow], vocab_size: int,
+                     device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """(row, token) coordinates of the ids that must not be sampled yet: a row below its min_tokens cannot pick
+    EOS or a stop id. None when no row is held. Ids outside the logits (>= V) cannot be sampled anyway."""
+    held = [(i, [t for t in r.params.min_tokens_blocked_ids if t < vocab_size]) for i, r in enumerate(rows)
+            if len(r.output_token_ids) < r.params.min_tokens]
+    held = [(i, ids) for i, ids in held if ids]
+    if not held:
+        return None
+    r, t = _scatter_coords([ids for _, ids in held], device)
+    return _index([i for i, _ in held], device)[r], t
 
 
 def _outside_nucleus(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

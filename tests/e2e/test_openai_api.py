@@ -105,6 +105,49 @@ def test_chat_streaming_and_not(client, model_id, reference_llm):
     assert usage.completion_tokens == len(reference.outputs[0].token_ids)
 
 
+def test_min_tokens_holds_back_stop_ids_and_stop_strings(client, model_id, reference_llm):
+    prompt = list(range(200, 240))
+    greedy = SamplingParams(max_tokens=16, temperature=0.0)
+    [base] = reference_llm.generate([prompt], greedy.replace(ignore_eos=True))
+    tokens, text = base.outputs[0].token_ids, base.outputs[0].text
+    # The first token as a stop id: the prefill worker's token would end the request at once.
+    params = greedy.replace(stop_token_ids=[tokens[0]], min_tokens=5)
+    [reference] = reference_llm.generate([prompt], params)
+    expected = reference.outputs[0]
+    assert len(expected.token_ids) >= 5 and tokens[0] not in expected.token_ids[:5]
+    response = client.completions.create(model=model_id, prompt=prompt, max_tokens=16, temperature=0.0,
+                                         extra_body={"stop_token_ids": [tokens[0]], "min_tokens": 5})
+    assert response.choices[0].text == expected.text
+    assert response.usage.completion_tokens == len(expected.token_ids)
+    assert response.choices[0].finish_reason == expected.finish_reason
+
+    # A stop string in the first two tokens' text is not looked for before min_tokens (engine and gateway).
+    tokenizer = reference_llm.get_tokenizer()
+    early = tokenizer.decode(tokens[:2], skip_special_tokens=True)
+    stop = max((early[i:i + n] for n in (3, 2, 1) for i in range(len(early) - n + 1)
+                if early[i:i + n].strip()), key=lambda s: (text.count(s) > 1, len(s)))
+    [reference] = reference_llm.generate([prompt], greedy.replace(ignore_eos=True, stop=[stop], min_tokens=4))
+    expected = reference.outputs[0]
+    assert len(expected.token_ids) > 4
+    response = client.completions.create(model=model_id, prompt=prompt, max_tokens=16, temperature=0.0,
+                                         stop=[stop], extra_body={"min_tokens": 4, "ignore_eos": True})
+    assert (response.choices[0].text, response.choices[0].finish_reason) == (expected.text, expected.finish_reason)
+    assert response.usage.completion_tokens == len(expected.token_ids)
+
+
+def test_chat_logprob_bytes_rebuild_the_text(client, model_id, reference_llm):
+    messages = [{"role": "user", "content": "blocks move between workers"}]
+    response = client.chat.completions.create(model=model_id, messages=messages, max_tokens=40, temperature=0.0,
+                                              logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    content, entries = response.choices[0].message.content, response.choices[0].logprobs.content
+    # The demo model's random text splits characters over tokens: those show U+FFFD alone, not in their bytes.
+    split = [e for e in entries if e.token == "\ufffd"]
+    assert split and all(e.bytes != list("\ufffd".encode()) for e in split)
+    # Joined, the bytes are the text's UTF-8 (random text may also hold bytes that are no character at all:
+    # the text shows those as U+FFFD too).
+    assert bytes(b for e in entries for b in e.bytes).decode("utf-8", errors="replace") == content
+
+
 def test_prompt_blocks_travel_through_the_kv_store(client, model_id, reference_llm, stack):
     from e2e_stack import kv_store_stats
 

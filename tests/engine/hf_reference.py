@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import random
+from typing import Optional
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -14,13 +15,19 @@ def hf_model(path: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def hf_greedy(path: str, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
-    """One prompt at a time, no padding: the cleanest reference there is."""
+def hf_greedy(path: str, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False,
+              eos_token_ids: Optional[list[int]] = None, min_new_tokens: int = 0) -> list[int]:
+    """One prompt at a time, no padding: the cleanest reference there is. `eos_token_ids` replaces the model's
+    EOS ids (every id that ends generation); transformers masks them for the first `min_new_tokens`."""
     model = hf_model(path)
     ids = torch.tensor([prompt_ids])
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, attention_mask=torch.ones_like(ids))
     if ignore_eos:
         kwargs.update(eos_token_id=None)
+    elif eos_token_ids is not None:
+        kwargs.update(eos_token_id=list(eos_token_ids))
+    if min_new_tokens:
+        kwargs.update(min_new_tokens=min_new_tokens)
     with torch.inference_mode():
         out = model.generate(ids, pad_token_id=model.generation_config.eos_token_id, **kwargs)
     return out[0, len(prompt_ids):].tolist()

@@ -107,6 +107,56 @@ def test_eos_ends_generation_unless_ignored(llama_ckpt):
     assert len(ignored.outputs[0].token_ids) == 8 and ignored.outputs[0].finish_reason == "length"
 
 
+def test_min_tokens_holds_back_stop_ids_and_eos_like_transformers(llm, llama_ckpt):
+    prompt = mixed_prompts(VOCAB, [30], seed=5)[0]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    [base] = llm.generate([prompt], greedy.replace(ignore_eos=True))
+    tokens = base.outputs[0].token_ids
+    stop_id = tokens[2]
+    [stopped] = llm.generate([prompt], greedy.replace(stop_token_ids=[stop_id]))
+    assert stopped.outputs[0].token_ids == tokens[:3]
+
+    [held] = llm.generate([prompt], greedy.replace(stop_token_ids=[stop_id], min_tokens=5))
+    out = held.outputs[0]
+    assert len(out.token_ids) >= 5 and stop_id not in out.token_ids[:5]
+    # transformers' min_new_tokens masks every id that ends generation, here the stop id and the model's EOS.
+    ending = [stop_id, *sorted(llm.engine.eos_token_ids)]
+    assert out.token_ids == hf_greedy(str(llama_ckpt), prompt, 12, eos_token_ids=ending, min_new_tokens=5)
+
+
+def test_min_tokens_holds_back_eos(llama_ckpt):
+    # EOS is the greedy choice everywhere (see test_eos_ends_generation_unless_ignored).
+    llm = LLM(str(llama_ckpt), dtype="float32", device="cpu", num_kv_blocks=32)
+    eos = llm.get_tokenizer().eos_token_id
+    with torch.no_grad():
+        llm.engine.runner.model.lm_head.weight[eos] *= 200.0
+    prompt = mixed_prompts(VOCAB, [10], seed=9)[0]
+    [out] = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, min_tokens=4))
+    assert len(out.outputs[0].token_ids) == 5 and eos not in out.outputs[0].token_ids[:4]
+    assert out.outputs[0].token_ids[4] == eos and out.outputs[0].finish_reason == "stop"
+    [sampled] = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=1.0, seed=3, min_tokens=6))
+    assert len(sampled.outputs[0].token_ids) >= 6 and eos not in sampled.outputs[0].token_ids[:6]
+
+
+def test_stop_strings_before_min_tokens_do_not_end_the_sequence(llm):
+    prompt = mixed_prompts(VOCAB, [30], seed=5)[0]
+    greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    [base] = llm.generate([prompt], greedy)
+    tokenizer = llm.get_tokenizer()
+    tokens, text = base.outputs[0].token_ids, base.outputs[0].text
+    early = tokenizer.decode(tokens[:2], skip_special_tokens=True)
+    floor = len(tokenizer.decode(tokens[:4], skip_special_tokens=True))  # min_tokens=4 tokens' text
+    # A stop string in the first two tokens' text that comes back after the first four.
+    stop, later = next((s, text.find(s, floor - len(s) + 1)) for n in (4, 3, 2) for i in range(len(early) - n + 1)
+                       if (s := early[i:i + n]).strip() == s and text.find(s, floor - len(s) + 1) >= 0)
+    [plain] = llm.generate([prompt], greedy.replace(stop=[stop]))
+    assert len(plain.outputs[0].token_ids) <= 2 and plain.outputs[0].text == text[:text.find(stop)]
+    [held] = llm.generate([prompt], greedy.replace(stop=[stop], min_tokens=4))
+    out = held.outputs[0]
+    assert (out.finish_reason, out.stop_reason, out.text) == ("stop", stop, text[:later])
+    assert len(out.token_ids) > 4 and out.token_ids == tokens[:len(out.token_ids)]
+
+
 def test_seeded_sampling_is_independent_of_the_batch(llm):
     prompts = mixed_prompts(VOCAB, [12, 50, 8, 70], seed=2)
     seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)

@@ -361,3 +361,35 @@ def test_empty_batch_and_shape_check():
     assert sampler(torch.empty(0, 10), []) == SamplerOutput([], [], [])
     with pytest.raises(ValueError):
         sampler(torch.zeros(2, 10), [row()])
+
+
+# --- min_tokens ------------------------------------------------------------------------------------
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached_in_its_own_rows_only():
+    logits = torch.tensor([[5.0, 4.0, 3.0, 0.0]] * 4)  # greedy order: 0 (EOS), 1 (stop id), 2
+    held = dict(temperature=0.0, min_tokens=3, stop_token_ids=[1], _eos_token_ids=(0,))
+    rows = [row(output=[2, 2], **held),              # 2 < 3 generated: EOS and the stop id are out
+            row(output=[2, 2, 2], **held),           # reached: back to plain greedy
+            row(output=[], temperature=0.0, stop_token_ids=[1], _eos_token_ids=(0,)),   # no min_tokens
+            row(output=[], temperature=0.0, min_tokens=2, stop_token_ids=[1, 99])]      # 99 >= V is skipped
+    before = logits.clone()
+    assert sampler(logits, rows).token_ids == [2, 0, 0, 0]
+    assert torch.equal(logits, before), "the caller's logits were written"
+
+
+def test_min_tokens_masks_sampled_rows_and_keeps_raw_logprobs():
+    logits = torch.tensor([2.0, 2.0, 0.0, 0.0])
+    got = set(draws(logits, 500, min_tokens=1, stop_token_ids=[0], _eos_token_ids=(1,)).tolist())
+    assert got == {2, 3}
+    out = sampler(logits.unsqueeze(0), [row(temperature=0.0, min_tokens=1, _eos_token_ids=(0, 1), logprobs=1)])
+    # Logprobs are the model's distribution (before any masking), like every other filter's.
+    assert out.token_ids == [2] and out.logprobs[0] == pytest.approx(torch.log_softmax(logits, -1)[2].item())
+
+
+@pytest.mark.parametrize("bad", [-1, 17, 2.5, True])
+def test_min_tokens_must_lie_between_0_and_max_tokens(bad):
+    from splitserve.sampling_params import InvalidRequestError
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(max_tokens=16, min_tokens=bad)
+    assert info.value.param == "min_tokens"
+    assert SamplingParams(max_tokens=16, min_tokens=16).min_tokens == 16

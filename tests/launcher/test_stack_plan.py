@@ -151,7 +151,7 @@ def test_redis_needs_a_password_and_secrets_reach_services_by_env_only(tmp_path)
     for spec in specs.values():  # command lines are visible to every user of the machine (`ps`)
         assert "--redis-url" not in spec.argv
         assert all(REDIS_PASSWORD not in arg and CLUSTER_TOKEN not in arg for arg in spec.argv)
-    for name in ("tokenizer", "kv-store"):  # they do not use Redis or the token
+    for name in ("tokenizer-0", "tokenizer-1", "kv-store"):  # they do not use Redis or the token
         assert "SPLITSERVE_CLUSTER_TOKEN" not in specs[name].env
     with pytest.raises(ValueError, match="redis_password"):
         plan_stack(StackConfig(model="m"), "m", tmp_path, itertools.count(20000), redis_binary="r",

@@ -108,7 +108,7 @@ def test_modules_import_and_services_have_stubs(name):
 
 def test_expected_services_and_methods():
     expected = {
-        "tokenizer": {"Tokenizer": {"Tokenize", "Detokenize", "DetokenizeStream", "GetInfo"}},
+        "tokenizer": {"Tokenizer": {"Tokenize", "Detokenize", "DetokenizeStream", "GetInfo", "TokenPieces"}},
         "prefill": {"Prefill": {"Prefill", "Stats"}},
         "decode": {"Decode": {"Generate", "Cancel", "Stats"}},
         "kv_store": {

@@ -194,6 +194,26 @@ def test_first_token_can_finish_the_request(workers):
     assert not first.kv_handle.block_hashes.hashes  # nothing to hand over
 
 
+def test_min_tokens_reaches_both_workers(workers, reference):
+    # The greedy first token as a stop id: it ends the request at prefill, unless min_tokens holds it back there
+    # (the prefill worker samples the first token) and in decode.
+    prompt = list(range(60, 100))
+    greedy = GREEDY.replace(ignore_eos=False)
+    stop_id = reference.generate([prompt], greedy)[0].outputs[0].token_ids[0]
+    stopped = _prefill(workers, prompt, greedy.replace(stop_token_ids=[stop_id]), "mt0")
+    assert (stopped.first_token_id, stopped.finish_reason) == (stop_id, common_pb2.FINISH_REASON_STOP)
+
+    params = greedy.replace(stop_token_ids=[stop_id], min_tokens=6)
+    [expected] = reference.generate([prompt], params)
+    expected = expected.outputs[0].token_ids
+    assert len(expected) >= 6 and stop_id not in expected[:6]
+    first = _prefill(workers, prompt, params, "mt1")
+    assert (first.first_token_id, first.finish_reason) == (expected[0], common_pb2.FINISH_REASON_UNSPECIFIED)
+    chunks = _decode(workers, prompt, params, "mt1", first.first_token_id, first.kv_handle)
+    assert [first.first_token_id] + _tokens(chunks) == expected
+    assert _pools_whole(workers)
+
+
 def test_invalid_requests_are_refused_with_the_param(workers):
     params = sampling_params_to_proto(GREEDY)
     params.top_p = 1.5

@@ -120,6 +120,11 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
             yield tokenizer_pb2.DetokenizeStreamResponse(text_delta=decoder.decode(data))
         yield tokenizer_pb2.DetokenizeStreamResponse(text_delta=decoder.decode(b"", final=True), final=True)
 
+    async def TokenPieces(self, request, context):
+        return tokenizer_pb2.TokenPiecesResponse(pieces=[
+            tokenizer_pb2.TokenPiece(text=decode_text([t], skip_special=False), token_bytes=token_bytes(t))
+            for t in request.token_ids])
+
     async def GetInfo(self, request, context):
         return tokenizer_pb2.GetInfoResponse(model="fake-model", vocab_size=VOCAB, eos_token_ids=[EOS],
                                              max_context_length=self.max_context_length, has_chat_template=True)

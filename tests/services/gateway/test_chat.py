@@ -68,6 +68,19 @@ def test_chat_logprobs(gateway):
     assert len(first.top_logprobs) == 2 and first.top_logprobs[0].token == first.token
 
 
+def test_chat_logprob_bytes_are_the_tokens_real_bytes(gateway):
+    # Fake ids ending in 7 and 8 are the two bytes of "é": alone each shows U+FFFD, but its bytes are its own.
+    result = gateway.openai().chat.completions.create(model="fake-model", messages=MESSAGES, max_tokens=10,
+                                                      logprobs=True, top_logprobs=2)
+    content, entries = result.choices[0].message.content, result.choices[0].logprobs.content
+    assert content == _expected(10) and content.endswith("é")
+    first, second = entries[-2:]
+    assert (first.token, first.bytes) == ("\ufffd", [0xC3])
+    assert (second.token, second.bytes) == ("\ufffd", [0xA9])
+    assert bytes(b for entry in entries for b in entry.bytes).decode() == content
+    assert entries[0].top_logprobs[1].bytes == list(entries[0].top_logprobs[1].token.encode())
+
+
 def test_chat_content_parts_are_joined(gateway):
     parts = [{"role": "system", "content": [{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}]},
              MESSAGES[1]]

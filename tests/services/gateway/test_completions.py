@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from prometheus_client import REGISTRY
 
 from . import fakes
@@ -111,6 +112,24 @@ def test_stop_string_spanning_tokens_is_never_streamed(make_stack):
                                                       stop=["2 w4"], stream=True))
     assert "".join(c.choices[0].text for c in chunks) == " w41 w4"
     assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings_end_nothing_before_min_tokens(make_stack, stream):
+    # Every token's text holds " w4"; the first three (41, 42, 43) may not end the sequence, the fourth does.
+    stack = make_stack(decode={"chunk_tokens": 2})
+    gateway = stack.start_gateway()
+    result = gateway.openai().completions.create(model="fake-model", prompt="x 40", max_tokens=20, stop=" w4",
+                                                 extra_body={"min_tokens": 3}, stream=stream)
+    if stream:
+        chunks = list(result)
+        text, finish = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+    else:
+        text, finish = result.choices[0].text, result.choices[0].finish_reason
+        assert result.usage.completion_tokens == 4
+    assert (text, finish) == (" w41 w42 w43", "stop")
+    assert stack.prefill.requests[-1].sampling_params.min_tokens == 3
+    assert stack.decode.requests[-1].sampling_params.min_tokens == 3
 
 
 def test_held_back_text_is_released_when_no_stop_string_comes(gateway):

@@ -35,6 +35,9 @@ def test_malformed_json_is_400_not_422(gateway):
     ({"prompt": "x 1", "top_p": 0}, "top_p"),
     ({"prompt": "x 1", "n": 0}, "n"),
     ({"prompt": "x 1", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x 1", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
+    ({"prompt": "x 1", "min_tokens": -1}, "min_tokens"),
+    ({"prompt": "x 1", "min_tokens": 1.5}, "min_tokens"),
     ({"prompt": "x 1", "echo": True}, "echo"),
     ({"prompt": "x 1", "logprobs": 50}, "logprobs"),
     ({"prompt": "x 1", "stream_options": {"include_usage": True}}, "stream_options"),
@@ -93,6 +96,11 @@ def test_prompt_over_the_context_is_context_length_exceeded(make_stack):
         assert http.post("/v1/completions", json={"prompt": "w " * 10, "max_tokens": 10}).status_code == 200
         error = _error(http.post("/v1/chat/completions",
                                  json={"messages": [{"role": "user", "content": "w " * 25}]}), 400)
+        assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
+        # Chat without max_tokens fills the context, but never below min_tokens.
+        chat = {"messages": [{"role": "user", "content": "w " * 5}]}
+        assert http.post("/v1/chat/completions", json={**chat, "min_tokens": 3}).status_code == 200
+        error = _error(http.post("/v1/chat/completions", json={**chat, "min_tokens": 19}), 400)
         assert error["code"] == "context_length_exceeded" and error["param"] == "messages"
 
 

@@ -50,6 +50,12 @@ def test_chat_and_token_ids(stack, gateway):
     assert _generate(stack, gateway, [5, 6], max_tokens=3).text == "é w9"
 
 
+def test_min_tokens_holds_back_stop_strings(stack, gateway):
+    result = _generate(stack, gateway, "x 40", max_tokens=20, stop=" w4", min_tokens=3)
+    assert (result.text, result.token_ids, result.finish_reason) == (" w41 w42 w43", [41, 42, 43, 44], "stop")
+    assert stack.prefill.requests[-1].sampling_params.min_tokens == 3
+
+
 def test_stream_chunks_and_special_tokens(stack, gateway):
     chunks = _stream(stack, gateway, "x 996", max_tokens=5, skip_special_tokens=False, request_id="my-id")
     assert "".join(c.text for c in chunks) == "é w999<|endoftext|>"

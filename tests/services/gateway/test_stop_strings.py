@@ -44,3 +44,25 @@ def test_any_split_gives_the_same_text(split):
     text = "one two THREE four"
     released, matched, _ = _run(["THREE", "four"], [text[:split], text[split:]])
     assert "".join(released) == "one two " and matched == "THREE"
+
+
+def test_stop_strings_before_min_tokens_end_nothing():
+    # Deltas fed with can_stop=False are one of a request's first min_tokens tokens: their stop strings are text.
+    matcher = StopStringMatcher(["END"])
+    assert matcher.feed("aENDb", can_stop=False) == "aENDb" and matcher.matched is None
+    assert matcher.feed("c END tail") == "c " and matcher.matched == "END"
+
+
+def test_a_stop_string_completed_after_min_tokens_may_start_before():
+    matcher = StopStringMatcher(["STOP"])
+    assert matcher.feed("x ST", can_stop=False) == "x "
+    assert matcher.feed("OP y") == "" and matcher.matched == "STOP"
+
+
+def test_a_stop_string_wholly_inside_held_back_text_does_not_match_later():
+    # "y" completes while stopping is not allowed; it is also held back as the start of "yz". The next delta
+    # may not end the sequence on that old "y", only on a match ending in the new text.
+    matcher = StopStringMatcher(["yz", "y"])
+    assert matcher.feed("xy", can_stop=False) == "x"
+    assert matcher.feed("q") == "yq" and matcher.matched is None
+    assert matcher.feed("ry") == "r" and matcher.matched == "y"

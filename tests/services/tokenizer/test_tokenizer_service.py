@@ -158,6 +158,16 @@ def test_detokenize(stub, tokenizer, skip_special_tokens):
     assert response.text == MULTI_BYTE_TEXT + ("" if skip_special_tokens else "<|endoftext|>")
 
 
+def test_token_pieces_give_each_tokens_text_and_real_bytes(stub, tokenizer):
+    ids = tokenizer.encode(MULTI_BYTE_TEXT) + [tokenizer.eos_token_id]
+    pieces = stub.TokenPieces(tokenizer_pb2.TokenPiecesRequest(token_ids=ids)).pieces
+    assert [p.text for p in pieces] == [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    assert b"".join(p.token_bytes for p in pieces) == (MULTI_BYTE_TEXT + "<|endoftext|>").encode()
+    assert any(p.text == "\ufffd" for p in pieces)  # parts of characters: their bytes are not U+FFFD's
+    error = _error(lambda: stub.TokenPieces(tokenizer_pb2.TokenPiecesRequest(token_ids=[5, 100000])))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and param_from_error(error) == "token_ids"
+
+
 def test_detokenize_stream_sends_one_whole_character_delta_per_message(stub, tokenizer):
     prompt = tokenizer.encode("Translate: ")
     output = tokenizer.encode(MULTI_BYTE_TEXT) + [tokenizer.eos_token_id]

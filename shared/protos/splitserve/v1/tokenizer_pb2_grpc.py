@@ -54,6 +54,11 @@ class TokenizerStub:
                 request_serializer=splitserve_dot_v1_dot_tokenizer__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_tokenizer__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.TokenPieces = channel.unary_unary(
+                '/splitserve.v1.Tokenizer/TokenPieces',
+                request_serializer=splitserve_dot_v1_dot_tokenizer__pb2.TokenPiecesRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_tokenizer__pb2.TokenPiecesResponse.FromString,
+                _registered_method=True)
 
 
 class TokenizerServicer:
@@ -88,6 +93,14 @@ class TokenizerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TokenPieces(self, request, context):
+        """Each id on its own, for logprob entries: its text and its real bytes (which differ where a token holds
+        part of a UTF-8 character: its text is then U+FFFD).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenizerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +123,11 @@ def add_TokenizerServicer_to_server(servicer, server):
                     servicer.GetInfo,
                     request_deserializer=splitserve_dot_v1_dot_tokenizer__pb2.GetInfoRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_tokenizer__pb2.GetInfoResponse.SerializeToString,
+            ),
+            'TokenPieces': grpc.unary_unary_rpc_method_handler(
+                    servicer.TokenPieces,
+                    request_deserializer=splitserve_dot_v1_dot_tokenizer__pb2.TokenPiecesRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_tokenizer__pb2.TokenPiecesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +238,33 @@ class Tokenizer:
             '/splitserve.v1.Tokenizer/GetInfo',
             splitserve_dot_v1_dot_tokenizer__pb2.GetInfoRequest.SerializeToString,
             splitserve_dot_v1_dot_tokenizer__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TokenPieces(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.Tokenizer/TokenPieces',
+            splitserve_dot_v1_dot_tokenizer__pb2.TokenPiecesRequest.SerializeToString,
+            splitserve_dot_v1_dot_tokenizer__pb2.TokenPiecesResponse.FromString,
             options,
             channel_credentials,
             insecure,
