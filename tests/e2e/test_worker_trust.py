@@ -71,7 +71,7 @@ def impostor(stack):
 
 
 def _rejections(stack) -> float:
-    text = httpx.get(f"{stack.http_url}/metrics", timeout=10).text
+    text = httpx.get(f"{stack.http_url}/metrics", timeout=10, headers={"Authorization": f"Bearer {API_KEY}"}).text
     match = re.search(r'^splitserve_gateway_worker_rejections_total\{kind="decode",reason="no_proof"\} (\S+)$',
                       text, re.M)
     return float(match.group(1)) if match else 0.0
