@@ -39,13 +39,16 @@ def _call(address: str, stub_class, method: str, request):
     return asyncio.run(go())
 
 
-def engine_stats(stack) -> list:
-    """EngineStats of every prefill and decode worker, from their Stats RPCs."""
+def engine_stats(stack, exclude: frozenset = frozenset()) -> list:
+    """EngineStats of every prefill and decode worker (but those at `exclude` addresses), from their Stats RPCs."""
     stats = []
     for address in stack.addresses["prefill"]:
-        stats.append(_call(address, prefill_pb2_grpc.PrefillStub, "Stats", prefill_pb2.PrefillStatsRequest()).engine)
+        if address not in exclude:
+            stats.append(_call(address, prefill_pb2_grpc.PrefillStub, "Stats",
+                               prefill_pb2.PrefillStatsRequest()).engine)
     for address in stack.addresses["decode"]:
-        stats.append(_call(address, decode_pb2_grpc.DecodeStub, "Stats", decode_pb2.DecodeStatsRequest()).engine)
+        if address not in exclude:
+            stats.append(_call(address, decode_pb2_grpc.DecodeStub, "Stats", decode_pb2.DecodeStatsRequest()).engine)
     return stats
 
 
@@ -54,13 +57,14 @@ def kv_store_stats(stack):
     return _call(address, kv_store_pb2_grpc.KVStoreStub, "Stats", kv_store_pb2.KVStoreStatsRequest())
 
 
-def wait_until_pools_whole(stack, timeout_s: float = 15.0):
-    """Polls until no worker runs anything and every block is free (cached blocks count as free); returns stats."""
+def wait_until_pools_whole(stack, timeout_s: float = 15.0, exclude: frozenset = frozenset()):
+    """Polls until no worker runs anything and every block is free (cached blocks count as free); returns stats.
+    `exclude`: addresses of workers known dead."""
     import time
 
     deadline = time.monotonic() + timeout_s
     while True:
-        stats = engine_stats(stack)
+        stats = engine_stats(stack, exclude)
         store = kv_store_stats(stack)
         whole = all(s.num_running == 0 and s.num_waiting == 0 and s.kv_blocks_free == s.kv_blocks_total
                     for s in stats) and store.pinned_blocks == 0
