@@ -36,7 +36,7 @@ import grpc
 from google.protobuf.internal import api_implementation
 
 from kv_transfer import BlockShape, shapes, start_store, stop
-from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
+from splitserve.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
 from splitserve.services.kv_store.block_store import BlockStore
 from splitserve.services.kv_store.servicer import KVStoreServicer
 from splitserve.services.kv_store.slot_pool import Slab, anonymous_slab

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from splitserve.protos.splitserve.v1 import common_pb2  # noqa: E402
+from splitserve.v1 import common_pb2  # noqa: E402
 
 MiB = 1 << 20
 
@@ -256,7 +256,7 @@ async def cache_to_cache(transport, address: str, shape: BlockShape, reps: Reps,
 
 
 def layout_of(shape: BlockShape):
-    from splitserve.protos.convert import layout_from_proto
+    from splitserve.proto_convert import layout_from_proto
 
     return layout_from_proto(shape.layout)
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Regenerates the Python gRPC stubs (package splitserve.protos) from protos/. Run it after editing any .proto
+# Regenerates the Python gRPC stubs (package splitserve.v1) from protos/. Run it after editing any .proto
 # and check the result in; tests/protos/test_protos.py fails while the checked-in stubs are stale.
 #
-#   scripts/gen_protos.sh             # writes shared/protos/splitserve/v1/*_pb2{,_grpc}.py and *_pb2.pyi
+#   scripts/gen_protos.sh             # writes shared/splitserve/v1/*_pb2{,_grpc}.py and *_pb2.pyi
 #   scripts/gen_protos.sh OUT_DIR     # writes the same tree under OUT_DIR instead (used by the test)
 #
 # Needs grpcio-tools in the interpreter given by $PYTHON (default: .venv/bin/python, else python3).
@@ -10,12 +10,12 @@
 # pinned for development (see pyproject.toml) to keep diffs small.
 #
 # Layout: protos/splitserve/v1/x.proto (proto package splitserve.v1) generates splitserve/v1/x_pb2.py, whose
-# imports read `from splitserve.v1 import ...`. The installed import tree maps `splitserve` onto shared/, so
-# the stubs live in shared/protos/ and the imports are rewritten to `from splitserve.protos.splitserve.v1 ...`.
+# imports read `from splitserve.v1 import ...`: protoc writes them under shared/, where the package
+# `splitserve` lives, so they are imported from where they are written, unchanged.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out="${1:-$repo/shared/protos}"
+out="${1:-$repo/shared}"
 if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
 fi
@@ -30,11 +30,3 @@ mapfile -t protos < <(find splitserve -name '*.proto' | LC_ALL=C sort)
 "$PYTHON" -m grpc_tools.protoc -I . \
   --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" \
   "${protos[@]}"
-
-for f in "$out"/splitserve/v1/*_pb2.py "$out"/splitserve/v1/*_pb2_grpc.py "$out"/splitserve/v1/*_pb2.pyi; do
-  # Imports, and the module name message classes report (__module__, so pickling finds them).
-  sed -i -E \
-    -e 's/^from splitserve\.v1 import /from splitserve.protos.splitserve.v1 import /' \
-    -e "s/^(_builder\.BuildTopDescriptorsAndMessages\(DESCRIPTOR, ')splitserve\.v1\./\1splitserve.protos.splitserve.v1./" \
-    "$f"
-done

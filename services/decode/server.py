@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from splitserve.protos.splitserve.v1 import decode_pb2_grpc
+from splitserve.v1 import decode_pb2_grpc
 from splitserve.serving.engine_worker import EngineWorkerSettings, run_engine_worker
 from splitserve.serving.logs import setup_logging
 from splitserve.serving.settings import log_settings, parse_settings

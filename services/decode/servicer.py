@@ -19,9 +19,9 @@ from prometheus_client import Counter
 from splitserve.engine.async_engine import EngineDeadError
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, record_transfer
 from splitserve.kv_transfer.transport import KVTransferError, ReceivedBlocks
-from splitserve.protos.convert import (finish_reason_to_proto, layout_mismatch, sampling_params_from_proto,
+from splitserve.proto_convert import (finish_reason_to_proto, layout_mismatch, sampling_params_from_proto,
                                        token_logprob_to_proto)
-from splitserve.protos.splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.engine_worker import WorkerIdentity, engine_stats_proto, layout_proto
 from splitserve.serving.errors import abort_invalid

@@ -15,8 +15,8 @@ from typing import AsyncIterator, Optional
 import grpc
 from google.protobuf.message import DecodeError
 
-from splitserve.protos.convert import finish_reason_to_proto, sampling_params_from_proto
-from splitserve.protos.splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from splitserve.proto_convert import finish_reason_to_proto, sampling_params_from_proto
+from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.errors import abort_invalid
 from splitserve.services.gateway import metrics

@@ -15,7 +15,7 @@ from typing import Awaitable, Callable, Optional
 import grpc
 
 from splitserve.membership import is_member, new_nonce
-from splitserve.protos.splitserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from splitserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 

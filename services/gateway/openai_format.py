@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from splitserve.protos.splitserve.v1 import common_pb2
+from splitserve.v1 import common_pb2
 from splitserve.services.gateway.outputs import SequenceEvent, SequenceResult, Usage
 from splitserve.services.gateway.tokenizer_client import TokenizerClient, TokenPiece
 

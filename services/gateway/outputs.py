@@ -6,7 +6,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
-from splitserve.protos.splitserve.v1 import common_pb2
+from splitserve.v1 import common_pb2
 
 
 @dataclass

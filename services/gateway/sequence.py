@@ -21,8 +21,8 @@ from typing import AsyncIterator, Optional
 
 import grpc
 
-from splitserve.protos.convert import finish_reason_from_proto, sampling_params_to_proto
-from splitserve.protos.splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from splitserve.proto_convert import finish_reason_from_proto, sampling_params_to_proto
+from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from splitserve.sampling_params import SamplingParams
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import NoHealthyWorkerError, UpstreamError

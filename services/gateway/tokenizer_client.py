@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 import grpc
 
-from splitserve.protos.splitserve.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from splitserve.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import UpstreamError
 from splitserve.services.gateway.rpc_errors import WORKER_DOWN_CODES, translate_rpc_error

@@ -19,8 +19,8 @@ from splitserve.engine.async_engine import EngineDeadError
 from splitserve.hashing import chain_block_hashes
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, record_transfer
 from splitserve.kv_transfer.transport import KVTransferError
-from splitserve.protos.convert import finish_reason_to_proto, sampling_params_from_proto, token_logprob_to_proto
-from splitserve.protos.splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from splitserve.proto_convert import finish_reason_to_proto, sampling_params_from_proto, token_logprob_to_proto
+from splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.engine_worker import WorkerIdentity, engine_stats_proto, layout_proto
 from splitserve.serving.errors import abort_invalid

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from splitserve.protos.splitserve.v1 import tokenizer_pb2_grpc
+from splitserve.v1 import tokenizer_pb2_grpc
 from splitserve.serving.grpc_service import GrpcService
 from splitserve.serving.logs import setup_logging
 from splitserve.serving.settings import log_settings, parse_settings

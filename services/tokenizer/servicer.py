@@ -15,7 +15,7 @@ from typing import AsyncIterator, Callable, TypeVar
 
 import grpc
 
-from splitserve.protos.splitserve.v1 import tokenizer_pb2, tokenizer_pb2_grpc
+from splitserve.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.errors import abort_invalid
 from splitserve.services.tokenizer import metrics

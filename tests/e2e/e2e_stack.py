@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from splitserve.launcher.stack import Stack
-from splitserve.protos.splitserve.v1 import decode_pb2, decode_pb2_grpc, kv_store_pb2, kv_store_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from splitserve.v1 import decode_pb2, decode_pb2_grpc, kv_store_pb2, kv_store_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 API_KEY = "test-key"
 

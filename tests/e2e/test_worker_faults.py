@@ -37,7 +37,7 @@ def _complete(stack, prompt, max_tokens=8):
 def _busy_decode_index(stack) -> int:
     """Which decode worker runs something now (from their Stats RPCs)."""
     from e2e_stack import _call
-    from splitserve.protos.splitserve.v1 import decode_pb2, decode_pb2_grpc
+    from splitserve.v1 import decode_pb2, decode_pb2_grpc
 
     for _ in range(100):
         for i, address in enumerate(stack.addresses["decode"]):
@@ -56,7 +56,7 @@ def _gateway_metric(stack, name: str) -> float:
 
 def _decode_running(stack, index: int) -> int:
     from e2e_stack import _call
-    from splitserve.protos.splitserve.v1 import decode_pb2, decode_pb2_grpc
+    from splitserve.v1 import decode_pb2, decode_pb2_grpc
 
     return _call(stack.addresses["decode"][index], decode_pb2_grpc.DecodeStub, "Stats",
                  decode_pb2.DecodeStatsRequest()).engine.num_running
@@ -129,7 +129,7 @@ def test_killing_a_decode_worker_mid_stream_moves_its_streams(pair_stack, llama_
 
 def _prefill_queries(stack, index):
     from e2e_stack import _call
-    from splitserve.protos.splitserve.v1 import prefill_pb2, prefill_pb2_grpc
+    from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
 
     return _call(stack.addresses["prefill"][index], prefill_pb2_grpc.PrefillStub, "Stats",
                  prefill_pb2.PrefillStatsRequest()).engine.prefix_cache_queries

@@ -16,7 +16,7 @@ import redis
 from e2e_stack import API_KEY
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from splitserve.protos.splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
+from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from splitserve.worker_registry import WorkerInfo, registry_key
 
 pytestmark = pytest.mark.timeout(300)

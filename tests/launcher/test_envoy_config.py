@@ -25,7 +25,7 @@ from splitserve.launcher.processes import ChildProcess, stop_together
 
 PORTS = EnvoyPorts(host="127.0.0.1", http_port=18000, grpc_port=18051, ready_port=19901,
                    gateway_host="127.0.0.1", gateway_http_port=18080, gateway_grpc_port=18090)
-COMPOSE_FILE = os.path.join(os.path.dirname(ENVOY_TEMPLATE), "..", "..", "docker-compose.yml")
+COMPOSE_FILE = os.path.join(os.path.dirname(__file__), "..", "..", "docker-compose.yml")
 BODY_LIMIT = 8 * 2**20
 
 

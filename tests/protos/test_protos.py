@@ -23,9 +23,9 @@ from google.protobuf import descriptor as _descriptor  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO / "protos"
-STUB_ROOT = REPO / "shared" / "protos"
+STUB_ROOT = REPO / "shared"
 GEN_SCRIPT = REPO / "scripts" / "gen_protos.sh"
-PKG = "splitserve.protos.splitserve.v1"
+PKG = "splitserve.v1"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
 
 PROTO_NAMES = sorted(p.stem for p in (PROTO_ROOT / "splitserve" / "v1").glob("*.proto"))
@@ -79,7 +79,7 @@ def test_checked_in_stubs_are_up_to_date(tmp_path):
 
     fresh = _generated_files(tmp_path)
     checked_in = _generated_files(STUB_ROOT)
-    hint = "checked-in stubs are stale: run scripts/gen_protos.sh and commit shared/protos/"
+    hint = "checked-in stubs are stale: run scripts/gen_protos.sh and commit shared/splitserve/v1/"
     assert sorted(fresh) == sorted(checked_in), hint
     assert len(fresh) == 3 * len(PROTO_NAMES)
 

@@ -21,8 +21,8 @@ from splitserve.demo_model import build_checkpoint
 from splitserve.launcher.ports import free_ports
 from splitserve.launcher.probe import is_ready
 from splitserve.launcher.processes import ChildProcess
-from splitserve.protos.convert import sampling_params_to_proto
-from splitserve.protos.splitserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from splitserve.proto_convert import sampling_params_to_proto
+from splitserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]  # ~65 s: two worker starts
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

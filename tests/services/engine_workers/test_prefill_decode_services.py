@@ -18,8 +18,8 @@ from splitserve import LLM, SamplingParams
 from splitserve.launcher.ports import free_ports
 from splitserve.launcher.probe import is_ready
 from splitserve.launcher.processes import ChildProcess
-from splitserve.protos.convert import sampling_params_to_proto
-from splitserve.protos.splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from splitserve.proto_convert import sampling_params_to_proto
+from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from splitserve.serving.errors import param_from_error
 
 pytestmark = pytest.mark.timeout(300)

@@ -17,7 +17,7 @@ from typing import Optional
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from splitserve.protos.splitserve.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc,
+from splitserve.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc,
                                              tokenizer_pb2, tokenizer_pb2_grpc)
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.engine_worker import WorkerIdentity

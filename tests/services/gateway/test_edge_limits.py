@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from splitserve.client import Client, GatewayError
-from splitserve.protos.splitserve.v1 import gateway_pb2
+from splitserve.v1 import gateway_pb2
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.admission import Admission
 from splitserve.services.gateway.errors import DrainingError, OverloadedError

@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
 from splitserve.membership import is_member, membership_mac, new_nonce
-from splitserve.protos.splitserve.v1 import decode_pb2, decode_pb2_grpc
+from splitserve.v1 import decode_pb2, decode_pb2_grpc
 from splitserve.worker_registry import WorkerAnnouncer
 
 from . import fakes

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from splitserve.launcher.ports import free_ports
 from splitserve.launcher.probe import is_ready
-from splitserve.protos.splitserve.v1 import kv_store_pb2, kv_store_pb2_grpc
+from splitserve.v1 import kv_store_pb2, kv_store_pb2_grpc
 
 
 class StoreProcess:

@@ -11,7 +11,7 @@ import pytest
 from splitserve.kv_transfer import grpc_transport
 from splitserve.kv_transfer.grpc_transport import GrpcKVTransport
 from splitserve.kv_transfer.transport import KVChecksumError
-from splitserve.protos.splitserve.v1 import common_pb2
+from splitserve.v1 import common_pb2
 from store_process import chain, random_blocks
 
 LAYOUT = common_pb2.KVLayout(num_layers=4, block_size=16, num_kv_heads=4, head_dim=64, dtype="float16",

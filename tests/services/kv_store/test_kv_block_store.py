@@ -4,7 +4,7 @@ import ctypes
 
 import pytest
 
-from splitserve.protos.splitserve.v1 import common_pb2
+from splitserve.v1 import common_pb2
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.services.kv_store.block_layout import (LayoutConflictError, LayoutError, block_bytes,
                                                        check_payload_size)

@@ -16,7 +16,7 @@ from splitserve.kv_transfer.grpc_transport import GrpcKVTransport
 from splitserve.kv_transfer.transport import KVLayoutMismatchError, KVTransferError
 from splitserve.launcher.ports import free_ports
 from splitserve.launcher.probe import check_grpc
-from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2
+from splitserve.v1 import common_pb2, kv_store_pb2
 from splitserve.serving.errors import param_from_error
 from splitserve.services.kv_store import server as kv_store_server
 from store_process import StoreProcess, chain, random_blocks

@@ -6,7 +6,7 @@ import ctypes
 import grpc
 import pytest
 
-from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2
+from splitserve.v1 import common_pb2, kv_store_pb2
 from splitserve.services.kv_store.block_store import BlockStore
 from splitserve.services.kv_store.servicer import KVStoreServicer, checksum_fields, fill_slot_addresses
 from splitserve.services.kv_store.slot_pool import Slab, anonymous_slab

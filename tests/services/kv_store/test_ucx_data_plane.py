@@ -21,7 +21,7 @@ from splitserve.kv_transfer.metrics import KV_TRANSPORT_FALLBACKS, KV_UCX_BLOCKS
 from splitserve.kv_transfer.transport import KVLayoutMismatchError, KVTransferError  # noqa: E402
 from splitserve.kv_transfer.ucx_copier import SlotRef, UcxBlockCopier  # noqa: E402
 from splitserve.kv_transfer.ucx_transport import UcxKVTransport  # noqa: E402
-from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2  # noqa: E402
+from splitserve.v1 import common_pb2, kv_store_pb2  # noqa: E402
 from store_process import chain, random_blocks  # noqa: E402
 
 SMALL = common_pb2.KVLayout(num_layers=2, block_size=16, num_kv_heads=2, head_dim=64, dtype="float32",

@@ -14,7 +14,7 @@ pytest.importorskip("splitserve.kv_transfer.ucx_rma", reason="ucxx is not instal
 from splitserve.kv_transfer.transport import KVTransferError  # noqa: E402
 from splitserve.kv_transfer.ucx_copier import UcxBlockCopier  # noqa: E402
 from splitserve.kv_transfer.ucx_transport import UcxKVTransport  # noqa: E402
-from splitserve.protos.splitserve.v1 import common_pb2  # noqa: E402
+from splitserve.v1 import common_pb2  # noqa: E402
 from store_process import chain, random_blocks  # noqa: E402
 
 LAYOUT = common_pb2.KVLayout(num_layers=4, block_size=16, num_kv_heads=4, head_dim=64, dtype="float16",

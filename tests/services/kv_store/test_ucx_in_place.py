@@ -16,7 +16,7 @@ pytest.importorskip("splitserve.kv_transfer.ucx_rma", reason="ucxx is not instal
 
 from splitserve.kv_transfer.block_io import CacheBlocks, export_blocks  # noqa: E402
 from splitserve.kv_transfer.transport import KVTransferError  # noqa: E402
-from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2  # noqa: E402
+from splitserve.v1 import common_pb2, kv_store_pb2  # noqa: E402
 from store_process import chain  # noqa: E402
 from test_ucx_data_plane import SMALL, S, assert_whole, run, scribble, store, ucx_blocks  # noqa: E402,F401
 

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoTokenizer
 
 from splitserve.demo_model import build_tokenizer, demo_checkpoint
-from splitserve.protos.splitserve.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from splitserve.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
 from splitserve.serving.errors import param_from_error
 from splitserve.serving.grpc_service import CHANNEL_OPTIONS, insecure_channel
 from splitserve.services.tokenizer.servicer import TokenizerServicer

@@ -1,0 +1,101 @@
+"""`splitserve kv-store`: the host-RAM KV block pool that prefill writes to and decode reads from.
+
+Wires the BlockStore to gRPC (control plane, and the PutBlocks/GetBlocks data plane for tcp clients), to the UCX
+data plane (slabs engines read and write directly), Prometheus and health checks. On SIGTERM it refuses new
+puts and lets running transfers finish within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import dataclass, field
+from typing import Optional
+
+from splitserve.kv_transfer import KV_TRANSPORTS
+from splitserve.v1 import kv_store_pb2, kv_store_pb2_grpc
+from splitserve.serving.grpc_service import GrpcService
+from splitserve.serving.logs import setup_logging
+from splitserve.serving.settings import log_settings, parse_settings
+from splitserve.services.kv_store.block_store import BlockStore
+from splitserve.services.kv_store.metrics import register_store_metrics
+from splitserve.services.kv_store.servicer import GRPC_ENDPOINT, KVStoreServicer
+from splitserve.services.kv_store.slot_pool import anonymous_slab
+
+SERVICE_NAME = kv_store_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
+LEASE_SWEEP_S = 1.0  # expired leases are also dropped by every store call; the sweep covers an idle store
+
+
+@dataclass
+class KVStoreSettings:
+    """Host-RAM pool of KV blocks shared by prefill and decode workers."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=50060, metadata={"help": "gRPC port"})
+    metrics_port: Optional[int] = field(default=None, metadata={"help": "Prometheus /metrics port (none if unset)"})
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    grace_s: float = field(default=30.0, metadata={"help": "seconds running transfers get to finish on SIGTERM"})
+    capacity_bytes: int = field(default=1 << 30, metadata={"help": "bytes of host RAM for KV blocks"})
+    default_lease_ms: int = field(default=30000, metadata={"help": "lease of pins and reservations that ask for 0"})
+    kv_transport: str = field(default="ucx", metadata={"help": "data plane: ucx (also serves grpc) or grpc/tcp"})
+    kv_checksum: bool = field(default=False, metadata={
+        "help": "verify each written block against its writer's crc32 (and compute missing ones); costs CPU"})
+
+    def __post_init__(self):
+        if self.capacity_bytes < 1:
+            raise ValueError(f"capacity_bytes must be >= 1, got {self.capacity_bytes}")
+        if self.default_lease_ms < 1:
+            raise ValueError(f"default_lease_ms must be >= 1, got {self.default_lease_ms}")
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport {self.kv_transport!r} is not available; this build supports "
+                             f"{', '.join(KV_TRANSPORTS)}")
+
+
+async def _sweep_leases(store: BlockStore) -> None:
+    while True:
+        await asyncio.sleep(LEASE_SWEEP_S)
+        store.expire()
+
+
+def _ucx_data_plane():
+    """The UCX data plane, or a clear error saying why it cannot run here and what to run instead."""
+    try:
+        from splitserve.services.kv_store.ucx_data_plane import UcxDataPlane
+
+        return UcxDataPlane()
+    except Exception as exc:
+        raise SystemExit(f"kv-store: the UCX data plane cannot start: {exc}") from exc
+
+
+async def serve(settings: KVStoreSettings) -> None:
+    data_plane = _ucx_data_plane() if settings.kv_transport == "ucx" else None
+    store = BlockStore(settings.capacity_bytes, settings.default_lease_ms / 1000,
+                       allocate_slab=data_plane.allocate_slab if data_plane else anonymous_slab)
+    register_store_metrics(store)
+    svc = GrpcService("kv-store", settings.host, settings.port, settings.metrics_port, [SERVICE_NAME],
+                      settings.grace_s)
+    servicer = KVStoreServicer(store, is_draining=lambda: svc.draining,
+                               endpoint=data_plane.endpoint if data_plane else GRPC_ENDPOINT,
+                               verify_checksums=settings.kv_checksum)
+    kv_store_pb2_grpc.add_KVStoreServicer_to_server(servicer, svc.server)
+    sweeper = asyncio.create_task(_sweep_leases(store))
+    if data_plane:
+        data_plane.start()
+    try:
+        await svc.run(drain=servicer.drain)
+    finally:
+        sweeper.cancel()
+        if data_plane:
+            await data_plane.stop()
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    settings = parse_settings(KVStoreSettings, sys.argv[1:] if argv is None else argv, prog="splitserve kv-store")
+    setup_logging("kv-store", settings.log_level)
+    log_settings("kv-store", settings)
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

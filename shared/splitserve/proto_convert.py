@@ -1,0 +1,96 @@
+"""Between the engine's Python types and the wire messages, in one place, so every service converts alike.
+
+Proto3 `optional` fields are unset when the sender wants the engine's default; that is the only reading of
+"unset" here.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from splitserve.v1 import common_pb2
+from splitserve.sampling_params import InvalidRequestError, SamplingParams
+
+if TYPE_CHECKING:  # torch stays out of the gateway and the kv-store: they only move these as messages
+    from splitserve.engine.model_runner import KVLayout
+
+_FINISH_TO_PROTO = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+    "error": common_pb2.FINISH_REASON_ERROR,
+}
+_FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
+
+_OPTIONAL_DEFAULTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "logprobs", "n")
+
+
+def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
+    msg = common_pb2.SamplingParams(
+        max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+        min_p=params.min_p, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos, presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty, n=params.n,
+        min_tokens=params.min_tokens)
+    if params.seed is not None:
+        msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
+    return msg
+
+
+def sampling_params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams:
+    """Raises InvalidRequestError (naming the field) for values the engine refuses."""
+    values = {name: getattr(msg, name) for name in _OPTIONAL_DEFAULTS if msg.HasField(name)}
+    values.update(min_p=msg.min_p, stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids),
+                  ignore_eos=msg.ignore_eos, presence_penalty=msg.presence_penalty,
+                  frequency_penalty=msg.frequency_penalty, min_tokens=msg.min_tokens)
+    # float32 on the wire: 0.9 arrives as 0.8999999761581421; round to what a user could have meant.
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if name in values:
+            values[name] = round(float(values[name]), 6)
+    return SamplingParams(**values)
+
+
+def finish_reason_to_proto(reason: Optional[str]) -> int:
+    return _FINISH_TO_PROTO[reason]
+
+
+def finish_reason_from_proto(value: int) -> Optional[str]:
+    return _FINISH_FROM_PROTO[value]
+
+
+def layout_to_proto(layout: "KVLayout", model_fingerprint: str) -> common_pb2.KVLayout:
+    return common_pb2.KVLayout(num_layers=layout.num_layers, block_size=layout.block_size,
+                               num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
+                               dtype=str(layout.dtype).removeprefix("torch."), model_fingerprint=model_fingerprint)
+
+
+def layout_from_proto(msg: common_pb2.KVLayout) -> "KVLayout":
+    import torch
+
+    from splitserve.engine.model_runner import KVLayout
+
+    dtype = getattr(torch, msg.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidRequestError(f"unknown KV dtype {msg.dtype!r}", "layout")
+    return KVLayout(msg.num_layers, msg.block_size, msg.num_kv_heads, msg.head_dim, dtype)
+
+
+def describe_layout(msg: common_pb2.KVLayout) -> str:
+    return (f"{msg.num_layers} layers x {msg.block_size} tokens x {msg.num_kv_heads} KV heads x {msg.head_dim} "
+            f"dims, {msg.dtype}, model {msg.model_fingerprint[:12]}")
+
+
+def layout_mismatch(expected: common_pb2.KVLayout, got: common_pb2.KVLayout) -> Optional[str]:
+    """A message naming what differs, or None when the two layouts are the same bytes for the same model."""
+    if expected == got:
+        return None
+    return f"KV layout mismatch: expected {describe_layout(expected)}, got {describe_layout(got)}"
+
+
+def token_logprob_to_proto(token_id: int, logprob: float, top: list[tuple[int, float]]) -> common_pb2.TokenLogprob:
+    return common_pb2.TokenLogprob(
+        token_id=token_id, logprob=logprob,
+        top=[common_pb2.TokenLogprob.TopLogprob(token_id=t, logprob=lp) for t, lp in top])

@@ -1,0 +1,222 @@
+"""What the prefill and decode services share: their settings, building the engine, its stats and metrics.
+
+The two services differ only in what they do with a request (prefill: first token + blocks out; decode: blocks
+in + stream); everything about hosting an engine lives here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import REGISTRY, Collector
+
+from splitserve.kv_transfer import KV_TRANSPORTS
+from splitserve.membership import membership_mac
+from splitserve.proto_convert import layout_to_proto
+from splitserve.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineWorkerSettings:
+    model: Optional[str] = field(default=None, metadata={"help": "hub id or checkpoint folder (default: demo model)"})
+    host: str = "127.0.0.1"
+    port: int = 50061
+    metrics_port: Optional[int] = None
+    log_level: str = "INFO"
+    grace_s: float = field(default=30.0, metadata={"help": "seconds to finish in-flight work on SIGTERM"})
+    advertise_address: Optional[str] = field(
+        default=None, metadata={"help": "address announced to Redis and in KV handles (default host:port)"})
+    health_port: int = field(default=0, metadata={
+        "help": "port of a health-only gRPC server on its own thread, answered even while the event loop is "
+                "busy; gateways learn it from the worker (0: any free port, -1: none)"})
+    kv_store_address: Optional[str] = field(default=None, metadata={"help": "kv-store gRPC address"})
+    kv_transport: str = field(default="ucx", metadata={
+        "help": "KV data plane: ucx (UCX, gRPC for control) or tcp (gRPC streams only; alias grpc)"})
+    kv_checksum: bool = field(default=False, metadata={
+        "help": "send a crc32 with every KV block written and verify every block read"})
+    kv_timeout_s: float = field(default=30.0, metadata={"help": "deadline of one KV transfer"})
+    redis_url: Optional[str] = field(default=None, metadata={
+        "help": "announce this worker and its load to Redis (credentials in the URL: pass it by env)"})
+    cluster_token: Optional[str] = field(default=None, metadata={
+        "help": "shared secret this worker proves it holds to gateways (the gateway's --cluster-token; pass it by "
+                "env)"})
+    torch_threads: Optional[int] = field(default=None, metadata={"help": "torch intra-op threads (CPU)"})
+    dtype: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    num_kv_blocks: Optional[int] = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: Optional[int] = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+
+    @property
+    def address(self) -> str:
+        return self.advertise_address or f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """What this worker answers when a gateway challenges it (splitserve.membership)."""
+    kind: str
+    address: str
+    model: str
+    cluster_token: Optional[str] = None
+    health_address: str = ""
+
+    def answer(self, nonce: bytes) -> common_pb2.MembershipProof:
+        proof = common_pb2.MembershipProof(address=self.address, health_address=self.health_address)
+        if nonce and self.cluster_token:
+            proof.mac = membership_mac(self.cluster_token, nonce, self.kind, self.address, self.model,
+                                       self.health_address)
+        return proof
+
+
+def build_engine(settings: EngineWorkerSettings):
+    """Loads the model into an AsyncEngine (not yet started)."""
+    import torch
+
+    from splitserve.config import EngineConfig
+    from splitserve.engine.async_engine import AsyncEngine
+    from splitserve.engine.llm_engine import LLMEngine
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(settings.torch_threads))
+    model = settings.model
+    if model is None:
+        from splitserve.demo_model import demo_checkpoint
+
+        model = str(demo_checkpoint())
+        log.warning("no --model given: serving the tiny offline demo model (random weights, random text)")
+    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
+    values = {k: v for k, v in dataclasses.asdict(settings).items() if k in engine_fields}
+    values["model"] = model
+    return AsyncEngine(LLMEngine(EngineConfig(**values)))
+
+
+def layout_proto(async_engine) -> common_pb2.KVLayout:
+    engine = async_engine.engine
+    return layout_to_proto(engine.layout, engine.model_id)
+
+
+def engine_stats_proto(async_engine, model_name: str) -> common_pb2.EngineStats:
+    s = async_engine.stats_snapshot
+    return common_pb2.EngineStats(
+        num_running=s["running"], num_waiting=s["waiting"], running_tokens=s["running_tokens"],
+        waiting_tokens=s["waiting_tokens"], kv_blocks_total=s["num_blocks"], kv_blocks_free=s["free_blocks"],
+        prefix_cache_queries=s["prefix_query_tokens"], prefix_cache_hits=s["prefix_hit_tokens"],
+        layout=layout_proto(async_engine), model=model_name)
+
+
+def load_report(async_engine) -> dict[str, int]:
+    """The load numbers a worker announces to Redis for the router."""
+    s = async_engine.stats_snapshot
+    return {"num_running": s["running"], "num_waiting": s["waiting"], "running_tokens": s["running_tokens"],
+            "waiting_tokens": s["waiting_tokens"], "kv_blocks_free": s["free_blocks"],
+            "kv_blocks_total": s["num_blocks"]}
+
+
+class EngineMetricsCollector(Collector):
+    """Exposes the engine's own counters at scrape time, labelled by role, instead of mirroring them by hand."""
+
+    def __init__(self, async_engine, role: str):
+        self.engine = async_engine
+        self.role = role
+
+    def collect(self):
+        s = self.engine.stats_snapshot
+        labels = ["role"]
+        value = [self.role]
+
+        def gauge(name, doc, v):
+            g = GaugeMetricFamily(f"splitserve_{name}", doc, labels=labels)
+            g.add_metric(value, v)
+            return g
+
+        def counter(name, doc, v):
+            c = CounterMetricFamily(f"splitserve_{name}", doc, labels=labels)
+            c.add_metric(value, v)
+            return c
+
+        yield gauge("running_requests", "Sequences in the running batch", s["running"])
+        yield gauge("waiting_requests", "Sequences waiting for admission", s["waiting"])
+        yield gauge("kv_cache_usage_ratio", "Fraction of KV blocks in use", s["used_blocks"] / max(1, s["num_blocks"]))
+        yield gauge("kv_cache_blocks", "KV blocks in the paged cache", s["num_blocks"])
+        yield counter("prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache",
+                      s["prefix_query_tokens"])
+        yield counter("prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache", s["prefix_hit_tokens"])
+        yield counter("preemptions", "Sequences preempted by recompute", s["preemptions"])
+        yield counter("kv_held_blocks_released", "Imported KV blocks a waiting request let go of because the cache "
+                      "was full (recomputed if evicted before it ran)", s["held_blocks_released"])
+        yield counter("prompt_tokens_computed", "Prompt tokens run through the model", s["prompt_tokens_computed"])
+        yield counter("generation_tokens", "Tokens generated", s["generation_tokens"])
+        yield counter("engine_steps", "Engine steps run", s["steps"])
+
+
+def register_engine_metrics(async_engine, role: str) -> None:
+    REGISTRY.register(EngineMetricsCollector(async_engine, role))
+
+
+def make_transport(name: str, checksum: bool = False):
+    """The KV transport by name; "ucx" raises UcxUnavailableError (with what to install) if UCX cannot load."""
+    if name in ("grpc", "tcp"):
+        from splitserve.kv_transfer.grpc_transport import GrpcKVTransport
+
+        return GrpcKVTransport(checksum=checksum)
+    if name == "ucx":
+        from splitserve.kv_transfer.ucx_transport import UcxKVTransport
+
+        return UcxKVTransport(checksum=checksum)
+    raise ValueError(f"unknown KV transport {name!r} (available: {', '.join(KV_TRANSPORTS)})")
+
+
+async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_name: str, add_servicer) -> int:
+    """Hosts an engine as a service: load, serve, announce to Redis, drain on SIGTERM, stop.
+
+    `add_servicer(service, async_engine, transport, identity)` registers the role's servicer.
+    """
+    from splitserve.serving.grpc_service import GrpcService
+
+    engine = build_engine(settings)
+    engine.start()
+    register_engine_metrics(engine, role)
+    transport = make_transport(settings.kv_transport, settings.kv_checksum)
+    service = GrpcService(role, settings.host, settings.port, settings.metrics_port, [service_name],
+                          settings.grace_s, health_port=settings.health_port if settings.health_port >= 0 else None)
+    health_address = ""
+    if service.health_thread is not None:
+        health_address = f"{settings.address.rsplit(':', 1)[0]}:{service.health_thread.port}"
+    identity = WorkerIdentity(role, settings.address, engine.engine.config.model, settings.cluster_token,
+                              health_address)
+    add_servicer(service, engine, transport, identity)
+    announcer = None
+    if settings.redis_url:
+        from splitserve.worker_registry import WorkerAnnouncer
+
+        announcer = WorkerAnnouncer(settings.redis_url, role, settings.address, engine.engine.config.model,
+                                    lambda: load_report(engine))
+
+    async def on_started() -> None:
+        if announcer is not None:
+            await announcer.start()
+
+    async def drain() -> None:
+        if announcer is not None:
+            await announcer.stop()  # the router stops picking this worker before it goes
+        await engine.wait_idle()
+
+    try:
+        await service.run(drain=drain, on_started=on_started)
+    finally:
+        await engine.stop()
+        await transport.close()
+    return 0
