@@ -5,6 +5,7 @@ import os
 import pytest
 
 from splitserve.demo_model import build_checkpoint
+from store_process import StoreProcess
 
 # Larger init than HF's 0.02 so greedy tokens from two implementations are not
 # decided by float noise between near-equal logits.
@@ -79,3 +80,19 @@ def qwen3_ckpt(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ckpts(llama_ckpt, qwen2_ckpt, qwen3_ckpt):
     return {"llama": llama_ckpt, "qwen2": qwen2_ckpt, "qwen3": qwen3_ckpt}
+
+
+@pytest.fixture
+def start_store(tmp_path):
+    """Starts a store of its own for tests that fill it, measure it or stop it."""
+    started: list[StoreProcess] = []
+
+    def start(*flags: str, **kwargs) -> StoreProcess:
+        started.append(StoreProcess(tmp_path, *flags, **kwargs))
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            process.stop()

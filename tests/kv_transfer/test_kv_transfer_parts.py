@@ -7,6 +7,7 @@ import zlib
 
 import pytest
 import torch
+from ucx_required import require_ucx
 
 from splitserve.kv_transfer.checksum import (ChecksumMismatchError, crc32, enabled_from_env, row_crc32s,
                                              verify_rows)
@@ -82,7 +83,7 @@ def test_transports_by_name():
 
 
 def test_ucx_copies_coalesce_adjacent_slots_of_one_slab():
-    pytest.importorskip("splitserve.kv_transfer.ucx_rma", reason="ucxx is not installed", exc_type=ImportError)
+    require_ucx()
     from splitserve.kv_transfer.ucx_copier import SlotRef, _runs
 
     slots = [SlotRef(0, 1000, b"k"), SlotRef(1, 1100, b"k"), SlotRef(2, 1200, b"k"),  # one run
@@ -96,7 +97,7 @@ def test_ucx_copies_coalesce_adjacent_slots_of_one_slab():
 def test_a_slot_table_finds_the_same_runs_as_slot_refs():
     """Reserve/Pin answers become SlotTables (arrays, vectorised runs): the runs a block-by-block walk finds,
     and the same rows and keys as SlotRefs."""
-    pytest.importorskip("splitserve.kv_transfer.ucx_rma", reason="ucxx is not installed", exc_type=ImportError)
+    require_ucx()
     import numpy as np
 
     from splitserve.kv_transfer.ucx_copier import SlotRef, _runs

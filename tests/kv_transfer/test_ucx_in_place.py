@@ -11,8 +11,9 @@ import time
 
 import pytest
 import torch
+from ucx_required import require_ucx
 
-pytest.importorskip("splitserve.kv_transfer.ucx_rma", reason="ucxx is not installed", exc_type=ImportError)
+require_ucx()
 
 from splitserve.kv_transfer.block_io import CacheBlocks, export_blocks  # noqa: E402
 from splitserve.kv_transfer.transport import KVTransferError  # noqa: E402

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from ucx_required import require_ucx
 
 from splitserve.kv_transfer import grpc_transport
 from splitserve.kv_transfer.grpc_transport import GrpcKVTransport
@@ -22,7 +23,7 @@ SIZE = 2 * 4 * 16 * 4 * 64 * 2  # 64 KiB
 def _transport(kind: str):
     if kind == "grpc":
         return GrpcKVTransport(checksum=True), grpc_transport, "row_crc32s"
-    pytest.importorskip("splitserve.kv_transfer.ucx_rma", reason="ucxx is not installed", exc_type=ImportError)
+    require_ucx()
     from splitserve.kv_transfer import ucx_transport
 
     return ucx_transport.UcxKVTransport(checksum=True), ucx_transport, "payload_crc32s"

@@ -12,9 +12,9 @@ import time
 
 import pytest
 import torch
+from ucx_required import require_ucx
 
-ucx_rma = pytest.importorskip("splitserve.kv_transfer.ucx_rma", reason="ucxx is not installed",
-                              exc_type=ImportError)
+ucx_rma = require_ucx()
 
 from splitserve.kv_transfer.grpc_transport import GrpcKVTransport  # noqa: E402
 from splitserve.kv_transfer.metrics import KV_TRANSPORT_FALLBACKS, KV_UCX_BLOCKS  # noqa: E402
