@@ -5,8 +5,6 @@ it), plus the sequences the worker reports to the registry beyond this gateway's
 the report lags by an announce interval). Tokens in flight from this gateway break ties, and remaining ties
 rotate, so idle workers share the work. For equal requests from one gateway this keeps any two workers within
 one sequence of each other, plus whatever other gateways run there (tested with 16 streams on 2 workers).
-
-Prefix-cache-aware scoring (longest run of cached leading blocks) will plug in here as a bonus per worker.
 """
 
 from __future__ import annotations
@@ -40,7 +38,7 @@ class Router:
     def pick(self, kind: str, prompt_len: int, exclude: Iterable[Worker] = ()) -> Worker:
         """The least loaded healthy worker of `kind` not in `exclude`; NoHealthyWorkerError if there is none.
 
-        prompt_len is not scored yet; it is the input prefix-aware routing needs.
+        prompt_len is not scored: routing does not yet know which worker holds a prompt's blocks.
         """
         excluded = set(map(id, exclude))
         candidates = [w for w in self.pool.healthy(kind) if id(w) not in excluded]

@@ -1,4 +1,4 @@
-"""Names a KV block the same way everywhere: engine prefix cache, kv-store, and the gateway's Redis index.
+"""Names a KV block the same way everywhere: the engines' prefix caches and the kv-store.
 
 A block's hash covers its parent's hash, its token ids and the model's identity, so two blocks with equal hashes
 hold the same KV for the same model whatever request produced them. SHA-256 (truncated to 16 bytes) rather than

@@ -1,4 +1,4 @@
-"""The real Redis server the local stack runs for the prefix index and worker load, when no --redis-url is given.
+"""The real Redis server the local stack runs for the worker registry and load, when no --redis-url is given.
 
 Started with persistence off: the index is rebuilt from live KV events, so a dump on disk would only be stale.
 
