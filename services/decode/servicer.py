@@ -143,9 +143,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         KV_RECOMPUTE.labels(reason).inc()
         log.warning("request %s: recomputing prompt KV locally (%s): %s", request_id, reason, detail)
 
-    async def Cancel(self, request: decode_pb2.CancelRequest, context):
-        return decode_pb2.CancelResponse(found=self.engine.abort(request.request_id))
-
     async def Stats(self, request, context):
         return decode_pb2.DecodeStatsResponse(engine=engine_stats_proto(self.engine, self.identity.model),
                                               membership=self.identity.answer(request.nonce))

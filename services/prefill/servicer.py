@@ -154,7 +154,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             return None
         record_transfer("put", time.monotonic() - started, len(fresh) * blocks.shape[1], len(fresh))
         return common_pb2.KVHandle(store_address=store, block_hashes=common_pb2.BlockHashes(
-            hashes=export.block_hashes), layout=layout, num_tokens=export.num_tokens)
+            hashes=export.block_hashes), layout=layout)
 
     async def Stats(self, request, context):
         return prefill_pb2.PrefillStatsResponse(engine=engine_stats_proto(self.engine, self.identity.model),

@@ -110,7 +110,7 @@ def test_expected_services_and_methods():
     expected = {
         "tokenizer": {"Tokenizer": {"Tokenize", "Detokenize", "DetokenizeStream", "GetInfo", "TokenPieces"}},
         "prefill": {"Prefill": {"Prefill", "Stats"}},
-        "decode": {"Decode": {"Generate", "Cancel", "Stats"}},
+        "decode": {"Decode": {"Generate", "Stats"}},
         "kv_store": {
             "KVStore": {"Reserve", "Commit", "Lookup", "Pin", "Release", "Stats", "Discard", "PutBlocks",
                         "GetBlocks"}

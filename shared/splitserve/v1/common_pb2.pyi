@@ -124,16 +124,14 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TokenLogprob.TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("store_address", "block_hashes", "layout", "num_tokens")
+    __slots__ = ("store_address", "block_hashes", "layout")
     STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
-    NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     store_address: str
     block_hashes: BlockHashes
     layout: KVLayout
-    num_tokens: int
-    def __init__(self, store_address: _Optional[str] = ..., block_hashes: _Optional[_Union[BlockHashes, _Mapping]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    def __init__(self, store_address: _Optional[str] = ..., block_hashes: _Optional[_Union[BlockHashes, _Mapping]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
 
 class EngineStats(_message.Message):
     __slots__ = ("num_running", "num_waiting", "running_tokens", "waiting_tokens", "kv_blocks_total", "kv_blocks_free", "prefix_cache_queries", "prefix_cache_hits", "layout", "model")

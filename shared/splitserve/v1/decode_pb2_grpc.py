@@ -39,11 +39,6 @@ class DecodeStub:
                 request_serializer=splitserve_dot_v1_dot_decode__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_decode__pb2.GenerateChunk.FromString,
                 _registered_method=True)
-        self.Cancel = channel.unary_unary(
-                '/splitserve.v1.Decode/Cancel',
-                request_serializer=splitserve_dot_v1_dot_decode__pb2.CancelRequest.SerializeToString,
-                response_deserializer=splitserve_dot_v1_dot_decode__pb2.CancelResponse.FromString,
-                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/splitserve.v1.Decode/Stats',
                 request_serializer=splitserve_dot_v1_dot_decode__pb2.DecodeStatsRequest.SerializeToString,
@@ -55,15 +50,7 @@ class DecodeServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Cancelling the RPC (client disconnect, stop string seen by the gateway) frees the request's blocks at once,
-        like Cancel does.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Cancel(self, request, context):
-        """For callers that no longer hold the stream (e.g. a gateway replica that did not start it).
+        """Cancelling the RPC (client disconnect, stop string seen by the gateway) frees the request's blocks at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,11 +69,6 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=splitserve_dot_v1_dot_decode__pb2.GenerateRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_decode__pb2.GenerateChunk.SerializeToString,
-            ),
-            'Cancel': grpc.unary_unary_rpc_method_handler(
-                    servicer.Cancel,
-                    request_deserializer=splitserve_dot_v1_dot_decode__pb2.CancelRequest.FromString,
-                    response_serializer=splitserve_dot_v1_dot_decode__pb2.CancelResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -121,33 +103,6 @@ class Decode:
             '/splitserve.v1.Decode/Generate',
             splitserve_dot_v1_dot_decode__pb2.GenerateRequest.SerializeToString,
             splitserve_dot_v1_dot_decode__pb2.GenerateChunk.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Cancel(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/splitserve.v1.Decode/Cancel',
-            splitserve_dot_v1_dot_decode__pb2.CancelRequest.SerializeToString,
-            splitserve_dot_v1_dot_decode__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,12 +8,10 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVTarget(_message.Message):
-    __slots__ = ("store_address", "store_cached_blocks")
+    __slots__ = ("store_address",)
     STORE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
-    STORE_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     store_address: str
-    store_cached_blocks: int
-    def __init__(self, store_address: _Optional[str] = ..., store_cached_blocks: _Optional[int] = ...) -> None: ...
+    def __init__(self, store_address: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "kv_target")

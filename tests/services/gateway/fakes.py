@@ -170,8 +170,7 @@ class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServicer):
             finish = common_pb2.FINISH_REASON_LENGTH
         reply = prefill_pb2.PrefillResponse(
             request_id=request.request_id, first_token_id=first, cached_tokens=self.cached_tokens,
-            finish_reason=finish, kv_handle=common_pb2.KVHandle(store_address=request.kv_target.store_address,
-                                                                num_tokens=len(request.prompt_token_ids)))
+            finish_reason=finish, kv_handle=common_pb2.KVHandle(store_address=request.kv_target.store_address))
         if params.HasField("logprobs"):
             reply.first_token_logprob.CopyFrom(fake_logprob(first, params.logprobs))
         return reply
