@@ -21,6 +21,7 @@ from splitserve.launcher.processes import ChildProcess
 from splitserve.protos.convert import sampling_params_to_proto
 from splitserve.protos.splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from splitserve.serving.errors import param_from_error
+from splitserve.token_bytes import TokenBytes
 
 pytestmark = pytest.mark.timeout(300)
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -180,6 +181,32 @@ def test_a_second_prefill_worker_reuses_blocks_from_the_store(workers, reference
     assert list(again.kv_handle.block_hashes.hashes) == list(first.kv_handle.block_hashes.hashes)
     chunks = _decode(workers, prompt, GREEDY, "x2", again.first_token_id, again.kv_handle)
     assert [again.first_token_id] + _tokens(chunks) == expected.outputs[0].token_ids
+
+
+def test_workers_make_the_offline_text_stop_strings_and_logprob_pieces(workers, reference):
+    prompt = list(range(110, 150))
+    text = reference.generate([prompt], GREEDY)[0].outputs[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip(), "need a visible stop string"
+    params = GREEDY.replace(stop=[stop], logprobs=2)
+    [expected] = reference.generate([prompt], params)
+    expected = expected.outputs[0]
+    assert expected.stop_reason == stop
+    first = _prefill(workers, prompt, params, "t1")
+    chunks = _decode(workers, prompt, params, "t1", first.first_token_id, first.kv_handle)
+    assert [first.first_token_id] + _tokens(chunks) == expected.token_ids
+    assert first.first_text + "".join(c.text for c in chunks) == expected.text == text[:text.find(stop)]
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+    assert chunks[-1].stop_reason.stop_string == stop
+    # Logprob entries carry each token's own text and real bytes, for the chosen token and the alternatives.
+    tokenizer = reference.get_tokenizer()
+    entries = [first.first_token_logprob] + [lp for c in chunks for lp in c.logprobs]
+    assert [e.token_id for e in entries] == expected.token_ids
+    for entry in entries:
+        for piece in [entry, *entry.top]:
+            assert piece.token == tokenizer.decode([piece.token_id], skip_special_tokens=False)
+            assert piece.token_bytes == TokenBytes(tokenizer)(piece.token_id)
+    assert _pools_whole(workers)
 
 
 def test_local_prefill_on_decode(workers, reference):

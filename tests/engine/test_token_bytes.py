@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from splitserve.demo_model import build_tokenizer
-from splitserve.services.tokenizer.token_bytes import TokenBytes
+from splitserve.token_bytes import TokenBytes
 from splitserve.services.tokenizer.tokenizer_model import TokenizerModel
 
 # ü and ó are 2 bytes, 日 and 本 3, the emoji and 𝔘 4: several are split over tokens in both tokenizers below.
