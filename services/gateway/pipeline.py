@@ -1,9 +1,9 @@
 """One request's lifecycle, shared by the REST and the gRPC API.
 
 prepare(): model check, tokenize, context-length check (all before any byte of a response is written, so
-these failures get a proper HTTP status). generate(): n sequences run concurrently, each one: token ids and their text from
-the workers (sequence.py; the engines detokenize and match stop strings) → events with text, ids and, on the
-last one, usage.
+these failures get a proper HTTP status). generate(): n sequences run concurrently, each one: token ids and
+their text from the workers (sequence.py; the engines detokenize and match stop strings, so the gateway only
+formats) → events with text, ids and, on the last one, usage.
 
 Sequences never leave half-formed: a failure before a sequence produced anything raises (a status for the
 whole request); after, the sequence ends with an event whose finish_reason is "error".

@@ -58,7 +58,8 @@ class _DecodeOnly:
 
 def output_text(request) -> OutputText:
     """The sequence's text state, replayed over the tokens produced before this call (first token, failover)."""
-    text = OutputText(_DecodeOnly(), list(request.prompt_token_ids), sampling_params_from_proto(request.sampling_params))
+    params = sampling_params_from_proto(request.sampling_params)
+    text = OutputText(_DecodeOnly(), list(request.prompt_token_ids), params)
     if getattr(request, "prior_output_token_ids", None):
         text.replay(request.prior_output_token_ids)
     elif hasattr(request, "first_token_id") and request.HasField("first_token_id"):
