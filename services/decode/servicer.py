@@ -18,9 +18,9 @@ import grpc
 from prometheus_client import Counter
 
 from splitserve.engine.async_engine import EngineDeadError
+from splitserve.engine.output_text import OutputText
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, record_transfer
 from splitserve.kv_transfer.transport import KVTransferError, ReceivedBlocks
-from splitserve.engine.output_text import OutputText
 from splitserve.protos.convert import (finish_reason_to_proto, layout_mismatch, sampling_params_from_proto,
                                        stop_reason_to_proto, token_logprob_to_proto)
 from splitserve.protos.splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc

@@ -81,11 +81,12 @@ def _prefill(workers, prompt, params, request_id, worker="prefill"):
     return asyncio.run(go())
 
 
-def _decode(workers, prompt, params, request_id, first=None, handle=None):
+def _decode(workers, prompt, params, request_id, first=None, handle=None, prior=()):
     async def go():
         async with grpc.aio.insecure_channel(workers["decode"]) as channel:
             request = decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
-                                                 sampling_params=sampling_params_to_proto(params))
+                                                 sampling_params=sampling_params_to_proto(params),
+                                                 prior_output_token_ids=prior)
             if first is not None:
                 request.first_token_id = first
             if handle is not None:
@@ -207,6 +208,18 @@ def test_workers_make_the_offline_text_stop_strings_and_logprob_pieces(workers, 
             assert piece.token == tokenizer.decode([piece.token_id], skip_special_tokens=False)
             assert piece.token_bytes == TokenBytes(tokenizer)(piece.token_id)
     assert _pools_whole(workers)
+
+
+def test_a_resumed_sequence_with_every_token_made_still_sends_its_held_back_text(workers, reference):
+    # The previous worker streamed all max_tokens tokens but died before its last chunk: what it held back (the
+    # tail that could start a stop string) is all that is left to send.
+    prompt = list(range(160, 190))
+    text = reference.generate([prompt], GREEDY)[0].outputs[0].text
+    params = GREEDY.replace(stop=[text[-2:] + "\u00a7\u00a7"])
+    [expected] = reference.generate([prompt], params)
+    assert expected.outputs[0].text == text and expected.outputs[0].finish_reason == "length"
+    [last] = _decode(workers, prompt, params, "r1", prior=expected.outputs[0].token_ids)
+    assert (last.text, last.finish_reason, list(last.token_ids)) == (text[-2:], common_pb2.FINISH_REASON_LENGTH, [])
 
 
 def test_local_prefill_on_decode(workers, reference):
