@@ -2,7 +2,8 @@
 
 Whatever goes wrong with the blocks (no handle, another layout, a missing block, a failed pull) the request is
 still served: the engine recomputes what it did not receive. Each such case is counted by reason and logged.
-Leaving the stream (client cancel, gateway saw a stop string) aborts the request and frees its blocks at once.
+Leaving the stream (client cancel) aborts the request and frees its blocks at once. The engine makes the text:
+each chunk carries its text delta (stop strings already cut) and logprob entries with each token's text and bytes.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import grpc
 from prometheus_client import Counter
 
 from splitserve.engine.async_engine import EngineDeadError
+from splitserve.engine.output_text import OutputText
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, record_transfer
 from splitserve.kv_transfer.transport import KVTransferError, ReceivedBlocks
 from splitserve.proto_convert import (finish_reason_to_proto, layout_mismatch, sampling_params_from_proto,
-                                       token_logprob_to_proto)
+                                       stop_reason_to_proto, token_logprob_to_proto)
 from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.engine_worker import WorkerIdentity, engine_stats_proto, layout_proto
@@ -62,8 +64,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             # Failover: another decode worker produced these before it died; they are recomputed here.
             RESUMED.inc()
             if len(prior) >= params.max_tokens:
-                yield decode_pb2.GenerateChunk(finish_reason=common_pb2.FINISH_REASON_LENGTH, usage=common_pb2.Usage(
-                    prompt_tokens=len(prompt), completion_tokens=len(prior)))
+                yield self._ended_already(prompt, params, prior)
                 return
             if request.HasField("kv_handle"):
                 kv_blocks = await self._pull_blocks(request, request_id)
@@ -73,14 +74,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             first_token = (request.first_token_id, lp.logprob if request.HasField("first_token_logprob") else None,
                            top)
             if params.max_tokens <= 1:
-                yield decode_pb2.GenerateChunk(finish_reason=common_pb2.FINISH_REASON_LENGTH, usage=common_pb2.Usage(
-                    prompt_tokens=len(prompt), completion_tokens=1))
+                yield self._ended_already(prompt, params, [request.first_token_id])
                 return
             kv_blocks = await self._pull_blocks(request, request_id)
         else:
             LOCAL_PREFILL.inc()
 
         usage = common_pb2.Usage(prompt_tokens=len(prompt))
+        pieces = self.engine.engine.token_pieces
         try:
             # aclosing: when gRPC closes this handler at a yield (client cancelled), the engine stream is closed
             # at once too, which aborts the request and frees its blocks now rather than at garbage collection.
@@ -88,10 +89,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                           prior_output_ids=prior)
             async with contextlib.aclosing(deltas):
                 async for delta in deltas:
-                    chunk = decode_pb2.GenerateChunk(token_ids=delta.token_ids)
+                    chunk = decode_pb2.GenerateChunk(token_ids=delta.token_ids, text=delta.text)
                     if delta.logprobs:
                         for token, (logprob, top) in zip(delta.token_ids, delta.logprobs):
-                            chunk.logprobs.append(token_logprob_to_proto(token, logprob, top))
+                            chunk.logprobs.append(token_logprob_to_proto(token, logprob, top, pieces))
                     if delta.num_output_tokens:
                         usage.completion_tokens = delta.num_output_tokens
                         usage.cached_tokens = delta.num_cached_tokens
@@ -99,6 +100,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                         chunk.finish_reason = finish_reason_to_proto(delta.finish_reason)
                         chunk.usage.CopyFrom(usage)
                         chunk.message = delta.message
+                        stop_reason = stop_reason_to_proto(delta.stop_reason)
+                        if stop_reason is not None:
+                            chunk.stop_reason.CopyFrom(stop_reason)
                         DECODE_REQUESTS.labels(delta.finish_reason).inc()
                     yield chunk
         except InvalidRequestError as exc:
@@ -110,6 +114,15 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         finally:
             if kv_blocks is not None:
                 kv_blocks[1].abandon()  # read when the request joined the batch, unless it ended before
+
+    def _ended_already(self, prompt: list[int], params, produced: list[int]) -> decode_pb2.GenerateChunk:
+        """The last chunk of a sequence whose tokens all came before this worker (max_tokens reached): only the
+        text held back at the end of what was already streamed is left to send."""
+        text = OutputText(self.engine.engine.tokenizer, prompt, params)
+        text.replay(produced)
+        return decode_pb2.GenerateChunk(finish_reason=common_pb2.FINISH_REASON_LENGTH, text=text.finish(),
+                                        usage=common_pb2.Usage(prompt_tokens=len(prompt),
+                                                               completion_tokens=len(produced)))
 
     async def _pull_blocks(self, request: decode_pb2.GenerateRequest,
                            request_id: str) -> Optional[tuple[list[bytes], ReceivedBlocks]]:

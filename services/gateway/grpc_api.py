@@ -161,7 +161,10 @@ def chunk_from_event(event: SequenceEvent, request_id: str) -> gateway_pb2.Gatew
     chunk = gateway_pb2.GatewayGenerateChunk(
         text_delta=event.text, token_ids=event.token_ids, logprobs=event.logprobs,
         finish_reason=finish_reason_to_proto(event.finish_reason), index=event.index, request_id=request_id,
-        stop=event.stop or "", message=str(event.error) if event.error is not None else "")
+        stop=event.stop if isinstance(event.stop, str) else "",
+        message=str(event.error) if event.error is not None else "")
+    if isinstance(event.stop, int):
+        chunk.stop_token_id = event.stop
     if event.usage is not None:
         chunk.usage.CopyFrom(common_pb2.Usage(prompt_tokens=event.usage.prompt_tokens,
                                               completion_tokens=event.usage.completion_tokens,

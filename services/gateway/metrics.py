@@ -50,5 +50,3 @@ WORKER_REJECTIONS = Counter("splitserve_gateway_worker_rejections_total",
                             ["kind", "reason"])
 DISCOVERY_ERRORS = Counter("splitserve_gateway_discovery_errors_total",
                            "Failed reads of the worker registry in Redis (static workers are still used)")
-STOP_STRING_CANCELS = Counter("splitserve_gateway_stop_string_cancels_total",
-                              "Decode streams cancelled because the gateway found a stop string first")

@@ -126,7 +126,6 @@ async def _generate(state: ApiState, request: Request,
         ticket = await run_for_client(request, state.admission.admit(), asyncio.Event())
         prepared = await run_for_client(request, state.pipeline.prepare(generation), ticket.aborted)
         formatter = ResponseFormatter(chat=chat, request_id=prepared.request_id, model=prepared.model,
-                                      tokenizer=state.pipeline.tokenizer,
                                       want_logprobs=prepared.params.logprobs is not None)
         events = state.pipeline.generate(prepared)
         if body.stream:
@@ -147,7 +146,7 @@ async def _generate(state: ApiState, request: Request,
             if result.error is not None:
                 raise result.error
         usage = total_usage(len(prepared.prompt_token_ids), [r.usage for r in results])
-        return _finish(endpoint, JSONResponse(await formatter.response(results, usage)))
+        return _finish(endpoint, JSONResponse(formatter.response(results, usage)))
     except ClientDisconnected:
         log.info("%s: client disconnected before the response; request cancelled", endpoint)
         return _finish(endpoint, Response(status_code=CLIENT_CLOSED))
@@ -186,7 +185,7 @@ async def _sse(formatter: ResponseFormatter, prepared: PreparedRequest, first: S
                 raise event.error
             if event.usage is not None:
                 usages[event.index] = event.usage
-            chunk = await formatter.event_chunk(event, include_usage)
+            chunk = formatter.event_chunk(event, include_usage)
             if chunk is not None:
                 yield sse_event(chunk)
             event = await anext(events, None)

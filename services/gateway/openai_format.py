@@ -8,7 +8,6 @@ from typing import Any, Optional
 
 from splitserve.v1 import common_pb2
 from splitserve.services.gateway.outputs import SequenceEvent, SequenceResult, Usage
-from splitserve.services.gateway.tokenizer_client import TokenizerClient, TokenPiece
 
 
 def usage_json(usage: Usage) -> dict[str, Any]:
@@ -23,7 +22,6 @@ class ResponseFormatter:
     chat: bool
     request_id: str
     model: str
-    tokenizer: TokenizerClient
     want_logprobs: bool
     created: int = field(default_factory=lambda: int(time.time()))
     # Completions report each token's offset in the sequence's text; kept per sequence across chunks.
@@ -37,11 +35,11 @@ class ResponseFormatter:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    async def response(self, results: list[SequenceResult], usage: Usage) -> dict[str, Any]:
+    def response(self, results: list[SequenceResult], usage: Usage) -> dict[str, Any]:
         choices = []
         for result in results:
             choice: dict[str, Any] = {"index": result.index,
-                                      "logprobs": await self._logprobs(result.index, result.logprobs),
+                                      "logprobs": self._logprobs(result.index, result.logprobs),
                                       "finish_reason": result.finish_reason, "stop_reason": result.stop}
             if self.chat:
                 choice["message"] = {"role": "assistant", "content": result.text}
@@ -56,12 +54,12 @@ class ResponseFormatter:
                   "finish_reason": None}
         return self._chunk([choice], include_usage)
 
-    async def event_chunk(self, event: SequenceEvent, include_usage: bool) -> Optional[dict[str, Any]]:
+    def event_chunk(self, event: SequenceEvent, include_usage: bool) -> Optional[dict[str, Any]]:
         """The stream chunk for one event, or None when it carries nothing to show (text held back)."""
         if not event.text and event.finish_reason is None and not (self.want_logprobs and event.token_ids):
             return None
         choice: dict[str, Any] = {"index": event.index,
-                                  "logprobs": await self._logprobs(event.index, event.logprobs),
+                                  "logprobs": self._logprobs(event.index, event.logprobs),
                                   "finish_reason": event.finish_reason}
         if self.chat:
             choice["delta"] = {"content": event.text} if event.text else {}
@@ -79,29 +77,26 @@ class ResponseFormatter:
             chunk["usage"] = None
         return chunk
 
-    async def _logprobs(self, index: int, logprobs: list[common_pb2.TokenLogprob]) -> Optional[dict[str, Any]]:
+    def _logprobs(self, index: int, logprobs: list[common_pb2.TokenLogprob]) -> Optional[dict[str, Any]]:
+        """From the entries as the engine made them: each token's text and bytes travel with it."""
         if not self.want_logprobs:
             return None
-        ids = [lp.token_id for lp in logprobs] + [top.token_id for lp in logprobs for top in lp.top]
-        pieces = dict(zip(ids, await self.tokenizer.token_pieces(ids)))
         if self.chat:
-            return {"content": [_chat_token(pieces, lp) for lp in logprobs]}
-        texts = {token_id: piece.text for token_id, piece in pieces.items()}
+            return {"content": [_chat_token(lp) for lp in logprobs]}
         offset = self._text_offsets.get(index, 0)
         offsets = []
         for lp in logprobs:
             offsets.append(offset)
-            offset += len(texts[lp.token_id])
+            offset += len(lp.token)
         self._text_offsets[index] = offset
-        return {"tokens": [texts[lp.token_id] for lp in logprobs],
+        return {"tokens": [lp.token for lp in logprobs],
                 "token_logprobs": [lp.logprob for lp in logprobs],
-                "top_logprobs": [{texts[t.token_id]: t.logprob for t in lp.top} for lp in logprobs],
+                "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in logprobs],
                 "text_offset": offsets}
 
 
-def _chat_token(pieces: dict[int, TokenPiece], lp: common_pb2.TokenLogprob) -> dict[str, Any]:
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        piece = pieces[token_id]
-        return {"token": piece.text, "logprob": logprob, "bytes": list(piece.data)}
+def _chat_token(lp: common_pb2.TokenLogprob) -> dict[str, Any]:
+    def entry(entry_lp) -> dict[str, Any]:
+        return {"token": entry_lp.token, "logprob": entry_lp.logprob, "bytes": list(entry_lp.token_bytes)}
 
-    return {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t.token_id, t.logprob) for t in lp.top]}
+    return {**entry(lp), "top_logprobs": [entry(t) for t in lp.top]}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Union
 
 from splitserve.v1 import common_pb2
 
@@ -24,7 +24,7 @@ class SequenceEvent:
     token_ids: list[int]
     logprobs: list[common_pb2.TokenLogprob]             # parallel to token_ids when logprobs were asked for
     finish_reason: Optional[str] = None                 # on the sequence's last event
-    stop: Optional[str] = None                          # the stop string that ended it
+    stop: Union[str, int, None] = None                  # the stop string or stop token id that ended it
     usage: Optional[Usage] = None                       # on the last event
     error: Optional[Exception] = None                   # why, when finish_reason == "error"
 
@@ -37,7 +37,7 @@ class SequenceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
     finish_reason: Optional[str] = None
-    stop: Optional[str] = None
+    stop: Union[str, int, None] = None
     usage: Optional[Usage] = None
     error: Optional[Exception] = None
 

@@ -1,9 +1,9 @@
 """One request's lifecycle, shared by the REST and the gRPC API.
 
 prepare(): model check, tokenize, context-length check (all before any byte of a response is written, so
-these failures get a proper HTTP status). generate(): n sequences run concurrently, each one: token ids from
-the workers (sequence.py) → incremental detokenization → stop strings → events with text, ids and, on the
-last one, usage.
+these failures get a proper HTTP status). generate(): n sequences run concurrently, each one: token ids and
+their text from the workers (sequence.py; the engines detokenize and match stop strings, so the gateway only
+formats) → events with text, ids and, on the last one, usage.
 
 Sequences never leave half-formed: a failure before a sequence produced anything raises (a status for the
 whole request); after, the sequence ends with an event whose finish_reason is "error".
@@ -24,7 +24,6 @@ from splitserve.services.gateway.errors import (ContextLengthExceededError, Gate
                                                 RequestTooLargeError, UpstreamError)
 from splitserve.services.gateway.outputs import SequenceEvent, Usage
 from splitserve.services.gateway.sequence import SequenceRunner, time_left
-from splitserve.services.gateway.stop_strings import StopStringMatcher
 from splitserve.services.gateway.tokenizer_client import TokenizerClient
 
 log = logging.getLogger(__name__)
@@ -129,6 +128,8 @@ class Pipeline:
                 f"in the completion). Please reduce the length of the {prompt.param} or of the completion.",
                 prompt.param)
         metrics.PROMPT_TOKENS.inc(len(ids))
+        # The engine makes the text, so it is told how.
+        params = params.replace(skip_special_tokens=request.skip_special_tokens)
         return PreparedRequest(request_id=request.request_id, model=served, prompt_token_ids=ids, params=params,
                                skip_special_tokens=request.skip_special_tokens, arrival=arrival,
                                deadline=arrival + self.request_timeout_s)
@@ -162,10 +163,6 @@ class Pipeline:
     async def _sequence(self, request: PreparedRequest, index: int, params: SamplingParams,
                         request_id: str) -> AsyncIterator[SequenceEvent]:
         prompt = request.prompt_token_ids
-        matcher = StopStringMatcher(params.stop)
-        # One delta per token when stop strings are set: the token that completes one is the last one kept.
-        per_token = bool(matcher.stops)
-        detokenizer = self.tokenizer.detokenizer(prompt, request.skip_special_tokens, time_left(request.deadline))
         completion_tokens, cached_tokens, emitted = 0, 0, False
         last_batch_at: Optional[float] = None
         try:
@@ -173,31 +170,16 @@ class Pipeline:
                 async for batch in batches:
                     if batch.cached_tokens is not None:
                         cached_tokens = batch.cached_tokens
-                    ids, logprobs, text = batch.token_ids, batch.logprobs, ""
-                    if ids:
-                        deltas = await detokenizer.push([[t] for t in ids] if per_token else [ids])
-                        for i, delta in enumerate(deltas):
-                            # Per token here: the delta is token number completion_tokens + i + 1's text.
-                            text += matcher.feed(delta, can_stop=completion_tokens + i >= params.min_tokens)
-                            if matcher.matched is not None:
-                                ids, logprobs = ids[:i + 1], logprobs[:i + 1]
-                                break
-                    finish = "stop" if matcher.matched is not None else batch.finish_reason
-                    if matcher.matched is None and finish is not None:
-                        text += matcher.feed(await detokenizer.finish(),
-                                             can_stop=completion_tokens + len(ids) > params.min_tokens)
-                        finish = "stop" if matcher.matched is not None else finish
-                        text += matcher.flush()
-                    completion_tokens += len(ids)
-                    last_batch_at = _record_tokens(last_batch_at, len(ids))
-                    event = SequenceEvent(index, text, ids, logprobs, finish, matcher.matched)
+                    completion_tokens += len(batch.token_ids)
+                    last_batch_at = _record_tokens(last_batch_at, len(batch.token_ids))
+                    finish = batch.finish_reason
+                    event = SequenceEvent(index, batch.text, batch.token_ids, batch.logprobs, finish,
+                                          batch.stop_reason if finish == "stop" else None)
                     if finish is not None:
                         event.usage = Usage(len(prompt), completion_tokens, cached_tokens)
                         if finish == "error":
                             event.error = UpstreamError(f"the engine failed the request: {batch.message}",
                                                         retryable=False)
-                        if matcher.matched is not None and batch.finish_reason is None:
-                            metrics.STOP_STRING_CANCELS.inc()
                     emitted = True
                     yield event
                     if finish is not None:
@@ -209,8 +191,6 @@ class Pipeline:
             log.warning("request %s: sequence %d failed after it started: %s", request_id, index, exc)
             yield SequenceEvent(index, "", [], [], "error", usage=Usage(len(prompt), completion_tokens,
                                                                          cached_tokens), error=exc)
-        finally:
-            detokenizer.cancel()
 
 
 def _sub_params(params: SamplingParams, index: int) -> SamplingParams:

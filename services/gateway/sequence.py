@@ -1,4 +1,4 @@
-"""The token ids of one sequence (n = 1): pick workers, prefill remotely or not, stream decode, retry once.
+"""The tokens and text of one sequence (n = 1): pick workers, prefill remotely or not, stream decode, retry once.
 
 Prefill runs on a prefill worker unless the prompt is short (the decode worker prefilling it itself is
 cheaper than moving its KV) or no prefill worker is healthy; both are counted and logged. The first token
@@ -7,7 +7,8 @@ comes from the prefill reply, so the caller can show it before decode has even s
 A decode worker that fails before it produced a token is replaced once by another one: the request can be
 replayed without the user seeing anything twice (the prefill's first token and KV handle stay valid). One that
 fails mid-stream is replaced too, up to `max_migrations` times: the new worker gets the prompt's KV handle and
-every token produced so far, recomputes that tail, and the client's stream goes on where it was.
+every token produced so far, recomputes that tail, and the client's stream goes on where it was: the workers
+make the text (each rebuilds its detokenizer from the tokens already produced), so it goes on exactly too.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Optional, Union
 
 import grpc
 
-from splitserve.proto_convert import finish_reason_from_proto, sampling_params_to_proto
+from splitserve.proto_convert import finish_reason_from_proto, sampling_params_to_proto, stop_reason_from_proto
 from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from splitserve.sampling_params import SamplingParams
 from splitserve.services.gateway import metrics
@@ -37,12 +38,14 @@ _WARN_EVERY_S = 30.0
 
 @dataclass
 class TokenBatch:
-    """Ids a sequence produced since the previous batch; the last batch has finish_reason."""
+    """Ids a sequence produced since the previous batch, and their text; the last batch has finish_reason."""
     token_ids: list[int]
     logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
     finish_reason: Optional[str] = None
     message: str = ""                              # why, for "error" and "abort"
     cached_tokens: Optional[int] = None            # prompt tokens reused, as the prefill or decode saw them
+    text: str = ""                                 # made by the worker: stop strings cut, never half a character
+    stop_reason: Union[str, int, None] = None      # the stop string or stop token id that ended the sequence
 
 
 class SequenceRunner:
@@ -71,7 +74,8 @@ class SequenceRunner:
             if prefilled is not None:
                 finish = finish_reason_from_proto(prefilled.finish_reason)
                 logprobs = [prefilled.first_token_logprob] if params.logprobs is not None else []
-                yield TokenBatch([prefilled.first_token_id], logprobs, finish, cached_tokens=prefilled.cached_tokens)
+                yield TokenBatch([prefilled.first_token_id], logprobs, finish, cached_tokens=prefilled.cached_tokens,
+                                 text=prefilled.first_text, stop_reason=stop_reason_from_proto(prefilled.stop_reason))
                 if finish is not None:
                     return
                 produced.append(prefilled.first_token_id)
@@ -188,7 +192,8 @@ def _batch_from_chunk(chunk: decode_pb2.GenerateChunk, first_from_prefill: bool)
     cached = None
     if finish is not None and chunk.HasField("usage") and not first_from_prefill:
         cached = chunk.usage.cached_tokens   # with remote prefill, the prefill's count is the one that matters
-    return TokenBatch(list(chunk.token_ids), list(chunk.logprobs), finish, chunk.message, cached)
+    return TokenBatch(list(chunk.token_ids), list(chunk.logprobs), finish, chunk.message, cached, chunk.text,
+                      stop_reason_from_proto(chunk.stop_reason))
 
 
 def time_left(deadline: float) -> float:

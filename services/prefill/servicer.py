@@ -19,7 +19,8 @@ from splitserve.engine.async_engine import EngineDeadError
 from splitserve.hashing import chain_block_hashes
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, record_transfer
 from splitserve.kv_transfer.transport import KVTransferError
-from splitserve.proto_convert import finish_reason_to_proto, sampling_params_from_proto, token_logprob_to_proto
+from splitserve.proto_convert import (finish_reason_to_proto, sampling_params_from_proto, stop_reason_to_proto,
+                                       token_logprob_to_proto)
 from splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.engine_worker import WorkerIdentity, engine_stats_proto, layout_proto
@@ -78,12 +79,19 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                                     f"prefill failed: {last.message if last else 'no output'}")
 
             finish = self._finish_reason(last.finish_reason, params.max_tokens, len(prompt))
+            # The engine ended the sequence after one token, releasing held-back text; if decode goes on, that
+            # text is not final yet (the next tokens may turn it into a stop string): decode releases it.
+            text = last.text if finish is not None else last.text[:len(last.text) - len(last.end_text)]
             response = prefill_pb2.PrefillResponse(
                 request_id=request_id, first_token_id=last.token_ids[0], cached_tokens=last.num_cached_tokens,
-                finish_reason=finish_reason_to_proto(finish))
+                finish_reason=finish_reason_to_proto(finish), first_text=text)
+            stop_reason = stop_reason_to_proto(last.stop_reason) if finish == "stop" else None
+            if stop_reason is not None:
+                response.stop_reason.CopyFrom(stop_reason)
             if last.logprobs:
                 logprob, top = last.logprobs[0]
-                response.first_token_logprob.CopyFrom(token_logprob_to_proto(last.token_ids[0], logprob, top))
+                response.first_token_logprob.CopyFrom(token_logprob_to_proto(last.token_ids[0], logprob, top,
+                                                                             self.engine.engine.token_pieces))
             if finish is None and last.kv_export is not None and last.kv_export.block_hashes:
                 already_stored = set(pulled[0]) if pulled else set()
                 handle = await self._store_blocks(store, last.kv_export, request_id, already_stored)

@@ -7,9 +7,8 @@ from prometheus_client import Counter, Histogram
 REQUESTS = Counter("splitserve_tokenizer_requests_total", "Tokenizer RPCs by method and final gRPC status code",
                    ["method", "code"])
 
-# Unary calls take well under a millisecond for chat-sized prompts; a DetokenizeStream lasts as long as its
-# generation, hence the long tail.
-REQUEST_SECONDS = Histogram("splitserve_tokenizer_request_seconds", "Tokenizer RPC duration (a stream: its life)",
+# Calls take well under a millisecond for chat-sized prompts; whole documents take longer.
+REQUEST_SECONDS = Histogram("splitserve_tokenizer_request_seconds", "Tokenizer RPC duration",
                             ["method"], buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                                  1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0))
 

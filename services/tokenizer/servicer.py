@@ -2,7 +2,7 @@
 
 Tokenizer calls are CPU work on the event loop. Chat-sized inputs take well under a millisecond, so they run
 inline; big ones (a long document, a whole generation to detokenize) go to a thread so that the other calls on
-this loop, the token streams above all, are not stalled behind them.
+this loop are not stalled behind them. Generated text is not made here: the engines detokenize what they generate.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import AsyncIterator, Callable, TypeVar
+from typing import Callable, TypeVar
 
 import grpc
 
@@ -58,20 +58,6 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             large = len(request.token_ids) > LARGE_TOKEN_COUNT
             text = await _run(large, self.model.decode, list(request.token_ids), request.skip_special_tokens)
             return tokenizer_pb2.DetokenizeResponse(text=text)
-
-    async def DetokenizeStream(self, request_iterator: AsyncIterator[tokenizer_pb2.DetokenizeStreamRequest],
-                               context) -> AsyncIterator[tokenizer_pb2.DetokenizeStreamResponse]:
-        async with self._call("DetokenizeStream", context):
-            detokenizer = None
-            async for request in request_iterator:
-                if detokenizer is None:
-                    detokenizer = self.model.detokenizer(request.prefix_token_ids, request.skip_special_tokens)
-                ids = list(request.token_ids)
-                self.model.check_ids(ids, param="token_ids")
-                delta = await _run(len(ids) > LARGE_TOKEN_COUNT, detokenizer.push, ids)
-                yield tokenizer_pb2.DetokenizeStreamResponse(text_delta=delta)
-            held_back = detokenizer.flush() if detokenizer is not None else ""
-            yield tokenizer_pb2.DetokenizeStreamResponse(text_delta=held_back, final=True)
 
     async def TokenPieces(self, request: tokenizer_pb2.TokenPiecesRequest,
                           context) -> tokenizer_pb2.TokenPiecesResponse:

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from splitserve.detokenizer import IncrementalDetokenizer
 from splitserve.sampling_params import InvalidRequestError
-from splitserve.services.tokenizer.token_bytes import TokenBytes
 from splitserve.stop_tokens import eos_token_ids
+from splitserve.token_bytes import TokenPieces
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ class TokenizerModel:
     def __init__(self, model: str, tokenizer, config: dict[str, Any], generation_config: dict[str, Any]):
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
-        self._token_bytes = TokenBytes(tokenizer)
+        self._token_pieces = TokenPieces(tokenizer)
         self.info = TokenizerInfo(
             model=model,
             vocab_size=self.vocab_size,
@@ -103,11 +102,7 @@ class TokenizerModel:
     def token_pieces(self, token_ids: Sequence[int]) -> list[tuple[str, bytes]]:
         """(text, bytes) of each id on its own: the text as users see it, the bytes the token really holds."""
         self.check_ids(token_ids, param="token_ids")
-        return [(self.tokenizer.decode([t], skip_special_tokens=False), self._token_bytes(t)) for t in token_ids]
-
-    def detokenizer(self, prompt_token_ids: Sequence[int], skip_special_tokens: bool) -> IncrementalDetokenizer:
-        self.check_ids(prompt_token_ids, param="prefix_token_ids")
-        return IncrementalDetokenizer(self.tokenizer, prompt_token_ids, skip_special_tokens=skip_special_tokens)
+        return [self._token_pieces(t) for t in token_ids]
 
     def check_ids(self, token_ids: Iterable[int], param: str) -> None:
         """Decoders silently drop unknown ids; a caller sending one has a bug it should hear about."""

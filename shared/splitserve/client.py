@@ -58,7 +58,7 @@ class Chunk:
     finish_reason: Optional[str] = None       # "stop", "length", "abort" or "error"
     usage: Optional[Usage] = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    stop: Optional[str] = None                # the stop string that ended the sequence
+    stop: Union[str, int, None] = None        # the stop string or stop token id that ended the sequence
     message: str = ""                         # why, for "error" and "abort"
     request_id: str = ""
 
@@ -71,7 +71,7 @@ class Completion:
     finish_reason: Optional[str] = None
     usage: Optional[Usage] = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    stop: Optional[str] = None
+    stop: Union[str, int, None] = None
     message: str = ""
     index: int = 0
     request_id: str = ""
@@ -117,7 +117,8 @@ def _chunk(msg: gateway_pb2.GatewayGenerateChunk) -> Chunk:
                 for lp in msg.logprobs]
     return Chunk(text=msg.text_delta, token_ids=list(msg.token_ids), index=msg.index,
                  finish_reason=_finish_reason(msg.finish_reason), usage=usage, logprobs=logprobs,
-                 stop=msg.stop or None, message=msg.message, request_id=msg.request_id)
+                 stop=msg.stop or (msg.stop_token_id if msg.HasField("stop_token_id") else None),
+                 message=msg.message, request_id=msg.request_id)
 
 
 def _accumulate(chunks: Iterable[Chunk], n: int) -> list[Completion]:

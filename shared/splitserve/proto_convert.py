@@ -6,7 +6,7 @@ Proto3 `optional` fields are unset when the sender wants the engine's default; t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Union
 
 from splitserve.v1 import common_pb2
 from splitserve.sampling_params import InvalidRequestError, SamplingParams
@@ -23,7 +23,8 @@ _FINISH_TO_PROTO = {
 }
 _FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
 
-_OPTIONAL_DEFAULTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "logprobs", "n")
+_OPTIONAL_DEFAULTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "logprobs", "n",
+                      "skip_special_tokens")
 
 
 def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
@@ -32,7 +33,7 @@ def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParam
         min_p=params.min_p, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos, presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty, n=params.n,
-        min_tokens=params.min_tokens)
+        min_tokens=params.min_tokens, skip_special_tokens=params.skip_special_tokens)
     if params.seed is not None:
         msg.seed = params.seed
     if params.logprobs is not None:
@@ -90,7 +91,29 @@ def layout_mismatch(expected: common_pb2.KVLayout, got: common_pb2.KVLayout) -> 
     return f"KV layout mismatch: expected {describe_layout(expected)}, got {describe_layout(got)}"
 
 
-def token_logprob_to_proto(token_id: int, logprob: float, top: list[tuple[int, float]]) -> common_pb2.TokenLogprob:
-    return common_pb2.TokenLogprob(
-        token_id=token_id, logprob=logprob,
-        top=[common_pb2.TokenLogprob.TopLogprob(token_id=t, logprob=lp) for t, lp in top])
+def token_logprob_to_proto(token_id: int, logprob: float, top: list[tuple[int, float]],
+                           pieces: Callable[[int], tuple[str, bytes]]) -> common_pb2.TokenLogprob:
+    """`pieces(token_id)` -> (text, bytes) of the token alone (splitserve.token_bytes.TokenPieces)."""
+    text, data = pieces(token_id)
+    alternatives = []
+    for alternative, alternative_logprob in top:
+        alternative_text, alternative_data = pieces(alternative)
+        alternatives.append(common_pb2.TokenLogprob.TopLogprob(token_id=alternative, logprob=alternative_logprob,
+                                                               token=alternative_text,
+                                                               token_bytes=alternative_data))
+    return common_pb2.TokenLogprob(token_id=token_id, logprob=logprob, token=text, token_bytes=data,
+                                   top=alternatives)
+
+
+def stop_reason_to_proto(stop_reason: Union[str, int, None]) -> Optional[common_pb2.StopReason]:
+    """The stop string or stop token id that ended a sequence; None for anything else (EOS included)."""
+    if isinstance(stop_reason, str):
+        return common_pb2.StopReason(stop_string=stop_reason)
+    if isinstance(stop_reason, int):
+        return common_pb2.StopReason(stop_token_id=stop_reason)
+    return None
+
+
+def stop_reason_from_proto(msg: common_pb2.StopReason) -> Union[str, int, None]:
+    which = msg.WhichOneof("reason")
+    return getattr(msg, which) if which is not None else None

@@ -38,6 +38,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: Optional[int] = None
     n: int = 1
+    # Leave special tokens out of the text (not out of the token ids), as tokenizer.decode does.
+    skip_special_tokens: bool = True
     # Extra EOS-like ids from the model's generation_config; filled by the engine, not by users.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 

@@ -148,6 +148,38 @@ def test_chat_logprob_bytes_rebuild_the_text(client, model_id, reference_llm):
     assert bytes(b for e in entries for b in e.bytes).decode("utf-8", errors="replace") == content
 
 
+def _tokenizer_calls(stack) -> dict[str, float]:
+    """Tokenizer RPCs by method, summed over the replicas, from their own request counters."""
+    calls: dict[str, float] = {}
+    for port in stack.metrics_ports["tokenizer"]:
+        for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines():
+            if line.startswith("splitserve_tokenizer_requests_total{"):
+                method = line.split('method="', 1)[1].split('"', 1)[0]
+                calls[method] = calls.get(method, 0.0) + float(line.rsplit(" ", 1)[1])
+    return calls
+
+
+def test_a_stream_costs_the_tokenizer_its_prompt_only(client, model_id, reference_llm, stack):
+    # Text, stop strings and logprob entries come with the tokens from the workers: nothing per chunk.
+    prompt = " ".join(["blocks move between workers"] * 8)
+    [base] = reference_llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    text = base.outputs[0].text
+    # A stop string that first appears past the middle, so the stream has many chunks before it.
+    stop = next(text[i:i + 3] for i in range(len(text) // 2, len(text) - 3)
+                if text[i:i + 3].strip() and text.find(text[i:i + 3]) == i)
+    [reference] = reference_llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True,
+                                                                  stop=[stop]))
+    before = _tokenizer_calls(stack)
+    stream = client.completions.create(model=model_id, prompt=prompt, max_tokens=40, temperature=0.0, stop=[stop],
+                                       logprobs=2, stream=True, extra_body={"ignore_eos": True})
+    chunks = [c for c in stream if c.choices]
+    after = _tokenizer_calls(stack)
+    assert len(chunks) > 1 and sum(len(c.choices[0].logprobs.tokens) for c in chunks) > 5
+    assert "".join(c.choices[0].text for c in chunks) == reference.outputs[0].text == text[:text.find(stop)]
+    assert (chunks[-1].choices[0].finish_reason, chunks[-1].choices[0].model_extra["stop_reason"]) == ("stop", stop)
+    assert {m: n - before.get(m, 0.0) for m, n in after.items() if n != before.get(m, 0.0)} == {"Tokenize": 1.0}
+
+
 def test_prompt_blocks_travel_through_the_kv_store(client, model_id, reference_llm, stack):
     from e2e_stack import kv_store_stats
 

@@ -108,7 +108,8 @@ def test_modules_import_and_services_have_stubs(name):
 
 def test_expected_services_and_methods():
     expected = {
-        "tokenizer": {"Tokenizer": {"Tokenize", "Detokenize", "DetokenizeStream", "GetInfo", "TokenPieces"}},
+        # No per-token method: generated text comes from the engines, with the tokens.
+        "tokenizer": {"Tokenizer": {"Tokenize", "Detokenize", "GetInfo", "TokenPieces"}},
         "prefill": {"Prefill": {"Prefill", "Stats"}},
         "decode": {"Decode": {"Generate", "Stats"}},
         "kv_store": {
@@ -121,9 +122,6 @@ def test_expected_services_and_methods():
         pb2 = importlib.import_module(f"{PKG}.{name}_pb2")
         got = {s.name: {m.name for m in s.methods} for s in pb2.DESCRIPTOR.services_by_name.values()}
         assert got == services, name
-    tok = importlib.import_module(f"{PKG}.tokenizer_pb2").DESCRIPTOR.services_by_name["Tokenizer"]
-    stream = tok.methods_by_name["DetokenizeStream"]
-    assert stream.client_streaming and stream.server_streaming
     kv = importlib.import_module(f"{PKG}.kv_store_pb2").DESCRIPTOR.services_by_name["KVStore"]
     assert kv.methods_by_name["PutBlocks"].client_streaming
     assert kv.methods_by_name["GetBlocks"].server_streaming

@@ -35,6 +35,8 @@ class TokenDelta:
     """What one step produced for one sequence (or the end of it)."""
 
     token_ids: list[int]
+    # The text these tokens released (see engine.output_text): never part of a stop string, never half a character.
+    text: str = ""
     # Parallel to token_ids when logprobs were asked: (logprob, [(alternative id, logprob), ...]).
     logprobs: Optional[list[tuple[float, list[tuple[int, float]]]]] = None
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error"
@@ -44,6 +46,9 @@ class TokenDelta:
     num_cached_tokens: int = 0
     message: str = ""
     kv_export: Optional[KVExport] = None
+    # The tail of `text` released only because the sequence ended here (held-back text, an incomplete character).
+    # A prefill worker whose sequence goes on elsewhere leaves it out: the decode worker releases it in time.
+    end_text: str = ""
 
     @property
     def finished(self) -> bool:
@@ -201,13 +206,15 @@ class AsyncEngine:
         exports = {out.request_id: out for out in finished}
         items = []
         for seq in sampled:
-            delta = TokenDelta([seq.output_token_ids[-1]], num_prompt_tokens=seq.num_prompt_tokens,
+            delta = TokenDelta([seq.output_token_ids[-1]], seq.new_text, num_prompt_tokens=seq.num_prompt_tokens,
                                num_output_tokens=len(seq.output_token_ids), num_cached_tokens=seq.num_cached_tokens)
             if seq.params.logprobs is not None:
                 delta.logprobs = [(seq.logprobs[-1], list(seq.top_logprobs[-1] or []))]
             if seq.is_finished:
                 delta.finish_reason = seq.finish_reason
                 delta.stop_reason = seq.stop_reason
+                delta.text += seq.end_text
+                delta.end_text = seq.end_text
                 output = exports.get(seq.request_id)
                 if output is not None:
                     delta.kv_export = output.kv_export

@@ -15,12 +15,14 @@ from splitserve.config import EngineConfig
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.model_runner import ModelRunner
+from splitserve.engine.output_text import OutputText
 from splitserve.engine.outputs import CompletionOutput, KVExport, RequestOutput
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence, SequenceStatus
 from splitserve.engine.stop_checker import StopChecker
 from splitserve.hashing import chain_block_hashes
 from splitserve.stop_tokens import eos_token_ids
+from splitserve.token_bytes import TokenPieces
 from splitserve.kv_transfer.block_io import CacheBlocks, export_blocks, import_blocks
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
 from splitserve.kv_transfer.transport import KVTransferError
@@ -79,7 +81,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         self.eos_token_ids = set(eos_token_ids(self.tokenizer, files.config, files.generation_config))
-        self.stop_checker = StopChecker(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.stop_checker = StopChecker(self.eos_token_ids, self.max_model_len)
+        # Each token's own text and bytes, for logprob entries (cached per id).
+        self.token_pieces = TokenPieces(self.tokenizer)
         self.requests: dict[str, _Request] = {}
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens = 0
@@ -166,6 +170,8 @@ class LLMEngine:
                 if params.logprobs is not None:
                     seq.logprobs.append(float(logprob) if logprob is not None else float("nan"))
                     seq.top_logprobs.append(list(top or []))
+            seq.output_text = OutputText(self.tokenizer, token_ids, params)
+            seq.output_text.replay(seq.output_token_ids)  # their text was streamed by the worker that made them
             seqs.append(seq)
         seqs[0].held_block_ids = held
         self.requests[request_id] = _Request(request_id, text, token_ids, seqs, now, export_kv=export_kv)
@@ -295,8 +301,13 @@ class LLMEngine:
                 seq.logprobs.append(out.logprobs[i])
                 seq.top_logprobs.append(out.top_logprobs[i])
             self.last_step_sampled.append(seq)
+            seq.new_text = seq.output_text.push(seq.output_token_ids[-1])
             reason = self.stop_checker.check(seq)
             if reason is not None:
+                seq.end_text = seq.output_text.finish()
+                if seq.stop_reason is None and seq.output_text.stop_string is not None:
+                    # The end's text (an incomplete character as U+FFFD) completed a stop string.
+                    reason, seq.stop_reason = "stop", seq.output_text.stop_string
                 request = self.requests[seq.request_id]
                 if request.export_kv and request.kv_export is None:
                     request.kv_export = self._export_prompt_blocks(seq)
@@ -321,7 +332,7 @@ class LLMEngine:
                     logprobs.append(entry)
                 cumulative = float(sum(seq.logprobs))
             outputs.append(CompletionOutput(
-                index=seq.index, text=self.stop_checker.final_text(seq), token_ids=list(seq.output_token_ids),
+                index=seq.index, text=seq.output_text.text, token_ids=list(seq.output_token_ids),
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, cumulative_logprob=cumulative,
                 logprobs=logprobs))
         first = request.seqs[0]

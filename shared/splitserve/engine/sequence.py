@@ -5,12 +5,15 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from splitserve.hashing import BlockHash
 from splitserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from splitserve.engine.output_text import OutputText
 
 
 class SequenceStatus(enum.Enum):
@@ -48,6 +51,12 @@ class Sequence:
     # Blocks imported from a kv-store for this sequence: referenced until admission adopts them through the
     # prefix cache, so nothing evicts them in between.
     held_block_ids: list[int] = field(default_factory=list)
+    # The text made from output_token_ids (stop strings found there); set by the engine when the request is added.
+    output_text: Optional["OutputText"] = None
+    # Text the newest token released, and (on the step that finished the sequence) the text only its end
+    # released: held-back text that can no longer start a stop string, an incomplete character as U+FFFD.
+    new_text: str = ""
+    end_text: str = ""
 
     @property
     def token_ids(self) -> list[int]:

@@ -50,7 +50,7 @@ class DecodeServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
-        """Cancelling the RPC (client disconnect, stop string seen by the gateway) frees the request's blocks at once.
+        """Cancelling the RPC (client disconnect) frees the request's blocks at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitserve/v1/gateway.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\x85\x02\n\x16GatewayGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12+\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1b.splitserve.v1.ChatMessagesH\x00\x12\x36\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x1b\n\x13skip_special_tokens\x18\x07 \x01(\x08\x42\x08\n\x06prompt\"\x87\x02\n\x14GatewayGenerateChunk\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\r\n\x05index\x18\x06 \x01(\r\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0c\n\x04stop\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t2c\n\x07Gateway\x12X\n\x08Generate\x12%.splitserve.v1.GatewayGenerateRequest\x1a#.splitserve.v1.GatewayGenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitserve/v1/gateway.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\x85\x02\n\x16GatewayGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12+\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1b.splitserve.v1.ChatMessagesH\x00\x12\x36\n\x0fsampling_params\x18\x05 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x1b\n\x13skip_special_tokens\x18\x07 \x01(\x08\x42\x08\n\x06prompt\"\xb5\x02\n\x14GatewayGenerateChunk\x12\x12\n\ntext_delta\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12-\n\x08logprobs\x18\x03 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12#\n\x05usage\x18\x05 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\r\n\x05index\x18\x06 \x01(\r\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x0c\n\x04stop\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12\x1a\n\rstop_token_id\x18\n \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_stop_token_id2c\n\x07Gateway\x12X\n\x08Generate\x12%.splitserve.v1.GatewayGenerateRequest\x1a#.splitserve.v1.GatewayGenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,7 +35,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GATEWAYGENERATEREQUEST']._serialized_start=75
   _globals['_GATEWAYGENERATEREQUEST']._serialized_end=336
   _globals['_GATEWAYGENERATECHUNK']._serialized_start=339
-  _globals['_GATEWAYGENERATECHUNK']._serialized_end=602
-  _globals['_GATEWAY']._serialized_start=604
-  _globals['_GATEWAY']._serialized_end=703
+  _globals['_GATEWAYGENERATECHUNK']._serialized_end=648
+  _globals['_GATEWAY']._serialized_start=650
+  _globals['_GATEWAY']._serialized_end=749
 # @@protoc_insertion_point(module_scope)

@@ -41,24 +41,6 @@ class DetokenizeResponse(_message.Message):
     text: str
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
-class DetokenizeStreamRequest(_message.Message):
-    __slots__ = ("token_ids", "prefix_token_ids", "skip_special_tokens")
-    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    PREFIX_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    token_ids: _containers.RepeatedScalarFieldContainer[int]
-    prefix_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    skip_special_tokens: bool
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., prefix_token_ids: _Optional[_Iterable[int]] = ..., skip_special_tokens: _Optional[bool] = ...) -> None: ...
-
-class DetokenizeStreamResponse(_message.Message):
-    __slots__ = ("text_delta", "final")
-    TEXT_DELTA_FIELD_NUMBER: _ClassVar[int]
-    FINAL_FIELD_NUMBER: _ClassVar[int]
-    text_delta: str
-    final: bool
-    def __init__(self, text_delta: _Optional[str] = ..., final: _Optional[bool] = ...) -> None: ...
-
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

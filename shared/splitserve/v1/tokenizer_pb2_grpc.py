@@ -44,11 +44,6 @@ class TokenizerStub:
                 request_serializer=splitserve_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
-        self.DetokenizeStream = channel.stream_stream(
-                '/splitserve.v1.Tokenizer/DetokenizeStream',
-                request_serializer=splitserve_dot_v1_dot_tokenizer__pb2.DetokenizeStreamRequest.SerializeToString,
-                response_deserializer=splitserve_dot_v1_dot_tokenizer__pb2.DetokenizeStreamResponse.FromString,
-                _registered_method=True)
         self.GetInfo = channel.unary_unary(
                 '/splitserve.v1.Tokenizer/GetInfo',
                 request_serializer=splitserve_dot_v1_dot_tokenizer__pb2.GetInfoRequest.SerializeToString,
@@ -72,17 +67,6 @@ class TokenizerServicer:
 
     def Detokenize(self, request, context):
         """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def DetokenizeStream(self, request_iterator, context):
-        """One stream per generated sequence. The server keeps the decoding state (offsets, pending bytes) so each
-        response is only the new text, and never ends inside a UTF-8 character: bytes of an incomplete character
-        are held back until the ids that complete it arrive. One response per request message, in order (the
-        delta may be empty). When the client half-closes, held-back bytes are flushed as U+FFFD in one final
-        response with `final` set.
-        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -113,11 +97,6 @@ def add_TokenizerServicer_to_server(servicer, server):
                     servicer.Detokenize,
                     request_deserializer=splitserve_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.SerializeToString,
-            ),
-            'DetokenizeStream': grpc.stream_stream_rpc_method_handler(
-                    servicer.DetokenizeStream,
-                    request_deserializer=splitserve_dot_v1_dot_tokenizer__pb2.DetokenizeStreamRequest.FromString,
-                    response_serializer=splitserve_dot_v1_dot_tokenizer__pb2.DetokenizeStreamResponse.SerializeToString,
             ),
             'GetInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInfo,
@@ -184,33 +163,6 @@ class Tokenizer:
             '/splitserve.v1.Tokenizer/Detokenize',
             splitserve_dot_v1_dot_tokenizer__pb2.DetokenizeRequest.SerializeToString,
             splitserve_dot_v1_dot_tokenizer__pb2.DetokenizeResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def DetokenizeStream(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/splitserve.v1.Tokenizer/DetokenizeStream',
-            splitserve_dot_v1_dot_tokenizer__pb2.DetokenizeStreamRequest.SerializeToString,
-            splitserve_dot_v1_dot_tokenizer__pb2.DetokenizeStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,6 +21,7 @@ from splitserve.launcher.processes import ChildProcess
 from splitserve.proto_convert import sampling_params_to_proto
 from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from splitserve.serving.errors import param_from_error
+from splitserve.token_bytes import TokenBytes
 
 pytestmark = pytest.mark.timeout(300)
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -80,11 +81,12 @@ def _prefill(workers, prompt, params, request_id, worker="prefill"):
     return asyncio.run(go())
 
 
-def _decode(workers, prompt, params, request_id, first=None, handle=None):
+def _decode(workers, prompt, params, request_id, first=None, handle=None, prior=()):
     async def go():
         async with grpc.aio.insecure_channel(workers["decode"]) as channel:
             request = decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
-                                                 sampling_params=sampling_params_to_proto(params))
+                                                 sampling_params=sampling_params_to_proto(params),
+                                                 prior_output_token_ids=prior)
             if first is not None:
                 request.first_token_id = first
             if handle is not None:
@@ -180,6 +182,44 @@ def test_a_second_prefill_worker_reuses_blocks_from_the_store(workers, reference
     assert list(again.kv_handle.block_hashes.hashes) == list(first.kv_handle.block_hashes.hashes)
     chunks = _decode(workers, prompt, GREEDY, "x2", again.first_token_id, again.kv_handle)
     assert [again.first_token_id] + _tokens(chunks) == expected.outputs[0].token_ids
+
+
+def test_workers_make_the_offline_text_stop_strings_and_logprob_pieces(workers, reference):
+    prompt = list(range(110, 150))
+    text = reference.generate([prompt], GREEDY)[0].outputs[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip(), "need a visible stop string"
+    params = GREEDY.replace(stop=[stop], logprobs=2)
+    [expected] = reference.generate([prompt], params)
+    expected = expected.outputs[0]
+    assert expected.stop_reason == stop
+    first = _prefill(workers, prompt, params, "t1")
+    chunks = _decode(workers, prompt, params, "t1", first.first_token_id, first.kv_handle)
+    assert [first.first_token_id] + _tokens(chunks) == expected.token_ids
+    assert first.first_text + "".join(c.text for c in chunks) == expected.text == text[:text.find(stop)]
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+    assert chunks[-1].stop_reason.stop_string == stop
+    # Logprob entries carry each token's own text and real bytes, for the chosen token and the alternatives.
+    tokenizer = reference.get_tokenizer()
+    entries = [first.first_token_logprob] + [lp for c in chunks for lp in c.logprobs]
+    assert [e.token_id for e in entries] == expected.token_ids
+    for entry in entries:
+        for piece in [entry, *entry.top]:
+            assert piece.token == tokenizer.decode([piece.token_id], skip_special_tokens=False)
+            assert piece.token_bytes == TokenBytes(tokenizer)(piece.token_id)
+    assert _pools_whole(workers)
+
+
+def test_a_resumed_sequence_with_every_token_made_still_sends_its_held_back_text(workers, reference):
+    # The previous worker streamed all max_tokens tokens but died before its last chunk: what it held back (the
+    # tail that could start a stop string) is all that is left to send.
+    prompt = list(range(160, 190))
+    text = reference.generate([prompt], GREEDY)[0].outputs[0].text
+    params = GREEDY.replace(stop=[text[-2:] + "\u00a7\u00a7"])
+    [expected] = reference.generate([prompt], params)
+    assert expected.outputs[0].text == text and expected.outputs[0].finish_reason == "length"
+    [last] = _decode(workers, prompt, params, "r1", prior=expected.outputs[0].token_ids)
+    assert (last.text, last.finish_reason, list(last.token_ids)) == (text[-2:], common_pb2.FINISH_REASON_LENGTH, [])
 
 
 def test_local_prefill_on_decode(workers, reference):

@@ -4,12 +4,14 @@ The "model": each next token is the previous one plus a step (1, or 1 + seed % 2
 vocabulary; token 0 is EOS. The "tokenizer": a number in the prompt is that token id, any other word maps to
 a fixed id; ids ending in 7 and 8 are the two UTF-8 bytes of "é", so a sequence passing 7 → 8 tests that no
 delta splits a character. Every other id's text is " w<id>".
+
+The workers make the text, as the real ones do: with the engine's own OutputText over the fake tokenizer, so
+stop strings end sequences in the worker and the text they send is already cut.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import zlib
 from dataclasses import dataclass, field
 from typing import Optional
@@ -17,6 +19,8 @@ from typing import Optional
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from splitserve.engine.output_text import OutputText
+from splitserve.proto_convert import sampling_params_from_proto, stop_reason_to_proto
 from splitserve.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc,
                                              tokenizer_pb2, tokenizer_pb2_grpc)
 from splitserve.sampling_params import InvalidRequestError
@@ -42,6 +46,25 @@ def token_bytes(token_id: int) -> bytes:
 def decode_text(token_ids: list[int], skip_special: bool = True) -> str:
     data = b"".join(token_bytes(t) for t in token_ids if not (skip_special and t in SPECIAL))
     return data.decode("utf-8", errors="replace")
+
+
+class _DecodeOnly:
+    """What OutputText needs of a tokenizer."""
+
+    @staticmethod
+    def decode(token_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) -> str:
+        return decode_text(list(token_ids), skip_special_tokens)
+
+
+def output_text(request) -> OutputText:
+    """The sequence's text state, replayed over the tokens produced before this call (first token, failover)."""
+    params = sampling_params_from_proto(request.sampling_params)
+    text = OutputText(_DecodeOnly(), list(request.prompt_token_ids), params)
+    if getattr(request, "prior_output_token_ids", None):
+        text.replay(request.prior_output_token_ids)
+    elif hasattr(request, "first_token_id") and request.HasField("first_token_id"):
+        text.replay([request.first_token_id])
+    return text
 
 
 def word_id(word: str) -> int:
@@ -78,9 +101,12 @@ def expected_tokens(prompt: list[int], max_tokens: int, seed: Optional[int] = No
 
 
 def fake_logprob(token_id: int, top: int) -> common_pb2.TokenLogprob:
+    """As the engine sends them: each token with its own text and bytes."""
     alternatives = [(token_id, -0.5), ((token_id + 500) % VOCAB, -1.5), ((token_id + 501) % VOCAB, -2.5)]
-    return common_pb2.TokenLogprob(token_id=token_id, logprob=-0.5, top=[
-        common_pb2.TokenLogprob.TopLogprob(token_id=t, logprob=lp) for t, lp in alternatives[:top]])
+    return common_pb2.TokenLogprob(
+        token_id=token_id, logprob=-0.5, token=decode_text([token_id], False), token_bytes=token_bytes(token_id),
+        top=[common_pb2.TokenLogprob.TopLogprob(token_id=t, logprob=lp, token=decode_text([t], False),
+                                                token_bytes=token_bytes(t)) for t, lp in alternatives[:top]])
 
 
 def _seed(params: common_pb2.SamplingParams) -> Optional[int]:
@@ -94,9 +120,14 @@ def _max_tokens(params: common_pb2.SamplingParams) -> int:
 class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
     def __init__(self, max_context_length: int = 256):
         self.max_context_length = max_context_length
-        self.detokenize_streams = 0
+        # Calls per method, so tests can check what the gateway asks the tokenizer (nothing per token).
+        self.calls: dict[str, int] = {}
+
+    def _count(self, method: str) -> None:
+        self.calls[method] = self.calls.get(method, 0) + 1
 
     async def Tokenize(self, request, context):
+        self._count("Tokenize")
         if request.WhichOneof("input") == "chat":
             ids = tokenize_chat([(m.role, m.content) for m in request.chat.messages])
             return tokenizer_pb2.TokenizeResponse(token_ids=ids, rendered_prompt="(chat)")
@@ -105,27 +136,18 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
         return tokenizer_pb2.TokenizeResponse(token_ids=tokenize(request.text))
 
     async def Detokenize(self, request, context):
+        self._count("Detokenize")
         return tokenizer_pb2.DetokenizeResponse(text=decode_text(list(request.token_ids),
                                                                  request.skip_special_tokens))
 
-    async def DetokenizeStream(self, request_iterator, context):
-        self.detokenize_streams += 1
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        skip = True
-        first = True
-        async for request in request_iterator:
-            if first:
-                skip, first = request.skip_special_tokens, False
-            data = b"".join(token_bytes(t) for t in request.token_ids if not (skip and t in SPECIAL))
-            yield tokenizer_pb2.DetokenizeStreamResponse(text_delta=decoder.decode(data))
-        yield tokenizer_pb2.DetokenizeStreamResponse(text_delta=decoder.decode(b"", final=True), final=True)
-
     async def TokenPieces(self, request, context):
+        self._count("TokenPieces")
         return tokenizer_pb2.TokenPiecesResponse(pieces=[
             tokenizer_pb2.TokenPiece(text=decode_text([t], skip_special=False), token_bytes=token_bytes(t))
             for t in request.token_ids])
 
     async def GetInfo(self, request, context):
+        self._count("GetInfo")
         return tokenizer_pb2.GetInfoResponse(model="fake-model", vocab_size=VOCAB, eos_token_ids=[EOS],
                                              max_context_length=self.max_context_length, has_chat_template=True)
 
@@ -163,14 +185,23 @@ class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServicer):
             await abort_invalid(context, InvalidRequestError(f"stop token {FORBIDDEN_STOP_TOKEN} is not allowed",
                                                              "stop_token_ids"))
         first = next_token(request.prompt_token_ids[-1], _seed(params))
-        finish = common_pb2.FINISH_REASON_UNSPECIFIED
+        text = output_text(request)
+        first_text = text.push(first)
+        finish, stop_reason = common_pb2.FINISH_REASON_UNSPECIFIED, None
         if first == EOS and not params.ignore_eos:
             finish = common_pb2.FINISH_REASON_STOP
+        elif first in params.stop_token_ids and params.min_tokens < 1:
+            finish, stop_reason = common_pb2.FINISH_REASON_STOP, first
+        elif text.stop_string is not None:
+            finish, stop_reason = common_pb2.FINISH_REASON_STOP, text.stop_string
         elif _max_tokens(params) == 1:
             finish = common_pb2.FINISH_REASON_LENGTH
-        reply = prefill_pb2.PrefillResponse(
+            first_text += text.finish()
+        reply = prefill_pb2.PrefillResponse(first_text=first_text,
             request_id=request.request_id, first_token_id=first, cached_tokens=self.cached_tokens,
             finish_reason=finish, kv_handle=common_pb2.KVHandle(store_address=request.kv_target.store_address))
+        if stop_reason is not None:
+            reply.stop_reason.CopyFrom(stop_reason_to_proto(stop_reason))
         if params.HasField("logprobs"):
             reply.first_token_logprob.CopyFrom(fake_logprob(first, params.logprobs))
         return reply
@@ -217,31 +248,44 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServicer):
                 previous, produced = request.first_token_id, 1
             else:
                 previous, produced = request.prompt_token_ids[-1], 0
-            pending, logprobs, finish = [], [], common_pb2.FINISH_REASON_UNSPECIFIED
+            text = output_text(request)
+            pending, logprobs, finish, stop_reason = [], [], common_pb2.FINISH_REASON_UNSPECIFIED, None
+            delta = ""
             while finish == common_pb2.FINISH_REASON_UNSPECIFIED:
                 if self.token_delay_s:
                     await asyncio.sleep(self.token_delay_s)
                 previous = next_token(previous, seed)
                 produced += 1
                 pending.append(previous)
+                delta += text.push(previous)
                 if params.HasField("logprobs"):
                     logprobs.append(fake_logprob(previous, params.logprobs))
-                if (previous == EOS and not params.ignore_eos) or previous in params.stop_token_ids:
+                can_stop = produced > params.min_tokens
+                if previous == EOS and not params.ignore_eos:
                     finish = common_pb2.FINISH_REASON_STOP
+                elif previous in params.stop_token_ids and can_stop:
+                    finish, stop_reason = common_pb2.FINISH_REASON_STOP, previous
+                elif text.stop_string is not None:
+                    finish, stop_reason = common_pb2.FINISH_REASON_STOP, text.stop_string
                 elif produced >= max_tokens:
                     finish = common_pb2.FINISH_REASON_LENGTH
+                if finish != common_pb2.FINISH_REASON_UNSPECIFIED:
+                    delta += text.finish()
                 if self.die_after_tokens is not None and \
                         produced > self.die_after_tokens + len(request.prior_output_token_ids):
                     asyncio.get_running_loop().create_task(self.server.stop(None))
                     await asyncio.sleep(30)
                 if len(pending) >= self.chunk_tokens or finish != common_pb2.FINISH_REASON_UNSPECIFIED:
-                    chunk = decode_pb2.GenerateChunk(token_ids=pending, logprobs=logprobs, finish_reason=finish)
+                    chunk = decode_pb2.GenerateChunk(token_ids=pending, logprobs=logprobs, finish_reason=finish,
+                                                     text=delta)
+                    if stop_reason is not None:
+                        chunk.stop_reason.CopyFrom(stop_reason_to_proto(stop_reason))
                     if finish != common_pb2.FINISH_REASON_UNSPECIFIED:
                         chunk.usage.CopyFrom(common_pb2.Usage(prompt_tokens=len(request.prompt_token_ids),
                                                               completion_tokens=produced,
                                                               cached_tokens=self.cached_tokens))
                     yield chunk
-                    pending, logprobs = [], []
+                    pending, logprobs, delta = [], [], ""
             self.finished.append(request.request_id)
         except (asyncio.CancelledError, GeneratorExit):
             # gRPC ends a cancelled streaming handler either by cancelling its task (while it awaits) or by

@@ -90,19 +90,42 @@ def test_n2_without_seed_leaves_the_seed_unset(gateway, stack):
     assert not any(r.sampling_params.HasField("seed") for r in stack.prefill.requests)
 
 
-def test_stop_string_cuts_the_text_and_cancels_decode(make_stack):
+def test_the_worker_ends_a_sequence_at_its_stop_string_and_the_gateway_forwards_it(make_stack):
     stack = make_stack(decode={"token_delay_s": 0.01})
     gateway = stack.start_gateway()
-    cancels = _sample("splitserve_gateway_stop_string_cancels_total")
     result = gateway.openai().completions.create(model="fake-model", prompt="x 40", max_tokens=200, stop=" w43")
     choice = result.choices[0]
     assert choice.text == " w41 w42"
     assert choice.finish_reason == "stop"
     assert choice.model_extra["stop_reason"] == " w43"
     assert result.usage.completion_tokens == 3          # 41, 42 and 43, which held the stop string
-    stack.wait_for(lambda: stack.decode.cancelled)
-    assert stack.decode.finished == []
-    assert _sample("splitserve_gateway_stop_string_cancels_total") == cancels + 1
+    assert stack.decode.finished == [stack.decode.requests[-1].request_id] and stack.decode.cancelled == []
+
+
+def test_stop_reason_names_the_stop_token_id(gateway):
+    result = gateway.openai().completions.create(model="fake-model", prompt="x 40", max_tokens=20,
+                                                 extra_body={"stop_token_ids": [44]})
+    choice = result.choices[0]
+    assert (choice.text, choice.finish_reason, choice.model_extra["stop_reason"]) == (" w41 w42 w43 w44", "stop", 44)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_the_tokenizer_sees_no_per_token_traffic(make_stack, chat):
+    # Text and logprob entries come with the tokens from the workers: a stream costs the tokenizer its prompt.
+    stack = make_stack(decode={"chunk_tokens": 1})
+    gateway = stack.start_gateway()
+    client = gateway.openai()
+    client.models.list()
+    before = dict(stack.tokenizer.servicer.calls)
+    if chat:
+        chunks = list(client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "x"}],
+                                                     max_tokens=40, stream=True, logprobs=True, top_logprobs=2))
+    else:
+        chunks = list(client.completions.create(model="fake-model", prompt="x 100", max_tokens=40, stream=True,
+                                                logprobs=2))
+    assert len([c for c in chunks if c.choices]) >= 40
+    after = stack.tokenizer.servicer.calls
+    assert {m: after[m] - before.get(m, 0) for m in after if after[m] != before.get(m, 0)} == {"Tokenize": 1}
 
 
 def test_stop_string_spanning_tokens_is_never_streamed(make_stack):

@@ -76,6 +76,11 @@ def test_n_stop_and_logprobs(stack, gateway):
     assert results[1].text == " w41 w42 w43 w44" and results[1].stop == " w45"
 
 
+def test_stop_names_the_stop_token_id(stack, gateway):
+    result = _generate(stack, gateway, "x 40", max_tokens=20, stop_token_ids=[43])
+    assert (result.text, result.finish_reason, result.stop) == (" w41 w42 w43", "stop", 43)
+
+
 @pytest.mark.parametrize("kwargs, code, param", [
     ({"temperature": -1.0}, grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
     ({"stop_token_ids": [fakes.FORBIDDEN_STOP_TOKEN]}, grpc.StatusCode.INVALID_ARGUMENT, "stop_token_ids"),

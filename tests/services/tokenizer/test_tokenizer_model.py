@@ -108,9 +108,6 @@ def test_ids_outside_the_vocabulary_are_named(model):
     with pytest.raises(InvalidRequestError, match=r"token_ids\[1\] = 1000 is outside") as caught:
         model.decode([5, 1000], skip_special_tokens=False)
     assert caught.value.param == "token_ids"
-    with pytest.raises(InvalidRequestError) as caught:
-        model.detokenizer([70000], skip_special_tokens=True)
-    assert caught.value.param == "prefix_token_ids"
 
 
 def test_a_missing_model_is_a_load_error(tmp_path):

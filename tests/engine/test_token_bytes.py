@@ -7,8 +7,7 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from splitserve.demo_model import build_tokenizer
-from splitserve.services.tokenizer.token_bytes import TokenBytes
-from splitserve.services.tokenizer.tokenizer_model import TokenizerModel
+from splitserve.token_bytes import TokenBytes, TokenPieces
 
 # ü and ó are 2 bytes, 日 and 本 3, the emoji and 𝔘 4: several are split over tokens in both tokenizers below.
 TEXT = "Grüße aus Kraków, 日本 🚀 𝔘 ok"
@@ -93,11 +92,11 @@ def test_sentencepiece_byte_fallback_tokens_are_their_byte(sentencepiece):
 
 
 @pytest.mark.parametrize("kind", ["byte_level", "sentencepiece"])
-def test_the_tokenizer_service_gives_text_as_before_and_real_bytes(kind, byte_level, sentencepiece):
+def test_token_pieces_give_each_tokens_text_and_real_bytes(kind, byte_level, sentencepiece):
+    # What the engine puts in logprob entries (and the tokenizer service's TokenPieces answers).
     tokenizer = byte_level if kind == "byte_level" else sentencepiece
-    model = TokenizerModel("t", tokenizer, {}, {})
     ids = tokenizer.encode(TEXT, add_special_tokens=False)
-    pieces = model.token_pieces(ids)
+    pieces = [TokenPieces(tokenizer)(t) for t in ids]
     assert [text for text, _ in pieces] == [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
     assert any(text == "\ufffd" and data != text.encode() for text, data in pieces)
     joined = b"".join(data for _, data in pieces)

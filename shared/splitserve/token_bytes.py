@@ -94,3 +94,24 @@ def _decoder_parts(tokenizer) -> list[dict[str, Any]]:
         elif isinstance(part, dict):
             parts.append(part)
     return parts
+
+
+class TokenPieces:
+    """`pieces(token_id)` -> (text, bytes) of one token on its own, for logprob entries; cached per id.
+
+    The text is the id decoded alone, special tokens included (what OpenAI shows as `token`); the bytes are the
+    token's real bytes. Logprob alternatives repeat a lot across positions, so each id is decoded once; the
+    cache holds at most a vocabulary.
+    """
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._token_bytes = TokenBytes(tokenizer)
+        self._cache: dict[int, tuple[str, bytes]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, bytes]:
+        piece = self._cache.get(token_id)
+        if piece is None:
+            text = self._tokenizer.decode([token_id], skip_special_tokens=False)
+            piece = self._cache[token_id] = (text, self._token_bytes(token_id))
+        return piece

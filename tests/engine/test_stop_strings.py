@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitserve.services.gateway.stop_strings import StopStringMatcher
+from splitserve.engine.stop_strings import StopStringMatcher
 
 
 def _run(stops, deltas):
