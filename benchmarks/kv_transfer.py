@@ -433,7 +433,7 @@ def memcpy(shape: BlockShape, reps: Reps) -> Row:
 
 
 def checksum_rate(shape: BlockShape) -> float:
-    from splitserve.kv_transfer.checksum import row_crc32s
+    from splitserve.kv_blocks.checksum import row_crc32s
 
     rows = torch.randint(0, 256, (min(shape.count, 64), shape.size), dtype=torch.uint8)
     started = time.perf_counter()

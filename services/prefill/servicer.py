@@ -16,7 +16,7 @@ import torch
 from prometheus_client import Counter, Histogram
 
 from splitserve.engine.async_engine import EngineDeadError
-from splitserve.hashing import chain_block_hashes
+from splitserve.kv_blocks.hashing import chain_block_hashes
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, record_transfer
 from splitserve.kv_transfer.transport import KVTransferError
 from splitserve.protos.convert import finish_reason_to_proto, sampling_params_from_proto, token_logprob_to_proto

@@ -19,7 +19,7 @@ from splitserve.engine.outputs import CompletionOutput, KVExport, RequestOutput
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence, SequenceStatus
 from splitserve.engine.stop_checker import StopChecker
-from splitserve.hashing import chain_block_hashes
+from splitserve.kv_blocks.hashing import chain_block_hashes
 from splitserve.stop_tokens import eos_token_ids
 from splitserve.kv_transfer.block_io import CacheBlocks, export_blocks, import_blocks
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from splitserve.engine.model_runner import KVLayout
+from splitserve.kv_blocks.layout import KVLayout
 from splitserve.kv_transfer.host_buffers import RECEIVE_BUFFERS
 
 
@@ -137,12 +137,12 @@ def import_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], rows: tor
     picked = list(range(len(block_ids))) if row_indices is None else list(row_indices)
     stacked = stacked_caches(kv_caches)
     if stacked is not None and layout.bytes_per_block >= PER_BLOCK_COPY_BYTES:
-        blocks = rows_here.view(layout.dtype).view(rows.shape[0], layout.num_layers, 2, -1)
+        blocks = rows_here.view(kv_caches[0].dtype).view(rows.shape[0], layout.num_layers, 2, -1)
         for block_id, row in zip(block_ids, picked):
             stacked[:, :, block_id].copy_(blocks[row])  # every layer's K and V of one block in one strided copy
         return
     segment = layout.block_size * layout.num_kv_heads * layout.head_dim
-    blocks = rows_here.view(layout.dtype).view(rows.shape[0], layout.num_layers, 2, segment)
+    blocks = rows_here.view(kv_caches[0].dtype).view(rows.shape[0], layout.num_layers, 2, segment)
     index = torch.tensor(block_ids, dtype=torch.long, device=device)
     pick = None if picked == list(range(len(picked))) else torch.tensor(picked, dtype=torch.long, device=device)
     for layer, cache in enumerate(kv_caches):

@@ -14,17 +14,17 @@ from typing import Iterator, Optional
 import grpc
 import torch
 
-from splitserve.kv_transfer.checksum import ChecksumMismatchError, enabled_from_env, row_crc32s, verify_rows
+from splitserve.kv_blocks.checksum import ChecksumMismatchError, enabled_from_env, row_crc32s, verify_rows
+from splitserve.kv_transfer import PIECE_BYTES, REQUEST_ID_METADATA_KEY
 from splitserve.kv_transfer.host_buffers import receive_buffer
-from splitserve.kv_transfer.store_client import (REQUEST_ID_METADATA_KEY, StoreChannels, block_bytes, check_out,
-                                                 check_rows, checksum_failure, host_rows, metadata, transfer_error)
+from splitserve.kv_transfer.store_client import (StoreChannels, block_bytes, check_out, check_rows, checksum_failure,
+                                                 host_rows, metadata, transfer_error)
 from splitserve.kv_transfer.transport import KVLayoutMismatchError, KVTransferError, PutRows, ReceivedBlocks
 from splitserve.protos.convert import layout_mismatch
 from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2
 
 __all__ = ["GrpcKVTransport", "PIECE_BYTES", "REQUEST_ID_METADATA_KEY"]
 
-PIECE_BYTES = 1 << 20  # well under gRPC's 4 MiB default limit, large enough that per-message cost is noise
 
 
 class GrpcKVTransport:

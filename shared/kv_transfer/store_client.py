@@ -14,7 +14,8 @@ from typing import Optional
 import grpc
 import torch
 
-from splitserve.kv_transfer.checksum import ChecksumMismatchError, row_crc32s
+from splitserve.kv_blocks.checksum import ChecksumMismatchError, row_crc32s
+from splitserve.kv_transfer import REQUEST_ID_METADATA_KEY
 from splitserve.kv_transfer.transport import KVChecksumError, KVLayoutMismatchError, KVTransferError
 from splitserve.protos.convert import describe_layout, layout_from_proto
 from splitserve.protos.splitserve.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
@@ -24,7 +25,6 @@ from splitserve.serving.grpc_service import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_METADATA_KEY = "splitserve-request-id"  # names the request in the store's logs
 # gRPC backs off reconnecting up to 120 s by default; a kv-store back from a restart should be used within ~2 s.
 # A local subchannel pool, because otherwise a new channel inherits the failed connection (and its backoff) of
 # the one it replaces from gRPC's process-wide pool.

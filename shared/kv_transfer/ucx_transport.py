@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import torch
 
-from splitserve.kv_transfer.checksum import ChecksumMismatchError, enabled_from_env, verify_rows
+from splitserve.kv_blocks.checksum import ChecksumMismatchError, enabled_from_env, verify_rows
 from splitserve.kv_transfer.grpc_transport import GrpcKVTransport
 from splitserve.kv_transfer.host_buffers import receive_buffer
 from splitserve.kv_transfer.metrics import KV_TRANSPORT_FALLBACKS, KV_UCX_BLOCKS

@@ -13,7 +13,7 @@ from hf_reference import mixed_prompts
 from splitserve import LLM, InvalidRequestError, SamplingParams
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.kv_transfer.block_io import CacheBlocks, export_blocks, import_blocks
-from splitserve.kv_transfer.checksum import row_crc32s
+from splitserve.kv_blocks.checksum import row_crc32s
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
 from splitserve.kv_transfer.transport import ReceivedBlocks
 
@@ -246,7 +246,7 @@ def test_received_rows_copied_too_late_are_not_used(engines):
 @pytest.mark.parametrize("layers,heads,head_dim,dtype", [(3, 8, 128, torch.bfloat16), (2, 2, 8, torch.float32)],
                          ids=["large-blocks-one-copy-each", "small-blocks-per-layer"])
 def test_import_writes_the_same_bytes_whether_or_not_layers_share_one_tensor(layers, heads, head_dim, dtype):
-    from splitserve.engine.model_runner import KVLayout
+    from splitserve.kv_blocks.layout import KVLayout
     from splitserve.kv_transfer.block_io import PER_BLOCK_COPY_BYTES, stacked_caches
 
     layout = KVLayout(layers, 16, heads, head_dim, dtype)
