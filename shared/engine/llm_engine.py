@@ -50,10 +50,13 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        if config.model is None:
+            raise ValueError("EngineConfig.model is required: a hub id or checkpoint folder")
         self.config = config
         files = read_model_files(config.model)
         llama_args_from_config(files.config)  # an unsupported architecture fails here, before anything loads
-        self.device, self.dtype = config.torch_device, config.torch_dtype
+        self.device = _resolve_device(config.device)
+        self.dtype = _resolve_dtype(config.dtype, self.device)
         self.model_id = model_fingerprint(files, str(self.dtype).removeprefix("torch."), config.block_size)
         self.tokenizer = _load_tokenizer(config.tokenizer or str(files.path))
         torch.manual_seed(config.seed)
@@ -351,6 +354,18 @@ class LLMEngine:
             "waiting_tokens": sum(s.num_tokens for s in self.scheduler.waiting),
             "steps": self.num_steps,
         }
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 def _load_tokenizer(path: str):
