@@ -9,7 +9,8 @@ growing concatenation. With checksums on, each block's crc32 rides on its first 
 from __future__ import annotations
 
 import asyncio
-from typing import Iterator, Optional
+import contextlib
+from typing import AsyncIterator, Iterator, Optional
 
 import grpc
 import torch
@@ -114,10 +115,12 @@ class GrpcKVTransport:
                 raise await checksum_failure(self._channels, store_address, layout, exc, request_id) from exc
         return out[:done]
 
-    async def get_blocks_in_place(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
-                                  request_id: str = "", timeout_s: float = 30.0) -> ReceivedBlocks:
-        """Streams cannot reach the store's memory: the blocks are received into local rows (staged)."""
-        return ReceivedBlocks.staged(await self.get_blocks(store_address, layout, hashes, request_id, timeout_s))
+    @contextlib.asynccontextmanager
+    async def pinned_blocks(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
+                            request_id: str = "", timeout_s: float = 30.0) -> AsyncIterator[ReceivedBlocks]:
+        """Streams cannot reach the store's memory: the blocks are received into local rows (staged), which
+        need no pin."""
+        yield ReceivedBlocks.staged(await self.get_blocks(store_address, layout, hashes, request_id, timeout_s))
 
     async def close(self) -> None:
         if self._owns_channels:

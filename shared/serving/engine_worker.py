@@ -91,8 +91,7 @@ def build_engine(settings: EngineWorkerSettings):
 
 
 def layout_proto(async_engine) -> common_pb2.KVLayout:
-    engine = async_engine.engine
-    return layout_to_proto(engine.layout, engine.model_id)
+    return layout_to_proto(async_engine.layout, async_engine.model_id)
 
 
 def engine_stats_proto(async_engine, model_name: str) -> common_pb2.EngineStats:
@@ -182,14 +181,14 @@ async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_n
     health_address = ""
     if service.health_thread is not None:
         health_address = f"{settings.address.rsplit(':', 1)[0]}:{service.health_thread.port}"
-    identity = WorkerIdentity(role, settings.address, engine.engine.config.model, settings.cluster_token,
+    identity = WorkerIdentity(role, settings.address, engine.config.model, settings.cluster_token,
                               health_address)
     add_servicer(service, engine, transport, identity)
     announcer = None
     if settings.redis_url:
         from splitserve.worker_registry import WorkerAnnouncer
 
-        announcer = WorkerAnnouncer(settings.redis_url, role, settings.address, engine.engine.config.model,
+        announcer = WorkerAnnouncer(settings.redis_url, role, settings.address, engine.config.model,
                                     lambda: load_report(engine))
 
     async def on_started() -> None:
