@@ -1,7 +1,8 @@
 """What a block's KV layout means to the store: the key blocks are filed under and the payload size it fixes.
 
 The payload format (K then V per layer, [block_size, num_kv_heads, head_dim] of dtype) is the contract in
-kv_store.proto; its size comes from the KVLayout the engines use (splitserve.kv_blocks) so the store and the engines cannot disagree.
+kv_store.proto; its size comes from the KVLayout the engines use (splitserve.kv_blocks), so the store and the
+engines cannot disagree.
 """
 
 from __future__ import annotations

@@ -5,5 +5,6 @@
 KV_TRANSPORTS = ("ucx", "tcp", "grpc")
 
 # The wire contract of the gRPC data plane, shared with the kv-store (which must not import the transports).
-PIECE_BYTES = 1 << 20  # one gRPC message of block bytes: well under the 4 MiB default limit, yet per-message cost is noise
+# One gRPC message of block bytes: well under the 4 MiB default limit, large enough that per-message cost is noise.
+PIECE_BYTES = 1 << 20
 REQUEST_ID_METADATA_KEY = "splitserve-request-id"  # names the request in the store's logs
