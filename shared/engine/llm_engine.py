@@ -86,6 +86,7 @@ class LLMEngine:
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens = 0
         self.num_steps = 0
+        self.num_kv_load_failures = 0
         # Sequences that received a token in the last step (finished ones included): streaming reads these.
         self.last_step_sampled: list[Sequence] = []
         # lend_exports(): exports lend the cache blocks themselves instead of copying them. A release may come
@@ -201,6 +202,7 @@ class LLMEngine:
         try:
             return self.kv.import_blocks(hashes[:source.count], write)
         except KVLoadError as exc:
+            self.num_kv_load_failures += 1
             log.warning("received KV blocks not used, computing them instead: %s", exc)
             return []
 
@@ -352,6 +354,7 @@ class LLMEngine:
             "generation_tokens": self.num_generation_tokens,
             "preemptions": self.scheduler.num_preemptions,
             "held_blocks_released": self.scheduler.num_held_blocks_released,
+            "kv_load_failures": self.num_kv_load_failures,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "running_tokens": sum(s.num_tokens for s in self.scheduler.running),

@@ -143,6 +143,8 @@ class EngineMetricsCollector(Collector):
         yield counter("preemptions", "Sequences preempted by recompute", s["preemptions"])
         yield counter("kv_held_blocks_released", "Imported KV blocks a waiting request let go of because the cache "
                       "was full (recomputed if evicted before it ran)", s["held_blocks_released"])
+        yield counter("kv_load_failures", "Received KV loads the engine could not trust (their source was given "
+                      "back or ran out first): their blocks were recomputed", s["kv_load_failures"])
         yield counter("prompt_tokens_computed", "Prompt tokens run through the model", s["prompt_tokens_computed"])
         yield counter("generation_tokens", "Tokens generated", s["generation_tokens"])
         yield counter("engine_steps", "Engine steps run", s["steps"])

@@ -229,6 +229,7 @@ def test_received_rows_copied_too_late_are_not_used(engines):
     given_back.close()
     assert decode.import_kv_blocks(export.block_hashes, given_back) == []  # the transport took them back first
     assert KV_TRANSFER_FAILURES.labels("get", "received_rows_unusable")._value.get() == failures_before + 2
+    assert decode.stats()["kv_load_failures"] == cached_before["kv_load_failures"] + 2
     assert all(decode.pool.lookup(h) is None for h in export.block_hashes)  # nothing of it became findable
     assert decode.stats()["free_blocks"] == cached_before["free_blocks"]
 
