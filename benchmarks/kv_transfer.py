@@ -215,7 +215,7 @@ def paged_cache(shape: BlockShape, num_blocks: int, fill: str) -> list[torch.Ten
 async def cache_to_cache(transport, address: str, shape: BlockShape, reps: Reps, in_place: bool) -> Row:
     """Prefill's cache -> store -> decode's cache for scattered block ids, as the services move a prompt:
     in place (lent blocks gathered into the slots; slots read where they lie) or through exported copies."""
-    from splitserve.kv_transfer.block_io import CacheBlocks, export_blocks, import_blocks
+    from splitserve.engine.block_io import CacheBlocks, export_blocks, import_blocks
 
     num_blocks = shape.count + 16
     source, target = paged_cache(shape, num_blocks, "random"), paged_cache(shape, num_blocks, "zero")
@@ -229,10 +229,12 @@ async def cache_to_cache(transport, address: str, shape: BlockShape, reps: Reps,
                                                                  CacheBlocks(source, source_ids), timeout_s=120))
 
             async def get():
-                received = await transport.get_blocks_in_place(address, shape.layout, hashes, timeout_s=120)
-                with received.reading() as runs:
+                def write(runs):
                     for first, view in runs:
                         import_blocks(target, target_ids[first:first + view.shape[0]], view, layout_of(shape))
+
+                async with transport.pinned_blocks(address, shape.layout, hashes, timeout_s=120) as received:
+                    received.read(write)
         else:
             async def put_copy():
                 await transport.put_blocks(address, shape.layout, hashes, export_blocks(source, source_ids),
@@ -433,7 +435,7 @@ def memcpy(shape: BlockShape, reps: Reps) -> Row:
 
 
 def checksum_rate(shape: BlockShape) -> float:
-    from splitserve.kv_transfer.checksum import row_crc32s
+    from splitserve.kv_blocks.checksum import row_crc32s
 
     rows = torch.randint(0, 256, (min(shape.count, 64), shape.size), dtype=torch.uint8)
     started = time.perf_counter()

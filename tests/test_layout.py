@@ -52,3 +52,12 @@ def test_no_folder_of_python_code_is_outside_the_rule():
     for root in (REPO / "shared", REPO / "services"):
         for init in root.rglob("__init__.py"):
             assert "-" not in init.parent.name, f"{init.parent} cannot be imported under its folder name"
+
+
+def test_every_package_is_installed_by_pyproject():
+    """An editable install finds any folder; a wheel (the containers) ships only the packages listed."""
+    import tomllib
+
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {name for name, is_package in _all_modules() if is_package}
+    assert on_disk == listed, f"missing from pyproject: {sorted(on_disk - listed)}; stale: {sorted(listed - on_disk)}"

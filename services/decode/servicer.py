@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Optional
+from typing import AsyncIterator, Optional
 
 import grpc
 from prometheus_client import Counter
@@ -58,7 +58,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             DECODE_REQUESTS.labels("invalid").inc()
             await abort_invalid(context, exc)
         first_token = None
-        kv_blocks = None
+        pull = False
         prior = list(request.prior_output_token_ids)
         if prior:
             # Failover: another decode worker produced these before it died; they are recomputed here.
@@ -66,8 +66,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             if len(prior) >= params.max_tokens:
                 yield self._ended_already(prompt, params, prior)
                 return
-            if request.HasField("kv_handle"):
-                kv_blocks = await self._pull_blocks(request, request_id)
+            pull = request.HasField("kv_handle")
         elif request.HasField("first_token_id"):
             lp = request.first_token_logprob
             top = [(t.token_id, t.logprob) for t in lp.top]
@@ -76,35 +75,35 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             if params.max_tokens <= 1:
                 yield self._ended_already(prompt, params, [request.first_token_id])
                 return
-            kv_blocks = await self._pull_blocks(request, request_id)
+            pull = True
         else:
             LOCAL_PREFILL.inc()
 
         usage = common_pb2.Usage(prompt_tokens=len(prompt))
         pieces = self.engine.engine.token_pieces
+        stream = None
         try:
-            # aclosing: when gRPC closes this handler at a yield (client cancelled), the engine stream is closed
-            # at once too, which aborts the request and frees its blocks now rather than at garbage collection.
-            deltas = self.engine.generate(request_id, prompt, params, first_token=first_token, kv_blocks=kv_blocks,
-                                          prior_output_ids=prior)
-            async with contextlib.aclosing(deltas):
-                async for delta in deltas:
-                    chunk = decode_pb2.GenerateChunk(token_ids=delta.token_ids, text=delta.text)
-                    if delta.logprobs:
-                        for token, (logprob, top) in zip(delta.token_ids, delta.logprobs):
-                            chunk.logprobs.append(token_logprob_to_proto(token, logprob, top, pieces))
-                    if delta.num_output_tokens:
-                        usage.completion_tokens = delta.num_output_tokens
-                        usage.cached_tokens = delta.num_cached_tokens
-                    if delta.finished:
-                        chunk.finish_reason = finish_reason_to_proto(delta.finish_reason)
-                        chunk.usage.CopyFrom(usage)
-                        chunk.message = delta.message
-                        stop_reason = stop_reason_to_proto(delta.stop_reason)
-                        if stop_reason is not None:
-                            chunk.stop_reason.CopyFrom(stop_reason)
-                        DECODE_REQUESTS.labels(delta.finish_reason).inc()
-                    yield chunk
+            # The received blocks are readable (pinned in the store) only until the engine has taken the request.
+            async with self._prompt_blocks(request, request_id, pull) as kv_blocks:
+                stream = await self.engine.add_request(request_id, prompt, params, first_token=first_token,
+                                                       kv_blocks=kv_blocks, prior_output_ids=prior)
+            async for delta in stream:
+                chunk = decode_pb2.GenerateChunk(token_ids=delta.token_ids, text=delta.text)
+                if delta.logprobs:
+                    for token, (logprob, top) in zip(delta.token_ids, delta.logprobs):
+                        chunk.logprobs.append(token_logprob_to_proto(token, logprob, top, pieces))
+                if delta.num_output_tokens:
+                    usage.completion_tokens = delta.num_output_tokens
+                    usage.cached_tokens = delta.num_cached_tokens
+                if delta.finished:
+                    chunk.finish_reason = finish_reason_to_proto(delta.finish_reason)
+                    chunk.usage.CopyFrom(usage)
+                    chunk.message = delta.message
+                    stop_reason = stop_reason_to_proto(delta.stop_reason)
+                    if stop_reason is not None:
+                        chunk.stop_reason.CopyFrom(stop_reason)
+                    DECODE_REQUESTS.labels(delta.finish_reason).inc()
+                yield chunk
         except InvalidRequestError as exc:
             DECODE_REQUESTS.labels("invalid").inc()
             await abort_invalid(context, exc)
@@ -112,8 +111,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             DECODE_REQUESTS.labels("engine_dead").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         finally:
-            if kv_blocks is not None:
-                kv_blocks[1].abandon()  # read when the request joined the batch, unless it ended before
+            # When gRPC closes this handler at a yield (client cancelled), this aborts the request and frees its
+            # blocks now rather than at garbage collection.
+            if stream is not None:
+                stream.close()
 
     def _ended_already(self, prompt: list[int], params, produced: list[int]) -> decode_pb2.GenerateChunk:
         """The last chunk of a sequence whose tokens all came before this worker (max_tokens reached): only the
@@ -124,32 +125,42 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                                         usage=common_pb2.Usage(prompt_tokens=len(prompt),
                                                                completion_tokens=len(produced)))
 
-    async def _pull_blocks(self, request: decode_pb2.GenerateRequest,
-                           request_id: str) -> Optional[tuple[list[bytes], ReceivedBlocks]]:
+    @contextlib.asynccontextmanager
+    async def _prompt_blocks(self, request: decode_pb2.GenerateRequest, request_id: str,
+                             pull: bool) -> AsyncIterator[Optional[tuple[list[bytes], ReceivedBlocks]]]:
+        """`async with`: the prompt's blocks the kv-store holds (hashes, rows), readable for the body, or None
+        (nothing to pull, or the pull failed: the engine computes them; each reason counted)."""
+        if not pull:
+            yield None
+            return
         handle = request.kv_handle
         hashes = list(handle.block_hashes.hashes)
-        num_full = len(request.prompt_token_ids) // self.engine.engine.config.block_size
+        num_full = len(request.prompt_token_ids) // self.engine.config.block_size
         if not request.HasField("kv_handle") or not hashes:
             if num_full:
                 self._recompute("no_handle", request_id, "the prefill worker handed over no KV blocks")
-            return None
+            yield None
+            return
         mismatch = layout_mismatch(layout_proto(self.engine), handle.layout)
         if mismatch:
             self._recompute("layout_mismatch", request_id, mismatch)
-            return None
-        started = time.monotonic()
-        try:
-            received = await self.transport.get_blocks_in_place(handle.store_address, handle.layout, hashes,
-                                                                request_id, timeout_s=self.kv_timeout_s)
-        except KVTransferError as exc:
-            KV_TRANSFER_FAILURES.labels("get", type(exc).__name__).inc()
-            self._recompute("transfer_failed", request_id, str(exc))
-            return None
-        record_transfer("get", time.monotonic() - started, received.nbytes, received.count)
-        if received.count < len(hashes):
-            self._recompute("missing_blocks", request_id,
-                            f"the store had {received.count} of {len(hashes)} blocks")
-        return hashes[: received.count], received
+            yield None
+            return
+        async with contextlib.AsyncExitStack() as pinned:
+            started = time.monotonic()
+            try:
+                received = await pinned.enter_async_context(self.transport.pinned_blocks(
+                    handle.store_address, handle.layout, hashes, request_id, timeout_s=self.kv_timeout_s))
+            except KVTransferError as exc:
+                KV_TRANSFER_FAILURES.labels("get", type(exc).__name__).inc()
+                self._recompute("transfer_failed", request_id, str(exc))
+                received = None
+            if received is not None:
+                record_transfer("get", time.monotonic() - started, received.nbytes, received.count)
+                if received.count < len(hashes):
+                    self._recompute("missing_blocks", request_id,
+                                    f"the store had {received.count} of {len(hashes)} blocks")
+            yield (hashes[: received.count], received) if received is not None else None
 
     @staticmethod
     def _recompute(reason: str, request_id: str, detail: str) -> None:

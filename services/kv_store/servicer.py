@@ -19,8 +19,8 @@ from typing import AsyncIterator, Callable, Iterator, Optional
 
 import grpc
 
-from splitserve.kv_transfer.checksum import crc32
-from splitserve.kv_transfer.grpc_transport import PIECE_BYTES, REQUEST_ID_METADATA_KEY
+from splitserve.kv_blocks.checksum import crc32
+from splitserve.kv_transfer import PIECE_BYTES, REQUEST_ID_METADATA_KEY
 from splitserve.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.errors import PARAM_METADATA_KEY, abort_invalid

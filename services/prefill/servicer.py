@@ -7,18 +7,20 @@ is counted and logged, never hidden.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
+from typing import AsyncIterator, Optional
 
 import grpc
 import torch
 from prometheus_client import Counter, Histogram
 
 from splitserve.engine.async_engine import EngineDeadError
-from splitserve.hashing import chain_block_hashes
+from splitserve.kv_blocks.hashing import chain_block_hashes
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, record_transfer
-from splitserve.kv_transfer.transport import KVTransferError
+from splitserve.kv_transfer.transport import KVTransferError, ReceivedBlocks
 from splitserve.proto_convert import (finish_reason_to_proto, sampling_params_from_proto, stop_reason_to_proto,
                                        token_logprob_to_proto)
 from splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
@@ -53,16 +55,20 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         request_id = request.request_id or uuid.uuid4().hex
         prompt = list(request.prompt_token_ids)
         store = request.kv_target.store_address or self.kv_store_address
-        last = pulled = None
+        last = stream = None
+        already_stored: set[bytes] = set()
         try:
             try:
                 params = sampling_params_from_proto(request.sampling_params)
-                self.engine.engine.validate_prompt(prompt)
-                pulled = await self._pull_stored_prefix(store, prompt, request_id)
+                self.engine.validate_prompt(prompt)
                 # Only the first token is sampled here; with min_tokens >= 1 it must not be EOS or a stop id.
                 first_only = params.replace(max_tokens=1, n=1, min_tokens=min(params.min_tokens, 1))
-                async for delta in self.engine.generate(request_id, prompt, first_only, export_kv=True,
-                                                        kv_blocks=pulled):
+                # The pulled blocks are readable (pinned in the store) only until the engine has taken the request.
+                async with self._stored_prefix(store, prompt, request_id) as pulled:
+                    stream = await self.engine.add_request(request_id, prompt, first_only, export_kv=True,
+                                                           kv_blocks=pulled)
+                    already_stored = set(pulled[0]) if pulled else set()
+                async for delta in stream:
                     last = delta
             except InvalidRequestError as exc:
                 PREFILL_REQUESTS.labels("invalid").inc()
@@ -71,8 +77,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 PREFILL_REQUESTS.labels("engine_dead").inc()
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             finally:
-                if pulled is not None:
-                    pulled[1].abandon()  # read by now, unless the request ended first
+                if stream is not None:
+                    stream.close()  # aborts the request if this handler was cancelled before it finished
             if last is None or last.finish_reason in ("abort", "error") or not last.token_ids:
                 PREFILL_REQUESTS.labels("error").inc()
                 await context.abort(grpc.StatusCode.INTERNAL,
@@ -93,7 +99,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 response.first_token_logprob.CopyFrom(token_logprob_to_proto(last.token_ids[0], logprob, top,
                                                                              self.engine.engine.token_pieces))
             if finish is None and last.kv_export is not None and last.kv_export.block_hashes:
-                already_stored = set(pulled[0]) if pulled else set()
                 handle = await self._store_blocks(store, last.kv_export, request_id, already_stored)
                 if handle is not None:
                     response.kv_handle.CopyFrom(handle)
@@ -107,38 +112,43 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def _finish_reason(self, engine_reason: str, max_tokens: int, prompt_len: int):
         if engine_reason == "stop":
             return "stop"
-        if max_tokens == 1 or prompt_len + 1 >= self.engine.engine.max_model_len:
+        if max_tokens == 1 or prompt_len + 1 >= self.engine.max_model_len:
             return "length"
         return None  # decode goes on
 
-    async def _pull_stored_prefix(self, store: str | None, prompt: list[int], request_id: str):
-        """Cross-worker prefix reuse: the prompt's leading blocks that this worker lacks but the kv-store holds
-        (another worker computed them) are pulled instead of computed. A failed pull only costs the compute."""
-        engine = self.engine.engine
+    @contextlib.asynccontextmanager
+    async def _stored_prefix(self, store: str | None, prompt: list[int],
+                             request_id: str) -> AsyncIterator[Optional[tuple[list[bytes], ReceivedBlocks]]]:
+        """`async with`: cross-worker prefix reuse. The prompt's leading blocks that this worker lacks but the
+        kv-store holds (another worker computed them), readable for the body, or None. A failed pull only costs
+        the compute."""
+        engine = self.engine
         block_size = engine.config.block_size
         usable = (len(prompt) - 1) // block_size  # the last token is always computed: its logits pick the next
         if not store or usable == 0 or not engine.config.enable_prefix_caching:
-            return None
+            yield None
+            return
         hashes = chain_block_hashes(prompt[: usable * block_size], block_size, engine.model_id)
-        local = 0
-        while local < usable and engine.pool.lookup(hashes[local]) is not None:
-            local += 1
+        local = await engine.cached_prefix_blocks(hashes)
         if local == usable:
-            return None
-        started = time.monotonic()
-        try:
-            received = await self.transport.get_blocks_in_place(store, layout_proto(self.engine), hashes[local:],
-                                                                request_id, timeout_s=self.kv_timeout_s)
-        except KVTransferError as exc:
-            KV_TRANSFER_FAILURES.labels("get", type(exc).__name__).inc()
-            log.warning("request %s: reading cached prefix blocks from %s failed (%s); computing them", request_id,
-                        store, exc)
-            return None
-        if received.count == 0:
-            return None
-        record_transfer("get", time.monotonic() - started, received.nbytes, received.count)
-        STORE_PREFIX_HITS.inc(received.count * block_size)
-        return hashes[local: local + received.count], received
+            yield None
+            return
+        async with contextlib.AsyncExitStack() as pinned:
+            started = time.monotonic()
+            try:
+                received = await pinned.enter_async_context(self.transport.pinned_blocks(
+                    store, layout_proto(engine), hashes[local:], request_id, timeout_s=self.kv_timeout_s))
+            except KVTransferError as exc:
+                KV_TRANSFER_FAILURES.labels("get", type(exc).__name__).inc()
+                log.warning("request %s: reading cached prefix blocks from %s failed (%s); computing them",
+                            request_id, store, exc)
+                received = None
+            if received is not None and received.count:
+                record_transfer("get", time.monotonic() - started, received.nbytes, received.count)
+                STORE_PREFIX_HITS.inc(received.count * block_size)
+                yield hashes[local: local + received.count], received
+            else:
+                yield None
 
     async def _store_blocks(self, store: str | None, export, request_id: str, already_stored: set = frozenset()):
         if not store:

@@ -1,32 +1,38 @@
-"""The engine's settings in one place; the offline LLM and the prefill/decode services fill it from their inputs."""
+"""The engine's settings, declared once: the offline LLM takes them as keyword arguments, and the prefill/decode
+workers' settings and the launcher's extend this dataclass, so each setting has one name, default, check and help.
+
+Torch-free: the launcher reads it without loading torch; the engine resolves "auto" device and dtype itself.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
-import torch
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
 class EngineConfig:
-    model: str
-    tokenizer: Optional[str] = None
-    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = "auto"
-    block_size: int = 16
-    num_kv_blocks: Optional[int] = None
-    kv_cache_memory_bytes: Optional[int] = None
-    gpu_memory_utilization: float = 0.9
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: Optional[int] = None
+    model: Optional[str] = field(default=None, metadata={
+        "help": "hub id or checkpoint folder (the services default to the tiny offline demo model)"})
+    tokenizer: Optional[str] = field(default=None, metadata={"help": "tokenizer folder (default: the model's)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "engine dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16"})
+    device: str = field(default="auto", metadata={"help": "engine device: auto, cpu, cuda, cuda:1 ..."})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block (a power of two)"})
+    num_kv_blocks: Optional[int] = field(default=None, metadata={
+        "help": "KV cache blocks (default: from the memory budget)"})
+    kv_cache_memory_bytes: Optional[int] = field(default=None, metadata={
+        "help": "KV cache budget in bytes (default: from free device memory)"})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "share of GPU memory the engine may use"})
+    max_num_seqs: int = field(default=64, metadata={"help": "max running sequences"})
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget per engine step"})
+    max_model_len: Optional[int] = field(default=None, metadata={"help": "context length (default: the model's)"})
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    attention_backend: str = "auto"
-    seed: int = 0
+    attention_backend: str = field(default="auto", metadata={"help": "attention kernels: auto, torch, triton"})
+    seed: int = field(default=0, metadata={"help": "seed of the engine's default random generator"})
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -37,20 +43,15 @@ class EngineConfig:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        if self.dtype != "auto" and self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
 
-    @property
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+    def engine_config(self, **changes) -> "EngineConfig":
+        """The engine's part of settings that extend this class (a worker's, the launcher's), with `changes`."""
+        values = {f.name: getattr(self, f.name) for f in fields(EngineConfig)}
+        return EngineConfig(**{**values, **changes})
 
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
-        return _DTYPES[self.dtype]
-
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def changed_engine_values(self) -> dict:
+        """The engine settings that differ from their defaults: what a launcher passes on to a worker."""
+        return {f.name: getattr(self, f.name) for f in fields(EngineConfig)
+                if getattr(self, f.name) != f.default}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 from splitserve.config import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
@@ -14,31 +14,9 @@ Prompt = Union[str, list[int]]
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str,
-        *,
-        tokenizer: Optional[str] = None,
-        dtype: str = "auto",
-        block_size: int = 16,
-        num_kv_blocks: Optional[int] = None,
-        kv_cache_memory_bytes: Optional[int] = None,
-        gpu_memory_utilization: float = 0.9,
-        max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
-        max_model_len: Optional[int] = None,
-        enable_prefix_caching: bool = True,
-        enable_chunked_prefill: bool = True,
-        attention_backend: str = "auto",
-        device: str = "auto",
-        seed: int = 0,
-    ):
-        self.engine = LLMEngine(EngineConfig(
-            model=model, tokenizer=tokenizer, dtype=dtype, block_size=block_size, num_kv_blocks=num_kv_blocks,
-            kv_cache_memory_bytes=kv_cache_memory_bytes, gpu_memory_utilization=gpu_memory_utilization,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, max_model_len=max_model_len,
-            enable_prefix_caching=enable_prefix_caching, enable_chunked_prefill=enable_chunked_prefill,
-            attention_backend=attention_backend, device=device, seed=seed))
+    def __init__(self, model: str, **engine_settings):
+        """`engine_settings`: any EngineConfig field (dtype, device, block_size, num_kv_blocks, max_num_seqs, ...)."""
+        self.engine = LLMEngine(EngineConfig(model=model, **engine_settings))
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
+from splitserve.kv_blocks.layout import KVLayout, UnknownDTypeError
 from splitserve.v1 import common_pb2
 from splitserve.sampling_params import InvalidRequestError, SamplingParams
-
-if TYPE_CHECKING:  # torch stays out of the gateway and the kv-store: they only move these as messages
-    from splitserve.engine.model_runner import KVLayout
 
 _FINISH_TO_PROTO = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -62,21 +60,17 @@ def finish_reason_from_proto(value: int) -> Optional[str]:
     return _FINISH_FROM_PROTO[value]
 
 
-def layout_to_proto(layout: "KVLayout", model_fingerprint: str) -> common_pb2.KVLayout:
+def layout_to_proto(layout: KVLayout, model_fingerprint: str) -> common_pb2.KVLayout:
     return common_pb2.KVLayout(num_layers=layout.num_layers, block_size=layout.block_size,
-                               num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim,
-                               dtype=str(layout.dtype).removeprefix("torch."), model_fingerprint=model_fingerprint)
+                               num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, dtype=layout.dtype,
+                               model_fingerprint=model_fingerprint)
 
 
-def layout_from_proto(msg: common_pb2.KVLayout) -> "KVLayout":
-    import torch
-
-    from splitserve.engine.model_runner import KVLayout
-
-    dtype = getattr(torch, msg.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise InvalidRequestError(f"unknown KV dtype {msg.dtype!r}", "layout")
-    return KVLayout(msg.num_layers, msg.block_size, msg.num_kv_heads, msg.head_dim, dtype)
+def layout_from_proto(msg: common_pb2.KVLayout) -> KVLayout:
+    try:
+        return KVLayout(msg.num_layers, msg.block_size, msg.num_kv_heads, msg.head_dim, msg.dtype)
+    except UnknownDTypeError as exc:
+        raise InvalidRequestError(str(exc), "layout") from exc
 
 
 def describe_layout(msg: common_pb2.KVLayout) -> str:

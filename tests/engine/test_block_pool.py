@@ -5,7 +5,7 @@ import pytest
 from splitserve.engine.block_pool import BlockPool, NoFreeBlocksError
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.sequence import Sequence
-from splitserve.hashing import chain_block_hashes, extend_block_hashes
+from splitserve.kv_blocks.hashing import chain_block_hashes, extend_block_hashes
 from splitserve.sampling_params import SamplingParams
 
 

@@ -12,8 +12,8 @@ import torch
 from hf_reference import mixed_prompts
 from splitserve import LLM, InvalidRequestError, SamplingParams
 from splitserve.engine.async_engine import AsyncEngine
-from splitserve.kv_transfer.block_io import CacheBlocks, export_blocks, import_blocks
-from splitserve.kv_transfer.checksum import row_crc32s
+from splitserve.engine.block_io import CacheBlocks, export_blocks, import_blocks
+from splitserve.kv_blocks.checksum import row_crc32s
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
 from splitserve.kv_transfer.transport import ReceivedBlocks
 
@@ -181,8 +181,8 @@ def test_async_engine_streams_and_cancels(llama_ckpt):
 def test_a_serving_engine_lends_its_blocks_instead_of_copying_them(llama_ckpt, engines):
     _, decode, offline = engines
     lender = _engine(llama_ckpt)
-    given_back = []
-    lender.return_lent_blocks = given_back.append  # a server loop hands these to its engine thread
+    returned = []
+    lender.lend_exports(lambda: returned.append(True))  # a server loop wakes its engine thread with this
     prompt = mixed_prompts(VOCAB, [70], seed=11)[0]
     export = _run(lender, "lend", prompt, GREEDY.replace(max_tokens=1), export_kv=True).kv_export
     lent = export.blocks
@@ -197,8 +197,9 @@ def test_a_serving_engine_lends_its_blocks_instead_of_copying_them(llama_ckpt, e
     assert torch.equal(part, rows[[3, 1]])
     export.release()
     export.release()  # once only
-    assert given_back == [lent.block_ids]
-    lender.give_back_blocks(given_back[0])
+    assert returned == [True]
+    assert all(lender.pool.ref_count(b) == 1 for b in lent.block_ids)  # taken back on the engine's thread only
+    lender.reclaim_lent_blocks()
     _assert_pool_whole(lender)
     # What was lent is what a decode engine continues from.
     held = decode.import_kv_blocks(export.block_hashes, rows)
@@ -228,6 +229,7 @@ def test_received_rows_copied_too_late_are_not_used(engines):
     given_back.close()
     assert decode.import_kv_blocks(export.block_hashes, given_back) == []  # the transport took them back first
     assert KV_TRANSFER_FAILURES.labels("get", "received_rows_unusable")._value.get() == failures_before + 2
+    assert decode.stats()["kv_load_failures"] == cached_before["kv_load_failures"] + 2
     assert all(decode.pool.lookup(h) is None for h in export.block_hashes)  # nothing of it became findable
     assert decode.stats()["free_blocks"] == cached_before["free_blocks"]
 
@@ -246,8 +248,8 @@ def test_received_rows_copied_too_late_are_not_used(engines):
 @pytest.mark.parametrize("layers,heads,head_dim,dtype", [(3, 8, 128, torch.bfloat16), (2, 2, 8, torch.float32)],
                          ids=["large-blocks-one-copy-each", "small-blocks-per-layer"])
 def test_import_writes_the_same_bytes_whether_or_not_layers_share_one_tensor(layers, heads, head_dim, dtype):
-    from splitserve.engine.model_runner import KVLayout
-    from splitserve.kv_transfer.block_io import PER_BLOCK_COPY_BYTES, stacked_caches
+    from splitserve.kv_blocks.layout import KVLayout
+    from splitserve.engine.block_io import PER_BLOCK_COPY_BYTES, stacked_caches
 
     layout = KVLayout(layers, 16, heads, head_dim, dtype)
     stacked = list(torch.randn(layers, 2, 20, 16, heads, head_dim).to(dtype).unbind(0))  # as ModelRunner allocates
@@ -279,3 +281,35 @@ def test_resumed_sequence_continues_after_its_prior_output(engines, already):
     _assert_pool_whole(decode)
     with pytest.raises(InvalidRequestError, match="either"):
         decode.add_request("both", prompt, GREEDY, first_token=(1, None, None), prior_output_ids=[1])
+
+
+def test_received_blocks_are_in_the_cache_once_add_request_returns(llama_ckpt, engines):
+    """The serving engine's load is over when add_request returns, so the transport may end its pin right then;
+    and what the prefix cache holds is asked on the engine's thread, never read from another."""
+    prefill, _, offline = engines
+    decode = _engine(llama_ckpt)
+    prompt = mixed_prompts(VOCAB, [70], seed=13)[0]
+    export = _run(prefill, "pin", prompt, GREEDY.replace(max_tokens=1), export_kv=True).kv_export
+    first = export_first_token(offline, prompt)
+
+    async def main():
+        runner = AsyncEngine(decode)
+        runner.start()
+        try:
+            assert await runner.cached_prefix_blocks(export.block_hashes) == 0
+            received = ReceivedBlocks(4, [(0, export.blocks[:1]), (1, export.blocks[1:])], mapped=True)
+            stream = await runner.add_request("pin-d", prompt, GREEDY, first_token=(first, None, None),
+                                              kv_blocks=(export.block_hashes, received))
+            received.close()  # what ending the pin does: the rows are gone from here on
+            assert await runner.cached_prefix_blocks(export.block_hashes) == 4
+            async with stream:
+                return [token async for delta in stream for token in delta.token_ids]
+        finally:
+            await runner.stop()
+
+    computed_before = decode.stats()["prompt_tokens_computed"]
+    tokens = asyncio.run(main())
+    [reference] = offline.generate([prompt], GREEDY)
+    assert [first] + tokens == reference.outputs[0].token_ids
+    assert decode.stats()["prompt_tokens_computed"] - computed_before == 70 % 16  # only the tail was computed
+    _assert_pool_whole(decode)

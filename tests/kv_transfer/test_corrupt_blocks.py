@@ -30,7 +30,7 @@ def _transport(kind: str):
 
 
 @pytest.mark.parametrize("kind,read", [("grpc", "get_blocks"), ("ucx", "get_blocks"),
-                                       ("ucx", "get_blocks_in_place")])
+                                       ("ucx", "pinned_blocks")])
 def test_a_corrupt_block_is_dropped_and_the_next_writer_replaces_it(start_store, monkeypatch, kind, read):
     store = start_store("--kv-transport", "grpc" if kind == "grpc" else "ucx", "--capacity-bytes", str(16 << 20))
     hashes, blocks = chain("corrupt", 4), random_blocks(4, SIZE, seed=9)
@@ -54,10 +54,8 @@ def test_a_corrupt_block_is_dropped_and_the_next_writer_replaces_it(start_store,
     async def get():
         if read == "get_blocks":
             return await transport.get_blocks(store.address, LAYOUT, hashes)
-        received = await transport.get_blocks_in_place(store.address, LAYOUT, hashes)
-        rows = received.rows().clone()
-        received.abandon()
-        return rows
+        async with transport.pinned_blocks(store.address, LAYOUT, hashes) as received:
+            return received.rows()
 
     async def body():
         try:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from ucx_required import require_ucx
 
-from splitserve.kv_transfer.checksum import (ChecksumMismatchError, crc32, enabled_from_env, row_crc32s,
+from splitserve.kv_blocks.checksum import (ChecksumMismatchError, crc32, enabled_from_env, row_crc32s,
                                              verify_rows)
 from splitserve.kv_transfer.host_buffers import MIN_MAPPED_BYTES, ReceiveBuffers
 from splitserve.kv_transfer.store_client import check_out

@@ -15,7 +15,8 @@ from ucx_required import require_ucx
 
 require_ucx()
 
-from splitserve.kv_transfer.block_io import CacheBlocks, export_blocks  # noqa: E402
+from splitserve.engine.block_io import CacheBlocks, export_blocks  # noqa: E402
+from splitserve.engine.kv_connector import KVLoadError  # noqa: E402
 from splitserve.kv_transfer.transport import KVTransferError  # noqa: E402
 from splitserve.v1 import common_pb2, kv_store_pb2  # noqa: E402
 from store_process import chain  # noqa: E402
@@ -32,6 +33,11 @@ def pinned_blocks(store) -> int:
     return store.stats().pinned_blocks
 
 
+async def _pin_and_leave(transport, address, hashes):
+    async with transport.pinned_blocks(address, SMALL, hashes):
+        pass
+
+
 def test_lent_blocks_go_straight_into_mapped_slots_and_are_read_in_place(store):
     caches = small_caches(seed=1)
     block_ids = [7, 3, 11, 12, 13, 0]  # scattered and adjacent ids alike
@@ -44,45 +50,54 @@ def test_lent_blocks_go_straight_into_mapped_slots_and_are_read_in_place(store):
     async def body(transport):
         # The store verifies each slot's crc32 on commit against the one computed over the cache in place.
         assert await transport.put_blocks(store.address, SMALL, hashes, lent, request_id="req-inplace") == 6
-        received = await transport.get_blocks_in_place(store.address, SMALL, hashes + chain("absent", 1))
-        assert received.mapped and received.count == 6 and received.nbytes == 6 * S
-        assert pinned_blocks(store) == 6  # held while nobody has read them
-        with received.reading() as runs:
-            assert sum(view.shape[0] for _, view in runs) == 6
-            got = torch.cat([view.clone() for _, view in runs])
-        assert received.in_time()
+        async with transport.pinned_blocks(store.address, SMALL, hashes + chain("absent", 1)) as received:
+            assert received.mapped and received.count == 6 and received.nbytes == 6 * S
+            assert pinned_blocks(store) == 6  # held for the body of the `async with`
+            got = []
+            received.read(lambda runs: got.extend(view.clone() for _, view in runs))
+            assert sum(view.shape[0] for view in got) == 6
+            assert received.in_time()
         deadline = time.monotonic() + 5
-        while pinned_blocks(store) and time.monotonic() < deadline:  # read: the pin ends in the background
+        while pinned_blocks(store) and time.monotonic() < deadline:  # the pin ends in the background
             await asyncio.sleep(0.02)
         assert pinned_blocks(store) == 0
-        with pytest.raises(KVTransferError, match="given back before they were read"):
-            with received.reading():
-                pass
-        return got
+        with pytest.raises(KVLoadError, match="given back before they were read"):
+            received.read(lambda runs: None)
+        return torch.cat(got)
 
     assert torch.equal(run(body), expected)
     assert ucx_blocks("put", "mapped") == mapped_put + 6
     assert_whole(store)
 
 
-def test_abandoned_rows_end_the_pin_without_being_read(store):
+def test_a_pin_ends_with_its_body_whether_or_not_the_rows_were_read(store):
     caches = small_caches(seed=2)
-    hashes = chain("abandon", 3)
+    hashes = chain("unread", 3)
 
     async def body(transport):
         await transport.put_blocks(store.address, SMALL, hashes, CacheBlocks(caches, [1, 2, 3]))
-        received = await transport.get_blocks_in_place(store.address, SMALL, hashes)
-        assert pinned_blocks(store) == 3
-        received.abandon()
+        with pytest.raises(RuntimeError, match="the request ended first"):
+            async with transport.pinned_blocks(store.address, SMALL, hashes) as received:
+                assert pinned_blocks(store) == 3
+                raise RuntimeError("the request ended first")
         deadline = time.monotonic() + 5
         while pinned_blocks(store) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         assert pinned_blocks(store) == 0
-        with pytest.raises(KVTransferError):
-            with received.reading():
-                pass
-        # An unread, unabandoned get does not hold close() up to its deadline either.
-        await transport.get_blocks_in_place(store.address, SMALL, hashes)
+        with pytest.raises(KVLoadError):
+            received.read(lambda runs: None)
+        # A body cancelled while it holds the pin ends it too, and close() does not wait for its deadline.
+        entered = asyncio.Event()
+
+        async def held_forever():
+            async with transport.pinned_blocks(store.address, SMALL, hashes):
+                entered.set()
+                await asyncio.sleep(3600)
+
+        task = asyncio.ensure_future(held_forever())
+        await entered.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
     started = time.monotonic()
     run(body)
@@ -101,7 +116,7 @@ def test_a_corrupt_slot_is_caught_before_anyone_reads_it_in_place(store):
     scribble(store.address, pinned.endpoint.worker_address, remote_addr + 8, rkey, 16)
 
     with pytest.raises(KVTransferError, match=f"block {hashes[1].hex()} is corrupt"):
-        run(lambda t: t.get_blocks_in_place(store.address, SMALL, hashes))
+        run(lambda t: _pin_and_leave(t, store.address, hashes))
     assert_whole(store)
 
 
@@ -114,9 +129,9 @@ def test_without_a_mapping_lent_blocks_are_staged_for_rma_and_reads_are_staged(s
 
     async def body(transport):
         await transport.put_blocks(store.address, SMALL, hashes, CacheBlocks(caches, block_ids))
-        received = await transport.get_blocks_in_place(store.address, SMALL, hashes)
-        assert not received.mapped and received.count == 4
-        return received.rows()
+        async with transport.pinned_blocks(store.address, SMALL, hashes) as received:
+            assert not received.mapped and received.count == 4
+            return received.rows()
 
     assert torch.equal(run(body, ucx_config={"TLS": "tcp"}), export_blocks(caches, block_ids))
     assert ucx_blocks("put", "rma") + ucx_blocks("get", "rma") == rma_before + 8

@@ -179,3 +179,26 @@ def test_envoy_has_an_admin_interface_only_when_asked(tmp_path):
     assert plan.envoy_ports.admin_port is None
     plan, _ = _plan(tmp_path, envoy_admin_port=9901)
     assert plan.envoy_ports.admin_port == 9901
+
+
+def test_every_engine_setting_reaches_the_engine_workers_from_one_declaration(tmp_path):
+    """StackConfig and the workers' settings extend EngineConfig: a setting declared there is a flag of
+    `splitserve up` and of each worker, and the launcher passes on exactly the ones changed from the default."""
+    from splitserve.config import EngineConfig
+    from splitserve.serving.settings import parse_settings
+    from splitserve.services.decode.server import DecodeSettings
+
+    _, specs = _plan(tmp_path, max_model_len=512, enable_prefix_caching=False, attention_backend="torch",
+                     num_kv_blocks=64)
+    for name in ("prefill-0", "decode-0"):
+        argv = specs[name].argv
+        assert _flag(argv, "--max-model-len") == "512" and _flag(argv, "--attention-backend") == "torch"
+        assert "--no-enable-prefix-caching" in argv and _flag(argv, "--num-kv-blocks") == "64"
+        assert "--block-size" not in argv  # left at its default: the worker's own default applies
+        parsed = parse_settings(DecodeSettings, argv[argv.index(name.split("-")[0]) + 1:])
+        assert parsed.engine_config() == EngineConfig(model="/models/m", max_model_len=512,
+                                                      enable_prefix_caching=False, attention_backend="torch",
+                                                      num_kv_blocks=64)
+    assert "--max-model-len" not in specs["tokenizer-0"].argv
+    with pytest.raises(ValueError, match="block_size must be a power of two"):
+        StackConfig(block_size=3)

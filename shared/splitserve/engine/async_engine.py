@@ -1,8 +1,9 @@
 """The engine behind a service: one thread runs the step loop, asyncio callers get per-request token streams.
 
-The engine is single-threaded by design (the scheduler alone owns its queues), so every mutation — adding,
-aborting, importing KV blocks — is a command the loop thread runs between steps. Results go back to the event
-loop once per step, as one batch, so a busy engine costs the loop one wake-up per step rather than per token.
+The engine is single-threaded by design (the scheduler alone owns its queues), so every mutation and every
+question about its state (adding, aborting, importing KV blocks, what the prefix cache holds) is a command the
+loop thread runs between steps. Results go back to the event loop once per step, as one batch, so a busy engine
+costs the loop one wake-up per step rather than per token.
 """
 
 from __future__ import annotations
@@ -11,10 +12,8 @@ import asyncio
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Optional
-
-import torch
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Optional, TypeVar
 
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.outputs import KVExport
@@ -24,6 +23,7 @@ from splitserve.sampling_params import InvalidRequestError, SamplingParams
 log = logging.getLogger(__name__)
 
 _IDLE_RETRY_S = 0.05
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -55,10 +55,42 @@ class TokenDelta:
         return self.finish_reason is not None
 
 
-@dataclass
-class _Stream:
-    queue: asyncio.Queue
-    held_block_ids: list[int] = field(default_factory=list)
+class RequestStream:
+    """One request's deltas, in order, until it finishes. Closing it before then (leaving `async with`, or
+    close()) aborts the request, so its blocks are freed at once rather than when it would have finished."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str):
+        self.request_id = request_id
+        self._engine = engine
+        self._queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        self._finished = False
+        self._closed = False
+
+    def deliver(self, delta: TokenDelta) -> None:
+        self._queue.put_nowait(delta)
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> TokenDelta:
+        if self._finished:
+            raise StopAsyncIteration
+        delta = await self._queue.get()
+        if delta.finished:
+            self._finished = True
+            self.close()
+        return delta
+
+    async def __aenter__(self) -> "RequestStream":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine._stream_closed(self.request_id, finished=self._finished)
 
 
 class AsyncEngine:
@@ -66,15 +98,38 @@ class AsyncEngine:
         self.engine = engine
         self._commands: deque[Callable[[], None]] = deque()
         self._wake = threading.Condition()
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, RequestStream] = {}
+        self._waiting_for_thread: set[asyncio.Future] = set()
         self._thread: Optional[threading.Thread] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._stopping = False
         self.dead: Optional[BaseException] = None
         # Written only by the loop thread, after each step: other threads read stats without racing the scheduler.
         self.stats_snapshot: dict[str, int] = engine.stats()
-        # Exports lend their blocks (no copy on this loop's thread); a transfer gives them back through here.
-        engine.return_lent_blocks = lambda block_ids: self._submit(lambda: engine.give_back_blocks(block_ids), None)
+        # Exports lend their blocks (no copy on this loop's thread); a release wakes the loop to take them back.
+        engine.lend_exports(lambda: self._submit(engine.reclaim_lent_blocks, None))
+
+    # ---- what callers may read (fixed once the model is loaded) ---------------------------------------------
+
+    @property
+    def config(self):
+        return self.engine.config
+
+    @property
+    def layout(self):
+        return self.engine.layout
+
+    @property
+    def model_id(self) -> str:
+        return self.engine.model_id
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def validate_prompt(self, prompt):
+        """Raises InvalidRequestError for a prompt the engine would refuse (reads only fixed limits)."""
+        return self.engine.validate_prompt(prompt)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
@@ -89,6 +144,7 @@ class AsyncEngine:
             self._wake.notify()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30.0)
+        self._fail_waiters(EngineDeadError("the engine stopped"))
 
     @property
     def num_active(self) -> int:
@@ -100,13 +156,20 @@ class AsyncEngine:
 
     # ---- requests --------------------------------------------------------------------------------------------
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                       first_token: Optional[tuple] = None, kv_blocks: Optional[tuple[list[bytes], torch.Tensor]] = None,
-                       export_kv: bool = False,
-                       prior_output_ids: Optional[list[int]] = None) -> AsyncIterator[TokenDelta]:
-        """Streams the request's deltas until it finishes; leaving the iteration early aborts the request.
+    async def cached_prefix_blocks(self, hashes: list[bytes]) -> int:
+        """How many leading blocks of `hashes` the prefix cache holds now (asked on the engine's thread)."""
+        return await self._on_engine_thread(lambda: self.engine.num_cached_prefix_blocks(hashes))
 
-        Bad input raises InvalidRequestError before anything is queued.
+    async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                          first_token: Optional[tuple] = None,
+                          kv_blocks: Optional[tuple[list[bytes], object]] = None, export_kv: bool = False,
+                          prior_output_ids: Optional[list[int]] = None) -> RequestStream:
+        """Queues a request; returns its stream once the engine's thread has taken it.
+
+        `kv_blocks` = (hashes, rows or a ReceivedKV): prompt blocks received from elsewhere. They are copied
+        into the cache (or dropped) by the time this returns, so whatever kept them readable may end then.
+        Bad input raises InvalidRequestError before anything is queued; a request that fails to start ends its
+        stream with finish_reason "error".
         """
         if self.dead is not None:
             raise EngineDeadError(f"engine loop failed: {self.dead}")
@@ -117,8 +180,7 @@ class AsyncEngine:
         if params.n != 1:
             # One stream per sequence keeps cancellation and usage per stream; callers fan out n themselves.
             raise InvalidRequestError("the serving engine takes n = 1 per request (the gateway fans out n)", "n")
-        stream = _Stream(asyncio.Queue())
-        self._streams[request_id] = stream
+        stream = self._streams[request_id] = RequestStream(self, request_id)
 
         def add() -> None:
             held: list[int] = []
@@ -128,20 +190,25 @@ class AsyncEngine:
             self.engine.add_request(request_id, list(prompt_token_ids), params, first_token=first_token,
                                     held_block_ids=held, export_kv=export_kv, prior_output_ids=prior_output_ids)
 
-        self._submit(add, request_id)
-        finished = False
         try:
-            while True:
-                delta = await stream.queue.get()
-                if delta.finished:
-                    finished = True
+            await self._on_engine_thread(add)
+        except EngineDeadError:
+            stream.close()
+            raise
+        except asyncio.CancelledError:
+            stream.close()  # the add may still run: the abort queued behind it undoes it
+            raise
+        except Exception as exc:  # a bad command fails its request, never the loop
+            log.warning("request %s failed to start: %s", request_id, exc)
+            stream.deliver(TokenDelta([], finish_reason="error", message=str(exc)))
+        return stream
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       **options) -> AsyncIterator[TokenDelta]:
+        """add_request (same options) and its deltas until it finishes; leaving the iteration early aborts it."""
+        async with await self.add_request(request_id, prompt_token_ids, params, **options) as stream:
+            async for delta in stream:
                 yield delta
-                if finished:
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self._submit(lambda: self.engine.abort_request(request_id), None)
 
     def abort(self, request_id: str) -> bool:
         """Aborts a running request; its stream ends with finish_reason "abort". False if unknown."""
@@ -154,6 +221,45 @@ class AsyncEngine:
         if request_id in self.engine.requests:
             self.engine.abort_request(request_id)
             self._post([(request_id, TokenDelta([], finish_reason="abort", message="cancelled"))])
+
+    def _stream_closed(self, request_id: str, finished: bool) -> None:
+        self._streams.pop(request_id, None)
+        if not finished:
+            self._submit(lambda: self.engine.abort_request(request_id), None)
+
+    async def _on_engine_thread(self, fn: Callable[[], T]) -> T:
+        """Runs `fn` between steps on the engine's thread and returns its result (or raises its exception)."""
+        if self.dead is not None or self._stopping:
+            raise EngineDeadError(f"engine loop failed: {self.dead}" if self.dead else "the engine stopped")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
+        self._waiting_for_thread.add(done)
+
+        def settle(outcome: Callable[[], None]) -> None:
+            if not done.done():
+                outcome()
+
+        def command() -> None:
+            try:
+                result = fn()
+            except Exception as exc:
+                loop.call_soon_threadsafe(settle, lambda: done.set_exception(exc))
+                return
+            loop.call_soon_threadsafe(settle, lambda: done.set_result(result))
+
+        with self._wake:
+            self._commands.append(command)
+            self._wake.notify()
+        try:
+            return await done
+        finally:
+            self._waiting_for_thread.discard(done)
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        """Commands that will never run (the loop died or stopped) must not leave their callers waiting."""
+        for waiter in list(self._waiting_for_thread):
+            if not waiter.done():
+                waiter.set_exception(exc)
 
     def _submit(self, command: Callable[[], None], request_id: Optional[str]) -> None:
         def guarded() -> None:
@@ -192,6 +298,8 @@ class AsyncEngine:
                 log.exception("engine step failed; failing every request")
                 self.dead = exc
                 self._fail_all(f"engine failure: {exc}")
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._fail_waiters, EngineDeadError(f"engine loop failed: {exc}"))
                 return
             self._post(self._deltas(engine.last_step_sampled, finished))
             self.stats_snapshot = engine.stats()
@@ -241,6 +349,6 @@ class AsyncEngine:
         for request_id, delta in items:
             stream = self._streams.get(request_id)
             if stream is not None:
-                stream.queue.put_nowait(delta)
+                stream.deliver(delta)
             elif delta.kv_export is not None:  # nobody will transfer these blocks: end their loan now
                 delta.kv_export.release()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from typing import Optional
 
-from splitserve.hashing import BlockHash
+from splitserve.kv_blocks.hashing import BlockHash
 
 
 class NoFreeBlocksError(RuntimeError):

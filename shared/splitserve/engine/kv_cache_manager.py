@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.sequence import Sequence
-from splitserve.hashing import BlockHash, extend_block_hashes
+from splitserve.kv_blocks.hashing import BlockHash, extend_block_hashes
 
 
 class KVCacheManager:

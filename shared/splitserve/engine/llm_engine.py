@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import bisect
 import logging
 import os
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
 
 from splitserve.config import EngineConfig
+from splitserve.engine.block_io import CacheBlocks, export_blocks, import_runs
 from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.kv_connector import KVLoadError, ReceivedKV, RowsInMemory
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.output_text import OutputText
@@ -20,12 +22,9 @@ from splitserve.engine.outputs import CompletionOutput, KVExport, RequestOutput
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence, SequenceStatus
 from splitserve.engine.stop_checker import StopChecker
-from splitserve.hashing import chain_block_hashes
+from splitserve.kv_blocks.hashing import chain_block_hashes
 from splitserve.stop_tokens import eos_token_ids
 from splitserve.token_bytes import TokenPieces
-from splitserve.kv_transfer.block_io import CacheBlocks, export_blocks, import_blocks
-from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
-from splitserve.kv_transfer.transport import KVTransferError
 from splitserve.models.fingerprint import model_fingerprint
 from splitserve.models.loader import llama_args_from_config, load_model, read_model_files
 from splitserve.sampling_params import InvalidRequestError, SamplingParams
@@ -52,10 +51,13 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        if config.model is None:
+            raise ValueError("EngineConfig.model is required: a hub id or checkpoint folder")
         self.config = config
         files = read_model_files(config.model)
         llama_args_from_config(files.config)  # an unsupported architecture fails here, before anything loads
-        self.device, self.dtype = config.torch_device, config.torch_dtype
+        self.device = _resolve_device(config.device)
+        self.dtype = _resolve_dtype(config.dtype, self.device)
         self.model_id = model_fingerprint(files, str(self.dtype).removeprefix("torch."), config.block_size)
         self.tokenizer = _load_tokenizer(config.tokenizer or str(files.path))
         torch.manual_seed(config.seed)
@@ -88,11 +90,13 @@ class LLMEngine:
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens = 0
         self.num_steps = 0
+        self.num_kv_load_failures = 0
         # Sequences that received a token in the last step (finished ones included): streaming reads these.
         self.last_step_sampled: list[Sequence] = []
-        # Set by a server loop: exports then lend the cache blocks themselves (CacheBlocks, held until released
-        # through this callable, which must hand the ids back to the engine's thread) instead of copying them.
-        self.return_lent_blocks: Optional[Callable[[list[int]], None]] = None
+        # lend_exports(): exports lend the cache blocks themselves instead of copying them. A release may come
+        # from any thread; the ids wait here (deque appends are atomic) for this engine's thread to take them.
+        self._on_lent_return: Optional[Callable[[], None]] = None
+        self._returned_blocks: deque[list[int]] = deque()
 
     @property
     def layout(self):
@@ -130,7 +134,7 @@ class LLMEngine:
         Disaggregation hooks: `first_token` = (token id, logprob or None, top logprobs) continues a request whose
         first token was sampled by a prefill worker; `prior_output_ids` continues one that another worker had
         already generated these tokens for (decode failover; recomputed here, counted towards max_tokens);
-        `held_block_ids` (from import_kv_blocks) are prompt blocks received from a kv-store; `export_kv` hands
+        `held_block_ids` (from import_kv_blocks) are prompt blocks received from another process; `export_kv` hands
         the prompt's full blocks back in the RequestOutput.
         """
         held = list(held_block_ids or [])
@@ -178,62 +182,66 @@ class LLMEngine:
         for seq in seqs:
             self.scheduler.add(seq)
 
-    def import_kv_blocks(self, hashes: list[bytes], rows) -> list[int]:
+    def num_cached_prefix_blocks(self, hashes: list[bytes]) -> int:
+        """How many leading blocks of `hashes` this engine's prefix cache holds: the rest is worth loading."""
+        if not self.config.enable_prefix_caching:
+            return 0
+        count = 0
+        while count < len(hashes) and self.pool.lookup(hashes[count]) is not None:
+            count += 1
+        return count
+
+    def import_kv_blocks(self, hashes: list[bytes], received: Union[torch.Tensor, ReceivedKV]) -> list[int]:
         """Places received prompt blocks in the prefix cache; returns held block ids for add_request.
 
-        `rows`: uint8 `[len(hashes), bytes_per_block]`, or a transport's ReceivedBlocks (possibly views of a
-        kv-store's memory, copied straight into the cache). Blocks whose copy cannot be trusted (the store's pin
-        ran out before it finished, or the rows were given back first) are dropped, counted and logged, and the
-        request computes them instead. Needs prefix caching (blocks are adopted through it).
+        `received`: uint8 rows `[len(hashes), bytes_per_block]`, or a ReceivedKV (kv_connector) whose leading
+        rows name the leading hashes. Rows that cannot be trusted are dropped and logged, and the request
+        computes those blocks instead. Needs prefix caching (blocks are adopted through it).
         """
         if not self.config.enable_prefix_caching or not hashes:
             return []
-        if isinstance(rows, torch.Tensor):
-            return self.kv.import_blocks(
-                hashes, lambda block_ids, picked: import_blocks(self.runner.kv_caches, block_ids, rows,
-                                                                self.layout, row_indices=picked))
+        source = RowsInMemory(received) if isinstance(received, torch.Tensor) else received
+
+        def write(block_ids: list[int], rows: list[int]) -> None:
+            source.read(lambda runs: import_runs(self.runner.kv_caches, block_ids, rows, runs, self.layout))
+
         try:
-            return self.kv.import_blocks(hashes[:rows.count], lambda block_ids, picked: self._copy_received(
-                rows, block_ids, picked))
-        except KVTransferError as exc:
-            KV_TRANSFER_FAILURES.labels("get", "received_rows_unusable").inc()
+            return self.kv.import_blocks(hashes[:source.count], write)
+        except KVLoadError as exc:
+            self.num_kv_load_failures += 1
             log.warning("received KV blocks not used, computing them instead: %s", exc)
             return []
-
-    def _copy_received(self, received, block_ids: list[int], picked: list[int]) -> None:
-        started = time.monotonic()
-        with received.reading() as runs:
-            starts = [first for first, _ in runs]
-            per_run: dict[int, tuple[list[int], list[int]]] = {}
-            for block_id, row in zip(block_ids, picked):  # each row to the run it lies in (runs are row-ordered)
-                run = bisect.bisect_right(starts, row) - 1
-                ids, rows_in_run = per_run.setdefault(run, ([], []))
-                ids.append(block_id)
-                rows_in_run.append(row - starts[run])
-            for run, (ids, rows_in_run) in per_run.items():
-                import_blocks(self.runner.kv_caches, ids, runs[run][1], self.layout, row_indices=rows_in_run)
-        if received.mapped:  # this copy is the transfer's data movement: the transport timed only its RPCs
-            KV_TRANSFER_SECONDS.labels("get").inc(time.monotonic() - started)
-        if not received.in_time():
-            raise KVTransferError("the kv-store's pin on the blocks ran out before they were copied")
 
     def _export_prompt_blocks(self, seq: Sequence) -> KVExport:
         full = min(seq.num_prompt_tokens, seq.num_computed_tokens) // self.config.block_size
         hashes = chain_block_hashes(seq.prompt_token_ids[: full * self.config.block_size], self.config.block_size,
                                     self.model_id)
         block_ids = list(seq.block_ids[:full])
-        give_back = self.return_lent_blocks
-        if give_back is None:
+        if self._on_lent_return is None:
             return KVExport(hashes, export_blocks(self.runner.kv_caches, block_ids), full * self.config.block_size)
         for block_id in block_ids:
-            self.pool.touch(block_id)  # lent: not freed or reused until the transfer gives them back
-        lent = CacheBlocks(self.runner.kv_caches, block_ids, release=lambda: give_back(block_ids))
+            self.pool.touch(block_id)  # lent: not freed or reused until the saver gives them back
+        lent = CacheBlocks(self.runner.kv_caches, block_ids, release=lambda: self._give_back(block_ids))
         return KVExport(hashes, lent, full * self.config.block_size)
 
-    def give_back_blocks(self, block_ids: list[int]) -> None:
-        """Ends the hold an export took on lent blocks (on the engine's thread)."""
-        for block_id in block_ids:
-            self.pool.release(block_id)
+    def lend_exports(self, on_return: Callable[[], None]) -> None:
+        """From now on exports lend the prompt's cache blocks (block_io.CacheBlocks) instead of copying them.
+
+        A lent block stays referenced until the export is released (once, from any thread); `on_return` is then
+        called on that thread, and the engine's own thread must call reclaim_lent_blocks() (step() also does).
+        """
+        self._on_lent_return = on_return
+
+    def _give_back(self, block_ids: list[int]) -> None:
+        self._returned_blocks.append(block_ids)
+        if self._on_lent_return is not None:
+            self._on_lent_return()
+
+    def reclaim_lent_blocks(self) -> None:
+        """Ends the references that released exports held (on the engine's thread)."""
+        while self._returned_blocks:
+            for block_id in self._returned_blocks.popleft():
+                self.pool.release(block_id)
 
     def validate_prompt(self, prompt: Union[str, list[int]]) -> tuple[Optional[str], list[int]]:
         if isinstance(prompt, str):
@@ -277,6 +285,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled step; returns the requests that finished in it."""
         self.last_step_sampled = []  # a step that schedules nothing sampled nothing: streams must not see old tokens
+        self.reclaim_lent_blocks()
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -356,12 +365,25 @@ class LLMEngine:
             "generation_tokens": self.num_generation_tokens,
             "preemptions": self.scheduler.num_preemptions,
             "held_blocks_released": self.scheduler.num_held_blocks_released,
+            "kv_load_failures": self.num_kv_load_failures,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "running_tokens": sum(s.num_tokens for s in self.scheduler.running),
             "waiting_tokens": sum(s.num_tokens for s in self.scheduler.waiting),
             "steps": self.num_steps,
         }
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
 
 
 def _load_tokenizer(path: str):

@@ -9,27 +9,12 @@ import torch
 
 from splitserve.engine.scheduler import ScheduledBatch
 from splitserve.engine.sequence import Sequence
+from splitserve.kv_blocks.layout import KVLayout
 from splitserve.layers.attention import AttentionMetadata, select_backend
 from splitserve.layers.sampler import Sampler, SamplerOutput, SamplingRow
 from splitserve.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class KVLayout:
-    """What a block of KV is, byte for byte: travels with every handoff so mismatches fail loudly."""
-
-    num_layers: int
-    block_size: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-
-    @property
-    def bytes_per_block(self) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * element
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from splitserve.hashing import BlockHash
+from splitserve.kv_blocks.hashing import BlockHash
 from splitserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:

@@ -9,22 +9,23 @@ growing concatenation. With checksums on, each block's crc32 rides on its first 
 from __future__ import annotations
 
 import asyncio
-from typing import Iterator, Optional
+import contextlib
+from typing import AsyncIterator, Iterator, Optional
 
 import grpc
 import torch
 
-from splitserve.kv_transfer.checksum import ChecksumMismatchError, enabled_from_env, row_crc32s, verify_rows
+from splitserve.kv_blocks.checksum import ChecksumMismatchError, enabled_from_env, row_crc32s, verify_rows
+from splitserve.kv_transfer import PIECE_BYTES, REQUEST_ID_METADATA_KEY
 from splitserve.kv_transfer.host_buffers import receive_buffer
-from splitserve.kv_transfer.store_client import (REQUEST_ID_METADATA_KEY, StoreChannels, block_bytes, check_out,
-                                                 check_rows, checksum_failure, host_rows, metadata, transfer_error)
+from splitserve.kv_transfer.store_client import (StoreChannels, block_bytes, check_out, check_rows, checksum_failure,
+                                                 host_rows, metadata, transfer_error)
 from splitserve.kv_transfer.transport import KVLayoutMismatchError, KVTransferError, PutRows, ReceivedBlocks
 from splitserve.proto_convert import layout_mismatch
 from splitserve.v1 import common_pb2, kv_store_pb2
 
 __all__ = ["GrpcKVTransport", "PIECE_BYTES", "REQUEST_ID_METADATA_KEY"]
 
-PIECE_BYTES = 1 << 20  # well under gRPC's 4 MiB default limit, large enough that per-message cost is noise
 
 
 class GrpcKVTransport:
@@ -114,10 +115,12 @@ class GrpcKVTransport:
                 raise await checksum_failure(self._channels, store_address, layout, exc, request_id) from exc
         return out[:done]
 
-    async def get_blocks_in_place(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
-                                  request_id: str = "", timeout_s: float = 30.0) -> ReceivedBlocks:
-        """Streams cannot reach the store's memory: the blocks are received into local rows (staged)."""
-        return ReceivedBlocks.staged(await self.get_blocks(store_address, layout, hashes, request_id, timeout_s))
+    @contextlib.asynccontextmanager
+    async def pinned_blocks(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
+                            request_id: str = "", timeout_s: float = 30.0) -> AsyncIterator[ReceivedBlocks]:
+        """Streams cannot reach the store's memory: the blocks are received into local rows (staged), which
+        need no pin."""
+        yield ReceivedBlocks.staged(await self.get_blocks(store_address, layout, hashes, request_id, timeout_s))
 
     async def close(self) -> None:
         if self._owns_channels:

@@ -14,7 +14,9 @@ from typing import Optional
 import grpc
 import torch
 
-from splitserve.kv_transfer.checksum import ChecksumMismatchError, row_crc32s
+from splitserve.kv_blocks.checksum import ChecksumMismatchError, row_crc32s
+from splitserve.kv_transfer import REQUEST_ID_METADATA_KEY
+from splitserve.kv_transfer.host_buffers import receive_buffer
 from splitserve.kv_transfer.transport import KVChecksumError, KVLayoutMismatchError, KVTransferError
 from splitserve.proto_convert import describe_layout, layout_from_proto
 from splitserve.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
@@ -24,7 +26,6 @@ from splitserve.serving.grpc_service import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_METADATA_KEY = "splitserve-request-id"  # names the request in the store's logs
 # gRPC backs off reconnecting up to 120 s by default; a kv-store back from a restart should be used within ~2 s.
 # A local subchannel pool, because otherwise a new channel inherits the failed connection (and its backoff) of
 # the one it replaces from gRPC's process-wide pool.
@@ -138,7 +139,8 @@ async def host_rows(blocks) -> torch.Tensor:
     """A put's payload as contiguous host rows: lent cache blocks are copied out (off the event loop)."""
     if isinstance(blocks, torch.Tensor):
         return blocks.detach().cpu().contiguous()
-    return await asyncio.to_thread(blocks.rows)
+    out = await receive_buffer(*blocks.shape)  # faulted-in memory: the gather is not paced by page faults
+    return await asyncio.to_thread(blocks.rows, out)
 
 
 async def payload_crc32s(blocks) -> list[int]:

@@ -1,7 +1,7 @@
 """The data-plane interface prefill and decode use to move KV blocks to and from a kv-store.
 
 Blocks travel as rows of a uint8 tensor `[num_blocks, block_bytes]`, each row one block's payload in the
-engine's byte order (see block_io.py). Implementations: ucx_transport.py (the default: UCX, gRPC for control)
+engine's byte order (see engine/block_io.py). Implementations: ucx_transport.py (the default: UCX, gRPC for control)
 and grpc_transport.py (gRPC streams: the `tcp` fallback).
 Every call carries the KV layout and the store refuses blocks under another layout, so a mismatch is an error
 here, never garbage in a cache.
@@ -9,15 +9,15 @@ here, never garbage in a cache.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
 import threading
 import time
-from typing import Iterator, Optional, Protocol, Union
+from typing import AsyncContextManager, Callable, Optional, Protocol, Union
 
 import torch
 
+from splitserve.engine.kv_connector import KVLoadError
+from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
 from splitserve.v1 import common_pb2
 
 
@@ -37,7 +37,7 @@ class LentRows(Protocol):
     """Rows still in an engine's KV cache (block_io.CacheBlocks): copied to where they go, then released."""
     shape: tuple[int, int]
 
-    def rows(self) -> torch.Tensor: ...
+    def rows(self, out: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
     def copy_rows_to(self, first: int, count: int, out: torch.Tensor) -> None: ...
 
@@ -48,13 +48,13 @@ PutRows = Union[torch.Tensor, LentRows]
 
 
 class ReceivedBlocks:
-    """What a get found, for the caller to copy into its KV cache: `count` leading rows as runs of
+    """What a get found, as the engine's ReceivedKV (engine/kv_connector.py): `count` leading rows as runs of
     (first row, uint8 view `[k, block_bytes]`).
 
-    Staged rows are the caller's own memory. Mapped rows are the store's memory itself (no copy in between),
-    readable only while the store's pin holds: copy them inside `reading()` and trust the copy only if
-    `in_time()` is still true after it. The transport ends the pin once the rows were read (or `abandon()` was
-    called, or the pin ran out); a reader that comes after that gets a KVTransferError, never freed memory.
+    Staged rows are the receiver's own memory. Mapped rows are the store's memory itself, readable only while
+    the store's pin holds: the transport that pinned them closes this object before it ends the pin (a read in
+    progress finishes first), and a read that ends after the pin's deadline is reported as untrustworthy.
+    Either way the reader gets KVLoadError, never freed or reused memory taken for KV.
     """
 
     def __init__(self, count: int, runs: list[tuple[int, torch.Tensor]], valid_until: float = math.inf,
@@ -67,12 +67,6 @@ class ReceivedBlocks:
         self._readers = 0
         self._closed = False
         self._idle = threading.Condition(self._lock)
-        # Set from whichever thread reads (the engine's), waited on by the transport's event loop.
-        try:
-            self._loop: Optional[asyncio.AbstractEventLoop] = asyncio.get_running_loop()
-            self._read_or_abandoned: Optional[asyncio.Event] = asyncio.Event()
-        except RuntimeError:  # made outside a loop: nobody waits for it
-            self._loop = self._read_or_abandoned = None
 
     @classmethod
     def staged(cls, rows: torch.Tensor) -> "ReceivedBlocks":
@@ -82,53 +76,38 @@ class ReceivedBlocks:
     def nbytes(self) -> int:
         return sum(view.numel() for _, view in self._runs)
 
-    @contextlib.contextmanager
-    def reading(self) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    def read(self, write: Callable[[list[tuple[int, torch.Tensor]]], None]) -> None:
+        """Calls `write(runs)` while the rows are readable (from any thread); raises KVLoadError, counted, when
+        the rows were given back first or the copy ended after the pin could have run out."""
         with self._lock:
             if self._closed:
-                raise KVTransferError("received KV blocks were given back before they were read")
+                _unusable()
+                raise KVLoadError("received KV blocks were given back before they were read")
             self._readers += 1
+        started = time.monotonic()
         try:
-            yield self._runs
+            write(self._runs)
         finally:
             with self._lock:
                 self._readers -= 1
                 self._idle.notify_all()
-            self._signal()
+        if self.mapped:  # this copy is the transfer's data movement: the transport timed only its RPCs
+            KV_TRANSFER_SECONDS.labels("get").inc(time.monotonic() - started)
+        if not self.in_time():
+            _unusable()
+            raise KVLoadError("the kv-store's pin on the blocks ran out before they were copied")
 
     def in_time(self) -> bool:
         """Whether the store's pin still holds, i.e. whatever was copied out so far is what the writer wrote."""
         return time.monotonic() < self._valid_until
 
     def rows(self) -> torch.Tensor:
-        """All rows as one tensor (a copy when they came in several runs)."""
-        with self.reading() as runs:
-            if len(runs) == 1:
-                return runs[0][1] if not self.mapped else runs[0][1].clone()
-            if not runs:
-                return torch.empty((0, 0), dtype=torch.uint8)
-            return torch.cat([view for _, view in runs])
-
-    def abandon(self) -> None:
-        """Nobody will read these rows (the request ended first): let the pin go now."""
-        self._signal()
-
-    async def wait_read(self) -> None:
-        """Returns once the rows were read, abandoned, or the pin ran out (on the loop that made this)."""
-        timeout = self._valid_until - time.monotonic()
-        if timeout > 0 and self._read_or_abandoned is not None:
-            try:
-                await asyncio.wait_for(self._read_or_abandoned.wait(), min(timeout, 3600.0))
-            except asyncio.TimeoutError:
-                pass
-
-    def _signal(self) -> None:
-        if self._loop is None:
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._read_or_abandoned.set)
-        except RuntimeError:  # the loop is closed: nobody waits any more
-            pass
+        """All rows as one tensor of this process's memory (a copy when mapped or in several runs)."""
+        copied: list[torch.Tensor] = []
+        self.read(lambda runs: copied.extend(view.clone() if self.mapped else view for _, view in runs))
+        if len(copied) == 1:
+            return copied[0]
+        return torch.cat(copied) if copied else torch.empty((0, 0), dtype=torch.uint8)
 
     def close(self) -> None:
         """No more readers: waits for one in progress (a bounded copy), then the views are dropped."""
@@ -137,6 +116,10 @@ class ReceivedBlocks:
             while self._readers:
                 self._idle.wait()
             self._runs = []
+
+
+def _unusable() -> None:
+    KV_TRANSFER_FAILURES.labels("get", "received_rows_unusable").inc()
 
 
 class KVTransport(Protocol):
@@ -148,10 +131,11 @@ class KVTransport(Protocol):
         present). Lent cache blocks are read in place; the caller releases them after this returns."""
         ...
 
-    async def get_blocks_in_place(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
-                                  request_id: str = "", timeout_s: float = 30.0) -> ReceivedBlocks:
-        """The longest leading run of `hashes` the store holds, readable where it lies when the transport can
-        map the store's memory (else staged). The caller copies them into its cache or calls abandon()."""
+    def pinned_blocks(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
+                      request_id: str = "", timeout_s: float = 30.0) -> AsyncContextManager[ReceivedBlocks]:
+        """`async with`: the longest leading run of `hashes` the store holds, readable where it lies when the
+        transport can map the store's memory (else staged), until the body ends. The transport acquires the
+        pin, bounds it by the deadline and ends it, all in this one place."""
         ...
 
     async def get_blocks(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],

@@ -1,8 +1,8 @@
 """KV blocks to and from a kv-store over UCX: gRPC for control, one UCX copy per run of blocks for the bytes.
 
 put: Reserve (slots' address + rkey) -> copy every new block in -> Commit (with checksums). get: Pin the leading
-run (addresses, rkeys, checksums) -> copy out (or hand out views of the slots: get_blocks_in_place) -> Release
-in the background. A copy is trusted only if it ended while the pin surely held (the store's lease starts after
+run (addresses, rkeys, checksums) -> copy out (or hand out views of the slots for the body of pinned_blocks) ->
+Release in the background. A copy is trusted only if it ended while the pin surely held (the store's lease starts after
 the Pin was sent, so that is known locally); an expired pin could have let a slot be reused mid-copy. No
 per-block round trip: two RPCs per put, one on a get's critical path.
 
@@ -15,15 +15,16 @@ gone). A store that serves only the gRPC data plane is reached through GrpcKVTra
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from typing import Callable, Optional, TypeVar
+from typing import AsyncIterator, Callable, Optional, TypeVar
 
 import grpc
 import numpy as np
 import torch
 
-from splitserve.kv_transfer.checksum import ChecksumMismatchError, enabled_from_env, verify_rows
+from splitserve.kv_blocks.checksum import ChecksumMismatchError, enabled_from_env, verify_rows
 from splitserve.kv_transfer.grpc_transport import GrpcKVTransport
 from splitserve.kv_transfer.host_buffers import receive_buffer
 from splitserve.kv_transfer.metrics import KV_TRANSPORT_FALLBACKS, KV_UCX_BLOCKS
@@ -54,7 +55,6 @@ class UcxKVTransport:
         self._grpc = GrpcKVTransport(checksum=self.checksum, channels=self._channels)
         self._grpc_only_logged: set[str] = set()
         self._cleanups: set[asyncio.Task] = set()
-        self._unread: set[ReceivedBlocks] = set()  # mapped rows whose pin is still open
 
     async def put_blocks(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
                          blocks: PutRows, request_id: str = "", timeout_s: float = 30.0) -> int:
@@ -152,16 +152,24 @@ class UcxKVTransport:
                 raise await checksum_failure(self._channels, store_address, layout, exc, request_id) from exc
         return rows
 
-    async def get_blocks_in_place(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
-                                  request_id: str = "", timeout_s: float = 30.0) -> ReceivedBlocks:
-        """The leading run of `hashes` the store holds, as views of the store's memory when it is mapped here
-        (no copy until the caller's own into its cache), else copied out under the same pin (staged).
+    @contextlib.asynccontextmanager
+    async def pinned_blocks(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes],
+                            request_id: str = "", timeout_s: float = 30.0) -> AsyncIterator[ReceivedBlocks]:
+        """`async with`: the leading run of `hashes` the store holds, as views of the store's memory when it is
+        mapped here (no copy until the reader's own, into its cache), else copied out under the same pin (staged).
 
-        The pin is asked for the deadline plus the margin and is trusted until the deadline plus half the
-        margin, counted from before it was asked (the store's lease starts later, when it answers). It ends in
-        the background once the rows were read or abandoned; a Release that finds it gone is only logged,
-        since readers check in_time() themselves.
+        The pin's whole life is here: asked for the deadline plus the margin; trusted until the deadline plus
+        half the margin, counted from before it was asked (the store's lease starts later, when it answers);
+        ended when the body ends, however it ends, once a read in progress has finished. A Release that finds
+        it gone is only logged, since readers check the timing themselves.
         """
+        async with contextlib.AsyncExitStack() as ending:
+            yield await self._pin_for_reading(ending, store_address, layout, hashes, request_id, timeout_s)
+
+    async def _pin_for_reading(self, ending: contextlib.AsyncExitStack, store_address: str,
+                               layout: common_pb2.KVLayout, hashes: list[bytes], request_id: str,
+                               timeout_s: float) -> ReceivedBlocks:
+        """Pins and maps (or copies) the leading run; whatever must end with the caller's body goes on `ending`."""
         size = block_bytes(store_address, layout)
         if not hashes:
             return ReceivedBlocks.staged(torch.empty((0, size), dtype=torch.uint8))
@@ -175,8 +183,8 @@ class UcxKVTransport:
                 self._end_lease(store_address, pin.pin_id)
                 if pin.endpoint.transport != "ucx":
                     grpc_transport = self._fallback(store_address, pin.endpoint.transport)
-                    return await grpc_transport.get_blocks_in_place(store_address, layout, hashes, request_id,
-                                                                    _left(deadline))
+                    return await ending.enter_async_context(grpc_transport.pinned_blocks(
+                        store_address, layout, hashes, request_id, _left(deadline)))
                 return ReceivedBlocks.staged(torch.empty((0, size), dtype=torch.uint8))
             check_store_block_bytes(store_address, layout, size, pin.block_bytes)
             slots = _slot_table(store_address, pin.locations, len(hashes))[:found]
@@ -202,8 +210,14 @@ class UcxKVTransport:
                                                                  timeout_s, request_id))
         KV_UCX_BLOCKS.labels("get", "mapped").inc(found)
         received = ReceivedBlocks(found, mapped.runs, valid_until=_trusted_until(asked, timeout_s), mapped=True)
-        self._unread.add(received)
-        self._end_pin_after_read(store_address, pin.pin_id, received, mapped)
+
+        async def close_then_unmap() -> None:
+            await asyncio.to_thread(received.close)  # a read in progress finishes first: it reads the mapping
+            mapped.release()
+
+        ending.callback(lambda: self._end_lease(store_address, pin.pin_id,
+                                                after=asyncio.ensure_future(close_then_unmap()),
+                                                expected_blocks=found))
         return received
 
     async def _pin(self, store_address: str, layout: common_pb2.KVLayout, hashes: list[bytes], request_id: str,
@@ -215,23 +229,7 @@ class UcxKVTransport:
                                     block_hashes=common_pb2.BlockHashes(hashes=hashes), leading_run=True),
             timeout=_left(deadline), metadata=metadata(request_id)))
 
-    def _end_pin_after_read(self, store_address: str, pin_id: str, received: ReceivedBlocks, mapped) -> None:
-        """The mapped rows' pin ends once they were read or abandoned (or their time ran out)."""
-
-        async def read_and_closed() -> None:
-            try:
-                await received.wait_read()
-            finally:
-                self._unread.discard(received)
-                await asyncio.to_thread(received.close)
-                mapped.release()
-
-        self._end_lease(store_address, pin_id, after=asyncio.ensure_future(read_and_closed()),
-                        expected_blocks=received.count)
-
     async def close(self) -> None:
-        for received in list(self._unread):
-            received.abandon()
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
         await self._copier.close()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
 
+from splitserve.config import EngineConfig
 from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.launcher.envoy import EnvoyPorts, envoy_argv
 from splitserve.launcher.redis_server import redis_server_argv, redis_url
@@ -28,12 +29,11 @@ STOP_ORDER = (("gateway", "envoy"), ("prefill", "decode"), ("kv-store", "tokeniz
 
 
 @dataclass
-class StackConfig:
+class StackConfig(EngineConfig):
     """Starts the whole splitserve stack on this machine (Redis, tokenizer, kv-store, prefill and decode workers,
     gateway, Envoy) and prints its URL once every part is ready."""
 
-    model: Optional[str] = field(default=None, metadata={
-        "help": "hub id or checkpoint folder for every service (default: the tiny offline demo model)"})
+    # The engine settings (EngineConfig: model, dtype, device, num_kv_blocks, ...) go to every engine worker.
     host: str = field(default="127.0.0.1", metadata={"help": "address the public HTTP and gRPC APIs listen on"})
     port: int = field(default=8000, metadata={"help": "public OpenAI HTTP API port (0: any free port)"})
     grpc_port: int = field(default=50051, metadata={"help": "public gRPC API port (0: any free port)"})
@@ -59,11 +59,6 @@ class StackConfig:
         "help": "prompts up to this many tokens are prefilled by the decode worker itself"})
     torch_threads: Optional[int] = field(default=None, metadata={
         "help": "torch threads per engine worker (default: the cores, less one, split among the workers)"})
-    num_kv_blocks: Optional[int] = field(default=None, metadata={"help": "KV cache blocks per engine worker"})
-    max_num_seqs: Optional[int] = field(default=None, metadata={"help": "max running sequences per worker"})
-    max_num_batched_tokens: Optional[int] = field(default=None, metadata={"help": "token budget per engine step"})
-    dtype: Optional[str] = field(default=None, metadata={"help": "engine dtype (auto, float32, float16, bfloat16)"})
-    device: Optional[str] = field(default=None, metadata={"help": "engine device (auto, cpu, cuda, cuda:1 ...)"})
     kv_store_capacity_bytes: Optional[int] = field(default=None, metadata={"help": "kv-store block pool size"})
     kv_transport: Optional[str] = field(default=None, metadata={
         "help": "KV data plane of prefill and decode: ucx (default) or tcp"})
@@ -84,6 +79,7 @@ class StackConfig:
                 "environment, else loopback only)"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("prefill_workers", "decode_workers", "tokenizer_replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -204,10 +200,8 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
         for index in range(count):
             workers.append(service(
                 f"{role}-{index}", role, next(ports),
-                *flags(model=model, kv_store_address=kv_store.address, torch_threads=threads,
-                       num_kv_blocks=config.num_kv_blocks, max_num_seqs=config.max_num_seqs,
-                       max_num_batched_tokens=config.max_num_batched_tokens, dtype=config.dtype,
-                       device=config.device, kv_transport=config.kv_transport,
+                *flags(**{**config.changed_engine_values(), "model": model}, kv_store_address=kv_store.address,
+                       torch_threads=threads, kv_transport=config.kv_transport,
                        kv_checksum=config.kv_checksum or None),
                 omp_threads=threads, env={**ucx_env, **cluster}))
     tiers.append([*tokenizers, kv_store, *workers])

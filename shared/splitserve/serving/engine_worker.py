@@ -6,7 +6,6 @@ in + stream); everything about hosting an engine lives here once.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Optional
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from splitserve.config import EngineConfig
 from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.membership import membership_mac
 from splitserve.proto_convert import layout_to_proto
@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class EngineWorkerSettings:
-    model: Optional[str] = field(default=None, metadata={"help": "hub id or checkpoint folder (default: demo model)"})
+class EngineWorkerSettings(EngineConfig):
+    """A prefill or decode worker: the engine's settings (EngineConfig) and how the worker serves and moves KV."""
     host: str = "127.0.0.1"
     port: int = 50061
     metrics_port: Optional[int] = None
@@ -48,15 +48,6 @@ class EngineWorkerSettings:
         "help": "shared secret this worker proves it holds to gateways (the gateway's --cluster-token; pass it by "
                 "env)"})
     torch_threads: Optional[int] = field(default=None, metadata={"help": "torch intra-op threads (CPU)"})
-    dtype: str = "auto"
-    device: str = "auto"
-    block_size: int = 16
-    num_kv_blocks: Optional[int] = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    max_model_len: Optional[int] = None
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
 
     @property
     def address(self) -> str:
@@ -84,7 +75,6 @@ def build_engine(settings: EngineWorkerSettings):
     """Loads the model into an AsyncEngine (not yet started)."""
     import torch
 
-    from splitserve.config import EngineConfig
     from splitserve.engine.async_engine import AsyncEngine
     from splitserve.engine.llm_engine import LLMEngine
 
@@ -97,15 +87,11 @@ def build_engine(settings: EngineWorkerSettings):
 
         model = str(demo_checkpoint())
         log.warning("no --model given: serving the tiny offline demo model (random weights, random text)")
-    engine_fields = {f.name for f in dataclasses.fields(EngineConfig)}
-    values = {k: v for k, v in dataclasses.asdict(settings).items() if k in engine_fields}
-    values["model"] = model
-    return AsyncEngine(LLMEngine(EngineConfig(**values)))
+    return AsyncEngine(LLMEngine(settings.engine_config(model=model)))
 
 
 def layout_proto(async_engine) -> common_pb2.KVLayout:
-    engine = async_engine.engine
-    return layout_to_proto(engine.layout, engine.model_id)
+    return layout_to_proto(async_engine.layout, async_engine.model_id)
 
 
 def engine_stats_proto(async_engine, model_name: str) -> common_pb2.EngineStats:
@@ -157,6 +143,8 @@ class EngineMetricsCollector(Collector):
         yield counter("preemptions", "Sequences preempted by recompute", s["preemptions"])
         yield counter("kv_held_blocks_released", "Imported KV blocks a waiting request let go of because the cache "
                       "was full (recomputed if evicted before it ran)", s["held_blocks_released"])
+        yield counter("kv_load_failures", "Received KV loads the engine could not trust (their source was given "
+                      "back or ran out first): their blocks were recomputed", s["kv_load_failures"])
         yield counter("prompt_tokens_computed", "Prompt tokens run through the model", s["prompt_tokens_computed"])
         yield counter("generation_tokens", "Tokens generated", s["generation_tokens"])
         yield counter("engine_steps", "Engine steps run", s["steps"])
@@ -195,14 +183,14 @@ async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_n
     health_address = ""
     if service.health_thread is not None:
         health_address = f"{settings.address.rsplit(':', 1)[0]}:{service.health_thread.port}"
-    identity = WorkerIdentity(role, settings.address, engine.engine.config.model, settings.cluster_token,
+    identity = WorkerIdentity(role, settings.address, engine.config.model, settings.cluster_token,
                               health_address)
     add_servicer(service, engine, transport, identity)
     announcer = None
     if settings.redis_url:
         from splitserve.worker_registry import WorkerAnnouncer
 
-        announcer = WorkerAnnouncer(settings.redis_url, role, settings.address, engine.engine.config.model,
+        announcer = WorkerAnnouncer(settings.redis_url, role, settings.address, engine.config.model,
                                     lambda: load_report(engine))
 
     async def on_started() -> None:

@@ -16,8 +16,6 @@ import os
 import zlib
 from typing import Optional, Sequence
 
-import torch
-
 ENV_VAR = "SPLITSERVE_KV_CHECKSUM"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -49,19 +47,20 @@ def crc32(payload) -> int:
     return zlib.crc32(payload) & 0xFFFFFFFF
 
 
-def row_crc32s(rows: torch.Tensor, count: Optional[int] = None) -> list[int]:
-    """CRC-32 of each of the first `count` rows of a contiguous uint8 CPU tensor `[n, block_bytes]`."""
-    array = rows.numpy()
-    return [crc32(array[i]) for i in range(rows.shape[0] if count is None else count)]
+def row_crc32s(rows, count: Optional[int] = None) -> list[int]:
+    """CRC-32 of each of the first `count` rows of contiguous uint8 rows `[n, block_bytes]` on the host (a
+    numpy array, or a torch tensor: read through .numpy(), so this module needs no torch)."""
+    array = _host_array(rows)
+    return [crc32(array[i]) for i in range(array.shape[0] if count is None else count)]
 
 
-def verify_rows(rows: torch.Tensor, expected: Sequence[Optional[int]], names: Sequence[bytes]) -> None:
+def verify_rows(rows, expected: Sequence[Optional[int]], names: Sequence[bytes]) -> None:
     """Raises ChecksumMismatchError naming the first block whose bytes or checksum are off.
 
     `expected[i]` None means the block came without a checksum: also an error, since the reader asked for
     verified blocks and a silent pass would hide a writer that was configured without checksums.
     """
-    array = rows.numpy()
+    array = _host_array(rows)
     for i, (want, name) in enumerate(zip(expected, names)):
         if want is None:
             raise ChecksumMismatchError(
@@ -71,3 +70,7 @@ def verify_rows(rows: torch.Tensor, expected: Sequence[Optional[int]], names: Se
         if got != want:
             raise ChecksumMismatchError(f"block {name.hex()} is corrupt: crc32 {got:08x} of the received bytes, "
                                         f"{want:08x} when written (torn or overwritten transfer)", name)
+
+
+def _host_array(rows):
+    return rows.numpy() if hasattr(rows, "numpy") else rows

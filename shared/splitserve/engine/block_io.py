@@ -7,22 +7,23 @@ layer into one contiguous row; rows are handed around as uint8 so any transport 
 
 from __future__ import annotations
 
+import bisect
 import zlib
 from typing import Optional
 
 import torch
 
-from splitserve.engine.model_runner import KVLayout
-from splitserve.kv_transfer.host_buffers import RECEIVE_BUFFERS
+from splitserve.kv_blocks.layout import KVLayout
 
 
-def export_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], out_device: str = "cpu") -> torch.Tensor:
-    """uint8 `[len(block_ids), bytes_per_block]` copies of the blocks.
+def export_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], out_device: str = "cpu",
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """uint8 `[len(block_ids), bytes_per_block]` copies of the blocks (into `out`, host rows of that shape, if
+    given: a transport passes its faulted-in receive buffers).
 
-    On the host the rows come from the process's pool of faulted-in buffers and each layer's K and V are
-    gathered straight into their place (gather_blocks_into): one pass over the bytes, into memory that takes no
-    page faults (200 MiB of Llama-3-8B-shaped blocks: 268 ms with a stack of per-layer gathers, 55 ms gathered
-    in place through a temporary per layer, ~16 ms with no temporary).
+    On the host each layer's K and V are gathered straight into their place (gather_blocks_into): one pass over
+    the bytes (200 MiB of Llama-3-8B-shaped blocks: 268 ms with a stack of per-layer gathers, 55 ms gathered in
+    place through a temporary per layer, ~16 ms with no temporary).
     """
     first = kv_caches[0]
     per_block = row_bytes(kv_caches)
@@ -34,7 +35,7 @@ def export_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], out_devic
         per_layer = [cache.index_select(1, index) for cache in kv_caches]  # each [2, n, bs, H, D]
         blocks = torch.stack(per_layer, dim=0).permute(2, 0, 1, 3, 4, 5).contiguous()  # [n, L, 2, bs, H, D]
         return blocks.view(torch.uint8).reshape(n, -1).to(out_device)
-    rows = RECEIVE_BUFFERS.rows(n, per_block)
+    rows = out if out is not None else torch.empty((n, per_block), dtype=torch.uint8)
     gather_blocks_into(kv_caches, block_ids, rows)
     return rows
 
@@ -84,9 +85,9 @@ class CacheBlocks:
         self.shape = (len(self.block_ids), row_bytes(kv_caches))
         self._release = release
 
-    def rows(self) -> torch.Tensor:
-        """A copy as uint8 rows, for transports that cannot reach the destination's memory."""
-        return export_blocks(self.kv_caches, self.block_ids)
+    def rows(self, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A copy as uint8 rows (into `out` if given), for transports that cannot reach the destination's memory."""
+        return export_blocks(self.kv_caches, self.block_ids, out=out)
 
     def copy_rows_to(self, first: int, count: int, out: torch.Tensor) -> None:
         """Rows first..first+count-1 into `out` (uint8 `[count, bytes_per_block]`)."""
@@ -137,18 +138,35 @@ def import_blocks(kv_caches: list[torch.Tensor], block_ids: list[int], rows: tor
     picked = list(range(len(block_ids))) if row_indices is None else list(row_indices)
     stacked = stacked_caches(kv_caches)
     if stacked is not None and layout.bytes_per_block >= PER_BLOCK_COPY_BYTES:
-        blocks = rows_here.view(layout.dtype).view(rows.shape[0], layout.num_layers, 2, -1)
+        blocks = rows_here.view(kv_caches[0].dtype).view(rows.shape[0], layout.num_layers, 2, -1)
         for block_id, row in zip(block_ids, picked):
             stacked[:, :, block_id].copy_(blocks[row])  # every layer's K and V of one block in one strided copy
         return
     segment = layout.block_size * layout.num_kv_heads * layout.head_dim
-    blocks = rows_here.view(layout.dtype).view(rows.shape[0], layout.num_layers, 2, segment)
+    blocks = rows_here.view(kv_caches[0].dtype).view(rows.shape[0], layout.num_layers, 2, segment)
     index = torch.tensor(block_ids, dtype=torch.long, device=device)
     pick = None if picked == list(range(len(picked))) else torch.tensor(picked, dtype=torch.long, device=device)
     for layer, cache in enumerate(kv_caches):
         for kv in range(2):
             source = blocks[:len(block_ids), layer, kv] if pick is None else blocks[:, layer, kv].index_select(0, pick)
             cache[kv].view(cache.shape[1], segment).index_copy_(0, index, source)
+
+
+def import_runs(kv_caches: list[torch.Tensor], block_ids: list[int], rows: list[int],
+                runs: list[tuple[int, torch.Tensor]], layout: KVLayout) -> None:
+    """block_ids[i] gets row rows[i] of rows that arrived as runs of (first row, uint8 `[k, bytes_per_block]`),
+    e.g. several regions of a kv-store's memory: one import_blocks per run, reading each run in place."""
+    starts = [first for first, _ in runs]
+    per_run: dict[int, tuple[list[int], list[int]]] = {}
+    for block_id, row in zip(block_ids, rows):  # each row to the run it lies in (runs are row-ordered)
+        run = bisect.bisect_right(starts, row) - 1
+        if run < 0 or row - starts[run] >= runs[run][1].shape[0]:
+            raise ValueError(f"row {row} is in none of the received runs")
+        ids, rows_in_run = per_run.setdefault(run, ([], []))
+        ids.append(block_id)
+        rows_in_run.append(row - starts[run])
+    for run, (ids, rows_in_run) in per_run.items():
+        import_blocks(kv_caches, ids, runs[run][1], layout, row_indices=rows_in_run)
 
 
 # Above this a block's payload is written with one copy per block (all layers at once, when the layers share one
