@@ -111,7 +111,7 @@ def main() -> int:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
         expected = [llm.generate([p], params)[0].outputs[0].text for p in prompts]
 
-    print(f"| stream | prompt tokens | finish | tokens | chunks | TTFT s | total s | equals offline |")
+    print("| stream | prompt tokens | finish | tokens | chunks | TTFT s | total s | equals offline |")
     print("|---|---|---|---|---|---|---|---|")
     ok = True
     for i, (prompt, result, text) in enumerate(zip(prompts, results, expected)):

@@ -26,7 +26,7 @@ from splitserve.proto_convert import (finish_reason_to_proto, layout_mismatch, s
 from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.engine_worker import WorkerIdentity, engine_stats_proto, layout_proto
-from splitserve.serving.errors import abort_invalid
+from splitserve.serving.errors import abort_engine_error, abort_invalid
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             LOCAL_PREFILL.inc()
 
         usage = common_pb2.Usage(prompt_tokens=len(prompt))
-        pieces = self.engine.engine.token_pieces
+        pieces = self.engine.token_pieces
         stream = None
         try:
             # The received blocks are readable (pinned in the store) only until the engine has taken the request.
@@ -104,12 +104,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                         chunk.stop_reason.CopyFrom(stop_reason)
                     DECODE_REQUESTS.labels(delta.finish_reason).inc()
                 yield chunk
-        except InvalidRequestError as exc:
-            DECODE_REQUESTS.labels("invalid").inc()
-            await abort_invalid(context, exc)
-        except EngineDeadError as exc:
-            DECODE_REQUESTS.labels("engine_dead").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (InvalidRequestError, EngineDeadError) as exc:
+            await abort_engine_error(context, exc, DECODE_REQUESTS)
         finally:
             # When gRPC closes this handler at a yield (client cancelled), this aborts the request and frees its
             # blocks now rather than at garbage collection.
@@ -119,7 +115,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     def _ended_already(self, prompt: list[int], params, produced: list[int]) -> decode_pb2.GenerateChunk:
         """The last chunk of a sequence whose tokens all came before this worker (max_tokens reached): only the
         text held back at the end of what was already streamed is left to send."""
-        text = OutputText(self.engine.engine.tokenizer, prompt, params)
+        text = OutputText(self.engine.tokenizer, prompt, params)
         text.replay(produced)
         return decode_pb2.GenerateChunk(finish_reason=common_pb2.FINISH_REASON_LENGTH, text=text.finish(),
                                         usage=common_pb2.Usage(prompt_tokens=len(prompt),

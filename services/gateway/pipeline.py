@@ -23,7 +23,7 @@ from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import (ContextLengthExceededError, GatewayError, ModelNotFoundError,
                                                 RequestTooLargeError, UpstreamError)
 from splitserve.services.gateway.outputs import SequenceEvent, Usage
-from splitserve.services.gateway.sequence import SequenceRunner, time_left
+from splitserve.services.gateway.sequence import SequenceRunner
 from splitserve.services.gateway.tokenizer_client import TokenizerClient
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from splitserve.proto_convert import (finish_reason_to_proto, sampling_params_fr
 from splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.engine_worker import WorkerIdentity, engine_stats_proto, layout_proto
-from splitserve.serving.errors import abort_invalid
+from splitserve.serving.errors import abort_engine_error
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +70,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                     already_stored = set(pulled[0]) if pulled else set()
                 async for delta in stream:
                     last = delta
-            except InvalidRequestError as exc:
-                PREFILL_REQUESTS.labels("invalid").inc()
-                await abort_invalid(context, exc)
-            except EngineDeadError as exc:
-                PREFILL_REQUESTS.labels("engine_dead").inc()
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            except (InvalidRequestError, EngineDeadError) as exc:
+                await abort_engine_error(context, exc, PREFILL_REQUESTS)
             finally:
                 if stream is not None:
                     stream.close()  # aborts the request if this handler was cancelled before it finished
@@ -97,7 +93,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             if last.logprobs:
                 logprob, top = last.logprobs[0]
                 response.first_token_logprob.CopyFrom(token_logprob_to_proto(last.token_ids[0], logprob, top,
-                                                                             self.engine.engine.token_pieces))
+                                                                             self.engine.token_pieces))
             if finish is None and last.kv_export is not None and last.kv_export.block_hashes:
                 handle = await self._store_blocks(store, last.kv_export, request_id, already_stored)
                 if handle is not None:

@@ -6,7 +6,7 @@ Proto3 `optional` fields are unset when the sender wants the engine's default; t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
 from splitserve.kv_blocks.layout import KVLayout, UnknownDTypeError
 from splitserve.v1 import common_pb2

@@ -313,3 +313,24 @@ def test_received_blocks_are_in_the_cache_once_add_request_returns(llama_ckpt, e
     assert [first] + tokens == reference.outputs[0].token_ids
     assert decode.stats()["prompt_tokens_computed"] - computed_before == 70 % 16  # only the tail was computed
     _assert_pool_whole(decode)
+
+
+def test_a_request_that_fails_on_the_engine_thread_ends_its_stream_with_an_error(engines):
+    """The engine thread's exception must reach the caller (it once vanished, leaving the request hanging)."""
+    _, decode, _ = engines
+
+    async def main():
+        runner = AsyncEngine(decode)
+        runner.start()
+        try:
+            deltas = []
+            stream = runner.generate("both", list(range(5, 40)), GREEDY, first_token=(7, None, None),
+                                     prior_output_ids=[7])
+            async for delta in stream:
+                deltas.append(delta)
+            return deltas
+        finally:
+            await runner.stop()
+
+    deltas = asyncio.run(asyncio.wait_for(main(), 30))
+    assert deltas[-1].finish_reason == "error" and "either" in deltas[-1].message

@@ -3,7 +3,6 @@ seeded reproducibility independent of batch layout, logprobs and the sampled dis
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

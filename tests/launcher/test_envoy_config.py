@@ -18,7 +18,6 @@ import pytest
 from splitserve.launcher import probe
 from splitserve.launcher.envoy import (ENVOY_TEMPLATE, EnvoyPorts, envoy_argv, find_envoy, load_template,
                                        render_envoy_config, write_envoy_config)
-from splitserve.launcher.plan import StackConfig
 from splitserve.launcher.errors import LauncherError, ToolNotInstalled
 from splitserve.launcher.ports import free_ports
 from splitserve.launcher.processes import ChildProcess, stop_together

@@ -127,6 +127,15 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def token_pieces(self):
+        """Each token's text and real bytes, for logprob entries (a cache safe to read from any thread)."""
+        return self.engine.token_pieces
+
     def validate_prompt(self, prompt):
         """Raises InvalidRequestError for a prompt the engine would refuse (reads only fixed limits)."""
         return self.engine.validate_prompt(prompt)
@@ -242,8 +251,8 @@ class AsyncEngine:
         def command() -> None:
             try:
                 result = fn()
-            except Exception as exc:
-                loop.call_soon_threadsafe(settle, lambda: done.set_exception(exc))
+            except Exception as exc:  # bound now: Python unbinds `exc` when the except block ends
+                loop.call_soon_threadsafe(settle, lambda error=exc: done.set_exception(error))
                 return
             loop.call_soon_threadsafe(settle, lambda: done.set_result(result))
 

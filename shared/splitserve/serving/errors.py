@@ -15,6 +15,16 @@ from splitserve.sampling_params import InvalidRequestError
 PARAM_METADATA_KEY = "splitserve-param"
 
 
+async def abort_engine_error(context: grpc.aio.ServicerContext, exc: Exception, outcomes) -> None:
+    """Ends an engine worker's call for an InvalidRequestError (INVALID_ARGUMENT, the user's fault) or an
+    EngineDeadError (UNAVAILABLE: the gateway takes the worker out), counted in `outcomes` by label."""
+    if isinstance(exc, InvalidRequestError):
+        outcomes.labels("invalid").inc()
+        await abort_invalid(context, exc)
+    outcomes.labels("engine_dead").inc()
+    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+
 async def abort_invalid(context: grpc.aio.ServicerContext, exc: InvalidRequestError) -> None:
     """Ends the call with INVALID_ARGUMENT, the user-facing message and the offending parameter."""
     if exc.param:

@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import struct
-import sys
-import time
 
 import grpc
 import pytest
+from service_process import start_service
 
 from splitserve import LLM, SamplingParams
 from splitserve.demo_model import build_checkpoint
 from splitserve.launcher.ports import free_ports
-from splitserve.launcher.probe import is_ready
-from splitserve.launcher.processes import ChildProcess
 from splitserve.proto_convert import sampling_params_to_proto
 from splitserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -51,19 +47,6 @@ def _swap_middle_tensors(target, donor) -> None:
             f.seek(start)
             f.write(donor_bytes[donor_ranges[name][0]:donor_ranges[name][1]])
     assert target.stat().st_size == size
-
-
-def _start(name, argv, log_dir, address):
-    child = ChildProcess(name, [sys.executable, "-m", "splitserve.services.cli", *argv], log_dir / f"{name}.log",
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    child.start()
-    deadline = time.monotonic() + 120
-    while not is_ready("grpc", address, 0.5):
-        if not child.alive or time.monotonic() > deadline:
-            child.kill()
-            raise RuntimeError(f"{name} did not start:\n{child.log_tail()}")
-        time.sleep(0.2)
-    return child
 
 
 def _stop(children) -> None:
@@ -104,10 +87,10 @@ def test_workers_restarted_on_a_changed_checkpoint_get_no_stale_kv(tmp_path, lla
     def workers():
         common = ["--model", str(model), "--torch-threads", "1", "--num-kv-blocks", "64", "--kv-store-address",
                   store, "--grace-s", "5"]
-        return [_start("prefill", ["prefill", "--port", str(prefill_port), *common], log_dir, prefill),
-                _start("decode", ["decode", "--port", str(decode_port), *common], log_dir, decode)]
+        return [start_service("prefill", ["prefill", "--port", str(prefill_port), *common], log_dir, prefill),
+                start_service("decode", ["decode", "--port", str(decode_port), *common], log_dir, decode)]
 
-    kv_store = _start("kv-store", ["kv-store", "--port", str(store_port)], log_dir, store)
+    kv_store = start_service("kv-store", ["kv-store", "--port", str(store_port)], log_dir, store)
     try:
         running = workers()
         try:

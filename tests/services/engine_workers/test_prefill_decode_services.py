@@ -5,19 +5,16 @@ cancelling a stream frees its blocks."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
 import time
 import urllib.request
 
 import grpc
 import pytest
+from service_process import start_service
 
 from splitserve import LLM, SamplingParams
 from splitserve.launcher.ports import free_ports
-from splitserve.launcher.probe import is_ready
-from splitserve.launcher.processes import ChildProcess
 from splitserve.proto_convert import sampling_params_to_proto
 from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from splitserve.serving.errors import param_from_error
@@ -25,19 +22,6 @@ from splitserve.token_bytes import TokenBytes
 
 pytestmark = pytest.mark.timeout(300)
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-
-
-def _start(name, argv, log_dir, address):
-    child = ChildProcess(name, [sys.executable, "-m", "splitserve.services.cli", *argv], log_dir / f"{name}.log",
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    child.start()
-    deadline = time.monotonic() + 120
-    while not is_ready("grpc", address, 0.5):
-        if not child.alive or time.monotonic() > deadline:
-            child.kill()
-            raise RuntimeError(f"{name} did not start:\n{child.log_tail()}")
-        time.sleep(0.2)
-    return child
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +33,12 @@ def workers(llama_ckpt, tmp_path_factory):
               "--kv-store-address", store, "--grace-s", "5"]
     children = []
     try:
-        children.append(_start("kv-store", ["kv-store", "--port", str(store_port)], log_dir, store))
-        children.append(_start("prefill", ["prefill", "--port", str(prefill_port), "--metrics-port",
+        children.append(start_service("kv-store", ["kv-store", "--port", str(store_port)], log_dir, store))
+        children.append(start_service("prefill", ["prefill", "--port", str(prefill_port), "--metrics-port",
                                            str(prefill_metrics), *common], log_dir, f"127.0.0.1:{prefill_port}"))
-        children.append(_start("decode", ["decode", "--port", str(decode_port), "--metrics-port",
+        children.append(start_service("decode", ["decode", "--port", str(decode_port), "--metrics-port",
                                           str(decode_metrics), *common], log_dir, f"127.0.0.1:{decode_port}"))
-        children.append(_start("prefill2", ["prefill", "--port", str(prefill2_port), *common], log_dir,
+        children.append(start_service("prefill2", ["prefill", "--port", str(prefill2_port), *common], log_dir,
                                f"127.0.0.1:{prefill2_port}"))
         yield {"prefill": f"127.0.0.1:{prefill_port}", "decode": f"127.0.0.1:{decode_port}", "store": store,
                "prefill2": f"127.0.0.1:{prefill2_port}",
