@@ -44,7 +44,7 @@ class ApiState:
     pipeline: Pipeline
     admission: Admission
     api_key: Optional[str]
-    healthy: Callable[[], Optional[str]]            # None when healthy, else why not
+    healthy: Callable[..., Optional[str]]           # None when healthy, else why not (every_worker=True: all)
     max_body_bytes: int = 8 * 2**20
 
 
@@ -80,8 +80,9 @@ def build_app(state: ApiState) -> FastAPI:
         return _finish("models", JSONResponse({"object": "list", "data": [card]}))
 
     @app.get("/health")
-    async def health() -> Response:
-        why_not = "draining" if state.admission.draining else state.healthy()
+    async def health(all: bool = False) -> Response:
+        """`?all=true`: 200 only once every known worker is healthy (the launcher waits for that)."""
+        why_not = "draining" if state.admission.draining else state.healthy(every_worker=all)
         if why_not is not None:
             return JSONResponse({"status": "unavailable", "reason": why_not}, status_code=503)
         return JSONResponse({"status": "ok"})

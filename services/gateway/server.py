@@ -124,8 +124,15 @@ class Gateway:
         """The model every worker must serve: the tokenizer's (every service of a stack gets the same --model)."""
         return (await self.tokenizer.info()).model
 
-    def why_unhealthy(self) -> Optional[str]:
-        """None when requests can be served: a tokenizer replica and a decode worker are healthy."""
+    def why_unhealthy(self, every_worker: bool = False) -> Optional[str]:
+        """None when requests can be served: a tokenizer replica and a decode worker are healthy. With
+        `every_worker`, None only once every worker the gateway knows is healthy (a launcher's readiness: the
+        first requests are then spread over all of them)."""
+        if every_worker:
+            down = [f"{w.kind} {w.address}: {w.why_unhealthy}" for kind in ("tokenizer", "prefill", "decode")
+                    for w in self.pool.workers(kind) if not w.healthy]
+            if down:
+                return "not every worker is healthy yet: " + "; ".join(down)
         if not self.pool.healthy("tokenizer"):
             reasons = "; ".join(f"{w.address}: {w.why_unhealthy}" for w in self.pool.workers("tokenizer"))
             return f"tokenizer unhealthy: {reasons}"

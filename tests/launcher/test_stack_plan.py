@@ -129,7 +129,7 @@ def test_without_envoy_the_gateway_takes_the_public_ports(tmp_path):
     assert "envoy" not in specs and plan.envoy_ports is None
     assert (_flag(gateway.argv, "--host"), _flag(gateway.argv, "--port"), _flag(gateway.argv, "--grpc-port")) == (
         "127.0.0.2", "8000", "50051")
-    assert gateway.probes == [("grpc", "127.0.0.2:50051"), ("http", "http://127.0.0.2:8000/health")]
+    assert gateway.probes == [("grpc", "127.0.0.2:50051"), ("http", "http://127.0.0.2:8000/health?all=true")]
 
 
 def test_an_external_redis_is_used_as_given(tmp_path):

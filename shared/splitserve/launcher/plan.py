@@ -222,7 +222,8 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
                       env=gateway_env, host=gateway_host)
     gateway.address = host_port(connect_host(gateway_host), gateway_grpc)
     gateway.probes = [("grpc", gateway.address),
-                      ("http", f"http://{host_port(connect_host(gateway_host), gateway_http)}/health")]
+                      # every worker routable, not only one of each: the first requests spread over all of them
+                      ("http", f"http://{host_port(connect_host(gateway_host), gateway_http)}/health?all=true")]
     addresses["gateway"] = [gateway.address]
     tiers.append([gateway])
 

@@ -186,3 +186,16 @@ def test_requests_outliving_the_drain_grace_end_with_an_error_not_a_cut(make_sta
     assert caught.value.status_code == grpc.StatusCode.UNAVAILABLE
     stack.wait_for(lambda: len(stack.decode.cancelled) == 2)
     stack.wait_for(lambda: gateway.gateway.admission.in_flight == 0)
+
+
+def test_health_all_waits_for_every_known_worker(make_stack):
+    """The launcher's readiness: /health serves as soon as one of each is up; /health?all=true only when every
+    worker the gateway was given is healthy, so the first requests are spread over all of them."""
+    stack = make_stack(num_decode=2)
+    gateway = stack.start_gateway()
+    stack.loop.run(stack.decodes[1].stop())
+    stack.wait_for(lambda: len(gateway.gateway.pool.healthy("decode")) == 1)
+    with gateway.http_client() as http:
+        assert http.get("/health").status_code == 200
+        partial = http.get("/health", params={"all": "true"})
+        assert partial.status_code == 503 and stack.decodes[1].address in partial.json()["reason"]
