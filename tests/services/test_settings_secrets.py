@@ -13,6 +13,7 @@ class _Settings:
     cluster_token: Optional[str] = None
     api_key: Optional[str] = None
     model: str = "m"
+    max_num_batched_tokens: int = 2048
 
 
 def test_secrets_are_masked_in_the_logged_settings(caplog, monkeypatch):
@@ -25,7 +26,7 @@ def test_secrets_are_masked_in_the_logged_settings(caplog, monkeypatch):
     logged = caplog.text
     assert "redis://splitserve:***@10.0.0.1:6379/0" in logged
     assert not any(secret in logged for secret in ("hunter2", "t0ken", "k3y"))
-    assert "'model': 'm'" in logged
+    assert "'model': 'm'" in logged and "'max_num_batched_tokens': 2048" in logged
 
 
 def test_redact_url_leaves_urls_without_a_password_alone():

@@ -86,9 +86,15 @@ def parse_settings(cls: type[T], argv: Optional[Sequence[str]] = None, prog: Opt
 _SECRET_FIELDS = ("key", "token", "password")
 
 
+def _is_secret(field_name: str) -> bool:
+    """api_key, cluster_token, redis_password: a name that ends in a secret's word (max_num_batched_tokens is
+    not one)."""
+    return field_name.rsplit("_", 1)[-1] in _SECRET_FIELDS
+
+
 def log_settings(name: str, settings: Any) -> None:
     """Logs the settings with secrets masked: API keys, tokens, and passwords inside URLs."""
-    shown = {k: ("***" if v and any(word in k for word in _SECRET_FIELDS) else
+    shown = {k: ("***" if v and _is_secret(k) else
                  redact_url(v) if isinstance(v, str) and k.endswith("url") else v)
              for k, v in dataclasses.asdict(settings).items()}
     log.info("%s settings: %s", name, shown)
