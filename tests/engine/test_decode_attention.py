@@ -97,7 +97,7 @@ def test_failed_compile_falls_back_to_eager_and_is_counted(caplog):
     q, k_cache, v_cache, tables, lens, ks, vs = _paged_case(LENS, 8, 2, 32, seed=5)
     backend = TorchAttentionBackend(compile_decode=True, compile_required=False)
     backend._compiled = broken
-    backend.warm_up(k_cache, num_heads=8)
+    backend.warm_up(k_cache, v_cache, num_heads=8)
     assert backend.compile_fallbacks == 1 and "no C++ compiler" in caplog.text
     empty = torch.zeros(0, 2, 32)
     out = backend.forward(q, empty, empty, k_cache, v_cache, _meta(tables, lens), 0.2)
@@ -106,4 +106,4 @@ def test_failed_compile_falls_back_to_eager_and_is_counted(caplog):
     strict = TorchAttentionBackend(compile_decode=True)
     strict._compiled = broken
     with pytest.raises(RuntimeError, match="no C"):
-        strict.warm_up(k_cache, num_heads=8)
+        strict.warm_up(k_cache, v_cache, num_heads=8)

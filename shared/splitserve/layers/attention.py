@@ -55,18 +55,20 @@ class TorchAttentionBackend:
         self._compile_required = compile_required
         self.compile_fallbacks = 0
 
-    def warm_up(self, k_cache: torch.Tensor, num_heads: int) -> None:
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int) -> None:
         """Compiles the decode path now, at start-up, rather than inside the first request. Where compiling fails
         (no C++ compiler, say) and compiling was not asked for by name, decode attention runs eager."""
         if self._compiled is None:
             return
-        rows, head_dim = 2, k_cache.shape[-1]
-        q = torch.zeros(rows, num_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
-        tables = torch.zeros(rows, 2, dtype=torch.int32, device=k_cache.device)
-        lens = torch.ones(rows, dtype=torch.int32, device=k_cache.device)
+        # Warm up as the runner calls: under inference_mode, with the two caches, with sizes that share no value with
+        # the caches' (Dynamo guards on the mode, on aliasing and on sizes that happened to be equal).
+        rows, num_blocks, kw = 3, 5, dict(device=k_cache.device)
         try:
             with torch.inference_mode():
-                self._compiled(q, k_cache, k_cache, tables, lens, 1.0)
+                q = torch.zeros(rows, num_heads, k_cache.shape[-1], dtype=k_cache.dtype, **kw)
+                tables = torch.zeros(rows, num_blocks, dtype=torch.int32, **kw)
+                lens = torch.ones(rows, dtype=torch.int32, **kw)
+                self._compiled(q, k_cache, v_cache, tables, lens, 1.0)
         except Exception as exc:  # Inductor fails in many ways (compiler, headers, codegen); all mean "run eager"
             if self._compile_required:
                 raise
@@ -236,7 +238,7 @@ class TritonAttentionBackend:
 
     compile_fallbacks = 0
 
-    def warm_up(self, k_cache: torch.Tensor, num_heads: int) -> None:
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int) -> None:
         pass
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
