@@ -107,3 +107,19 @@ def test_failed_compile_falls_back_to_eager_and_is_counted(caplog):
     strict._compiled = broken
     with pytest.raises(RuntimeError, match="no C"):
         strict.warm_up(k_cache, v_cache, num_heads=8)
+
+
+def test_engine_decodes_without_recompiling(llama_ckpt):
+    """The engine's warm-up compiles the one graph every later step uses (one row or many, one block or many):
+    a recompile inside a request would stall it for seconds."""
+    import torch._dynamo
+
+    from splitserve import LLM, SamplingParams
+
+    llm = LLM(str(llama_ckpt), dtype="float32", device="cpu", block_size=16, num_kv_blocks=64,
+              attention_backend="torch-compile")
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        llm.generate([[7, 8, 9]], params)
+        outs = llm.generate([[5 + i % 40 for i in range(n)] for n in (1, 3, 20, 40, 90)], params)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [24] * 5
