@@ -40,10 +40,10 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 class TorchAttentionBackend:
-    """Eager torch: each decode group's blocks are gathered into a dense padded batch for one SDPA call.
-
-    `compile_decode` instead runs `paged_decode` through torch.compile (Inductor), which reads the paged cache
-    in place: no copy of the KV, one pass over K and one over V.
+    """Plain torch. Decode rows: with `compile_decode` (the CPU default), `paged_decode` compiled by Inductor
+    reads the paged cache in place, one pass over K and one over V (measured 5x faster than the eager path at 64
+    rows of 33-768 tokens); without it, each length group's blocks are gathered into a dense padded batch for one
+    SDPA call. Prefill rows: SDPA, eager.
     """
 
     name = "torch"
