@@ -21,17 +21,19 @@ def workload(num_requests: int, in_range, out_range, vocab: int, seed: int):
     return prompts, outputs
 
 
-def run_splitserve(path, prompts, out_lens, dtype, device):
+def run_splitserve(path, prompts, out_lens, dtype, device, attention_backend="auto"):
+    """Wall seconds and CPU seconds (this process, all threads) of one LLM.generate over the workload."""
     from splitserve import LLM, SamplingParams
 
-    llm = LLM(path, dtype=dtype, device=device, max_num_seqs=64, max_num_batched_tokens=2048)
+    llm = LLM(path, dtype=dtype, device=device, max_num_seqs=64, max_num_batched_tokens=2048,
+              attention_backend=attention_backend)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in out_lens]
     llm.generate([prompts[0]], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     outs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     assert [len(o.outputs[0].token_ids) for o in outs] == out_lens
-    return elapsed
+    return elapsed, cpu
 
 
 def run_hf(model, prompts, out_lens, batch_size, device):
@@ -64,6 +66,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--attention-backend", default="auto", help="splitserve's attention backend (auto, torch, ...)")
+    ap.add_argument("--splitserve-only", action="store_true", help="time splitserve alone (no transformers runs)")
     args = ap.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -82,8 +86,13 @@ def main() -> None:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
 
     rows = []
-    t = run_splitserve(path, prompts, out_lens, args.dtype, args.device)
+    t, cpu = run_splitserve(path, prompts, out_lens, args.dtype, args.device, args.attention_backend)
     rows.append(("splitserve LLM.generate", n, sum(out_lens), t))
+    cpu_line = f"splitserve_cpu_s_per_1k_output_tokens: {cpu / sum(out_lens) * 1000:.2f}"
+    if args.splitserve_only:
+        print(f"splitserve_output_tok_s: {sum(out_lens) / t:.1f}")
+        print(cpu_line)
+        return
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
     t = run_hf(hf, prompts, out_lens, args.hf_batch_size, args.device)
     rows.append((f"transformers static batch={args.hf_batch_size}", n, sum(out_lens), t))
@@ -97,6 +106,7 @@ def main() -> None:
         print(f"{name:34s} {count:8d} {prompt_tokens[name]:10d} {out_tok:10d} {secs:8.2f} {out_tok / secs:10.1f}")
     speed = (rows[0][2] / rows[0][3]) / (rows[1][2] / rows[1][3])
     print(f"ratio splitserve / transformers-static (output tokens/s): {speed:.2f}")
+    print(cpu_line)
     print(f"speedup_vs_hf_static: {speed:.2f}")
 
 

@@ -31,7 +31,8 @@ class EngineConfig:
     max_model_len: Optional[int] = field(default=None, metadata={"help": "context length (default: the model's)"})
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    attention_backend: str = field(default="auto", metadata={"help": "attention kernels: auto, torch, triton"})
+    attention_backend: str = field(default="auto", metadata={
+        "help": "attention kernels: auto, torch, torch-compile (CPU decode compiled by Inductor), triton"})
     seed: int = field(default=0, metadata={"help": "seed of the engine's default random generator"})
 
     def __post_init__(self) -> None:

@@ -40,7 +40,9 @@ def test_grouped_decode_equals_one_padded_batch():
         context_lens=torch.tensor(lens, dtype=torch.int32), cu_seqlens_q=torch.arange(len(lens) + 1),
         num_decodes=len(lens), query_lens=[1] * len(lens), context_lens_list=lens, block_size=block_size)
     q = torch.randn(len(lens), hq, d)
-    grouped = TorchAttentionBackend._decode(q, k_cache, v_cache, meta, 0.3)
-    dense = TorchAttentionBackend._decode_rows(q, k_cache, v_cache, meta, None, 0.3)
+    grouped = TorchAttentionBackend()._decode(q, k_cache, v_cache, meta, 0.3)
+    num_blocks_used = -(-max(lens) // block_size)
+    dense = TorchAttentionBackend._decode_rows(q, k_cache, v_cache, meta.block_tables[:, :num_blocks_used],
+                                               meta.context_lens, 0.3)
     assert len(_length_groups(lens)) > 1
     torch.testing.assert_close(grouped, dense, rtol=1e-5, atol=1e-6)

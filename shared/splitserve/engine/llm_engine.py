@@ -366,6 +366,7 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "held_blocks_released": self.scheduler.num_held_blocks_released,
             "kv_load_failures": self.num_kv_load_failures,
+            "attention_compile_fallbacks": self.runner.backend.compile_fallbacks,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "running_tokens": sum(s.num_tokens for s in self.scheduler.running),

@@ -42,6 +42,7 @@ class ModelRunner:
         # (block_io.import_blocks); each layer's view is contiguous, as the attention backends expect.
         stacked = torch.zeros((lay.num_layers, *shape), dtype=self.dtype, device=self.device)
         self.kv_caches = list(stacked.unbind(0))
+        self.backend.warm_up(self.kv_caches[0][0], self.kv_caches[0][1], self.model.args.num_heads)
         log.info("KV cache: %d blocks of %d tokens, %.1f MiB", num_blocks, lay.block_size,
                  num_blocks * lay.bytes_per_block / 2**20)
 

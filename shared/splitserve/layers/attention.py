@@ -1,15 +1,20 @@
 """Paged attention: write this step's K/V into the block cache, then attend over each sequence's blocks.
 
-Two backends behind one call: plain torch (CPU, and the reference the kernels are tested against) and Triton
-(CUDA). The runner orders a step's sequences decodes-first, so the decode rows form one dense batch.
+Two backends behind one call: torch (CPU, and the reference the kernels are tested against; decode compiled by
+Inductor unless turned off) and Triton (CUDA). The runner orders a step's sequences decodes-first, so the decode
+rows form one dense batch.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -22,6 +27,7 @@ class AttentionMetadata:
     query_lens: list[int]
     context_lens_list: list[int]
     block_size: int
+    decode_groups: Optional[list] = None  # the torch backend's decode plan: made by the first layer, reused
 
     @property
     def max_context_len(self) -> int:
@@ -34,7 +40,42 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 class TorchAttentionBackend:
+    """Plain torch. Decode rows: with `compile_decode` (the CPU default), `paged_decode` compiled by Inductor
+    reads the paged cache in place, one pass over K and one over V (measured 5x faster than the eager path at 64
+    rows of 33-768 tokens); without it, each length group's blocks are gathered into a dense padded batch for one
+    SDPA call. Prefill rows: SDPA, eager.
+    """
+
     name = "torch"
+
+    def __init__(self, compile_decode: bool = False, slack: Optional[float] = None, compile_required: bool = True):
+        self._compiled = _compiled_paged_decode() if compile_decode else None
+        # Eager pays for padding with copies, compiled only with reads of masked slots: each its own slack.
+        self.slack = slack if slack is not None else (_COMPILED_SLACK if compile_decode else _EAGER_SLACK)
+        self._compile_required = compile_required
+        self.compile_fallbacks = 0
+
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int) -> None:
+        """Compiles the decode path now, at start-up, rather than inside the first request. Where compiling fails
+        (no C++ compiler, say) and compiling was not asked for by name, decode attention runs eager."""
+        if self._compiled is None:
+            return
+        # Warm up as the runner calls: under inference_mode, with the two caches, with sizes that share no value with
+        # the caches' (Dynamo guards on the mode, on aliasing and on sizes that happened to be equal).
+        rows, num_blocks, kw = 3, 5, dict(device=k_cache.device)
+        try:
+            with torch.inference_mode():
+                q = torch.zeros(rows, num_heads, k_cache.shape[-1], dtype=k_cache.dtype, **kw)
+                tables = torch.zeros(rows, num_blocks, dtype=torch.int32, **kw)
+                lens = torch.ones(rows, dtype=torch.int32, **kw)
+                self._compiled(q, k_cache, v_cache, tables, lens, 1.0)
+        except Exception as exc:  # Inductor fails in many ways (compiler, headers, codegen); all mean "run eager"
+            if self._compile_required:
+                raise
+            log.warning("compiling decode attention failed, running it eager (several times slower): %s: %s",
+                        type(exc).__name__, exc)
+            self._compiled, self.slack = None, _EAGER_SLACK
+            self.compile_fallbacks += 1
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
@@ -56,29 +97,34 @@ class TorchAttentionBackend:
             start += q_len
         return out
 
-    @classmethod
-    def _decode(cls, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        nd = q.shape[0]
-        groups = _length_groups(meta.context_lens_list[:nd])
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        groups = _decode_groups(meta, self.slack)
+        rows_fn = self._decode_rows if self._compiled is None else self._compiled_rows
         if len(groups) == 1:
-            return cls._decode_rows(q, k_cache, v_cache, meta, None, scale)
+            return rows_fn(q, k_cache, v_cache, *groups[0][1:], scale)
         out = torch.empty_like(q)
-        for rows in groups:
-            index = torch.tensor(rows, device=q.device)
-            out[index] = cls._decode_rows(q.index_select(0, index), k_cache, v_cache, meta, index, scale)
+        for index, tables, context_lens in groups:
+            out[index] = rows_fn(q.index_select(0, index), k_cache, v_cache, tables, context_lens, scale)
         return out
 
-    @staticmethod
-    def _decode_rows(q, k_cache, v_cache, meta: AttentionMetadata, index, scale: float) -> torch.Tensor:
-        """Gathers the rows' blocks into a dense, padded batch and runs one SDPA over it."""
+    def _compiled_rows(self, q, k_cache, v_cache, tables, context_lens, scale: float) -> torch.Tensor:
         n = q.shape[0]
-        context_lens = meta.context_lens[:n] if index is None else meta.context_lens.index_select(0, index)
-        tables = meta.block_tables[:n] if index is None else meta.block_tables.index_select(0, index)
-        max_ctx = int(context_lens.max())
-        num_blocks = -(-max_ctx // meta.block_size)
+        # Dynamo specialises sizes of 1: keep both dynamic sizes >= 2 so one compiled graph serves every step.
+        if tables.shape[1] == 1:
+            tables = F.pad(tables, (0, 1))
+        if n == 1:
+            q, tables, context_lens = q.repeat(2, 1, 1), tables.repeat(2, 1), context_lens.repeat(2)
+        return self._compiled(q, k_cache, v_cache, tables, context_lens, scale)[:n]
+
+    @staticmethod
+    def _decode_rows(q, k_cache, v_cache, tables, context_lens, scale: float) -> torch.Tensor:
+        """Gathers the rows' blocks (`tables` already cut to the longest row's) into a dense, padded batch and
+        runs one SDPA over it."""
+        n, num_blocks = tables.shape
+        block_size = k_cache.shape[1]
         # index_select over the block dimension: on CPU several times faster than advanced indexing.
-        flat = tables[:, :num_blocks].reshape(-1)
-        shape = (n, num_blocks * meta.block_size, *k_cache.shape[2:])
+        flat = tables.reshape(-1)
+        shape = (n, num_blocks * block_size, *k_cache.shape[2:])
         keys = k_cache.index_select(0, flat).view(shape).transpose(1, 2)  # [n, Hkv, L, D]
         values = v_cache.index_select(0, flat).view(shape).transpose(1, 2)
         positions = torch.arange(keys.shape[2], device=q.device)
@@ -101,6 +147,64 @@ class TorchAttentionBackend:
             mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         return out.transpose(0, 1)
+
+
+_EAGER_SLACK = 1.25
+_COMPILED_SLACK = float("inf")  # measured: one group is fastest compiled
+
+
+def _decode_groups(meta: AttentionMetadata, slack: float) -> list[tuple[Optional[torch.Tensor], torch.Tensor,
+                                                                       torch.Tensor]]:
+    """(row index or None for all rows, block tables cut to the group's longest row, context lengths) per
+    length group; built once per step and reused by every layer."""
+    if meta.decode_groups is None:
+        nd = meta.num_decodes
+        groups = _length_groups(meta.context_lens_list[:nd], slack)
+        plan = []
+        for rows in groups:
+            index = None if len(groups) == 1 else torch.tensor(rows, device=meta.context_lens.device)
+            tables = meta.block_tables[:nd] if index is None else meta.block_tables.index_select(0, index)
+            lens = meta.context_lens[:nd] if index is None else meta.context_lens.index_select(0, index)
+            num_blocks = -(-max(meta.context_lens_list[i] for i in rows) // meta.block_size)
+            plan.append((index, tables[:, :num_blocks].contiguous(), lens))
+        meta.decode_groups = plan
+    return meta.decode_groups
+
+
+_COMPILED_PAGED_DECODE = None
+
+
+def _compiled_paged_decode():
+    """One compiled function per process: engines made one after another (tests, restarts) share its graphs."""
+    global _COMPILED_PAGED_DECODE
+    if _COMPILED_PAGED_DECODE is None:
+        _COMPILED_PAGED_DECODE = torch.compile(paged_decode, dynamic=True)
+    return _COMPILED_PAGED_DECODE
+
+
+def paged_decode(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
+    """One query per row over its blocks of the paged cache, written as reductions so that Inductor fuses the
+    block lookup into them and reads the cache in place (eager torch would materialise every product: use it
+    only compiled, or as a reference).
+
+    q [n, Hq, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [n, nb]; context_lens [n].
+    """
+    n, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    nb = block_tables.shape[1]
+    tables = block_tables.long()
+    qg = q.float().view(n, 1, 1, hkv, hq // hkv, d)
+    keys = k_cache[tables].float().unsqueeze(-2)  # [n, nb, bs, Hkv, 1, D]
+    scores = (keys * qg).sum(-1) * scale  # [n, nb, bs, Hkv, G]
+    positions = torch.arange(nb * block_size, device=q.device).view(1, nb, block_size, 1, 1)
+    valid = positions < context_lens.view(n, 1, 1, 1, 1)
+    scores = torch.where(valid, scores, float("-inf"))
+    weights = torch.exp(scores - scores.amax(dim=(1, 2), keepdim=True))
+    weights = torch.where(valid, weights, 0.0)  # so that unwritten (even NaN) slots add nothing
+    values = v_cache[tables].float().unsqueeze(-2)  # [n, nb, bs, Hkv, 1, D]
+    out = torch.where(valid.unsqueeze(-1), weights.unsqueeze(-1) * values, 0.0).sum(dim=(1, 2))
+    out = out / weights.sum(dim=(1, 2)).unsqueeze(-1)
+    return out.reshape(n, hq, d).to(q.dtype)
 
 
 def _length_groups(context_lens: list[int], slack: float = 1.25) -> list[list[int]]:
@@ -132,6 +236,11 @@ class TritonAttentionBackend:
 
         self._kernels = paged_attention
 
+    compile_fallbacks = 0
+
+    def warm_up(self, k_cache: torch.Tensor, v_cache: torch.Tensor, num_heads: int) -> None:
+        pass
+
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         nd = meta.num_decodes
@@ -152,9 +261,15 @@ class TritonAttentionBackend:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+BACKENDS = ("auto", "torch", "torch-compile", "triton")
+
+
 def select_backend(device: torch.device, requested: str = "auto"):
-    if requested == "torch" or (requested == "auto" and device.type != "cuda"):
+    """auto: Triton on CUDA, compiled torch elsewhere (eager if compiling fails); torch: eager, no compiling."""
+    if requested == "torch":
         return TorchAttentionBackend()
+    if requested == "torch-compile" or (requested == "auto" and device.type != "cuda"):
+        return TorchAttentionBackend(compile_decode=True, compile_required=requested != "auto")
     if requested in ("triton", "auto"):
         return TritonAttentionBackend()
-    raise ValueError(f"unknown attention backend {requested!r} (auto, torch, triton)")
+    raise ValueError(f"unknown attention backend {requested!r} ({', '.join(BACKENDS)})")

@@ -145,6 +145,8 @@ class EngineMetricsCollector(Collector):
                       "was full (recomputed if evicted before it ran)", s["held_blocks_released"])
         yield counter("kv_load_failures", "Received KV loads the engine could not trust (their source was given "
                       "back or ran out first): their blocks were recomputed", s["kv_load_failures"])
+        yield counter("attention_compile_fallbacks", "Start-ups where compiling decode attention failed and it runs "
+                      "eager instead (several times slower)", s["attention_compile_fallbacks"])
         yield counter("prompt_tokens_computed", "Prompt tokens run through the model", s["prompt_tokens_computed"])
         yield counter("generation_tokens", "Tokens generated", s["generation_tokens"])
         yield counter("engine_steps", "Engine steps run", s["steps"])

@@ -1,0 +1,81 @@
+"""Decode attention alone, one layer: the torch backend's eager gather + SDPA vs the compiled in-place
+`paged_decode`, each with its rows grouped by length (slack) or not.
+
+Shapes as in the offline benchmark's steady state (demo model: 8 heads of 64, 16-token blocks, float32): rows of
+ragged context lengths whose blocks are scattered over the cache. Prints milliseconds per call (median of
+`--iters`) and each compiled variant's first call (compile included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+from splitserve.layers.attention import AttentionMetadata, TorchAttentionBackend
+
+
+def case(rows: int, max_ctx: int, heads: int, kv_heads: int, head_dim: int, block_size: int, seed: int):
+    rng = random.Random(seed)
+    lens = [rng.randint(33, max_ctx) for _ in range(rows)]
+    need = [-(-n // block_size) for n in lens]
+    num_blocks = sum(need) * 2
+    perm = list(range(num_blocks))
+    rng.shuffle(perm)
+    tables, used = [], 0
+    for nb in need:
+        tables.append(perm[used:used + nb] + [0] * (max(need) - nb))
+        used += nb
+    # Layer 3 of a stacked cache, as the runner lays it out (a view at an offset).
+    stacked = torch.randn(4, 2, num_blocks, block_size, kv_heads, head_dim)
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(0, dtype=torch.int64), block_tables=torch.tensor(tables, dtype=torch.int32),
+        context_lens=torch.tensor(lens, dtype=torch.int32), cu_seqlens_q=torch.arange(rows + 1, dtype=torch.int32),
+        num_decodes=rows, query_lens=[1] * rows, context_lens_list=lens, block_size=block_size)
+    return torch.randn(rows, heads, head_dim), stacked[3, 0], stacked[3, 1], meta
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--max-ctx", type=int, default=768)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=20)
+    args = ap.parse_args()
+    q, k_cache, v_cache, meta = case(args.rows, args.max_ctx, args.heads, args.kv_heads, 64, 16, seed=0)
+    empty = torch.zeros(0, args.kv_heads, 64)
+    inf = float("inf")
+    variants = [("eager, slack 1.25", False, 1.25), ("eager, one group", False, inf),
+                ("compiled, slack 1.25", True, 1.25), ("compiled, slack 2", True, 2.0),
+                ("compiled, one group", True, inf)]
+    kv_mib = sum(meta.context_lens_list) * args.kv_heads * 64 * 4 * 2 / 2**20
+    print(f"rows {args.rows}, KV read {kv_mib:.1f} MiB, threads {torch.get_num_threads()}")
+    reference = None
+    with torch.inference_mode():
+        for name, compiled, slack in variants:
+            backend = TorchAttentionBackend(compile_decode=compiled, slack=slack)
+
+            def run():
+                meta.decode_groups = None  # a new step: the plan is rebuilt, as the runner's fresh metadata is
+                return backend.forward(q, empty, empty, k_cache, v_cache, meta, 0.125)
+
+            start = time.perf_counter()
+            out = run()
+            first = time.perf_counter() - start
+            if reference is None:
+                reference = out
+            torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+            times = []
+            for _ in range(args.iters):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            print(f"{name:22s} {statistics.median(times) * 1e3:8.2f} ms/call   (first call {first:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
