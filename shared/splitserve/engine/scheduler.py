@@ -73,9 +73,7 @@ class Scheduler:
             if num_new == 0:
                 i += 1
                 continue
-            while not self.kv.allocate(seq, num_new):
-                if self._release_waiting_holds(self.kv.blocks_needed(seq, num_new)):
-                    continue
+            while not self._allocate(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -94,16 +92,9 @@ class Scheduler:
             seq = self.waiting[0]
             self.kv.admit_cached_prefix(seq)
             num_new = self._tokens_to_run(seq, budget)
-            if num_new == 0:
+            if num_new == 0 or not self._allocate(seq, num_new, keep=seq):
                 self._undo_admission(seq)
                 break
-            if not self.kv.allocate(seq, num_new):
-                if not self._release_waiting_holds(self.kv.blocks_needed(seq, num_new), keep=seq):
-                    self._undo_admission(seq)
-                    break
-                if not self.kv.allocate(seq, num_new):
-                    self._undo_admission(seq)
-                    break
             self.kv.record_prefix_query(seq)
             self.kv.release_held(seq)  # the prefix lookup above took its own references
             seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
@@ -123,6 +114,14 @@ class Scheduler:
             return budget
         # Unchunked: a prompt larger than the budget runs alone in its own step rather than never.
         return remaining if budget == self.max_num_batched_tokens else 0
+
+    def _allocate(self, seq: Sequence, num_new: int, keep: Optional[Sequence] = None) -> bool:
+        """Grows `seq` by `num_new` tokens' blocks, letting waiters' holds (but `keep`'s) go if that is what it
+        takes; False when even that leaves too few."""
+        while not self.kv.allocate(seq, num_new):
+            if not self._release_waiting_holds(self.kv.blocks_needed(seq, num_new), keep=keep):
+                return False
+        return True
 
     def _release_waiting_holds(self, num_blocks: int, keep: Optional[Sequence] = None) -> bool:
         """Lets go of waiting sequences' imported blocks, newest waiter first, until `num_blocks` are free.
