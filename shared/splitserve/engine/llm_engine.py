@@ -258,10 +258,6 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt has {len(token_ids)} tokens, but this model's context is {self.max_model_len} tokens "
                 "and at least one must be left to generate", "prompt")
-        capacity = self.num_blocks * self.config.block_size
-        if len(token_ids) + 1 > capacity:
-            raise InvalidRequestError(f"prompt of {len(token_ids)} tokens does not fit the KV cache "
-                                      f"({capacity} tokens)", "prompt")
         return text, token_ids
 
     def validate_params(self, params: SamplingParams, prompt_len: int) -> None:
