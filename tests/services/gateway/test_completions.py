@@ -99,6 +99,7 @@ def test_the_worker_ends_a_sequence_at_its_stop_string_and_the_gateway_forwards_
     assert choice.finish_reason == "stop"
     assert choice.model_extra["stop_reason"] == " w43"
     assert result.usage.completion_tokens == 3          # 41, 42 and 43, which held the stop string
+    stack.wait_for(lambda: stack.decode.finished or stack.decode.cancelled, timeout=2)  # the fake's bookkeeping
     assert stack.decode.finished == [stack.decode.requests[-1].request_id] and stack.decode.cancelled == []
 
 

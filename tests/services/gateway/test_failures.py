@@ -155,6 +155,9 @@ def test_draining_finishes_requests_in_flight_and_refuses_new_ones(make_stack):
             rest = "\n".join(lines)
         assert rest.rstrip().endswith("data: [DONE]") and '"finish_reason":"length"' in rest
     drained.result(timeout=5)
+    # The fake's handler records the end after gRPC resumes it past the last chunk, which can be after the
+    # gateway has already answered; wait for that bookkeeping, then check how the stream ended.
+    stack.wait_for(lambda: stack.decode.finished or stack.decode.cancelled, timeout=2)
     assert stack.decode.finished and not stack.decode.cancelled
 
 
