@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, Union
 
@@ -18,9 +17,13 @@ from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from splitserve.services.gateway import metrics
+from splitserve.services.gateway import metrics, model_api, openapi_doc
+from splitserve.services.gateway.model_api import add_model_routes
+from splitserve.services.gateway.openapi_doc import json_body, responses, server_version
+from splitserve.services.gateway.response_schemas import (ChatCompletionResponse, CompletionResponse, ErrorResponse,
+                                                          HealthResponse)
 from splitserve.services.gateway.admission import Admission, Ticket
 from splitserve.services.gateway.auth import check_api_key
 from splitserve.services.gateway.openai_errors import describe, error_body, error_response
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 # nginx's status for "the client closed the connection before the response"; only ever seen in metrics.
 CLIENT_CLOSED = 499
 REQUEST_ID_HEADER = "x-request-id"
+_GENERATION_ERRORS = (400, 401, 404, 413, 429, 500, 503, 504)
 
 
 @dataclass
@@ -49,7 +53,9 @@ class ApiState:
 
 
 def build_app(state: ApiState) -> FastAPI:
-    app = FastAPI(title="splitserve gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="splitserve gateway", version=server_version(), docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
+    openapi_doc.install(app, [CompletionRequest, ChatCompletionRequest, *model_api.REQUEST_MODELS])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -59,27 +65,19 @@ def build_app(state: ApiState) -> FastAPI:
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(exc)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest),
+              responses=responses(CompletionResponse, *_GENERATION_ERRORS, streams=True))
     async def completions(request: Request) -> Response:
         return _echo_request_id(request, await _generate(state, request, CompletionRequest, chat=False))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest),
+              responses=responses(ChatCompletionResponse, *_GENERATION_ERRORS, streams=True))
     async def chat_completions(request: Request) -> Response:
         return _echo_request_id(request, await _generate(state, request, ChatCompletionRequest, chat=True))
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        try:
-            check_api_key(request.headers.get("authorization"), state.api_key)
-            model = await state.pipeline.served_model()
-            info = await state.pipeline.tokenizer.info()
-        except Exception as exc:
-            return _finish("models", error_response(exc))
-        card = {"id": model, "object": "model", "created": int(time.time()), "owned_by": "splitserve",
-                "max_model_len": info.max_context_length}
-        return _finish("models", JSONResponse({"object": "list", "data": [card]}))
+    add_model_routes(app, state.pipeline, state.api_key, state.max_body_bytes)
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": HealthResponse}, 503: {"model": HealthResponse}})
     async def health(all: bool = False) -> Response:
         """`?all=true`: 200 only once every known worker is healthy (the launcher waits for that)."""
         why_not = "draining" if state.admission.draining else state.healthy(every_worker=all)
@@ -87,7 +85,7 @@ def build_app(state: ApiState) -> FastAPI:
             return JSONResponse({"status": "unavailable", "reason": why_not}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={401: {"model": ErrorResponse}})
     async def prometheus_metrics(request: Request) -> Response:
         # Behind the key like the API (Prometheus without it scrapes --metrics-port, which is not public).
         try:
@@ -104,11 +102,6 @@ def _echo_request_id(request: Request, response: Response) -> Response:
     client_id = request.headers.get(REQUEST_ID_HEADER)
     if client_id:
         response.headers[REQUEST_ID_HEADER] = client_id
-    return response
-
-
-def _finish(endpoint: str, response: Response) -> Response:
-    metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
     return response
 
 
@@ -147,12 +140,12 @@ async def _generate(state: ApiState, request: Request,
             if result.error is not None:
                 raise result.error
         usage = total_usage(len(prepared.prompt_token_ids), [r.usage for r in results])
-        return _finish(endpoint, JSONResponse(formatter.response(results, usage)))
+        return metrics.count_response(endpoint, JSONResponse(formatter.response(results, usage)))
     except ClientDisconnected:
         log.info("%s: client disconnected before the response; request cancelled", endpoint)
-        return _finish(endpoint, Response(status_code=CLIENT_CLOSED))
+        return metrics.count_response(endpoint, Response(status_code=CLIENT_CLOSED))
     except Exception as exc:
-        return _finish(endpoint, error_response(exc))
+        return metrics.count_response(endpoint, error_response(exc))
     finally:
         if ticket is not None:
             ticket.release()

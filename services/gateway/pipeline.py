@@ -16,15 +16,16 @@ import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncIterator, Optional, Sequence, Union
 
 from splitserve.sampling_params import SEED_MIN, InvalidRequestError, SamplingParams
 from splitserve.services.gateway import metrics
-from splitserve.services.gateway.errors import (ContextLengthExceededError, GatewayError, ModelNotFoundError,
-                                                RequestTooLargeError, UpstreamError)
+from splitserve.services.gateway.errors import (ContextLengthExceededError, GatewayError, RequestTooLargeError,
+                                                UpstreamError)
 from splitserve.services.gateway.outputs import SequenceEvent, Usage
 from splitserve.services.gateway.sequence import SequenceRunner
-from splitserve.services.gateway.tokenizer_client import TokenizerClient
+from splitserve.services.gateway.served_models import ServedModels
+from splitserve.services.gateway.tokenizer_client import ModelInfo, TokenizerClient
 
 log = logging.getLogger(__name__)
 
@@ -78,39 +79,43 @@ class PreparedRequest:
 
 
 class Pipeline:
-    def __init__(self, tokenizer: TokenizerClient, runner: SequenceRunner, model_name: Optional[str] = None,
+    def __init__(self, tokenizer: TokenizerClient, runner: SequenceRunner, served_model_names: Sequence[str] = (),
                  request_timeout_s: float = 600.0, max_prompt_bytes: Optional[int] = None):
         self.tokenizer = tokenizer
         self.runner = runner
-        self.model_name = model_name
+        self.served = ServedModels(served_model_names)
         self.request_timeout_s = request_timeout_s
         self.max_prompt_bytes = max_prompt_bytes
 
-    async def served_model(self) -> str:
-        return self.model_name or (await self.tokenizer.info()).model
+    async def served_models(self) -> list[str]:
+        return self.served.names((await self.tokenizer.info()).model)
+
+    async def resolve_model(self, requested: Optional[str]) -> tuple[str, ModelInfo]:
+        """The served name a request's response carries, and the model's facts; 404 for an unknown name."""
+        info = await self.tokenizer.info()
+        return self.served.resolve(requested, info.model), info
+
+    async def tokenize(self, prompt: Prompt, info: ModelInfo, add_special_tokens: bool = True,
+                       add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's ids: text and chat through the tokenizer service (after the byte limit), ids checked
+        against the vocabulary."""
+        self._check_prompt_bytes(prompt, info.max_context_length)
+        if prompt.token_ids is not None:
+            check_token_ids(prompt.token_ids, info, prompt.param)
+            return list(prompt.token_ids)
+        if prompt.messages is not None:
+            if not info.has_chat_template:
+                raise InvalidRequestError("this model has no chat template; use /v1/completions", "messages")
+            return await self.tokenizer.tokenize_chat(prompt.messages, add_generation_prompt)
+        return await self.tokenizer.tokenize_text(prompt.text or "", add_special_tokens)
 
     async def prepare(self, request: GenerationRequest) -> PreparedRequest:
         arrival = asyncio.get_running_loop().time()
         if request.params.n > MAX_N:
             raise InvalidRequestError(f"n must be at most {MAX_N}, got {request.params.n}", "n")
-        info = await self.tokenizer.info()
-        served = self.model_name or info.model
-        if request.model and request.model != served:
-            raise ModelNotFoundError(request.model, served)
+        served, info = await self.resolve_model(request.model)
         prompt = request.prompt
-        self._check_prompt_bytes(prompt, info.max_context_length)
-        if prompt.token_ids is not None:
-            ids = list(prompt.token_ids)
-            bad = [t for t in ids if not 0 <= t < info.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {info.vocab_size})",
-                                          "prompt")
-        elif prompt.messages is not None:
-            if not info.has_chat_template:
-                raise InvalidRequestError(f"model {served} has no chat template; use /v1/completions", "messages")
-            ids = await self.tokenizer.tokenize_chat(prompt.messages)
-        else:
-            ids = await self.tokenizer.tokenize_text(prompt.text or "")
+        ids = await self.tokenize(prompt, info)
         if not ids:
             raise InvalidRequestError("the prompt is empty", prompt.param)
         params = request.params
@@ -191,6 +196,12 @@ class Pipeline:
             log.warning("request %s: sequence %d failed after it started: %s", request_id, index, exc)
             yield SequenceEvent(index, "", [], [], "error", usage=Usage(len(prompt), completion_tokens,
                                                                          cached_tokens), error=exc)
+
+
+def check_token_ids(token_ids: Sequence[int], info: ModelInfo, param: str) -> None:
+    bad = [t for t in token_ids if not 0 <= t < info.vocab_size]
+    if bad:
+        raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {info.vocab_size})", param)
 
 
 def _sub_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -142,10 +142,47 @@ class ChatCompletionRequest(_GenerationBody):
         # Without max_tokens the pipeline fills the context; until then any value that passes validation.
         placeholder = max(1, self.min_tokens or 0)
         params = self._sampling_params(max_tokens if max_tokens is not None else placeholder, logprobs)
-        messages = [(m.role, m.text(i)) for i, m in enumerate(self.messages)]
-        return GenerationRequest(prompt=Prompt(messages=messages), params=params, model=self.model,
+        return GenerationRequest(prompt=Prompt(messages=chat_turns(self.messages)), params=params, model=self.model,
                                  skip_special_tokens=self.skip_special_tokens,
                                  max_tokens_fills_context=max_tokens is None)
+
+
+def chat_turns(messages: list[ChatMessage]) -> list[tuple[str, str]]:
+    """(role, text) per message, for the tokenizer's chat template."""
+    return [(m.role, m.text(i)) for i, m in enumerate(messages)]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a text `prompt` or chat `messages` (rendered with the chat template)."""
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: Optional[bool] = None           # text: default true; chat: the template places them
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+
+    def to_prompt(self) -> Prompt:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequestError("give either prompt or messages", "prompt")
+        if self.messages is None:
+            return Prompt(text=self.prompt)
+        if not self.messages:
+            raise InvalidRequestError("messages must hold at least one message", "messages")
+        if self.add_special_tokens:
+            raise UnsupportedFeatureError("add_special_tokens applies to a text prompt; the chat template places "
+                                          "special tokens itself", "add_special_tokens")
+        if self.continue_final_message:
+            raise UnsupportedFeatureError("continue_final_message is not supported by this server",
+                                          "continue_final_message")
+        return Prompt(messages=chat_turns(self.messages))
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    tokens: list[int]
 
 
 def _one_prompt(prompt: Union[str, list[int], list[str], list[list[int]]]) -> Prompt:

@@ -122,7 +122,7 @@ def test_models_lists_the_served_model(stack):
     default = stack.start_gateway()
     [model] = default.openai().models.list().data
     assert model.id == "fake-model" and model.owned_by == "splitserve"
-    renamed = stack.start_gateway(model_name="my-model")
+    renamed = stack.start_gateway(served_model_name=["my-model"])
     assert [m.id for m in renamed.openai().models.list().data] == ["my-model"]
     assert renamed.openai().completions.create(model="my-model", prompt="x 10", max_tokens=1).choices[0].text == " w11"
     with pytest.raises(openai.NotFoundError):
