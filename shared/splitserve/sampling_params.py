@@ -8,6 +8,7 @@ from typing import Optional
 
 # Seeds travel as proto int64 and seed torch generators; vLLM accepts the same range.
 SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
+TOP_K_MAX = 2**31 - 1
 _FLOAT_PARAMS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
@@ -73,8 +74,10 @@ class SamplingParams:
             bad("temperature", f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k not in (-1, 0)):
-            bad("top_k", f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k!r}")
+        # At most int32's max: top_k's wire type (any value over the vocabulary size keeps every token anyway).
+        if (not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k not in (-1, 0))
+                or self.top_k > TOP_K_MAX):
+            bad("top_k", f"top_k must be -1 (disabled) or an integer in [1, 2**31 - 1], got {self.top_k!r}")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         if not -2.0 <= self.presence_penalty <= 2.0:
