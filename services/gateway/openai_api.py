@@ -28,8 +28,8 @@ from splitserve.services.gateway.admission import Admission, Ticket
 from splitserve.services.gateway.auth import check_api_key
 from splitserve.services.gateway.openai_errors import describe, error_body, error_response
 from splitserve.services.gateway.openai_format import ResponseFormatter
-from splitserve.services.gateway.outputs import SequenceEvent, collect, total_usage
-from splitserve.services.gateway.pipeline import Pipeline, PreparedRequest, internal_request_id
+from splitserve.services.gateway.outputs import SequenceEvent, collect
+from splitserve.services.gateway.pipeline import Pipeline, PreparedRequest, batch_usage, internal_request_id
 from splitserve.services.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from splitserve.services.gateway.errors import ShutdownError
 from splitserve.services.gateway.request_body import parse_body
@@ -112,16 +112,17 @@ async def _generate(state: ApiState, request: Request,
     try:
         check_api_key(request.headers.get("authorization"), state.api_key)
         body = await parse_body(request, schema, state.max_body_bytes)
-        generation = body.to_generation_request()
+        generations = body.to_generation_requests()
         client_id = request.headers.get(REQUEST_ID_HEADER)
         if client_id:
-            generation.request_id = internal_request_id(client_id)
-            log.info("request %s: X-Request-Id %s", generation.request_id, client_id)
+            for generation in generations:
+                generation.request_id = internal_request_id(client_id)
+            log.info("request %s: X-Request-Id %s", ", ".join(g.request_id for g in generations), client_id)
         ticket = await run_for_client(request, state.admission.admit(), asyncio.Event())
-        prepared = await run_for_client(request, state.pipeline.prepare(generation), ticket.aborted)
-        formatter = ResponseFormatter(chat=chat, request_id=prepared.request_id, model=prepared.model,
-                                      want_logprobs=prepared.params.logprobs is not None)
-        events = state.pipeline.generate(prepared)
+        batch = await run_for_client(request, state.pipeline.prepare_batch(generations), ticket.aborted)
+        formatter = ResponseFormatter(chat=chat, request_id=batch[0].request_id, model=batch[0].model,
+                                      want_logprobs=batch[0].params.logprobs is not None)
+        events = state.pipeline.generate_batch(batch)
         if body.stream:
             try:
                 first = await run_for_client(request, anext(events), ticket.aborted)
@@ -133,13 +134,13 @@ async def _generate(state: ApiState, request: Request,
             stream = _StreamState(endpoint, ticket)
             aborted, ticket = ticket.aborted, None  # the stream releases the ticket when it ends
             return EventStreamResponse(
-                _sse(formatter, prepared, first, events, body.include_usage, stream), on_close=stream.close,
+                _sse(formatter, batch, first, events, body.include_usage, stream), on_close=stream.close,
                 abort=aborted, abort_text=sse_event(describe(ShutdownError())[1]) + DONE)
-        results = await run_for_client(request, collect(events, prepared.params.n), ticket.aborted)
+        results = await run_for_client(request, collect(events, len(batch) * batch[0].params.n), ticket.aborted)
         for result in results:
             if result.error is not None:
                 raise result.error
-        usage = total_usage(len(prepared.prompt_token_ids), [r.usage for r in results])
+        usage = batch_usage(batch, {r.index: r.usage for r in results})
         return metrics.count_response(endpoint, JSONResponse(formatter.response(results, usage)))
     except ClientDisconnected:
         log.info("%s: client disconnected before the response; request cancelled", endpoint)
@@ -166,12 +167,12 @@ class _StreamState:
         self.ticket.release()
 
 
-async def _sse(formatter: ResponseFormatter, prepared: PreparedRequest, first: SequenceEvent,
+async def _sse(formatter: ResponseFormatter, batch: list[PreparedRequest], first: SequenceEvent,
                events: AsyncIterator[SequenceEvent], include_usage: bool, state: _StreamState) -> AsyncIterator[str]:
     usages = {}
     try:
-        if formatter.chat:
-            for index in range(prepared.params.n):
+        if formatter.chat:   # chat has one prompt
+            for index in range(batch[0].params.n):
                 yield sse_event(formatter.role_chunk(index, include_usage))
         event: Optional[SequenceEvent] = first
         while event is not None:
@@ -184,11 +185,11 @@ async def _sse(formatter: ResponseFormatter, prepared: PreparedRequest, first: S
                 yield sse_event(chunk)
             event = await anext(events, None)
         if include_usage:
-            usage = total_usage(len(prepared.prompt_token_ids), list(usages.values()))
+            usage = batch_usage(batch, usages)
             yield sse_event(formatter.usage_chunk(usage))
         state.status = 200
     except Exception as exc:
         state.status, body = describe(exc)
-        log.warning("request %s: stream ended by an error: %s", prepared.request_id, exc)
+        log.warning("request %s: stream ended by an error: %s", batch[0].request_id, exc)
         yield sse_event(body)
     yield DONE

@@ -22,7 +22,7 @@ from splitserve.sampling_params import SEED_MIN, InvalidRequestError, SamplingPa
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import (ContextLengthExceededError, GatewayError, RequestTooLargeError,
                                                 UpstreamError)
-from splitserve.services.gateway.outputs import SequenceEvent, Usage
+from splitserve.services.gateway.outputs import SequenceEvent, Usage, total_usage
 from splitserve.services.gateway.sequence import SequenceRunner
 from splitserve.services.gateway.served_models import ServedModels
 from splitserve.services.gateway.tokenizer_client import ModelInfo, TokenizerClient
@@ -139,6 +139,11 @@ class Pipeline:
                                skip_special_tokens=request.skip_special_tokens, arrival=arrival,
                                deadline=arrival + self.request_timeout_s)
 
+    async def prepare_batch(self, requests: list[GenerationRequest]) -> list[PreparedRequest]:
+        """Every prompt of a batch prepared (tokenized concurrently) before any is generated: one bad prompt
+        fails the whole request with its status."""
+        return list(await asyncio.gather(*(self.prepare(request) for request in requests)))
+
     def _check_prompt_bytes(self, prompt: Prompt, max_context_length: int) -> None:
         if prompt.token_ids is not None:
             return
@@ -164,6 +169,14 @@ class Pipeline:
                     metrics.TTFT.observe(asyncio.get_running_loop().time() - request.arrival)
                 yield event
         metrics.E2E.observe(asyncio.get_running_loop().time() - request.arrival)
+
+    def generate_batch(self, requests: list[PreparedRequest]) -> AsyncIterator[SequenceEvent]:
+        """Events of a batch's prompts, interleaved as they come, each numbered as OpenAI numbers choices:
+        prompt i's sequence j is index i * n + j. Closing the iterator cancels them all."""
+        if len(requests) == 1:
+            return self.generate(requests[0])
+        return _merge([_renumbered(self.generate(request), i * request.params.n)
+                       for i, request in enumerate(requests)])
 
     async def _sequence(self, request: PreparedRequest, index: int, params: SamplingParams,
                         request_id: str) -> AsyncIterator[SequenceEvent]:
@@ -196,6 +209,25 @@ class Pipeline:
             log.warning("request %s: sequence %d failed after it started: %s", request_id, index, exc)
             yield SequenceEvent(index, "", [], [], "error", usage=Usage(len(prompt), completion_tokens,
                                                                          cached_tokens), error=exc)
+
+
+async def _renumbered(events: AsyncIterator[SequenceEvent], offset: int) -> AsyncIterator[SequenceEvent]:
+    async with contextlib.aclosing(events):
+        async for event in events:
+            event.index += offset
+            yield event
+
+
+def batch_usage(requests: list[PreparedRequest], usages: dict[int, Optional[Usage]]) -> Usage:
+    """A batch's usage, from its sequences' (by choice index): each prompt's counted as total_usage counts one
+    request's, then summed over the prompts."""
+    totals = []
+    for i, request in enumerate(requests):
+        n = request.params.n
+        totals.append(total_usage(len(request.prompt_token_ids), [usages.get(i * n + j) for j in range(n)]))
+    return Usage(prompt_tokens=sum(u.prompt_tokens for u in totals),
+                 completion_tokens=sum(u.completion_tokens for u in totals),
+                 cached_tokens=sum(u.cached_tokens for u in totals))
 
 
 def check_token_ids(token_ids: Sequence[int], info: ModelInfo, param: str) -> None:

@@ -16,6 +16,9 @@ from splitserve.services.gateway.errors import UnsupportedFeatureError
 from splitserve.services.gateway.pipeline import GenerationRequest, Prompt
 
 MAX_TOP_LOGPROBS = 20
+# A batch of prompts is one request to admission but prompts × n sequences to the workers: bounded like the
+# number of requests in flight (max_in_flight's default), so one request cannot take more than a full gateway.
+MAX_BATCH_SEQUENCES = 256
 
 
 class StreamOptions(BaseModel):
@@ -75,17 +78,24 @@ class CompletionRequest(_GenerationBody):
     echo: bool = False
     suffix: Optional[str] = None
 
-    def to_generation_request(self) -> GenerationRequest:
+    def to_generation_requests(self) -> list[GenerationRequest]:
+        """One request per prompt of the batch (OpenAI's list of strings or of token-id lists), alike but for the
+        prompt; the response numbers prompt i's choice j as i * n + j."""
         self._check_common()
         if self.echo:
             raise UnsupportedFeatureError("echo is not supported by this server", "echo")
         if self.suffix:
-            raise UnsupportedFeatureError("suffix is not supported by this server", "suffix")
+            raise UnsupportedFeatureError("suffix is not supported by this server (no model it serves is trained "
+                                          "to fill in the middle): put all the text in the prompt", "suffix")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs")
         params = self._sampling_params(16 if self.max_tokens is None else self.max_tokens, self.logprobs)
-        return GenerationRequest(prompt=_one_prompt(self.prompt), params=params, model=self.model,
-                                 skip_special_tokens=self.skip_special_tokens)
+        prompts = _prompts(self.prompt)
+        if len(prompts) * params.n > MAX_BATCH_SEQUENCES:
+            raise InvalidRequestError(f"{len(prompts)} prompts with n={params.n} make {len(prompts) * params.n} "
+                                      f"sequences; at most {MAX_BATCH_SEQUENCES} per request", "prompt")
+        return [GenerationRequest(prompt=prompt, params=params, model=self.model,
+                                  skip_special_tokens=self.skip_special_tokens) for prompt in prompts]
 
 
 class TextPart(BaseModel):
@@ -121,6 +131,9 @@ class ChatCompletionRequest(_GenerationBody):
     top_logprobs: Optional[int] = None
     tools: Optional[list[Any]] = None
     response_format: Optional[ResponseFormat] = None
+
+    def to_generation_requests(self) -> list[GenerationRequest]:
+        return [self.to_generation_request()]
 
     def to_generation_request(self) -> GenerationRequest:
         self._check_common()
@@ -185,14 +198,12 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def _one_prompt(prompt: Union[str, list[int], list[str], list[list[int]]]) -> Prompt:
-    """OpenAI allows a batch of prompts; this server takes one per request (n covers several samples)."""
+def _prompts(prompt: Union[str, list[int], list[str], list[list[int]]]) -> list[Prompt]:
+    """OpenAI's four forms: a text, one prompt's token ids, a batch of texts, a batch of token-id lists."""
     if isinstance(prompt, str):
-        return Prompt(text=prompt)
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return Prompt(token_ids=list(prompt))
-    if len(prompt) != 1:
-        raise InvalidRequestError(f"exactly one prompt per request is supported, got {len(prompt)}", "prompt")
-    only = prompt[0]
-    return Prompt(text=only) if isinstance(only, str) else Prompt(token_ids=list(only))
-
+        return [Prompt(text=prompt)]
+    if not prompt:
+        raise InvalidRequestError("prompt must not be an empty list", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [Prompt(token_ids=list(prompt))]
+    return [Prompt(text=p) if isinstance(p, str) else Prompt(token_ids=list(p)) for p in prompt]

@@ -30,7 +30,11 @@ def test_malformed_json_is_400_not_422(gateway):
     ({"prompt": "x 1", "max_tokens": "many"}, "max_tokens"),
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": 5}, "prompt"),
-    ({"prompt": ["one", "two"]}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": ["x 1", "INVALID"]}, "prompt"),                     # one bad prompt fails the whole batch
+    ({"prompt": ["x 1"] * 129, "n": 2}, "prompt"),                 # over MAX_BATCH_SEQUENCES sequences
+    ({"prompt": [[5], [100000]]}, "prompt"),
+    ({"prompt": "x 1", "suffix": " end"}, "suffix"),
     ({"prompt": "x 1", "temperature": -1}, "temperature"),
     ({"prompt": "x 1", "top_p": 0}, "top_p"),
     ({"prompt": "x 1", "n": 0}, "n"),
