@@ -23,7 +23,7 @@ from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import (ContextLengthExceededError, GatewayError, RequestTooLargeError,
                                                 UpstreamError)
 from splitserve.services.gateway.outputs import SequenceEvent, Usage, total_usage
-from splitserve.services.gateway.sequence import SequenceRunner
+from splitserve.services.gateway.sequence import SequenceRunner, TokenBatch
 from splitserve.services.gateway.served_models import ServedModels
 from splitserve.services.gateway.tokenizer_client import ModelInfo, TokenizerClient
 
@@ -192,7 +192,7 @@ class Pipeline:
                     last_batch_at = _record_tokens(last_batch_at, len(batch.token_ids))
                     finish = batch.finish_reason
                     event = SequenceEvent(index, batch.text, batch.token_ids, batch.logprobs, finish,
-                                          batch.stop_reason if finish == "stop" else None)
+                                          _stop_reason(batch, params) if finish == "stop" else None)
                     if finish is not None:
                         event.usage = Usage(len(prompt), completion_tokens, cached_tokens)
                         if finish == "error":
@@ -234,6 +234,15 @@ def check_token_ids(token_ids: Sequence[int], info: ModelInfo, param: str) -> No
     bad = [t for t in token_ids if not 0 <= t < info.vocab_size]
     if bad:
         raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {info.vocab_size})", param)
+
+
+def _stop_reason(batch: TokenBatch, params: SamplingParams) -> Union[str, int, None]:
+    """What ended a stopped sequence: the stop string or stop id the engine names, else a stop id the client
+    listed that the engine took for EOS (it checks EOS first and names none): the client asked for that id."""
+    if batch.stop_reason is not None:
+        return batch.stop_reason
+    last = batch.token_ids[-1] if batch.token_ids else None
+    return last if last is not None and last in params.stop_token_ids else None
 
 
 def _sub_params(params: SamplingParams, index: int) -> SamplingParams:

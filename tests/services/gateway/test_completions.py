@@ -245,6 +245,12 @@ def test_stop_token_id_is_the_stop_reason_streamed_or_not(gateway):
     whole = client.completions.create(model="fake-model", prompt="x 40", max_tokens=20,
                                       extra_body={"stop_token_ids": [43]})
     assert (whole.choices[0].finish_reason, whole.choices[0].model_extra["stop_reason"]) == ("stop", 43)
+    # A stop id that is also EOS: the worker names no stop reason (EOS is checked first), the client's id it is.
+    eos = client.completions.create(model="fake-model", prompt="x 995", max_tokens=20,
+                                    extra_body={"stop_token_ids": [fakes.EOS]})
+    assert (eos.choices[0].finish_reason, eos.choices[0].model_extra["stop_reason"]) == ("stop", fakes.EOS)
+    plain = client.completions.create(model="fake-model", prompt="x 995", max_tokens=20)
+    assert (plain.choices[0].finish_reason, plain.choices[0].model_extra["stop_reason"]) == ("stop", None)
     stop = fakes.word_id("assistant") + 2   # the chat prompt ends with it: the second generated token
     chat = client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "x"}],
                                           max_tokens=20, extra_body={"stop_token_ids": [stop]}, stream=True)
