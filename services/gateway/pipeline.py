@@ -122,6 +122,7 @@ class Pipeline:
         if any(t >= info.vocab_size for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {info.vocab_size}",
                                       "stop_token_ids")
+        check_token_ids(list(params.logit_bias), info, "logit_bias")
         limit = info.max_context_length
         if request.max_tokens_fills_context and len(ids) < limit:
             # Never below min_tokens: a prompt that leaves less room is refused just below, as too long.

@@ -1,7 +1,7 @@
 """The OpenAI request bodies the gateway accepts, and their translation into a GenerationRequest.
 
 Unknown fields are ignored, as OpenAI does; known OpenAI features this server does not implement (echo,
-suffix, logit_bias, tools, structured output) are refused with a 400 that says so rather than ignored.
+suffix, tools, structured output) are refused with a 400 that says so rather than ignored.
 Sampling values are checked by SamplingParams, whose errors name the offending parameter.
 """
 
@@ -59,8 +59,6 @@ class _GenerationBody(BaseModel):
     def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
-        if self.logit_bias:
-            raise UnsupportedFeatureError("logit_bias is not supported by this server", "logit_bias")
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
         given = dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -69,7 +67,16 @@ class _GenerationBody(BaseModel):
                      logprobs=logprobs, min_tokens=self.min_tokens)
         values = {name: value for name, value in given.items() if value is not None}
         return SamplingParams(n=self.n, stop=self.stop, stop_token_ids=self.stop_token_ids,
-                              ignore_eos=self.ignore_eos, **values)
+                              ignore_eos=self.ignore_eos, logit_bias=self._logit_bias(), **values)
+
+    def _logit_bias(self) -> Optional[dict[int, float]]:
+        """OpenAI's JSON keys are strings: {"50256": -100}. The ids are checked against the vocabulary by the
+        pipeline, which knows its size."""
+        try:
+            return {int(token): bias for token, bias in (self.logit_bias or {}).items()}
+        except ValueError:
+            raise InvalidRequestError('logit_bias keys must be token ids, e.g. {"50256": -100}',
+                                      "logit_bias") from None
 
 
 class CompletionRequest(_GenerationBody):

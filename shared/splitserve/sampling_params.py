@@ -9,6 +9,7 @@ from typing import Optional
 # Seeds travel as proto int64 and seed torch generators; vLLM accepts the same range.
 SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
 TOP_K_MAX = 2**31 - 1
+LOGIT_BIAS_MAX = 100.0            # OpenAI's range
 _FLOAT_PARAMS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
@@ -38,6 +39,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: Optional[int] = None
+    # token id -> added to its logit before sampling (OpenAI's logit_bias)
+    logit_bias: Optional[dict[int, float]] = None
     n: int = 1
     # Leave special tokens out of the text (not out of the token ids), as tokenizer.decode does.
     skip_special_tokens: bool = True
@@ -49,6 +52,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         self.validate()
 
     def validate(self) -> None:
@@ -92,6 +96,12 @@ class SamplingParams:
             bad("stop", "stop must be a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "stop_token_ids must be non-negative integers")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                bad("logit_bias", f"logit_bias keys must be token ids (non-negative integers), got {token!r}")
+            if (not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias)
+                    or not -LOGIT_BIAS_MAX <= bias <= LOGIT_BIAS_MAX):
+                bad("logit_bias", f"logit_bias values must be numbers in [-100, 100], got {bias!r} for {token}")
 
     @property
     def greedy(self) -> bool:

@@ -86,6 +86,20 @@ def test_stop_token_id_is_the_stop_reason(client, model_id, reference_llm):
         assert (choice.finish_reason, choice.model_extra["stop_reason"]) == ("stop", stop_id)
 
 
+def test_logit_bias_equals_offline_engine_on_prefill_and_decode(client, model_id, reference_llm):
+    prompt = list(range(60, 90))
+    base = _offline(reference_llm, prompt, 6).outputs[0].token_ids
+    for bias in ({base[0]: -100.0, base[1]: -100.0}, {777: 100.0}):   # banned (first token too), forced
+        [reference] = reference_llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0,
+                                                                      logit_bias=bias))
+        expected = reference.outputs[0]
+        assert expected.token_ids != base
+        response = client.completions.create(model=model_id, prompt=prompt, max_tokens=6, temperature=0.0,
+                                             logit_bias={str(t): b for t, b in bias.items()})
+        assert response.choices[0].text == expected.text
+    assert expected.token_ids == [777] * 6
+
+
 def test_tokenize_and_detokenize_match_the_tokenizer(stack, model_id, reference_llm):
     tokenizer = reference_llm.get_tokenizer()
     headers = {"Authorization": f"Bearer {API_KEY}"}

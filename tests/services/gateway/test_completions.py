@@ -256,3 +256,12 @@ def test_stop_token_id_is_the_stop_reason_streamed_or_not(gateway):
                                           max_tokens=20, extra_body={"stop_token_ids": [stop]}, stream=True)
     last = [c.choices[0] for c in chat if c.choices][-1]
     assert (last.finish_reason, last.model_extra["stop_reason"]) == ("stop", stop)
+
+
+def test_logit_bias_reaches_prefill_and_decode(gateway, stack):
+    gateway.openai().completions.create(model="fake-model", prompt="x 40", max_tokens=3,
+                                        logit_bias={"41": 100, "7": -100.0})
+    [prefill] = stack.prefill.requests
+    [decode] = stack.decode.requests
+    for request in (prefill, decode):
+        assert dict(request.sampling_params.logit_bias) == {41: 100.0, 7: -100.0}

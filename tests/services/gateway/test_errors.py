@@ -35,6 +35,10 @@ def test_malformed_json_is_400_not_422(gateway):
     ({"prompt": ["x 1"] * 129, "n": 2}, "prompt"),                 # over MAX_BATCH_SEQUENCES sequences
     ({"prompt": [[5], [100000]]}, "prompt"),
     ({"prompt": "x 1", "suffix": " end"}, "suffix"),
+    ({"prompt": "x 1", "logit_bias": {"one": 5}}, "logit_bias"),
+    ({"prompt": "x 1", "logit_bias": {"5": 100.5}}, "logit_bias"),
+    ({"prompt": "x 1", "logit_bias": {"-1": 5}}, "logit_bias"),
+    ({"prompt": "x 1", "logit_bias": {str(fakes.VOCAB): 5}}, "logit_bias"),
     ({"prompt": "x 1", "temperature": -1}, "temperature"),
     ({"prompt": "x 1", "top_p": 0}, "top_p"),
     ({"prompt": "x 1", "n": 0}, "n"),
