@@ -118,8 +118,6 @@ def test_workers_and_gateway_are_wired_to_each_other(compose):
     grpc_port = lambda name: services[name]["environment"]["SPLITSERVE_PORT"]  # noqa: E731
     gateway = services["gateway"]["environment"]
     assert gateway["SPLITSERVE_TOKENIZER_ADDRESSES"] == f"tokenizer:{grpc_port('tokenizer')}"
-    assert gateway["SPLITSERVE_PREFILL_ADDRESSES"] == f"prefill:{grpc_port('prefill')}"
-    assert gateway["SPLITSERVE_DECODE_ADDRESSES"] == f"decode:{grpc_port('decode')}"
     for name in ("gateway", "prefill", "decode"):
         env = services[name]["environment"]
         assert env["SPLITSERVE_KV_STORE_ADDRESS"] == f"kv-store:{grpc_port('kv-store')}"
@@ -128,6 +126,31 @@ def test_workers_and_gateway_are_wired_to_each_other(compose):
     for name in ("tokenizer", "prefill", "decode"):
         assert services[name]["environment"]["SPLITSERVE_MODEL"].startswith("/models/")
         assert "./models:/models:ro" in services[name]["volumes"]
+
+
+def test_workers_scale_without_editing_the_file(compose):
+    """`docker compose up --scale prefill=2 --scale decode=2`: replicas of one service share its definition, so
+    nothing in it may name one container (a container_name, a published port, an announced address); each worker
+    announces its own container IP (splitserve.serving.addresses) to Redis, where the gateway finds it."""
+    from splitserve.serving.addresses import WILDCARD_HOSTS
+    from splitserve.services.gateway.server import GatewaySettings
+
+    services = compose["services"]
+    for name in ("prefill", "decode"):
+        service, env = services[name], services[name]["environment"]
+        assert "container_name" not in service and "ports" not in service, name
+        assert "SPLITSERVE_ADVERTISE_ADDRESS" not in env, f"{name}: every replica would announce the same address"
+        assert env["SPLITSERVE_HOST"] in WILDCARD_HOSTS, name
+        assert env["SPLITSERVE_REDIS_URL"] and env["SPLITSERVE_CLUSTER_TOKEN"], name
+        assert int(env["SPLITSERVE_HEALTH_PORT"]) > 0, f"{name}: a fixed health port, not a random one"
+    gateway = services["gateway"]["environment"]
+    assert gateway["SPLITSERVE_REDIS_URL"]
+    assert not {"SPLITSERVE_PREFILL_ADDRESSES", "SPLITSERVE_DECODE_ADDRESSES"} & set(gateway), \
+        "a worker listed by service name is whichever replica DNS answers, not one worker"
+    assert GatewaySettings().prefill_addresses == [] == GatewaySettings().decode_addresses
+    for name, service in services.items():
+        named = {k: v for k, v in service.get("environment", {}).items() if re.search(r"\b(prefill|decode):\d", str(v))}
+        assert not named, f"{name} names a worker by its service name: {named}"
 
 
 def test_redis_requires_the_password_with_the_launchers_acl(compose):
