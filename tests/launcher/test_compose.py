@@ -196,8 +196,12 @@ def test_monitoring_is_optional_and_scrapes_every_service(compose):
         assert services[name]["profiles"] == ["monitoring"]
     mount = next(v for v in services["prometheus"]["volumes"] if v.endswith("/etc/prometheus/prometheus.yml:ro"))
     scrape = yaml.safe_load((ROOT / mount.split(":")[0]).read_text())
-    targets = {t for job in scrape["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
-    assert targets == {f"{name}:9100" for name in SPLITSERVE}
+    # By DNS (every replica of a scaled service), on the port every service serves metrics on.
+    lookups = [lookup for job in scrape["scrape_configs"] for lookup in job["dns_sd_configs"]]
+    assert {name for lookup in lookups for name in lookup["names"]} == set(SPLITSERVE)
+    assert all(lookup["type"] == "A" and lookup["port"] == 9100 for lookup in lookups)
+    for name in SPLITSERVE:
+        assert services[name]["environment"]["SPLITSERVE_METRICS_PORT"] == "9100"
 
 
 def _folder(name):
