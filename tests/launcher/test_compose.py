@@ -235,7 +235,8 @@ def test_dockerfile_builds_the_service_it_is_named_for(compose, name):
     assert "splitserve.launcher.probe" in health
     exposed = set(dict(steps)["EXPOSE"].split())
     env = compose["services"][name]["environment"]
-    assert {env["SPLITSERVE_PORT"], "9100"} <= exposed
+    assert {env["SPLITSERVE_PORT"], "9100", *([env["SPLITSERVE_HEALTH_PORT"]] if "SPLITSERVE_HEALTH_PORT" in env else [])} \
+        <= exposed
     for source in re.findall(r"^COPY (\S+(?: \S+)*) \S+$", _dockerfile(name), re.M):
         for path in source.split():
             assert (ROOT / path).exists(), f"{name}: COPY of missing {path}"
