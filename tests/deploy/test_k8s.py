@@ -193,8 +193,8 @@ def test_pods_run_unprivileged_with_limits_and_probes(rendered):
 
 
 def test_the_splitserve_images_are_one_release(rendered):
-    tags = {c["image"] for w in _workloads(rendered) for c in [*w["spec"]["template"]["spec"]["containers"],
-                                                                *w["spec"]["template"]["spec"].get("initContainers", [])]
+    pods = [w["spec"]["template"]["spec"] for w in _workloads(rendered)]
+    tags = {c["image"] for pod in pods for c in [*pod["containers"], *pod.get("initContainers", [])]
             if c["image"].startswith("splitserve/")}
     assert len({image.rsplit(":", 1)[1] for image in tags}) == 1, tags
 
@@ -397,7 +397,8 @@ def test_envoy_listens_and_routes_where_the_gateway_serves(rendered):
     from splitserve.launcher.envoy import GRPC_CLUSTER, GRPC_LISTENER, HTTP_CLUSTER, HTTP_LISTENER
 
     config = yaml.safe_load(_one(rendered, "ConfigMap", _envoy_config_map(rendered))["data"]["envoy.yaml"])
-    listeners = {l["name"]: l["address"]["socket_address"]["port_value"] for l in config["static_resources"]["listeners"]}
+    listeners = {listener["name"]: listener["address"]["socket_address"]["port_value"]
+                 for listener in config["static_resources"]["listeners"]}
     envoy = _container(_one(rendered, "Deployment", "envoy"))
     assert _ports(envoy) == {"http": listeners[HTTP_LISTENER], "grpc": listeners[GRPC_LISTENER]}
     endpoints = {c["name"]: c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
@@ -440,7 +441,8 @@ def test_autoscalers_target_the_workers_on_metrics_they_export(rendered):
         target = scaler["spec"]["scaleTargetRef"]["name"]
         assert target in ("prefill", "decode") and "replicas" not in deployments[target]["spec"], target
         if scaler["kind"] == "ScaledObject":
-            names = {m for t in scaler["spec"]["triggers"] for m in re.findall(r"splitserve_\w+", t["metadata"]["query"])}
+            queries = [trigger["metadata"]["query"] for trigger in scaler["spec"]["triggers"]]
+            names = {name for query in queries for name in re.findall(r"splitserve_\w+", query)}
             for trigger in scaler["spec"]["triggers"]:
                 assert f'role="{target}"' in trigger["metadata"]["query"], trigger
         else:

@@ -149,7 +149,8 @@ def test_workers_scale_without_editing_the_file(compose):
         "a worker listed by service name is whichever replica DNS answers, not one worker"
     assert GatewaySettings().prefill_addresses == [] == GatewaySettings().decode_addresses
     for name, service in services.items():
-        named = {k: v for k, v in service.get("environment", {}).items() if re.search(r"\b(prefill|decode):\d", str(v))}
+        env = service.get("environment", {})
+        named = {k: v for k, v in env.items() if re.search(r"\b(prefill|decode):\d", str(v))}
         assert not named, f"{name} names a worker by its service name: {named}"
 
 
@@ -235,8 +236,8 @@ def test_dockerfile_builds_the_service_it_is_named_for(compose, name):
     assert "splitserve.launcher.probe" in health
     exposed = set(dict(steps)["EXPOSE"].split())
     env = compose["services"][name]["environment"]
-    assert {env["SPLITSERVE_PORT"], "9100", *([env["SPLITSERVE_HEALTH_PORT"]] if "SPLITSERVE_HEALTH_PORT" in env else [])} \
-        <= exposed
+    health = [env["SPLITSERVE_HEALTH_PORT"]] if "SPLITSERVE_HEALTH_PORT" in env else []
+    assert {env["SPLITSERVE_PORT"], "9100", *health} <= exposed
     for source in re.findall(r"^COPY (\S+(?: \S+)*) \S+$", _dockerfile(name), re.M):
         for path in source.split():
             assert (ROOT / path).exists(), f"{name}: COPY of missing {path}"
