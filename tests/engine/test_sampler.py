@@ -398,9 +398,10 @@ def test_min_tokens_must_lie_between_0_and_max_tokens(bad):
 
 def test_logit_bias_steers_greedy_and_sampled_rows_only_in_their_own_rows():
     logits = LOGITS5.expand(4, -1).clone()
-    rows = [row(temperature=0.0, logit_bias={3: 100.0}), row(temperature=0.0),
-            row(seed=1, logit_bias={0: -100.0, 1: -100.0, 2: -100.0, 4: -100.0}), row(temperature=0.0,
-                                                                                    logit_bias={10**6: 5.0})]
+    rows = [row(temperature=0.0, logit_bias={3: 100.0}),
+            row(temperature=0.0),
+            row(seed=1, logit_bias={0: -100.0, 1: -100.0, 2: -100.0, 4: -100.0}),
+            row(temperature=0.0, logit_bias={10**6: 5.0})]
     out = sampler(logits, rows)
     assert out.token_ids[:3] == [3, 0, 3]       # forced, untouched, the only token not banned
     assert out.token_ids[3] == 0                # an id beyond the logits is ignored here
