@@ -167,8 +167,8 @@ def test_extra_args_reach_only_their_role(tmp_path):
     assert "--max-model-len" not in specs["prefill-0"].argv
 
 
-@pytest.mark.parametrize("bad", [dict(prefill_workers=0), dict(port=70000), dict(torch_threads=0),
-                                 dict(kv_transport="rdma")])
+@pytest.mark.parametrize("bad", [dict(prefill_workers=-1), dict(decode_workers=0), dict(port=70000),
+                                 dict(torch_threads=0), dict(kv_transport="rdma")])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         StackConfig(**bad)

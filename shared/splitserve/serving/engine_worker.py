@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from splitserve.config import EngineConfig
+from splitserve.cpus import allowed_cpus, format_cpu_list, parse_cpu_list, pin_process, usable_cores
 from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.membership import membership_mac
 from splitserve.proto_convert import layout_to_proto
@@ -49,7 +50,18 @@ class EngineWorkerSettings(EngineConfig):
     cluster_token: Optional[str] = field(default=None, metadata={
         "help": "shared secret this worker proves it holds to gateways (the gateway's --cluster-token; pass it by "
                 "env)"})
-    torch_threads: Optional[int] = field(default=None, metadata={"help": "torch intra-op threads (CPU)"})
+    cpus: Optional[str] = field(default=None, metadata={
+        "help": "cores this worker runs on, e.g. 0-3,8 (default: those it was started with)"})
+    torch_threads: Optional[int] = field(default=None, metadata={
+        "help": "torch intra-op threads on CPU (default: OMP_NUM_THREADS if set, else one per core this worker "
+                "may use: --cpus or its affinity, fewer under a cgroup CPU limit)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cpus is not None:
+            parse_cpu_list(self.cpus)  # a bad list fails here, with the flag's name, not at engine start
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
 
     @property
     def address(self) -> str:
@@ -73,16 +85,34 @@ class WorkerIdentity:
         return proof
 
 
-def build_engine(settings: EngineWorkerSettings):
-    """Loads the model into an AsyncEngine (not yet started)."""
+def use_cores(settings: EngineWorkerSettings) -> int:
+    """Pins this process to settings.cpus (if set) and runs one torch thread per core it may use, unless
+    torch_threads (or else OMP_NUM_THREADS) says otherwise; returns the thread count. Called before the engine's
+    first op, which starts torch's OpenMP threads."""
     import torch
 
+    if settings.cpus is not None:
+        pin_process(parse_cpu_list(settings.cpus))
+    threads = settings.torch_threads or _omp_num_threads() or usable_cores()
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    log.info("torch threads: %d on cores %s", threads, format_cpu_list(allowed_cpus()))
+    return threads
+
+
+def _omp_num_threads() -> Optional[int]:
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def build_engine(settings: EngineWorkerSettings):
+    """Loads the model into an AsyncEngine (not yet started)."""
     from splitserve.engine.async_engine import AsyncEngine
     from splitserve.engine.llm_engine import LLMEngine
 
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-        os.environ.setdefault("OMP_NUM_THREADS", str(settings.torch_threads))
+    use_cores(settings)
     model = settings.model
     if model is None:
         from splitserve.demo_model import demo_checkpoint
