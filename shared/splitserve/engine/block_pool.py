@@ -28,6 +28,8 @@ class BlockPool:
         self._free_uncached: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
         self.num_evictions = 0
+        # (stored?, hash) in order, for KV events; None until record_events(), so an offline engine keeps none.
+        self._changes: Optional[list[tuple[bool, BlockHash]]] = None
 
     @property
     def num_free(self) -> int:
@@ -40,6 +42,17 @@ class BlockPool:
     @property
     def num_cached(self) -> int:
         return len(self._block_of_hash)
+
+    def record_events(self) -> None:
+        """Starts keeping the hashes that become findable or stop being so, for drain_changes() once per step."""
+        if self._changes is None:
+            self._changes = []
+
+    def drain_changes(self) -> list[tuple[bool, BlockHash]]:
+        if self._changes is None:
+            return []
+        changes, self._changes = self._changes, []
+        return changes
 
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
@@ -82,6 +95,8 @@ class BlockPool:
             return
         self._hash_of[block_id] = block_hash
         self._block_of_hash[block_hash] = block_id
+        if self._changes is not None:
+            self._changes.append((True, block_hash))
 
     def reset_prefix_cache(self) -> None:
         """Drops every cached hash that no running sequence holds (e.g. after weights change)."""
@@ -95,3 +110,5 @@ class BlockPool:
         if block_hash is not None:
             self._hash_of[block_id] = None
             del self._block_of_hash[block_hash]
+            if self._changes is not None:
+                self._changes.append((False, block_hash))

@@ -23,8 +23,10 @@ from splitserve.launcher.errors import ToolNotInstalled
 REDIS_USER = "splitserve"
 KEY_PATTERN = "splitserve:*"
 # Categories, not a command list, so a new use of Redis in splitserve (another hash, a stream of KV events)
-# works without an edit here; the key pattern is what keeps it to splitserve's own data.
-ALLOWED = "-@all +@read +@write +@connection +@transaction -@dangerous"
+# works without an edit here; the key pattern is what keeps it to splitserve's own data. Scripts (the prefix
+# index: kv_events/index.py) by EVALSHA, EVAL and SCRIPT LOAD only: a script's commands are checked against the
+# same rules, and SCRIPT FLUSH/KILL or FUNCTION stay out.
+ALLOWED = "-@all +@read +@write +@connection +@transaction -@dangerous +evalsha +eval +script|load"
 
 
 def find_redis_server() -> str:
