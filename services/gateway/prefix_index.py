@@ -50,7 +50,7 @@ class PrefixIndexReader:
         self._publishers: list[PublisherInfo] = []
         self._refresher = Periodic(self.refresh, refresh_s, name="prefix-index")
         self._retry_at = float("-inf")
-        self._down = False
+        self._outage: Optional[str] = None     # why the index is unavailable (the metric's reason), None if up
         metrics.PREFIX_INDEX_UP.set(1)
 
     @property
@@ -65,12 +65,11 @@ class PrefixIndexReader:
         await self._refresher.stop()
 
     async def refresh(self) -> None:
-        """Re-reads who publishes (and how each hashes); on failure keeps the last list and counts an outage."""
+        """Re-reads who publishes (and how each hashes); on failure keeps the last list and starts an outage."""
         try:
             entries = await asyncio.wait_for(self._redis.hgetall(PUBLISHERS_KEY), self.timeout_s * 10)
         except (asyncio.TimeoutError, redis.RedisError, OSError) as exc:
-            self._failed("timeout" if isinstance(exc, (asyncio.TimeoutError, redis.TimeoutError)) else "redis_error",
-                         exc, count=False)
+            self._failed(exc)
             return
         now = time.time()
         publishers = []
@@ -83,22 +82,19 @@ class PrefixIndexReader:
             if now - info.updated <= self.max_age_s:
                 publishers.append(info)
         self._publishers = publishers
+        self._recovered()
 
     async def lookup(self, prompt: Sequence[int]) -> Optional[PrefixHits]:
         """Who holds how much of the prompt's prefix; None when the index cannot say in time (route by load)."""
-        if time.monotonic() < self._retry_at:
-            metrics.LOAD_ONLY_ROUTING.labels("backing_off").inc()
+        if self._outage is not None and (time.monotonic() < self._retry_at or not self._publishers):
+            metrics.LOAD_ONLY_ROUTING.labels(self._outage).inc()
             return None
         try:
             hits = await asyncio.wait_for(self._probe(prompt), self.timeout_s)
         except (asyncio.TimeoutError, redis.RedisError, OSError) as exc:
-            self._failed("timeout" if isinstance(exc, (asyncio.TimeoutError, redis.TimeoutError)) else "redis_error",
-                         exc)
+            metrics.LOAD_ONLY_ROUTING.labels(self._failed(exc)).inc()
             return None
-        if self._down:
-            self._down = False
-            metrics.PREFIX_INDEX_UP.set(1)
-            log.info("prefix index answering again: routing by prefix resumes")
+        self._recovered()
         return hits
 
     async def _probe(self, prompt: Sequence[int]) -> PrefixHits:
@@ -127,12 +123,18 @@ class PrefixIndexReader:
         await asyncio.gather(*(probe(bs, model, devices) for (bs, model), devices in groups.items()))
         return hits
 
-    def _failed(self, reason: str, exc: BaseException, count: bool = True) -> None:
-        if count:
-            metrics.LOAD_ONLY_ROUTING.labels(reason).inc()
+    def _failed(self, exc: BaseException) -> str:
+        reason = "timeout" if isinstance(exc, (asyncio.TimeoutError, redis.TimeoutError)) else "redis_error"
         self._retry_at = time.monotonic() + self.retry_s
-        if not self._down:
-            self._down = True
+        if self._outage is None:
             metrics.PREFIX_INDEX_UP.set(0)
             log.warning("prefix index unavailable (%s: %r): routing by load only until it answers again", reason,
                         exc)
+        self._outage = reason
+        return reason
+
+    def _recovered(self) -> None:
+        if self._outage is not None:
+            self._outage = None
+            metrics.PREFIX_INDEX_UP.set(1)
+            log.info("prefix index answering again: routing by prefix resumes")

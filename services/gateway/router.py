@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -57,7 +58,9 @@ class Router:
         self.pool = pool
         self.index = index
         self.policy = policy
-        self._turn = itertools.count()
+        # One rotation per kind: a shared one, advanced by a decode pick and a prefill pick per request, would
+        # start every prefill tie at the same worker when there are two.
+        self._turns: dict[str, itertools.count] = defaultdict(itertools.count)
         self._scorers = [(weights.device_prefix, DevicePrefixScorer()), (weights.store_prefix, StorePrefixScorer()),
                          (weights.load, LoadScorer(lambda w: worker_load(w)[0]))]
         self._device_prefix = DevicePrefixScorer()
@@ -96,7 +99,7 @@ class Router:
             return candidates[0], "only_candidate"
         if self.policy == "random":
             return random.choice(candidates), "random"
-        start = next(self._turn) % len(candidates)
+        start = next(self._turns[kind]) % len(candidates)
         rotated = candidates[start:] + candidates[:start]
         if self.policy == "round-robin":
             return rotated[0], "round_robin"
