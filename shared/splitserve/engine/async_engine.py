@@ -159,7 +159,7 @@ class AsyncEngine:
     def on_kv_changes(self, sink: Callable[[list[tuple[bool, bytes]]], None]) -> None:
         """Hands `sink` the prefix cache's changes (stored?, hash) once per step, on the engine's thread: it
         must not block (a KV event publisher queues them). Call before start()."""
-        self.engine.pool.record_events()
+        self.engine.pool.changes.record()
         self._kv_changes_sink = sink
 
     @property
@@ -329,7 +329,7 @@ class AsyncEngine:
     def _step_done(self) -> None:
         self.stats_snapshot = self.engine.stats()
         if self._kv_changes_sink is not None:
-            changes = self.engine.pool.drain_changes()
+            changes = self.engine.pool.changes.drain()
             if changes:
                 self._kv_changes_sink(changes)
 

@@ -11,6 +11,7 @@ from collections import OrderedDict, deque
 from typing import Optional
 
 from splitserve.kv_blocks.hashing import BlockHash
+from splitserve.kv_events.change_log import ChangeLog
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -28,8 +29,7 @@ class BlockPool:
         self._free_uncached: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
         self.num_evictions = 0
-        # (stored?, hash) in order, for KV events; None until record_events(), so an offline engine keeps none.
-        self._changes: Optional[list[tuple[bool, BlockHash]]] = None
+        self.changes = ChangeLog()  # for KV events, when a worker publishes them
 
     @property
     def num_free(self) -> int:
@@ -42,17 +42,6 @@ class BlockPool:
     @property
     def num_cached(self) -> int:
         return len(self._block_of_hash)
-
-    def record_events(self) -> None:
-        """Starts keeping the hashes that become findable or stop being so, for drain_changes() once per step."""
-        if self._changes is None:
-            self._changes = []
-
-    def drain_changes(self) -> list[tuple[bool, BlockHash]]:
-        if self._changes is None:
-            return []
-        changes, self._changes = self._changes, []
-        return changes
 
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
@@ -95,8 +84,7 @@ class BlockPool:
             return
         self._hash_of[block_id] = block_hash
         self._block_of_hash[block_hash] = block_id
-        if self._changes is not None:
-            self._changes.append((True, block_hash))
+        self.changes.stored((block_hash,))
 
     def reset_prefix_cache(self) -> None:
         """Drops every cached hash that no running sequence holds (e.g. after weights change)."""
@@ -110,5 +98,4 @@ class BlockPool:
         if block_hash is not None:
             self._hash_of[block_id] = None
             del self._block_of_hash[block_hash]
-            if self._changes is not None:
-                self._changes.append((False, block_hash))
+            self.changes.removed((block_hash,))

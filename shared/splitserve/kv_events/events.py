@@ -25,7 +25,7 @@ class BlockStored:
     engine's pool): the index keys by hash alone, and a hash already covers its parent."""
     block_hashes: tuple[BlockHash, ...]
     parent_block_hash: Optional[BlockHash]
-    token_count: int                # tokens per block: only full blocks are ever hashed
+    token_count: Optional[int]      # tokens per block (only full blocks are hashed); None: the kv-store's mix
     medium: str
 
 
@@ -43,7 +43,7 @@ class AllBlocksCleared:
 KVEvent = Union[BlockStored, BlockRemoved, AllBlocksCleared]
 
 
-def events_from_pool(changes: Sequence[tuple[bool, BlockHash]], block_size: int,
+def events_from_pool(changes: Sequence[tuple[bool, BlockHash]], block_size: Optional[int],
                      medium: str = MEDIUM_DEVICE) -> list[KVEvent]:
     """A block pool's ordered (stored?, hash) changes as events, consecutive ones of a kind in one event."""
     events: list[KVEvent] = []
