@@ -110,4 +110,8 @@ def test_killing_redis_routes_by_load_and_fails_no_request(pair_stack):
     stack.process("redis").start()          # empty (no persistence): the publishers resync their whole sets
     _held_by_one(stack, _prefix(10))
     _wait(lambda: gateway_metric(stack, "splitserve_router_prefix_index_up") == 1)
+    # An empty registry read before the workers announced again drops them from the gateway until they are
+    # found and admitted again (worker discovery, not the index): wait until both are routable.
+    time.sleep(2)
+    _wait(lambda: gateway_metric(stack, 'splitserve_gateway_healthy_workers{kind="prefill"}') == 2)
     _second_request_goes_to_the_holder(stack, 20)
