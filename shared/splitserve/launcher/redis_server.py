@@ -4,7 +4,7 @@ Started with persistence off: the index is rebuilt from live KV events, so a dum
 
 Whoever can write to Redis can announce workers, so this Redis needs a password: the `default` user is off and
 one user, `splitserve`, may touch only splitserve's keys (`splitserve:*`) with ordinary read and write commands
-(no FLUSHALL, CONFIG, KEYS, DEBUG: nothing in @dangerous). The password is new for each stack and reaches the
+(no FLUSHALL, CONFIG, KEYS, DEBUG: nothing in @dangerous) and scripts. The password is new for each stack and reaches the
 services in their environment, never on a command line where `ps` shows it; the config file holds only its
 SHA-256.
 """
