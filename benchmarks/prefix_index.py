@@ -29,6 +29,7 @@ from splitserve.kv_blocks.hashing import chain_block_hashes
 from splitserve.kv_events.events import MEDIUM_DEVICE, MEDIUM_HOST_STORE
 from splitserve.kv_events.index import (APPLY_LUA, LOOKUP_CHUNK, LOOKUP_LUA, MODE_SNAPSHOT, PublisherInfo,
                                         apply_args, lookup_args)
+from splitserve.launcher import probe
 from splitserve.launcher.ports import free_ports
 from splitserve.launcher.processes import ChildProcess, stop_together
 from splitserve.launcher.redis_server import (find_redis_server, new_secret, redis_server_argv, redis_url,
@@ -47,14 +48,9 @@ def start_redis(folder: Path) -> tuple[ChildProcess, str]:
                          folder / "redis.log")
     child.start()
     url = redis_url("127.0.0.1", port, password)
-    client = redis.Redis.from_url(url)
-    for _ in range(200):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    client.close()
+    deadline = time.monotonic() + 10
+    while not probe.is_ready("redis", url) and time.monotonic() < deadline:
+        time.sleep(0.05)
     return child, url
 
 

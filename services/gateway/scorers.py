@@ -28,9 +28,7 @@ class DevicePrefixScorer:
     name: str = "device_prefix"
 
     def score(self, worker: Worker, hits: Optional[PrefixHits]) -> float:
-        if hits is None or not hits.prompt_tokens:
-            return 0.0
-        return min(1.0, hits.device_tokens(worker.kind, worker.address) / hits.prompt_tokens)
+        return _share(hits, lambda h: h.device_tokens(worker.kind, worker.address))
 
 
 @dataclass(frozen=True)
@@ -38,10 +36,7 @@ class StorePrefixScorer:
     name: str = "store_prefix"
 
     def score(self, worker: Worker, hits: Optional[PrefixHits]) -> float:
-        if hits is None or not hits.prompt_tokens:
-            return 0.0
-        beyond = hits.store_tokens - hits.device_tokens(worker.kind, worker.address)
-        return min(1.0, max(0, beyond) / hits.prompt_tokens)
+        return _share(hits, lambda h: h.store_tokens - h.device_tokens(worker.kind, worker.address))
 
 
 @dataclass(frozen=True)
@@ -51,3 +46,10 @@ class LoadScorer:
 
     def score(self, worker: Worker, hits: Optional[PrefixHits]) -> float:
         return 1.0 / (1 + self.sequences(worker))
+
+
+def _share(hits: Optional[PrefixHits], tokens: Callable[[PrefixHits], int]) -> float:
+    """tokens(hits) as a share of the prompt, in [0, 1]; 0 when the index said nothing."""
+    if hits is None or not hits.prompt_tokens:
+        return 0.0
+    return min(1.0, max(0, tokens(hits)) / hits.prompt_tokens)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-import redis
 
+from splitserve.launcher import probe
 from splitserve.launcher.ports import free_ports
 from splitserve.launcher.processes import ChildProcess, stop_together
 from splitserve.launcher.redis_server import (find_redis_server, new_secret, redis_server_argv, redis_url,
@@ -27,16 +27,10 @@ class RedisServer:
         self.child = ChildProcess("redis", redis_server_argv(find_redis_server(), "127.0.0.1", self.port,
                                                              self.config), self.log)
         self.child.start()
-        client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, self.child.log_tail()
-                time.sleep(0.05)
-        client.close()
+        while not probe.is_ready("redis", self.url):
+            assert time.monotonic() < deadline, self.child.log_tail()
+            time.sleep(0.05)
 
     def stop(self) -> None:
         if self.child is not None:
