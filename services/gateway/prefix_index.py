@@ -11,6 +11,7 @@ lookup is tried, so an outage costs each request nothing; the first lookup that 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import defaultdict
@@ -41,12 +42,13 @@ class PrefixHits:
 
 class PrefixIndexReader:
     def __init__(self, redis_client: redis.Redis, timeout_s: float = 0.1, retry_s: float = 1.0,
-                 max_age_s: float = 10.0, refresh_s: float = 1.0):
+                 max_age_s: float = 10.0, refresh_s: float = 1.0, forget_after_s: float = 300.0):
         self._redis = redis_client
         self._lookup = redis_client.register_script(LOOKUP_LUA)
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self.max_age_s = max_age_s
+        self.forget_after_s = forget_after_s
         self._publishers: list[PublisherInfo] = []
         self._refresher = Periodic(self.refresh, refresh_s, name="prefix-index")
         self._retry_at = float("-inf")
@@ -72,17 +74,23 @@ class PrefixIndexReader:
             self._failed(exc)
             return
         now = time.time()
-        publishers = []
+        publishers, dead = [], []
         for name, raw in entries.items():
             try:
                 info = PublisherInfo.from_json(raw)
             except (ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring a malformed prefix index publisher %r: %s", name, exc)
+                log.warning("removing a malformed prefix index publisher %r: %s", name, exc)
+                dead.append(name)
                 continue
             if now - info.updated <= self.max_age_s:
                 publishers.append(info)
+            elif now - info.updated > self.forget_after_s:
+                dead.append(name)    # crashed long ago (its block set has expired): the field alone is left
         self._publishers = publishers
         self._recovered()
+        if dead:
+            with contextlib.suppress(asyncio.TimeoutError, redis.RedisError, OSError):
+                await asyncio.wait_for(self._redis.hdel(PUBLISHERS_KEY, *dead), self.timeout_s * 10)
 
     async def lookup(self, prompt: Sequence[int]) -> Optional[PrefixHits]:
         """Who holds how much of the prompt's prefix; None when the index cannot say in time (route by load)."""

@@ -179,3 +179,30 @@ def test_the_store_scores_below_a_workers_own_cache():
     b.in_flight_requests = 1               # a sequence queued there: the cache still wins
     assert router.pick("prefill", 1000, hits=hits) is b
     assert asyncio.run(Router(Pool([a, b]), policy="load").prefix_hits([1, 2, 3])) is None
+
+
+def test_publishers_long_gone_or_malformed_are_forgotten(loop_thread, clean_redis):
+    """A crashed publisher's entry is not routed to once it is older than max_age_s, and removed later."""
+    import json
+
+    import redis as sync_redis
+
+    from splitserve.kv_events.index import PUBLISHERS_KEY
+
+    client = sync_redis.Redis.from_url(clean_redis)
+    fresh = PublisherInfo("prefill", "10.0.0.1:1", MEDIUM_DEVICE, BLOCK, MODEL)
+    old = json.loads(fresh.to_json())
+    client.hset(PUBLISHERS_KEY, mapping={fresh.id: fresh.to_json(), "prefill|stale": json.dumps(
+        {**old, "address": "stale", "updated": time.time() - 30}), "prefill|gone": json.dumps(
+        {**old, "address": "gone", "updated": time.time() - 3600}), "prefill|junk": b"{not json"})
+
+    async def refresh():
+        async_client = aredis.Redis.from_url(clean_redis)
+        reader = PrefixIndexReader(async_client, max_age_s=10, forget_after_s=600)
+        await reader.refresh()
+        await async_client.aclose()
+        return reader.publishers
+
+    assert [p.address for p in loop_thread.run(refresh())] == ["10.0.0.1:1"]
+    assert sorted(client.hkeys(PUBLISHERS_KEY)) == [fresh.id.encode(), b"prefill|stale"]
+    client.close()
