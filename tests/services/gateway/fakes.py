@@ -105,8 +105,8 @@ def fake_logprob(token_id: int, top: int) -> common_pb2.TokenLogprob:
     alternatives = [(token_id, -0.5), ((token_id + 500) % VOCAB, -1.5), ((token_id + 501) % VOCAB, -2.5)]
     return common_pb2.TokenLogprob(
         token_id=token_id, logprob=-0.5, token=decode_text([token_id], False), token_bytes=token_bytes(token_id),
-        top=[common_pb2.TokenLogprob.TopLogprob(token_id=t, logprob=lp, token=decode_text([t], False),
-                                                token_bytes=token_bytes(t)) for t, lp in alternatives[:top]])
+        top=[common_pb2.TokenLogprob(token_id=t, logprob=lp, token=decode_text([t], False),
+                                     token_bytes=token_bytes(t)) for t, lp in alternatives[:top]])
 
 
 def _seed(params: common_pb2.SamplingParams) -> Optional[int]:
