@@ -18,11 +18,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Union
 
+from splitserve.v1 import common_pb2
 from splitserve.sampling_params import SEED_MIN, InvalidRequestError, SamplingParams
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import (ContextLengthExceededError, GatewayError, ModelNotFoundError,
                                                 RequestTooLargeError, UpstreamError)
-from splitserve.services.gateway.outputs import SequenceEvent, Usage
+from splitserve.services.gateway.outputs import SequenceEvent
 from splitserve.services.gateway.sequence import SequenceRunner
 from splitserve.services.gateway.tokenizer_client import TokenizerClient
 
@@ -176,7 +177,8 @@ class Pipeline:
                     event = SequenceEvent(index, batch.text, batch.token_ids, batch.logprobs, finish,
                                           batch.stop_reason if finish == "stop" else None)
                     if finish is not None:
-                        event.usage = Usage(len(prompt), completion_tokens, cached_tokens)
+                        event.usage = common_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
+                                                       cached_tokens=cached_tokens)
                         if finish == "error":
                             event.error = UpstreamError(f"the engine failed the request: {batch.message}",
                                                         retryable=False)
@@ -189,8 +191,9 @@ class Pipeline:
             if not emitted:
                 raise
             log.warning("request %s: sequence %d failed after it started: %s", request_id, index, exc)
-            yield SequenceEvent(index, "", [], [], "error", usage=Usage(len(prompt), completion_tokens,
-                                                                         cached_tokens), error=exc)
+            usage = common_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
+                                     cached_tokens=cached_tokens)
+            yield SequenceEvent(index, "", [], [], "error", usage=usage, error=exc)
 
 
 def _sub_params(params: SamplingParams, index: int) -> SamplingParams:
