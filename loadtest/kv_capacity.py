@@ -69,12 +69,12 @@ def _worker_counters(stack: Stack) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
-    parser.add_argument("--num-kv-blocks", type=int, default=200)
-    parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--min-prompt", type=int, default=1300)
-    parser.add_argument("--max-prompt", type=int, default=1450)
-    parser.add_argument("--max-tokens", type=int, default=400)
-    parser.add_argument("--deadline-s", type=float, default=600.0)
+    parser.add_argument("--num-kv-blocks", type=int, default=200, help="each worker's KV cache, in blocks of 16")
+    parser.add_argument("--streams", type=int, default=8, help="streaming completions, all at once")
+    parser.add_argument("--min-prompt", type=int, default=1300, help="shortest prompt, in tokens")
+    parser.add_argument("--max-prompt", type=int, default=1450, help="longest prompt, in tokens")
+    parser.add_argument("--max-tokens", type=int, default=400, help="tokens each stream generates (EOS ignored)")
+    parser.add_argument("--deadline-s", type=float, default=600.0, help="a stream not ended by then has failed")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with the offline engine")
     args = parser.parse_args()
 
