@@ -16,6 +16,7 @@ from splitserve.config import EngineConfig
 from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.launcher.envoy import EnvoyPorts, envoy_argv
 from splitserve.launcher.redis_server import redis_server_argv, redis_url
+from splitserve.serving.addresses import WILDCARD_HOSTS, host_port
 
 # Internal services listen on loopback only; --host chooses where the public API (Envoy, or the gateway) listens.
 INTERNAL_HOST = "127.0.0.1"
@@ -254,8 +255,4 @@ def ucx_net_devices(config: StackConfig) -> str:
 
 def connect_host(host: str) -> str:
     """Where a local client connects to reach a server bound to `host` (a wildcard bind is reachable on loopback)."""
-    return INTERNAL_HOST if host in ("0.0.0.0", "", "::") else host
-
-
-def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return INTERNAL_HOST if host in WILDCARD_HOSTS else host

@@ -19,6 +19,7 @@ from splitserve.config import EngineConfig
 from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.membership import membership_mac
 from splitserve.proto_convert import layout_to_proto
+from splitserve.serving.addresses import AdvertiseAddressError, advertised_address
 from splitserve.serving.logs import setup_logging
 from splitserve.serving.settings import log_settings, parse_settings
 from splitserve.v1 import common_pb2
@@ -35,7 +36,8 @@ class EngineWorkerSettings(EngineConfig):
     log_level: str = "INFO"
     grace_s: float = field(default=30.0, metadata={"help": "seconds to finish in-flight work on SIGTERM"})
     advertise_address: Optional[str] = field(
-        default=None, metadata={"help": "address announced to Redis and in KV handles (default host:port)"})
+        default=None, metadata={"help": "address announced to Redis and in KV handles (default host:port; with a "
+                                        "wildcard host, this host's own IP:port)"})
     health_port: int = field(default=0, metadata={
         "help": "port of a health-only gRPC server on its own thread, answered even while the event loop is "
                 "busy; gateways learn it from the worker (0: any free port, -1: none)"})
@@ -54,7 +56,7 @@ class EngineWorkerSettings(EngineConfig):
 
     @property
     def address(self) -> str:
-        return self.advertise_address or f"{self.host}:{self.port}"
+        return advertised_address(self.advertise_address, self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,9 @@ class EngineMetricsCollector(Collector):
 
         yield gauge("running_requests", "Sequences in the running batch", s["running"])
         yield gauge("waiting_requests", "Sequences waiting for admission", s["waiting"])
+        # What a prefill autoscaler wants: queued work in tokens, not requests (one long prompt is many short ones).
+        yield gauge("waiting_tokens", "Tokens of the sequences waiting for admission (prompts, and what preempted "
+                    "ones had generated)", s["waiting_tokens"])
         yield gauge("kv_cache_usage_ratio", "Fraction of KV blocks in use", s["used_blocks"] / max(1, s["num_blocks"]))
         yield gauge("kv_cache_blocks", "KV blocks in the paged cache", s["num_blocks"])
         yield counter("prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache",
@@ -188,6 +193,12 @@ async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_n
     """
     from splitserve.serving.grpc_service import GrpcService
 
+    try:
+        address = settings.address  # before loading the model: a worker nobody can reach should fail at once
+    except AdvertiseAddressError as exc:
+        log.error("%s: %s", role, exc)
+        return 2
+    log.info("%s announces itself as %s", role, address)
     engine = build_engine(settings)
     engine.start()
     register_engine_metrics(engine, role)
@@ -196,15 +207,15 @@ async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_n
                           settings.grace_s, health_port=settings.health_port if settings.health_port >= 0 else None)
     health_address = ""
     if service.health_thread is not None:
-        health_address = f"{settings.address.rsplit(':', 1)[0]}:{service.health_thread.port}"
-    identity = WorkerIdentity(role, settings.address, engine.config.model, settings.cluster_token,
+        health_address = f"{address.rsplit(':', 1)[0]}:{service.health_thread.port}"
+    identity = WorkerIdentity(role, address, engine.config.model, settings.cluster_token,
                               health_address)
     add_servicer(settings, service, engine, transport, identity)
     announcer = None
     if settings.redis_url:
         from splitserve.worker_registry import WorkerAnnouncer
 
-        announcer = WorkerAnnouncer(settings.redis_url, role, settings.address, engine.config.model,
+        announcer = WorkerAnnouncer(settings.redis_url, role, address, engine.config.model,
                                     lambda: load_report(engine))
 
     async def on_started() -> None:
