@@ -55,7 +55,9 @@ class StackConfig(EngineConfig):
         "help": "serve Envoy's admin interface on 127.0.0.1:PORT (default: none; it can dump the config and stop "
                 "Envoy)"})
     api_key: Optional[str] = field(default=None, metadata={"help": "require this API key at the gateway"})
-    model_name: Optional[str] = field(default=None, metadata={"help": "model name the API reports and accepts"})
+    served_model_name: list[str] = field(default_factory=list, metadata={
+        "help": "names the API accepts for the model, comma-separated; responses carry the first (default: the hub "
+                "id, or the checkpoint folder's name)"})
     local_prefill_threshold: Optional[int] = field(default=None, metadata={
         "help": "prompts up to this many tokens are prefilled by the decode worker itself"})
     torch_threads: Optional[int] = field(default=None, metadata={
@@ -218,7 +220,7 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
     gateway = service("gateway", "gateway", gateway_http,
                       *flags(grpc_port=gateway_grpc, tokenizer_addresses=addresses["tokenizer"],
                              prefill_addresses=addresses["prefill"], decode_addresses=addresses["decode"],
-                             kv_store_address=kv_store.address, model_name=config.model_name,
+                             kv_store_address=kv_store.address, served_model_name=config.served_model_name or None,
                              local_prefill_threshold=config.local_prefill_threshold),
                       env=gateway_env, host=gateway_host)
     gateway.address = host_port(connect_host(gateway_host), gateway_grpc)
