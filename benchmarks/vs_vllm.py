@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proc_tree import tree_rss_bytes
+from proc_tree import tree, tree_rss_bytes
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"
@@ -104,17 +104,18 @@ def read_line(proc: subprocess.Popen, timeout_s: float, log: Path, what: str) ->
 
 
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, wait_s: float = 60.0) -> None:
-    """Ask politely, then kill the process group (each side is started in a session of its own)."""
+    """Ask politely; a side still up after `wait_s` is killed, with every process it had started."""
     if proc.poll() is None:
+        pids = tree(proc.pid)
         proc.send_signal(sig)
         try:
             proc.wait(wait_s)
         except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
     proc.wait()
 
 
@@ -154,32 +155,37 @@ class OfflineSide:
         self.token_ids = result["token_ids"]
 
 
-def run_offline(args, model: str, workdir: Path) -> tuple[list[OfflineSide], int]:
+def start_offline(args, model: str, workdir: Path) -> tuple[list[OfflineSide], list[int]]:
+    """Both engines load at once (loading is not measured); returns the sides and the output lengths."""
     from offline_throughput import benchmark_workload
 
     prompts, out_lens = benchmark_workload(args.quick, args.num_requests, args.seed)
     prompts, out_lens = prompts[:args.num_requests], out_lens[:args.num_requests]  # --quick: its first ones
     job = workdir / "offline-job.json"
     job.write_text(json.dumps({"model": model, "prompts": prompts, "out_lens": out_lens, "threads": args.threads}))
-    threads = str(args.threads)
-    sides = [OfflineSide("splitserve", sys.executable, {**os.environ, "OMP_NUM_THREADS": threads}),
+    sides = [OfflineSide("splitserve", sys.executable, {**os.environ, "OMP_NUM_THREADS": str(args.threads)}),
              OfflineSide("vllm", args.vllm_python, vllm_env(args))]
-    try:
-        for side in sides:  # both load at once: loading is not measured
-            side.start(job, workdir)
-        for side in sides:
-            print(f"offline {side.name}: loaded in {side.wait_ready(args.start_timeout_s):.0f} s", flush=True)
-        for pair in range(args.pairs):
-            for side in sides if pair % 2 == 0 else sides[::-1]:
-                side.run(args.run_timeout_s)
-            print(f"offline pair {pair + 1}/{args.pairs}: " + ", ".join(
-                f"{s.name} {sum(out_lens) / s.wall_s[-1]:.1f} tok/s" for s in sides), flush=True)
-    finally:
-        for side in sides:
-            if side.proc is not None:
-                side.proc.stdin.close()
-                stop(side.proc, wait_s=30.0)
-    return sides, sum(out_lens)
+    for side in sides:
+        side.start(job, workdir)
+    return sides, out_lens
+
+
+def measure_offline(args, sides: list[OfflineSide], tokens: int) -> None:
+    for side in sides:
+        print(f"offline {side.name}: loaded in {side.wait_ready(args.start_timeout_s):.0f} s", flush=True)
+    for pair in range(args.pairs):
+        for side in sides if pair % 2 == 0 else sides[::-1]:
+            side.run(args.run_timeout_s)
+        print(f"offline pair {pair + 1}/{args.pairs}: " + ", ".join(
+            f"{s.name} {tokens / s.wall_s[-1]:.1f} tok/s {per_1k(s.cpu_s[-1], tokens):.1f} cpu_s/1k_tok"
+            for s in sides), flush=True)
+
+
+def stop_offline(sides: list[OfflineSide]) -> None:
+    for side in sides:
+        if side.proc is not None and side.proc.returncode is None:
+            side.proc.stdin.close()  # the child's end of input: it exits
+            stop(side.proc, wait_s=30.0)
 
 
 def offline_report(sides: list[OfflineSide], tokens: int) -> tuple[str, float]:
@@ -255,35 +261,35 @@ def wait_served(side: ServedSide, timeout_s: float) -> None:
         time.sleep(2.0)
 
 
-def run_served(args, model: str, workdir: Path) -> list[ServedSide]:
+def served_workloads(args) -> dict[int, list]:
+    """serve_load.py's workload per concurrency; --quick: shorter prompts and outputs."""
     sys.path.insert(0, str(HERE.parent / "loadtest"))
     import serve_load
 
-    counts = {8: args.c8_requests, 1: args.c1_requests}
-    workloads = {c: serve_load.make_workload(n, args.seed, 20, 300, 16, 64) for c, n in counts.items()}
-    sides: list[ServedSide] = []
-    try:
-        sides = [start_splitserve(args, model, workdir), start_vllm(args, model, workdir)]
-        for side in sides:
-            wait_served(side, args.start_timeout_s)
-            asyncio.run(serve_load.run_load(side.url, None, workloads[8][:4], 2, None))  # warm-up, not measured
-            print(f"served {side.name}: ready at {side.url}", flush=True)
-        time.sleep(5.0)  # let both settle before reading idle memory
-        for side in sides:
-            side.idle_rss_bytes = tree_rss_bytes(side.proc.pid)
-        for rnd in range(args.rounds):
-            for c in counts:
-                for side in sides if rnd % 2 == 0 else sides[::-1]:
-                    results, elapsed = asyncio.run(serve_load.run_load(side.url, None, workloads[c], c, None))
-                    row = serve_load.summarize(side.name, results, elapsed)
-                    row["itl_tok_p50_ms"] = itl_per_token_ms(results)
-                    side.rounds.setdefault(c, []).append(row)
-            print(f"served round {rnd + 1}/{args.rounds}: " + ", ".join(
-                f"{s.name} c8 {s.rounds[8][-1]['output_tok_per_s']:.1f} tok/s" for s in sides), flush=True)
-    finally:
-        for side in sides:
-            stop(side.proc, side.stop_signal)
-    return sides
+    words, out = ((20, 100), (16, 48)) if args.quick else ((20, 300), (16, 64))
+    return {c: serve_load.make_workload(n, args.seed, *words, *out)
+            for c, n in ((8, args.c8_requests), (1, args.c1_requests))}
+
+
+def measure_served(args, sides: list[ServedSide], workloads: dict[int, list]) -> None:
+    import serve_load
+
+    for side in sides:
+        wait_served(side, args.start_timeout_s)
+        asyncio.run(serve_load.run_load(side.url, None, workloads[8][:4], 2, None))  # warm-up, not measured
+        print(f"served {side.name}: ready at {side.url}", flush=True)
+    time.sleep(5.0)  # let both settle before reading idle memory
+    for side in sides:
+        side.idle_rss_bytes = tree_rss_bytes(side.proc.pid)
+    for rnd in range(args.rounds):
+        for c, workload in workloads.items():
+            for side in sides if rnd % 2 == 0 else sides[::-1]:
+                results, elapsed = asyncio.run(serve_load.run_load(side.url, None, workload, c, None))
+                row = serve_load.summarize(side.name, results, elapsed)
+                row["itl_tok_p50_ms"] = itl_per_token_ms(results)
+                side.rounds.setdefault(c, []).append(row)
+        print(f"served round {rnd + 1}/{args.rounds}: " + ", ".join(
+            f"{s.name} c8 {s.rounds[8][-1]['output_tok_per_s']:.1f} tok/s" for s in sides), flush=True)
 
 
 def served_report(sides: list[ServedSide]) -> tuple[str, float]:
@@ -316,11 +322,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--pairs", type=int, default=3, help="interleaved offline A/B pairs")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved served rounds")
     ap.add_argument("--num-requests", type=int, default=None,
-                    help="offline requests (default 64; --quick: the first 16 of offline_throughput's --quick)")
-    ap.add_argument("--c8-requests", type=int, default=None, help="served requests at c=8 (default 64, --quick 16)")
-    ap.add_argument("--c1-requests", type=int, default=None, help="served requests at c=1 (default 16, --quick 6)")
+                    help="offline requests (default 64; --quick: the first 8 of offline_throughput's --quick)")
+    ap.add_argument("--c8-requests", type=int, default=None, help="served requests at c=8 (default 64, --quick 8)")
+    ap.add_argument("--c1-requests", type=int, default=None, help="served requests at c=1 (default 16, --quick 3)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vllm-kv-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE")
+    ap.add_argument("--vllm-kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
     ap.add_argument("--vllm-threads-bind", default=None,
                     help="VLLM_CPU_OMP_THREADS_BIND (default: cores 0..threads-1, i.e. --threads threads)")
     ap.add_argument("--skip-offline", action="store_true")
@@ -332,9 +338,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    args.num_requests = args.num_requests or (16 if args.quick else 64)
-    args.c8_requests = args.c8_requests or (16 if args.quick else 64)
-    args.c1_requests = args.c1_requests or (6 if args.quick else 16)
+    args.num_requests = args.num_requests or (8 if args.quick else 64)
+    args.c8_requests = args.c8_requests or (8 if args.quick else 64)
+    args.c1_requests = args.c1_requests or (3 if args.quick else 16)
     if not os.access(args.vllm_python, os.X_OK):
         ap.error(f"no vLLM python at {args.vllm_python}; make its venv with:\n  {VLLM_VENV_COMMAND}")
     return args
@@ -350,16 +356,31 @@ def main(argv=None) -> int:
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     offline = served = float("nan")
     reports = []
+    offline_sides: list[OfflineSide] = []
+    served_sides: list[ServedSide] = []
     try:
+        # Everything starts (and compiles) at once, and nothing is measured before all of it is ready: starting
+        # is most of --quick's time, and a side still compiling would steal CPU from a measured run.
+        if not args.skip_served:
+            workloads = served_workloads(args)
+            served_sides = [start_splitserve(args, model, workdir), start_vllm(args, model, workdir)]
         if not args.skip_offline:
-            text, offline = offline_report(*run_offline(args, model, workdir))
+            offline_sides, out_lens = start_offline(args, model, workdir)
+            measure_offline(args, offline_sides, sum(out_lens))
+            stop_offline(offline_sides)
+            text, offline = offline_report(offline_sides, sum(out_lens))
             reports.append(text)
         if not args.skip_served:
-            text, served = served_report(run_served(args, model, workdir))
+            measure_served(args, served_sides, workloads)
+            text, served = served_report(served_sides)
             reports.append(text)
     except BenchmarkError as exc:
         print(f"vs_vllm: {exc}", file=sys.stderr)
         return 1
+    finally:
+        stop_offline(offline_sides)
+        for side in served_sides:
+            stop(side.proc, side.stop_signal)
     print("\n\n".join(reports))
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"offline_vs_vllm: {offline:.2f}")
