@@ -25,7 +25,8 @@ def splitserve_runner(job):
     torch.set_num_threads(job["threads"])
     from splitserve import LLM, SamplingParams
 
-    llm = LLM(job["model"], dtype="float32", device="cpu", max_num_seqs=64, max_num_batched_tokens=2048)
+    llm = LLM(job["model"], dtype="float32", device="cpu", max_num_seqs=64, max_num_batched_tokens=2048,
+              kv_cache_memory_bytes=job["kv_cache_memory_bytes"])
 
     def run(prompts, out_lens):
         params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in out_lens]
@@ -35,7 +36,8 @@ def splitserve_runner(job):
 
 
 def vllm_runner(job):
-    # Thread count and binding come from VLLM_CPU_OMP_THREADS_BIND, which the parent sets.
+    # Thread count and binding come from VLLM_CPU_OMP_THREADS_BIND, the KV budget from VLLM_CPU_KVCACHE_SPACE: the
+    # parent sets both.
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

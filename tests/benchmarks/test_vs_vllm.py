@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
+import ab_stats  # noqa: E402
 import proc_tree  # noqa: E402
 import vs_vllm  # noqa: E402
 
@@ -47,24 +48,24 @@ def test_help_shows_the_venv_command_and_the_last_lines(capsys):
 
 
 def test_medians_ratios_and_agreement():
-    assert vs_vllm.median([3.0, float("nan"), 1.0, 2.0]) == 2.0
-    assert vs_vllm.median([float("nan")]) != vs_vllm.median([float("nan")])  # nan
-    assert vs_vllm.ratio(1.0, 0.0) != vs_vllm.ratio(1.0, 0.0)
+    assert ab_stats.median([3.0, float("nan"), 1.0, 2.0]) == 2.0
+    assert ab_stats.median([float("nan")]) != ab_stats.median([float("nan")])  # nan
+    assert ab_stats.ratio(1.0, 0.0) != ab_stats.ratio(1.0, 0.0)
     # Per-pair ratios 2, 0.5, 1 -> 1; the ratio of the medians would be 150/100.
-    assert vs_vllm.median_ratio([200.0, 50.0, 150.0], [100.0, 100.0, 150.0]) == 1.0
-    assert vs_vllm.per_1k(2.5, 500) == 5.0
-    assert vs_vllm.agreement([[1, 2], [3], [4, 5]], [[1, 2], [3, 9], [4, 5]]) == 2
+    assert ab_stats.median_ratio([200.0, 50.0, 150.0], [100.0, 100.0, 150.0]) == 1.0
+    assert ab_stats.per_1k(2.5, 500) == 5.0
+    assert ab_stats.agreement([[1, 2], [3], [4, 5]], [[1, 2], [3, 9], [4, 5]]) == 2
 
 
 def test_table_aligns_columns_and_formats_floats():
-    text = vs_vllm.format_table(["engine", "tok/s"], [["splitserve", 12.345], ["vllm", 7.0]])
+    text = ab_stats.format_table(["engine", "tok/s"], [["splitserve", 12.345], ["vllm", 7.0]])
     assert text.splitlines() == ["engine      tok/s", "splitserve  12.35", "vllm         7.00"]
 
 
 def test_itl_per_token_ignores_how_tokens_are_chunked():
     ok = SimpleNamespace(ok=True, ttft=0.1, latency=1.1, output_tokens=11)     # 100 ms per token after the first
     bunched = SimpleNamespace(ok=True, ttft=0.2, latency=2.2, output_tokens=21)  # same, however many chunks
-    assert vs_vllm.itl_per_token_ms([ok, bunched,
+    assert ab_stats.itl_per_token_ms([ok, bunched,
                                      SimpleNamespace(ok=False, ttft=0, latency=0, output_tokens=0),
                                      SimpleNamespace(ok=True, ttft=0.1, latency=0.1, output_tokens=1)]) == \
         pytest.approx(100.0)
@@ -108,14 +109,17 @@ def test_tree_cpu_and_rss_count_a_live_child():
             "while time.process_time() < 0.4: pass\n"
             "print('done', flush=True); sys.stdin.read()")
     before = proc_tree.own_tree_cpu_seconds()
-    rss_before = proc_tree.tree_rss_bytes(os.getpid())
     child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline() == "done\n"
         assert child.pid in proc_tree.tree(os.getpid())
-        assert proc_tree.own_tree_cpu_seconds() - before >= 0.35
-        assert proc_tree.tree_rss_bytes(os.getpid()) > rss_before
-        assert proc_tree.tree_cpu_seconds([child.pid]) >= 0.35
+        child_cpu = proc_tree.tree_cpu_seconds([child.pid])
+        assert child_cpu >= 0.35
+        assert proc_tree.own_tree_cpu_seconds() - before >= child_cpu
+        child_rss = proc_tree.tree_rss_bytes(child.pid)
+        assert child_rss > 0
+        own_rss = proc_tree.status_rss_bytes(Path(f"/proc/{os.getpid()}/status").read_text())
+        assert proc_tree.tree_rss_bytes(os.getpid()) - own_rss >= child_rss // 2  # both read a moving process
     finally:
         child.stdin.close()
         child.wait()
