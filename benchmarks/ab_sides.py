@@ -44,10 +44,10 @@ def read_line(proc: subprocess.Popen, timeout_s: float, log: Path, what: str) ->
     return line
 
 
-def stop(proc: subprocess.Popen, ask, wait_s: float = 60.0) -> None:
-    """`ask()` asks the side to exit (a signal, or the end of its input); after `wait_s`, and 10 s more for the
-    processes it started, whatever is left of its process tree is killed. The tree is read first: processes
-    whose parent is gone are no longer found under it."""
+def stop(proc: subprocess.Popen, ask, wait_s: float = 60.0, orphans_s: float = 10.0) -> None:
+    """`ask()` asks the side to exit (a signal, or the end of its input); after `wait_s`, and `orphans_s` more for
+    the processes it started, whatever is left of its process tree is killed. The tree is read first: processes
+    whose parent is gone are no longer found under it (vLLM's engine core outlives a main process that exits)."""
     if proc.poll() is None:
         pids = tree(proc.pid)
         ask()
@@ -55,7 +55,7 @@ def stop(proc: subprocess.Popen, ask, wait_s: float = 60.0) -> None:
             proc.wait(wait_s)
         except subprocess.TimeoutExpired:
             pass
-        deadline = time.monotonic() + 10.0
+        deadline = time.monotonic() + orphans_s
         while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in pids[1:]):
             time.sleep(0.5)
         for pid in pids[1:] if proc.poll() is not None else pids:

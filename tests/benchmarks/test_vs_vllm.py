@@ -2,6 +2,7 @@
 accounting of process trees. The vLLM-running part needs vLLM's own venv and is not run in CI."""
 
 import os
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
+import ab_sides  # noqa: E402
 import ab_stats  # noqa: E402
 import proc_tree  # noqa: E402
 import vs_vllm  # noqa: E402
@@ -124,3 +126,28 @@ def test_tree_cpu_and_rss_count_a_live_child():
         child.stdin.close()
         child.wait()
     assert proc_tree.rusage_cpu_seconds(SimpleNamespace(ru_utime=1.5, ru_stime=0.25)) == 1.75
+
+
+def test_stop_kills_what_a_side_leaves_behind():
+    """A side that exits at the end of its input but leaves a process of its own running (as vLLM's engine core
+    can): stop() reads the tree first and kills the leftover, which no longer sits under the side."""
+    leave_one = ("import subprocess, sys\n"
+                 "p = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+                 "print(p.pid, flush=True); sys.stdin.read()")
+    side = subprocess.Popen([sys.executable, "-c", leave_one], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    leftover = int(side.stdout.readline())
+    try:
+        ab_sides.stop(side, side.stdin.close, wait_s=30.0, orphans_s=0.5)
+        assert side.returncode == 0  # it exited by itself, as asked
+        for _ in range(100):  # the leftover's new parent reaps it
+            if not os.path.exists(f"/proc/{leftover}") or "Z" in Path(f"/proc/{leftover}/stat").read_text().split()[2]:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"pid {leftover} still running")
+    finally:
+        try:
+            os.kill(leftover, 9)
+        except ProcessLookupError:
+            pass
