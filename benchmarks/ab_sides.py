@@ -217,7 +217,10 @@ def wait_served(args, sides: list[ServedSide], workloads: dict[int, list]) -> No
 
     for side in sides:
         wait_ready(side, args.start_timeout_s)
-        asyncio.run(serve_load.run_load(side.url, None, workloads[8][:4], 2, None))
+        results, _ = asyncio.run(serve_load.run_load(side.url, None, workloads[8][:4], 2, None))
+        failed = [r.error for r in results if not r.ok]
+        if failed:
+            raise BenchmarkError(f"served {side.name}: warm-up requests failed: {failed[:2]}; log {side.log}")
         print(f"served {side.name}: ready at {side.url}", flush=True)
     time.sleep(5.0)  # let both settle before reading idle memory
     for side in sides:

@@ -40,7 +40,7 @@ Ratios are splitserve / vLLM, the median of the per-pair (per-round) ratios. Las
 def offline_report(sides: list[OfflineSide], tokens: int) -> tuple[str, float]:
     ours, theirs = sides
     rows = [[s.name, len(s.wall_s), tokens, median([tokens / w for w in s.wall_s]),
-             median([per_1k(c, tokens) for c in s.cpu_s]), " ".join(f"{tokens / w:.0f}" for w in s.wall_s)]
+             median([per_1k(c, tokens) for c in s.cpu_s]), " ".join(f"{tokens / w:.1f}" for w in s.wall_s)]
             for s in sides]
     same = agreement(ours.token_ids, theirs.token_ids)
     offline = median_ratio([tokens / w for w in ours.wall_s], [tokens / w for w in theirs.wall_s])
@@ -81,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--pairs", type=int, default=3, help="interleaved offline A/B pairs")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved served rounds")
     ap.add_argument("--num-requests", type=int, default=None,
-                    help="offline requests (default 64; --quick: the first 8 of offline_throughput's --quick)")
+                    help="offline requests (default 64; --quick: the first 4 of offline_throughput's --quick)")
     ap.add_argument("--c8-requests", type=int, default=None, help="served requests at c=8 (default 64, --quick 8)")
     ap.add_argument("--c1-requests", type=int, default=None, help="served requests at c=1 (default 16, --quick 3)")
     ap.add_argument("--seed", type=int, default=0)
@@ -98,7 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    args.num_requests = args.num_requests or (8 if args.quick else 64)
+    args.num_requests = args.num_requests or (4 if args.quick else 64)
     args.c8_requests = args.c8_requests or (8 if args.quick else 64)
     args.c1_requests = args.c1_requests or (3 if args.quick else 16)
     if not os.access(args.vllm_python, os.X_OK):

@@ -23,7 +23,7 @@ def test_defaults_and_quick_sizes():
     assert (args.threads, args.pairs, args.rounds, args.num_requests, args.c8_requests, args.c1_requests) == \
         (2, 3, 3, 64, 64, 16)
     quick = vs_vllm.parse_args(["--vllm-python", sys.executable, "--quick"])
-    assert (quick.num_requests, quick.c8_requests, quick.c1_requests) == (8, 8, 3)
+    assert (quick.num_requests, quick.c8_requests, quick.c1_requests) == (4, 8, 3)
     assert vs_vllm.DEFAULT_VLLM_PYTHON == "/work/vllm-venv/bin/python"
 
 
