@@ -98,7 +98,7 @@ class OfflineSide:
         result = json.loads(read_line(self.proc, timeout_s, self.log, f"offline {self.name} run"))
         self.wall_s.append(result["wall_s"])
         self.cpu_s.append(result["cpu_s"])
-        self.token_ids = result["token_ids"]
+        self.token_ids = result["token_ids"]  # the last run's: greedy, so every run's should be the same
 
 
 def start_offline(args, model: str, workdir: Path) -> tuple[list[OfflineSide], list[int]]:
@@ -129,11 +129,6 @@ def measure_offline(args, sides: list[OfflineSide], tokens: int) -> None:
         print(f"offline pair {pair + 1}/{args.pairs}: " + ", ".join(
             f"{s.name} {tokens / s.wall_s[-1]:.1f} tok/s {per_1k(s.cpu_s[-1], tokens):.1f} cpu_s/1k_tok"
             for s in sides), flush=True)
-
-
-def stop_served(sides: list[ServedSide]) -> None:
-    for side in sides:
-        stop(side.proc, lambda: side.proc.send_signal(side.stop_signal))
 
 
 def stop_offline(sides: list[OfflineSide]) -> None:
@@ -240,3 +235,7 @@ def measure_served(args, sides: list[ServedSide], workloads: dict[int, list]) ->
         print(f"served round {rnd + 1}/{args.rounds}: " + ", ".join(
             f"{s.name} c8 {s.rounds[8][-1]['output_tok_per_s']:.1f} tok/s" for s in sides), flush=True)
 
+
+def stop_served(sides: list[ServedSide]) -> None:
+    for side in sides:
+        stop(side.proc, lambda: side.proc.send_signal(side.stop_signal))
