@@ -21,7 +21,8 @@ from itertools import compress, filterfalse, groupby, repeat
 from operator import itemgetter
 from typing import Callable, Optional, Sequence
 
-from splitserve.v1 import common_pb2
+from splitserve.kv_events.change_log import ChangeLog
+from splitserve.v1 import common_pb2, kv_store_pb2
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.services.kv_store.block_layout import LayoutError, LayoutKey, block_bytes, conflict, layout_key
 from splitserve.services.kv_store.leases import Lease, LeaseTable
@@ -32,19 +33,6 @@ log = logging.getLogger(__name__)
 
 class StoreFullError(RuntimeError):
     """Room for new blocks cannot be made because everything that could be evicted is pinned or reserved."""
-
-
-@dataclass(frozen=True)
-class StoreStats:
-    blocks_used: int  # slots taken: stored blocks plus reserved ones
-    blocks_capacity: int  # how many blocks of the largest size seen fit in the capacity
-    bytes_used: int
-    bytes_capacity: int
-    pinned_blocks: int
-    hits: int
-    misses: int
-    evictions: int
-    expired_leases: int
 
 
 @dataclass(frozen=True)
@@ -111,6 +99,7 @@ class BlockStore:
         self._bytes_used = self._blocks_used = self._evictable_bytes = self._pinned_blocks = 0
         self._max_block_bytes = 0
         self._hits = self._misses = self._evictions = self._expired_leases = 0
+        self.changes = ChangeLog()  # for KV events, when the server publishes them
 
     # ---- readers -------------------------------------------------------------------------------------------
 
@@ -257,6 +246,7 @@ class BlockStore:
                 self._free(blocks.pool, [slot for slot, mine in zip(slots, ours) if not mine])
                 new_hashes, slots = list(compress(new_hashes, ours)), list(compress(slots, ours))
             visible.update(zip(new_hashes, slots))
+            self.changes.stored(new_hashes)
             if crc32s is not None:
                 checksums = dict(zip(hashes, crc32s))
                 blocks.crc32.update(zip(new_hashes, map(checksums.get, new_hashes)))
@@ -311,10 +301,10 @@ class BlockStore:
         self._expired_leases += expired
         return expired
 
-    def stats(self) -> StoreStats:
+    def stats(self) -> kv_store_pb2.KVStoreStatsResponse:
         """Counters only, no container walks: safe to call from the metrics server's thread."""
         biggest = self._max_block_bytes
-        return StoreStats(
+        return kv_store_pb2.KVStoreStatsResponse(
             blocks_used=self._blocks_used, blocks_capacity=self.capacity_bytes // biggest if biggest else 0,
             bytes_used=self._bytes_used, bytes_capacity=self.capacity_bytes, pinned_blocks=self._pinned_blocks,
             hits=self._hits, misses=self._misses, evictions=self._evictions, expired_leases=self._expired_leases)
@@ -356,6 +346,7 @@ class BlockStore:
     def _drop(self, blocks: LayoutBlocks, hashes: list[bytes]) -> None:
         """Frees visible, unpinned blocks that are out of the LRU already (evicted or discarded)."""
         self._free(blocks.pool, list(map(blocks.slots.pop, hashes)))
+        self.changes.removed(hashes)
         if blocks.crc32:
             for block_hash in hashes:
                 blocks.crc32.pop(block_hash, None)

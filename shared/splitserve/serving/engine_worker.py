@@ -6,6 +6,7 @@ in + stream); everything about hosting an engine lives here once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
@@ -15,9 +16,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from splitserve.config import EngineConfig
+from splitserve.cpus import allowed_cpus, format_cpu_list, parse_cpu_list, pin_process, usable_cores
 from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.membership import membership_mac
 from splitserve.proto_convert import layout_to_proto
+from splitserve.serving.addresses import AdvertiseAddressError, advertised_address
+from splitserve.serving.logs import setup_logging
+from splitserve.serving.settings import log_settings, parse_settings
 from splitserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -32,7 +37,8 @@ class EngineWorkerSettings(EngineConfig):
     log_level: str = "INFO"
     grace_s: float = field(default=30.0, metadata={"help": "seconds to finish in-flight work on SIGTERM"})
     advertise_address: Optional[str] = field(
-        default=None, metadata={"help": "address announced to Redis and in KV handles (default host:port)"})
+        default=None, metadata={"help": "address announced to Redis and in KV handles (default host:port; with a "
+                                        "wildcard host, this host's own IP:port)"})
     health_port: int = field(default=0, metadata={
         "help": "port of a health-only gRPC server on its own thread, answered even while the event loop is "
                 "busy; gateways learn it from the worker (0: any free port, -1: none)"})
@@ -47,11 +53,22 @@ class EngineWorkerSettings(EngineConfig):
     cluster_token: Optional[str] = field(default=None, metadata={
         "help": "shared secret this worker proves it holds to gateways (the gateway's --cluster-token; pass it by "
                 "env)"})
-    torch_threads: Optional[int] = field(default=None, metadata={"help": "torch intra-op threads (CPU)"})
+    cpus: Optional[str] = field(default=None, metadata={
+        "help": "cores this worker runs on, e.g. 0-3,8 (default: those it was started with)"})
+    torch_threads: Optional[int] = field(default=None, metadata={
+        "help": "torch intra-op threads on CPU (default: OMP_NUM_THREADS if set, else one per core this worker "
+                "may use: --cpus or its affinity, fewer under a cgroup CPU limit)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cpus is not None:
+            parse_cpu_list(self.cpus)  # a bad list fails here, with the flag's name, not at engine start
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
 
     @property
     def address(self) -> str:
-        return self.advertise_address or f"{self.host}:{self.port}"
+        return advertised_address(self.advertise_address, self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -71,16 +88,34 @@ class WorkerIdentity:
         return proof
 
 
-def build_engine(settings: EngineWorkerSettings):
-    """Loads the model into an AsyncEngine (not yet started)."""
+def use_cores(settings: EngineWorkerSettings) -> int:
+    """Pins this process to settings.cpus (if set) and runs one torch thread per core it may use, unless
+    torch_threads (or else OMP_NUM_THREADS) says otherwise; returns the thread count. Called before the engine's
+    first op, which starts torch's OpenMP threads."""
     import torch
 
+    if settings.cpus is not None:
+        pin_process(parse_cpu_list(settings.cpus))
+    threads = settings.torch_threads or _omp_num_threads() or usable_cores()
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    log.info("torch threads: %d on cores %s", threads, format_cpu_list(allowed_cpus()))
+    return threads
+
+
+def _omp_num_threads() -> Optional[int]:
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def build_engine(settings: EngineWorkerSettings):
+    """Loads the model into an AsyncEngine (not yet started)."""
     from splitserve.engine.async_engine import AsyncEngine
     from splitserve.engine.llm_engine import LLMEngine
 
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-        os.environ.setdefault("OMP_NUM_THREADS", str(settings.torch_threads))
+    use_cores(settings)
     model = settings.model
     if model is None:
         from splitserve.demo_model import demo_checkpoint
@@ -135,6 +170,9 @@ class EngineMetricsCollector(Collector):
 
         yield gauge("running_requests", "Sequences in the running batch", s["running"])
         yield gauge("waiting_requests", "Sequences waiting for admission", s["waiting"])
+        # What a prefill autoscaler wants: queued work in tokens, not requests (one long prompt is many short ones).
+        yield gauge("waiting_tokens", "Tokens of the sequences waiting for admission (prompts, and what preempted "
+                    "ones had generated)", s["waiting_tokens"])
         yield gauge("kv_cache_usage_ratio", "Fraction of KV blocks in use", s["used_blocks"] / max(1, s["num_blocks"]))
         yield gauge("kv_cache_blocks", "KV blocks in the paged cache", s["num_blocks"])
         yield counter("prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache",
@@ -169,14 +207,30 @@ def make_transport(name: str, checksum: bool = False):
     raise ValueError(f"unknown KV transport {name!r} (available: {', '.join(KV_TRANSPORTS)})")
 
 
+def engine_worker_main(role: str, settings_type: type[EngineWorkerSettings], service_name: str, add_servicer,
+                       argv: Optional[list[str]] = None) -> int:
+    """`splitserve <role>`: settings from flags and env, logging, then run_engine_worker."""
+    settings = parse_settings(settings_type, argv, prog=f"splitserve {role}")
+    setup_logging(role, settings.log_level)
+    log_settings(role, settings)
+    return asyncio.run(run_engine_worker(settings, role, service_name, add_servicer))
+
+
 async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_name: str, add_servicer) -> int:
     """Hosts an engine as a service: load, serve, announce to Redis, drain on SIGTERM, stop.
 
-    `add_servicer(service, async_engine, transport, identity)` registers the role's servicer.
+    `add_servicer(settings, service, async_engine, transport, identity)` registers the role's servicer.
     """
     from splitserve.serving.grpc_service import GrpcService
 
+    try:
+        address = settings.address  # before loading the model: a worker nobody can reach should fail at once
+    except AdvertiseAddressError as exc:
+        log.error("%s: %s", role, exc)
+        return 2
+    log.info("%s announces itself as %s", role, address)
     engine = build_engine(settings)
+    publisher = kv_event_publisher(settings, role, engine) if settings.redis_url else None
     engine.start()
     register_engine_metrics(engine, role)
     transport = make_transport(settings.kv_transport, settings.kv_checksum)
@@ -184,15 +238,15 @@ async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_n
                           settings.grace_s, health_port=settings.health_port if settings.health_port >= 0 else None)
     health_address = ""
     if service.health_thread is not None:
-        health_address = f"{settings.address.rsplit(':', 1)[0]}:{service.health_thread.port}"
-    identity = WorkerIdentity(role, settings.address, engine.config.model, settings.cluster_token,
+        health_address = f"{address.rsplit(':', 1)[0]}:{service.health_thread.port}"
+    identity = WorkerIdentity(role, address, engine.config.model, settings.cluster_token,
                               health_address)
-    add_servicer(service, engine, transport, identity)
+    add_servicer(settings, service, engine, transport, identity)
     announcer = None
     if settings.redis_url:
         from splitserve.worker_registry import WorkerAnnouncer
 
-        announcer = WorkerAnnouncer(settings.redis_url, role, settings.address, engine.config.model,
+        announcer = WorkerAnnouncer(settings.redis_url, role, address, engine.config.model,
                                     lambda: load_report(engine))
 
     async def on_started() -> None:
@@ -209,4 +263,21 @@ async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_n
     finally:
         await engine.stop()
         await transport.close()
+        if publisher is not None:
+            await asyncio.to_thread(publisher.stop)
     return 0
+
+
+def kv_event_publisher(settings: EngineWorkerSettings, role: str, engine):
+    """Publishes what the engine's prefix cache holds to the Redis prefix index, from a thread of its own (its
+    steps hand over their changes without waiting). Made before the engine starts, so no change goes unseen."""
+    from splitserve.kv_events.events import MEDIUM_DEVICE, events_from_pool
+    from splitserve.kv_events.index import PublisherInfo
+    from splitserve.kv_events.publisher import KVEventPublisher
+
+    block_size = engine.config.block_size
+    publisher = KVEventPublisher(settings.redis_url, PublisherInfo(role, settings.address, MEDIUM_DEVICE, block_size,
+                                                                   engine.model_id))
+    engine.on_kv_changes(lambda changes: publisher.publish(events_from_pool(changes, block_size)))
+    publisher.start()
+    return publisher

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -68,7 +68,7 @@ def output_text(request) -> OutputText:
 
 
 def word_id(word: str) -> int:
-    if word.isdigit():
+    if word.isascii() and word.isdigit():   # not "²", which isdigit() but int() refuses
         return int(word) % VOCAB
     return 3 + zlib.crc32(word.encode()) % 900
 
@@ -77,11 +77,11 @@ def tokenize(text: str) -> list[int]:
     return [word_id(w) for w in text.split()]
 
 
-def tokenize_chat(messages: list[tuple[str, str]]) -> list[int]:
+def tokenize_chat(messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
     ids = []
     for role, content in messages:
         ids += [IM_START, *tokenize(role), *tokenize(content), IM_END]
-    return ids + [IM_START, word_id("assistant")]
+    return ids + [IM_START, word_id("assistant")] if add_generation_prompt else ids
 
 
 def next_token(previous: int, seed: Optional[int]) -> int:
@@ -105,8 +105,8 @@ def fake_logprob(token_id: int, top: int) -> common_pb2.TokenLogprob:
     alternatives = [(token_id, -0.5), ((token_id + 500) % VOCAB, -1.5), ((token_id + 501) % VOCAB, -2.5)]
     return common_pb2.TokenLogprob(
         token_id=token_id, logprob=-0.5, token=decode_text([token_id], False), token_bytes=token_bytes(token_id),
-        top=[common_pb2.TokenLogprob.TopLogprob(token_id=t, logprob=lp, token=decode_text([t], False),
-                                                token_bytes=token_bytes(t)) for t, lp in alternatives[:top]])
+        top=[common_pb2.TokenLogprob(token_id=t, logprob=lp, token=decode_text([t], False),
+                                     token_bytes=token_bytes(t)) for t, lp in alternatives[:top]])
 
 
 def _seed(params: common_pb2.SamplingParams) -> Optional[int]:
@@ -118,8 +118,9 @@ def _max_tokens(params: common_pb2.SamplingParams) -> int:
 
 
 class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
-    def __init__(self, max_context_length: int = 256):
+    def __init__(self, max_context_length: int = 256, model: str = "fake-model"):
         self.max_context_length = max_context_length
+        self.model = model
         # Calls per method, so tests can check what the gateway asks the tokenizer (nothing per token).
         self.calls: dict[str, int] = {}
 
@@ -129,7 +130,7 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
     async def Tokenize(self, request, context):
         self._count("Tokenize")
         if request.WhichOneof("input") == "chat":
-            ids = tokenize_chat([(m.role, m.content) for m in request.chat.messages])
+            ids = tokenize_chat([(m.role, m.content) for m in request.chat.messages], request.add_generation_prompt)
             return tokenizer_pb2.TokenizeResponse(token_ids=ids, rendered_prompt="(chat)")
         if "INVALID" in request.text:
             await abort_invalid(context, InvalidRequestError("the tokenizer refuses this text", "prompt"))
@@ -148,35 +149,37 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
 
     async def GetInfo(self, request, context):
         self._count("GetInfo")
-        return tokenizer_pb2.GetInfoResponse(model="fake-model", vocab_size=VOCAB, eos_token_ids=[EOS],
+        return tokenizer_pb2.GetInfoResponse(model=self.model, vocab_size=VOCAB, eos_token_ids=[EOS],
                                              max_context_length=self.max_context_length, has_chat_template=True)
 
 
 @dataclass
 class FakeWorker:
-    """What prefill and decode fakes share: the Stats reply, with a membership proof when given a token."""
+    """What prefill and decode fakes share: the requests they were sent, and the Stats reply (with a membership
+    proof when given a token) in the role's own response type."""
+    KIND: ClassVar[str]
+    STATS_RESPONSE: ClassVar[type]
     model: str = "fake-model"
     cluster_token: Optional[str] = None
     address: str = ""                              # set by FakeServer.start, as a real worker knows its own
     health_address: str = ""                       # a real worker's health thread
     stats_calls: int = 0
+    requests: list = field(default_factory=list)
 
-    def identity(self, kind: str) -> WorkerIdentity:
-        return WorkerIdentity(kind, self.address, self.model, self.cluster_token, self.health_address)
+    def identity(self) -> WorkerIdentity:
+        return WorkerIdentity(self.KIND, self.address, self.model, self.cluster_token, self.health_address)
 
-    def engine_stats(self) -> common_pb2.EngineStats:
+    async def Stats(self, request, context):
         self.stats_calls += 1
-        return common_pb2.EngineStats(model=self.model)
+        return self.STATS_RESPONSE(engine=common_pb2.EngineStats(model=self.model),
+                                   membership=self.identity().answer(request.nonce))
 
 
 @dataclass
 class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServicer):
+    KIND = "prefill"
+    STATS_RESPONSE = prefill_pb2.PrefillStatsResponse
     cached_tokens: int = 3
-    requests: list = field(default_factory=list)
-
-    async def Stats(self, request, context):
-        return prefill_pb2.PrefillStatsResponse(engine=self.engine_stats(),
-                                                membership=self.identity("prefill").answer(request.nonce))
 
     async def Prefill(self, request, context):
         self.requests.append(request)
@@ -209,6 +212,8 @@ class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServicer):
 
 @dataclass
 class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServicer):
+    KIND = "decode"
+    STATS_RESPONSE = decode_pb2.DecodeStatsResponse
     token_delay_s: float = 0.0
     chunk_tokens: int = 1
     cached_tokens: int = 0
@@ -216,15 +221,10 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServicer):
     die_after_tokens: Optional[int] = None         # stop the whole server after this many tokens (of this call)
     engine_error: Optional[str] = None             # end every stream with an ERROR chunk carrying this message
     server: Optional[grpc.aio.Server] = None
-    requests: list = field(default_factory=list)
     cancelled: list = field(default_factory=list)  # request ids whose stream the caller cancelled
     finished: list = field(default_factory=list)   # request ids whose stream ran to its end
     active: int = 0
     running: set = field(default_factory=set)
-
-    async def Stats(self, request, context):
-        return decode_pb2.DecodeStatsResponse(engine=self.engine_stats(),
-                                              membership=self.identity("decode").answer(request.nonce))
 
     async def Generate(self, request, context):
         self.requests.append(request)
