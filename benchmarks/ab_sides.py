@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ab_stats import itl_per_token_ms, per_1k
-from proc_tree import tree, tree_rss_bytes
+from proc_tree import process_tree  # loadtest/idle_rss.py's, on the path proc_tree sets
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,7 +49,7 @@ def stop(proc: subprocess.Popen, ask, wait_s: float = 60.0, orphans_s: float = 1
     the processes it started, whatever is left of its process tree is killed. The tree is read first: processes
     whose parent is gone are no longer found under it (vLLM's engine core outlives a main process that exits)."""
     if proc.poll() is None:
-        pids = tree(proc.pid)
+        pids = process_tree(proc.pid)
         ask()
         try:
             proc.wait(wait_s)
@@ -144,7 +144,8 @@ class ServedSide:
     log: Path
     stop_signal: int
     url: str = ""
-    idle_rss_bytes: int = 0
+    idle_rss_bytes: int = 0  # sums over the side's processes: RSS counts shared pages once per process, PSS
+    idle_pss_bytes: int = 0  # splits them among their users
     rounds: dict[int, list[dict]] = field(default_factory=dict)
 
 
@@ -217,9 +218,12 @@ def wait_served(args, sides: list[ServedSide], workloads: dict[int, list]) -> No
         if failed:
             raise BenchmarkError(f"served {side.name}: warm-up requests failed: {failed[:2]}; log {side.log}")
         print(f"served {side.name}: ready at {side.url}", flush=True)
+    import idle_rss
+
     time.sleep(5.0)  # let both settle before reading idle memory
     for side in sides:
-        side.idle_rss_bytes = tree_rss_bytes(side.proc.pid)
+        memory = idle_rss.measure(side.proc.pid)
+        side.idle_rss_bytes, side.idle_pss_bytes = sum(m.rss for m in memory), sum(m.pss for m in memory)
 
 
 def measure_served(args, sides: list[ServedSide], workloads: dict[int, list]) -> None:

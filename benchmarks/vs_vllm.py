@@ -28,9 +28,9 @@ medians. CPU seconds count the engine's process and every process under it (rusa
 Greedy agreement: requests whose token ids are identical between the engines.
 Served: `splitserve up` as a user starts it (its own thread defaults) against `python -m
 vllm.entrypoints.openai.api_server` on the same model, both driven by loadtest/serve_load.py at c=8 and c=1,
-interleaved rounds, medians; idle RSS sums each side's whole process tree. Every engine gets the same KV cache
-budget (--kv-gib) and scheduler limits (64 sequences, 2048 tokens a step). All four sides start at once; nothing
-is timed before all are ready and warm.
+interleaved rounds, medians; idle RSS and PSS sum each side's whole process tree (loadtest/idle_rss.py).
+Every engine gets the same KV cache budget (--kv-gib) and scheduler limits (64 sequences, 2048 tokens a step).
+All four sides start at once; nothing is timed before all are ready and warm.
 Ratios are splitserve / vLLM, the median of the per-pair (per-round) ratios. Last lines:
   offline_vs_vllm: X.XX
   served_c8_tok_s_vs_vllm: X.XX
@@ -66,7 +66,8 @@ def served_report(sides: list[ServedSide]) -> tuple[str, float]:
         format_table(["served", "c", "rounds", "ttft_p50_ms", "ttft_p90_ms", "itl/tok_p50_ms", "itl_chunk_p50_ms",
                       "out_tok/s", "failed"], rows),
         *sorted(set(errors)),
-        "idle RSS (whole process tree): " + ", ".join(f"{s.name} {s.idle_rss_bytes / 2**20:.0f} MiB" for s in sides),
+        "idle memory (whole process tree, RSS / PSS): " + ", ".join(
+            f"{s.name} {s.idle_rss_bytes / 2**20:.0f} / {s.idle_pss_bytes / 2**20:.0f} MiB" for s in sides),
         f"served c1 out tok/s splitserve / vLLM: {median_ratio(*tok_s[1]):.2f}"])
     return text, median_ratio(*tok_s[8])
 

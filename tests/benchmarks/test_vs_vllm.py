@@ -85,28 +85,24 @@ def test_reports_print_medians_agreement_and_ratios():
     def served(name, c8, c1):
         rows = {c: [{"ttft_p50_ms": 1.0, "ttft_p90_ms": 2.0, "itl_tok_p50_ms": 3.0, "itl_p50_ms": 3.0,
                      "output_tok_per_s": t, "failed": 0, "errors": []} for t in tok] for c, tok in ((8, c8), (1, c1))}
-        return vs_vllm.ServedSide(name, None, Path("x"), 0, idle_rss_bytes=300 * 2**20, rounds=rows)
+        return vs_vllm.ServedSide(name, None, Path("x"), 0, idle_rss_bytes=300 * 2**20,
+                                  idle_pss_bytes=200 * 2**20, rounds=rows)
 
     text, c8 = vs_vllm.served_report([served("splitserve", [30.0, 10.0, 20.0], [5.0] * 3),
                                       served("vllm", [10.0, 10.0, 10.0], [10.0] * 3)])
     assert c8 == 2.0
     assert "c1 out tok/s splitserve / vLLM: 0.50" in text
-    assert "splitserve 300 MiB" in text
+    assert "splitserve 300 / 200 MiB" in text
 
 
 def test_proc_stat_parsing_survives_odd_command_names():
     stat = "42 (a) b (c) S 7 42 42 0 -1 4194304 100 0 0 0 250 50 30 20 20 0 1 0 100 1000 10"
-    fields = proc_tree.stat_fields(stat)
-    assert fields[1] == "7"
     assert proc_tree.stat_cpu_seconds(stat, 100) == pytest.approx(3.5)  # (250 + 50 + 30 + 20) ticks
-    assert proc_tree.status_rss_bytes("Name:\tx\nVmRSS:\t   2048 kB\n") == 2048 * 1024
-    assert proc_tree.status_rss_bytes("Name:\tzombie\n") == 0
-    assert proc_tree.descendants(1, {2: 1, 3: 2, 4: 1, 5: 9}) == [2, 4, 3]
 
 
 def test_tree_cpu_and_rss_count_a_live_child():
-    """A child that burns 0.4 CPU seconds and stays alive: its CPU shows in this process's tree total, and its
-    memory in the tree's RSS; rusage alone would miss both until it is reaped."""
+    """A child that burns 0.4 CPU seconds and stays alive: its CPU shows in this process's tree total; rusage alone
+    would miss it until the child is reaped."""
     burn = ("import time, sys\n"
             "while time.process_time() < 0.4: pass\n"
             "print('done', flush=True); sys.stdin.read()")
@@ -114,14 +110,10 @@ def test_tree_cpu_and_rss_count_a_live_child():
     child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline() == "done\n"
-        assert child.pid in proc_tree.tree(os.getpid())
+        assert child.pid in proc_tree.process_tree(os.getpid())
         child_cpu = proc_tree.tree_cpu_seconds([child.pid])
         assert child_cpu >= 0.35
         assert proc_tree.own_tree_cpu_seconds() - before >= child_cpu
-        child_rss = proc_tree.tree_rss_bytes(child.pid)
-        assert child_rss > 0
-        own_rss = proc_tree.status_rss_bytes(Path(f"/proc/{os.getpid()}/status").read_text())
-        assert proc_tree.tree_rss_bytes(os.getpid()) - own_rss >= child_rss // 2  # both read a moving process
     finally:
         child.stdin.close()
         child.wait()
