@@ -4,8 +4,9 @@
 
 Loads the engine once and warms it up on the whole workload, then writes one JSON line per line read on stdin:
 the whole workload, greedy, timed (wall seconds, and CPU seconds of this process and every process under it,
-since vLLM runs its engine core and CPU worker as processes of their own) with the token ids it produced. The first line it writes
-is {"ready": ...}. Engines print freely, so results go to the original stdout and everything else to stderr.
+since vLLM runs its engine core and CPU worker as processes of their own) with the token ids it produced. The
+first line it writes is {"ready": ...}. Engines print freely, so results go to the original stdout and everything
+else to stderr.
 Standard library only at import time: vLLM's venv has no splitserve, the project's venv no vLLM.
 """
 
