@@ -62,8 +62,8 @@ def main(engine: str, job_path: str) -> None:
         job = json.load(f)
     start = time.perf_counter()
     run = RUNNERS[engine](job)
-    # Warm-up: the whole workload once, untimed. Compiled kernels meet new shapes on a first run (splitserve's
-    # Inductor kernels took three --quick runs to settle after a 4-request warm-up: 9, 33, then 108 tok/s).
+    # Warm-up: the whole workload once, untimed, so that no timed run is the first to meet a shape (both engines
+    # compile kernels with Inductor, and a first sight of a batch or sequence size can mean a compile).
     run(job["prompts"], job["out_lens"])
     results.write(json.dumps({"ready": True, "load_s": time.perf_counter() - start}) + "\n")
     for _ in sys.stdin:
