@@ -21,6 +21,23 @@ def workload(num_requests: int, in_range, out_range, vocab: int, seed: int):
     return prompts, outputs
 
 
+def benchmark_checkpoint() -> str:
+    """The Llama-shaped random checkpoint these benchmarks run by default (built once, then cached)."""
+    from splitserve.demo_model import cached_checkpoint
+
+    return str(cached_checkpoint(
+        "llama", hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+        intermediate_size=1376, max_position_embeddings=2048))
+
+
+def benchmark_workload(quick: bool, num_requests: int, seed: int):
+    """Token-id prompts and output lengths. --quick is the same kind of workload at a smaller scale (ragged lengths,
+    several static batches); one static batch alone would cap the ratio at what padding costs that batch."""
+    n = 32 if quick else num_requests
+    in_range, out_range = ((32, 384), (16, 160)) if quick else ((32, 512), (16, 256))
+    return workload(n, in_range, out_range, 1000, seed)
+
+
 def run_splitserve(path, prompts, out_lens, dtype, device, attention_backend="auto"):
     """Wall seconds and CPU seconds (this process, all threads) of one LLM.generate over the workload."""
     from splitserve import LLM, SamplingParams
@@ -72,16 +89,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from splitserve.demo_model import cached_checkpoint
-
-    path = args.model or str(cached_checkpoint(
-        "llama", hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-        intermediate_size=1376, max_position_embeddings=2048))
-    # --quick is the same kind of workload at a smaller scale (ragged lengths, several static batches); one static
-    # batch alone would cap the ratio at what padding costs that batch.
-    n = 32 if args.quick else args.num_requests
-    in_range, out_range = ((32, 384), (16, 160)) if args.quick else ((32, 512), (16, 256))
-    prompts, out_lens = workload(n, in_range, out_range, 1000, args.seed)
+    path = args.model or benchmark_checkpoint()
+    prompts, out_lens = benchmark_workload(args.quick, args.num_requests, args.seed)
+    n = len(prompts)
     torch.manual_seed(args.seed)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
 
