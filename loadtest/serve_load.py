@@ -4,10 +4,11 @@ A fixed-seed workload (prompt lengths, output lengths) of streaming completions 
 request is timed from send to first content chunk (TTFT) and between content chunks (inter-token latency).
 Used two ways:
   python loadtest/serve_load.py --url http://127.0.0.1:8000/v1             # an already running stack
-  python loadtest/serve_load.py --start both                                # starts the stack itself, runs
-        disaggregated (prefill worker -> kv-store -> decode) and aggregated (decode prefills itself), same workload
-With --start it also reports each process's CPU share over the measured run (CPU seconds from /proc/<pid>/stat
-per wall second, replicas summed): where the serving CPU goes, e.g. how little the tokenizer does per token.
+  python loadtest/serve_load.py --start both --rounds 3                     # starts the stack itself, runs
+        disaggregated (prefill worker -> kv-store -> decode) and aggregated (no prefill worker: the decode worker
+        prefills every prompt, on every engine core), same workload, modes interleaved, medians at the end
+With --start it also reports each process's CPU seconds over the measured run and its share (CPU seconds from
+/proc/<pid>/stat per wall second, replicas summed): where the serving CPU goes.
 """
 
 from __future__ import annotations
@@ -139,6 +140,15 @@ def cpu_seconds(stack) -> dict[str, float]:
     return seconds
 
 
+def median_row(mode: str, rows: list[dict]) -> dict:
+    """Each number the median over `rows` (one mode's rounds); CPU seconds per role too."""
+    row = {key: statistics.median(r[key] for r in rows) for key in rows[0] if isinstance(rows[0][key], float)}
+    row.update(mode=f"{mode} median", requests=sum(r["requests"] for r in rows),
+               failed=sum(r["failed"] for r in rows), errors=[])
+    row["cpu_s"] = {role: statistics.median(r["cpu_s"].get(role, 0.0) for r in rows) for role in rows[0]["cpu_s"]}
+    return row
+
+
 def print_table(rows: list[dict]) -> None:
     cols = ["mode", "requests", "failed", "ttft_p50_ms", "ttft_p90_ms", "itl_p50_ms", "itl_p90_ms", "itl_mean_ms",
             "req_per_s", "output_tok_per_s"]
@@ -151,6 +161,9 @@ def print_table(rows: list[dict]) -> None:
         if row.get("cpu_share"):
             shares = ", ".join(f"{role} {share:.3f}" for role, share in sorted(row["cpu_share"].items()))
             print(f"{row['mode']}: CPU share (CPU s per wall s): {shares}")
+        if row.get("cpu_s"):
+            seconds = ", ".join(f"{role} {s:.1f}" for role, s in sorted(row["cpu_s"].items()))
+            print(f"{row['mode']}: CPU seconds over the run: {seconds} (total {sum(row['cpu_s'].values()):.1f})")
 
 
 def main(argv=None) -> int:
@@ -167,7 +180,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-input-words", type=int, default=300)
     parser.add_argument("--min-output", type=int, default=16)
     parser.add_argument("--max-output", type=int, default=64)
-    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch threads per engine worker (default: the launcher's, one per core it gives)")
+    parser.add_argument("--rounds", type=int, default=1, help="with --start: run the modes this many times, "
+                        "interleaved, and print each mode's median too")
     args = parser.parse_args(argv)
     if not args.url and not args.start:
         parser.error("give --url of a running stack or --start MODE")
@@ -181,18 +197,22 @@ def main(argv=None) -> int:
         from splitserve.launcher.stack import Stack
 
         modes = ["disagg", "agg"] if args.start == "both" else [args.start]
-        for mode in modes:
-            # Aggregated: every prompt is below the threshold, so the decode worker prefills it itself.
-            threshold = 0 if mode == "disagg" else 10**9
-            with Stack(model=args.model, local_prefill_threshold=threshold,
-                       torch_threads=args.torch_threads) as stack:
-                asyncio.run(run_load(stack.base_url, None, workload[:4], 2, None))  # warm-up, not measured
-                cpu_before = cpu_seconds(stack)
-                results, elapsed = asyncio.run(run_load(stack.base_url, None, workload, args.concurrency, None))
-                cpu_after = cpu_seconds(stack)
-            row = summarize(mode, results, elapsed)
-            row["cpu_share"] = {role: (cpu_after[role] - cpu_before.get(role, 0.0)) / elapsed for role in cpu_after}
-            rows.append(row)
+        for _ in range(args.rounds):
+            for mode in modes:
+                # Aggregated: no prefill worker, so the decode worker prefills every prompt and gets its cores.
+                shape = dict(local_prefill_threshold=0) if mode == "disagg" else dict(prefill_workers=0)
+                with Stack(model=args.model, torch_threads=args.torch_threads, **shape) as stack:
+                    asyncio.run(run_load(stack.base_url, None, workload[:4], 2, None))  # warm-up, not measured
+                    cpu_before = cpu_seconds(stack)
+                    results, elapsed = asyncio.run(run_load(stack.base_url, None, workload, args.concurrency,
+                                                            None))
+                    cpu_after = cpu_seconds(stack)
+                row = summarize(mode, results, elapsed)
+                row["cpu_s"] = {role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after}
+                row["cpu_share"] = {role: seconds / elapsed for role, seconds in row["cpu_s"].items()}
+                rows.append(row)
+        if args.rounds > 1:
+            rows += [median_row(mode, [r for r in rows if r["mode"] == mode]) for mode in modes]
     print_table(rows)
     return 0 if all(r["failed"] == 0 for r in rows) else 1
 

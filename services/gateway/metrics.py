@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from prometheus_client import Counter, Gauge, Histogram
+
+R = TypeVar("R")
 
 # Latency buckets from 5 ms (a cached first token on a fast GPU) to 10 min (request_timeout_s).
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
@@ -12,6 +16,14 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05
 
 REQUESTS = Counter("splitserve_gateway_requests_total", "Finished requests by endpoint and status",
                    ["endpoint", "status"])
+
+
+def count_response(endpoint: str, response: R) -> R:
+    """Counts a finished HTTP response (anything with a status_code) in REQUESTS; returns it."""
+    REQUESTS.labels(endpoint, str(response.status_code)).inc()  # type: ignore[attr-defined]
+    return response
+
+
 IN_FLIGHT = Gauge("splitserve_gateway_requests_in_flight", "Requests being served now")
 QUEUED = Gauge("splitserve_gateway_requests_queued", "Requests waiting for one of the max_in_flight slots")
 SHED = Counter("splitserve_gateway_requests_shed_total",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, Union
 
@@ -18,15 +17,19 @@ from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from splitserve.services.gateway import metrics
+from splitserve.services.gateway import metrics, model_api, openapi_doc
+from splitserve.services.gateway.model_api import add_model_routes
+from splitserve.services.gateway.openapi_doc import json_body, responses, server_version
+from splitserve.services.gateway.response_schemas import (ChatCompletionResponse, CompletionResponse, ErrorResponse,
+                                                          HealthResponse)
 from splitserve.services.gateway.admission import Admission, Ticket
 from splitserve.services.gateway.auth import check_api_key
 from splitserve.services.gateway.openai_errors import describe, error_body, error_response
 from splitserve.services.gateway.openai_format import ResponseFormatter
-from splitserve.services.gateway.outputs import SequenceEvent, collect, total_usage
-from splitserve.services.gateway.pipeline import Pipeline, PreparedRequest, internal_request_id
+from splitserve.services.gateway.outputs import SequenceEvent, collect
+from splitserve.services.gateway.pipeline import Pipeline, PreparedRequest, batch_usage, internal_request_id
 from splitserve.services.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from splitserve.services.gateway.errors import ShutdownError
 from splitserve.services.gateway.request_body import parse_body
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 # nginx's status for "the client closed the connection before the response"; only ever seen in metrics.
 CLIENT_CLOSED = 499
 REQUEST_ID_HEADER = "x-request-id"
+_GENERATION_ERRORS = (400, 401, 404, 413, 429, 500, 503, 504)
 
 
 @dataclass
@@ -49,7 +53,9 @@ class ApiState:
 
 
 def build_app(state: ApiState) -> FastAPI:
-    app = FastAPI(title="splitserve gateway", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="splitserve gateway", version=server_version(), docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json")
+    openapi_doc.install(app, [CompletionRequest, ChatCompletionRequest, *model_api.REQUEST_MODELS])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -59,27 +65,19 @@ def build_app(state: ApiState) -> FastAPI:
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(exc)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest),
+              responses=responses(CompletionResponse, *_GENERATION_ERRORS, streams=True))
     async def completions(request: Request) -> Response:
         return _echo_request_id(request, await _generate(state, request, CompletionRequest, chat=False))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatCompletionRequest),
+              responses=responses(ChatCompletionResponse, *_GENERATION_ERRORS, streams=True))
     async def chat_completions(request: Request) -> Response:
         return _echo_request_id(request, await _generate(state, request, ChatCompletionRequest, chat=True))
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        try:
-            check_api_key(request.headers.get("authorization"), state.api_key)
-            model = await state.pipeline.served_model()
-            info = await state.pipeline.tokenizer.info()
-        except Exception as exc:
-            return _finish("models", error_response(exc))
-        card = {"id": model, "object": "model", "created": int(time.time()), "owned_by": "splitserve",
-                "max_model_len": info.max_context_length}
-        return _finish("models", JSONResponse({"object": "list", "data": [card]}))
+    add_model_routes(app, state.pipeline, state.api_key, state.max_body_bytes)
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": HealthResponse}, 503: {"model": HealthResponse}})
     async def health(all: bool = False) -> Response:
         """`?all=true`: 200 only once every known worker is healthy (the launcher waits for that)."""
         why_not = "draining" if state.admission.draining else state.healthy(every_worker=all)
@@ -87,7 +85,7 @@ def build_app(state: ApiState) -> FastAPI:
             return JSONResponse({"status": "unavailable", "reason": why_not}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={401: {"model": ErrorResponse}})
     async def prometheus_metrics(request: Request) -> Response:
         # Behind the key like the API (Prometheus without it scrapes --metrics-port, which is not public).
         try:
@@ -107,11 +105,6 @@ def _echo_request_id(request: Request, response: Response) -> Response:
     return response
 
 
-def _finish(endpoint: str, response: Response) -> Response:
-    metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
-    return response
-
-
 async def _generate(state: ApiState, request: Request,
                     schema: type[Union[CompletionRequest, ChatCompletionRequest]], chat: bool) -> Response:
     endpoint = "chat_completions" if chat else "completions"
@@ -119,16 +112,17 @@ async def _generate(state: ApiState, request: Request,
     try:
         check_api_key(request.headers.get("authorization"), state.api_key)
         body = await parse_body(request, schema, state.max_body_bytes)
-        generation = body.to_generation_request()
+        generations = body.to_generation_requests()
         client_id = request.headers.get(REQUEST_ID_HEADER)
         if client_id:
-            generation.request_id = internal_request_id(client_id)
-            log.info("request %s: X-Request-Id %s", generation.request_id, client_id)
+            for generation in generations:
+                generation.request_id = internal_request_id(client_id)
+            log.info("request %s: X-Request-Id %s", ", ".join(g.request_id for g in generations), client_id)
         ticket = await run_for_client(request, state.admission.admit(), asyncio.Event())
-        prepared = await run_for_client(request, state.pipeline.prepare(generation), ticket.aborted)
-        formatter = ResponseFormatter(chat=chat, request_id=prepared.request_id, model=prepared.model,
-                                      want_logprobs=prepared.params.logprobs is not None)
-        events = state.pipeline.generate(prepared)
+        batch = await run_for_client(request, state.pipeline.prepare_batch(generations), ticket.aborted)
+        formatter = ResponseFormatter(chat=chat, request_id=batch[0].request_id, model=batch[0].model,
+                                      want_logprobs=batch[0].params.logprobs is not None)
+        events = state.pipeline.generate_batch(batch)
         if body.stream:
             try:
                 first = await run_for_client(request, anext(events), ticket.aborted)
@@ -140,19 +134,19 @@ async def _generate(state: ApiState, request: Request,
             stream = _StreamState(endpoint, ticket)
             aborted, ticket = ticket.aborted, None  # the stream releases the ticket when it ends
             return EventStreamResponse(
-                _sse(formatter, prepared, first, events, body.include_usage, stream), on_close=stream.close,
+                _sse(formatter, batch, first, events, body.include_usage, stream), on_close=stream.close,
                 abort=aborted, abort_text=sse_event(describe(ShutdownError())[1]) + DONE)
-        results = await run_for_client(request, collect(events, prepared.params.n), ticket.aborted)
+        results = await run_for_client(request, collect(events, len(batch) * batch[0].params.n), ticket.aborted)
         for result in results:
             if result.error is not None:
                 raise result.error
-        usage = total_usage(len(prepared.prompt_token_ids), [r.usage for r in results])
-        return _finish(endpoint, JSONResponse(formatter.response(results, usage)))
+        usage = batch_usage(batch, {r.index: r.usage for r in results})
+        return metrics.count_response(endpoint, JSONResponse(formatter.response(results, usage)))
     except ClientDisconnected:
         log.info("%s: client disconnected before the response; request cancelled", endpoint)
-        return _finish(endpoint, Response(status_code=CLIENT_CLOSED))
+        return metrics.count_response(endpoint, Response(status_code=CLIENT_CLOSED))
     except Exception as exc:
-        return _finish(endpoint, error_response(exc))
+        return metrics.count_response(endpoint, error_response(exc))
     finally:
         if ticket is not None:
             ticket.release()
@@ -173,12 +167,12 @@ class _StreamState:
         self.ticket.release()
 
 
-async def _sse(formatter: ResponseFormatter, prepared: PreparedRequest, first: SequenceEvent,
+async def _sse(formatter: ResponseFormatter, batch: list[PreparedRequest], first: SequenceEvent,
                events: AsyncIterator[SequenceEvent], include_usage: bool, state: _StreamState) -> AsyncIterator[str]:
     usages = {}
     try:
-        if formatter.chat:
-            for index in range(prepared.params.n):
+        if formatter.chat:   # chat has one prompt
+            for index in range(batch[0].params.n):
                 yield sse_event(formatter.role_chunk(index, include_usage))
         event: Optional[SequenceEvent] = first
         while event is not None:
@@ -191,11 +185,11 @@ async def _sse(formatter: ResponseFormatter, prepared: PreparedRequest, first: S
                 yield sse_event(chunk)
             event = await anext(events, None)
         if include_usage:
-            usage = total_usage(len(prepared.prompt_token_ids), list(usages.values()))
+            usage = batch_usage(batch, usages)
             yield sse_event(formatter.usage_chunk(usage))
         state.status = 200
     except Exception as exc:
         state.status, body = describe(exc)
-        log.warning("request %s: stream ended by an error: %s", prepared.request_id, exc)
+        log.warning("request %s: stream ended by an error: %s", batch[0].request_id, exc)
         yield sse_event(body)
     yield DONE

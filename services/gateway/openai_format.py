@@ -60,12 +60,11 @@ class ResponseFormatter:
             return None
         choice: dict[str, Any] = {"index": event.index,
                                   "logprobs": self._logprobs(event.index, event.logprobs),
-                                  "finish_reason": event.finish_reason}
+                                  "finish_reason": event.finish_reason, "stop_reason": event.stop}
         if self.chat:
             choice["delta"] = {"content": event.text} if event.text else {}
         else:
             choice["text"] = event.text
-            choice["stop_reason"] = event.stop
         return self._chunk([choice], include_usage)
 
     def usage_chunk(self, usage: Usage) -> dict[str, Any]:

@@ -16,15 +16,16 @@ import contextlib
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncIterator, Optional, Sequence, Union
 
 from splitserve.sampling_params import SEED_MIN, InvalidRequestError, SamplingParams
 from splitserve.services.gateway import metrics
-from splitserve.services.gateway.errors import (ContextLengthExceededError, GatewayError, ModelNotFoundError,
-                                                RequestTooLargeError, UpstreamError)
-from splitserve.services.gateway.outputs import SequenceEvent, Usage
-from splitserve.services.gateway.sequence import SequenceRunner
-from splitserve.services.gateway.tokenizer_client import TokenizerClient
+from splitserve.services.gateway.errors import (ContextLengthExceededError, GatewayError, RequestTooLargeError,
+                                                UpstreamError)
+from splitserve.services.gateway.outputs import SequenceEvent, Usage, total_usage
+from splitserve.services.gateway.sequence import SequenceRunner, TokenBatch
+from splitserve.services.gateway.served_models import ServedModels
+from splitserve.services.gateway.tokenizer_client import ModelInfo, TokenizerClient
 
 log = logging.getLogger(__name__)
 
@@ -78,45 +79,50 @@ class PreparedRequest:
 
 
 class Pipeline:
-    def __init__(self, tokenizer: TokenizerClient, runner: SequenceRunner, model_name: Optional[str] = None,
+    def __init__(self, tokenizer: TokenizerClient, runner: SequenceRunner, served_model_names: Sequence[str] = (),
                  request_timeout_s: float = 600.0, max_prompt_bytes: Optional[int] = None):
         self.tokenizer = tokenizer
         self.runner = runner
-        self.model_name = model_name
+        self.served = ServedModels(served_model_names)
         self.request_timeout_s = request_timeout_s
         self.max_prompt_bytes = max_prompt_bytes
 
-    async def served_model(self) -> str:
-        return self.model_name or (await self.tokenizer.info()).model
+    async def served_models(self) -> list[str]:
+        return self.served.names((await self.tokenizer.info()).model)
+
+    async def resolve_model(self, requested: Optional[str]) -> tuple[str, ModelInfo]:
+        """The served name a request's response carries, and the model's facts; 404 for an unknown name."""
+        info = await self.tokenizer.info()
+        return self.served.resolve(requested, info.model), info
+
+    async def tokenize(self, prompt: Prompt, info: ModelInfo, add_special_tokens: bool = True,
+                       add_generation_prompt: bool = True) -> list[int]:
+        """The prompt's ids: text and chat through the tokenizer service (after the byte limit), ids checked
+        against the vocabulary."""
+        self._check_prompt_bytes(prompt, info.max_context_length)
+        if prompt.token_ids is not None:
+            check_token_ids(prompt.token_ids, info, prompt.param)
+            return list(prompt.token_ids)
+        if prompt.messages is not None:
+            if not info.has_chat_template:
+                raise InvalidRequestError("this model has no chat template; use /v1/completions", "messages")
+            return await self.tokenizer.tokenize_chat(prompt.messages, add_generation_prompt)
+        return await self.tokenizer.tokenize_text(prompt.text or "", add_special_tokens)
 
     async def prepare(self, request: GenerationRequest) -> PreparedRequest:
         arrival = asyncio.get_running_loop().time()
         if request.params.n > MAX_N:
             raise InvalidRequestError(f"n must be at most {MAX_N}, got {request.params.n}", "n")
-        info = await self.tokenizer.info()
-        served = self.model_name or info.model
-        if request.model and request.model != served:
-            raise ModelNotFoundError(request.model, served)
+        served, info = await self.resolve_model(request.model)
         prompt = request.prompt
-        self._check_prompt_bytes(prompt, info.max_context_length)
-        if prompt.token_ids is not None:
-            ids = list(prompt.token_ids)
-            bad = [t for t in ids if not 0 <= t < info.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {info.vocab_size})",
-                                          "prompt")
-        elif prompt.messages is not None:
-            if not info.has_chat_template:
-                raise InvalidRequestError(f"model {served} has no chat template; use /v1/completions", "messages")
-            ids = await self.tokenizer.tokenize_chat(prompt.messages)
-        else:
-            ids = await self.tokenizer.tokenize_text(prompt.text or "")
+        ids = await self.tokenize(prompt, info)
         if not ids:
             raise InvalidRequestError("the prompt is empty", prompt.param)
         params = request.params
         if any(t >= info.vocab_size for t in params.stop_token_ids):
             raise InvalidRequestError(f"stop_token_ids must be below the vocabulary size {info.vocab_size}",
                                       "stop_token_ids")
+        check_token_ids(list(params.logit_bias), info, "logit_bias")
         limit = info.max_context_length
         if request.max_tokens_fills_context and len(ids) < limit:
             # Never below min_tokens: a prompt that leaves less room is refused just below, as too long.
@@ -133,6 +139,11 @@ class Pipeline:
         return PreparedRequest(request_id=request.request_id, model=served, prompt_token_ids=ids, params=params,
                                skip_special_tokens=request.skip_special_tokens, arrival=arrival,
                                deadline=arrival + self.request_timeout_s)
+
+    async def prepare_batch(self, requests: list[GenerationRequest]) -> list[PreparedRequest]:
+        """Every prompt of a batch prepared (tokenized concurrently) before any is generated: one bad prompt
+        fails the whole request with its status."""
+        return list(await asyncio.gather(*(self.prepare(request) for request in requests)))
 
     def _check_prompt_bytes(self, prompt: Prompt, max_context_length: int) -> None:
         if prompt.token_ids is not None:
@@ -160,6 +171,14 @@ class Pipeline:
                 yield event
         metrics.E2E.observe(asyncio.get_running_loop().time() - request.arrival)
 
+    def generate_batch(self, requests: list[PreparedRequest]) -> AsyncIterator[SequenceEvent]:
+        """Events of a batch's prompts, interleaved as they come, each numbered as OpenAI numbers choices:
+        prompt i's sequence j is index i * n + j. Closing the iterator cancels them all."""
+        if len(requests) == 1:
+            return self.generate(requests[0])
+        return _merge([_renumbered(self.generate(request), i * request.params.n)
+                       for i, request in enumerate(requests)])
+
     async def _sequence(self, request: PreparedRequest, index: int, params: SamplingParams,
                         request_id: str) -> AsyncIterator[SequenceEvent]:
         prompt = request.prompt_token_ids
@@ -174,7 +193,7 @@ class Pipeline:
                     last_batch_at = _record_tokens(last_batch_at, len(batch.token_ids))
                     finish = batch.finish_reason
                     event = SequenceEvent(index, batch.text, batch.token_ids, batch.logprobs, finish,
-                                          batch.stop_reason if finish == "stop" else None)
+                                          _stop_reason(batch, params) if finish == "stop" else None)
                     if finish is not None:
                         event.usage = Usage(len(prompt), completion_tokens, cached_tokens)
                         if finish == "error":
@@ -191,6 +210,40 @@ class Pipeline:
             log.warning("request %s: sequence %d failed after it started: %s", request_id, index, exc)
             yield SequenceEvent(index, "", [], [], "error", usage=Usage(len(prompt), completion_tokens,
                                                                          cached_tokens), error=exc)
+
+
+async def _renumbered(events: AsyncIterator[SequenceEvent], offset: int) -> AsyncIterator[SequenceEvent]:
+    async with contextlib.aclosing(events):
+        async for event in events:
+            event.index += offset
+            yield event
+
+
+def batch_usage(requests: list[PreparedRequest], usages: dict[int, Optional[Usage]]) -> Usage:
+    """A batch's usage, from its sequences' (by choice index): each prompt's counted as total_usage counts one
+    request's, then summed over the prompts."""
+    totals = []
+    for i, request in enumerate(requests):
+        n = request.params.n
+        totals.append(total_usage(len(request.prompt_token_ids), [usages.get(i * n + j) for j in range(n)]))
+    return Usage(prompt_tokens=sum(u.prompt_tokens for u in totals),
+                 completion_tokens=sum(u.completion_tokens for u in totals),
+                 cached_tokens=sum(u.cached_tokens for u in totals))
+
+
+def check_token_ids(token_ids: Sequence[int], info: ModelInfo, param: str) -> None:
+    bad = [t for t in token_ids if not 0 <= t < info.vocab_size]
+    if bad:
+        raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary (size {info.vocab_size})", param)
+
+
+def _stop_reason(batch: TokenBatch, params: SamplingParams) -> Union[str, int, None]:
+    """What ended a stopped sequence: the stop string or stop id the engine names, else a stop id the client
+    listed that the engine took for EOS (it checks EOS first and names none): the client asked for that id."""
+    if batch.stop_reason is not None:
+        return batch.stop_reason
+    last = batch.token_ids[-1] if batch.token_ids else None
+    return last if last is not None and last in params.stop_token_ids else None
 
 
 def _sub_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -1,7 +1,7 @@
 """The OpenAI request bodies the gateway accepts, and their translation into a GenerationRequest.
 
 Unknown fields are ignored, as OpenAI does; known OpenAI features this server does not implement (echo,
-suffix, logit_bias, tools, structured output) are refused with a 400 that says so rather than ignored.
+suffix, tools, structured output) are refused with a 400 that says so rather than ignored.
 Sampling values are checked by SamplingParams, whose errors name the offending parameter.
 """
 
@@ -16,6 +16,9 @@ from splitserve.services.gateway.errors import UnsupportedFeatureError
 from splitserve.services.gateway.pipeline import GenerationRequest, Prompt
 
 MAX_TOP_LOGPROBS = 20
+# A batch of prompts is one request to admission but prompts × n sequences to the workers: bounded like the
+# number of requests in flight (max_in_flight's default), so one request cannot take more than a full gateway.
+MAX_BATCH_SEQUENCES = 256
 
 
 class StreamOptions(BaseModel):
@@ -56,8 +59,6 @@ class _GenerationBody(BaseModel):
     def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
-        if self.logit_bias:
-            raise UnsupportedFeatureError("logit_bias is not supported by this server", "logit_bias")
 
     def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
         given = dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -66,7 +67,16 @@ class _GenerationBody(BaseModel):
                      logprobs=logprobs, min_tokens=self.min_tokens)
         values = {name: value for name, value in given.items() if value is not None}
         return SamplingParams(n=self.n, stop=self.stop, stop_token_ids=self.stop_token_ids,
-                              ignore_eos=self.ignore_eos, **values)
+                              ignore_eos=self.ignore_eos, logit_bias=self._logit_bias(), **values)
+
+    def _logit_bias(self) -> Optional[dict[int, float]]:
+        """OpenAI's JSON keys are strings: {"50256": -100}. The ids are checked against the vocabulary by the
+        pipeline, which knows its size."""
+        try:
+            return {int(token): bias for token, bias in (self.logit_bias or {}).items()}
+        except ValueError:
+            raise InvalidRequestError('logit_bias keys must be token ids, e.g. {"50256": -100}',
+                                      "logit_bias") from None
 
 
 class CompletionRequest(_GenerationBody):
@@ -75,17 +85,24 @@ class CompletionRequest(_GenerationBody):
     echo: bool = False
     suffix: Optional[str] = None
 
-    def to_generation_request(self) -> GenerationRequest:
+    def to_generation_requests(self) -> list[GenerationRequest]:
+        """One request per prompt of the batch (OpenAI's list of strings or of token-id lists), alike but for the
+        prompt; the response numbers prompt i's choice j as i * n + j."""
         self._check_common()
         if self.echo:
             raise UnsupportedFeatureError("echo is not supported by this server", "echo")
         if self.suffix:
-            raise UnsupportedFeatureError("suffix is not supported by this server", "suffix")
+            raise UnsupportedFeatureError("suffix is not supported by this server (no model it serves is trained "
+                                          "to fill in the middle): put all the text in the prompt", "suffix")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs")
         params = self._sampling_params(16 if self.max_tokens is None else self.max_tokens, self.logprobs)
-        return GenerationRequest(prompt=_one_prompt(self.prompt), params=params, model=self.model,
-                                 skip_special_tokens=self.skip_special_tokens)
+        prompts = _prompts(self.prompt)
+        if len(prompts) * params.n > MAX_BATCH_SEQUENCES:
+            raise InvalidRequestError(f"{len(prompts)} prompts with n={params.n} make {len(prompts) * params.n} "
+                                      f"sequences; at most {MAX_BATCH_SEQUENCES} per request", "prompt")
+        return [GenerationRequest(prompt=prompt, params=params, model=self.model,
+                                  skip_special_tokens=self.skip_special_tokens) for prompt in prompts]
 
 
 class TextPart(BaseModel):
@@ -122,6 +139,9 @@ class ChatCompletionRequest(_GenerationBody):
     tools: Optional[list[Any]] = None
     response_format: Optional[ResponseFormat] = None
 
+    def to_generation_requests(self) -> list[GenerationRequest]:
+        return [self.to_generation_request()]
+
     def to_generation_request(self) -> GenerationRequest:
         self._check_common()
         if not self.messages:
@@ -142,20 +162,55 @@ class ChatCompletionRequest(_GenerationBody):
         # Without max_tokens the pipeline fills the context; until then any value that passes validation.
         placeholder = max(1, self.min_tokens or 0)
         params = self._sampling_params(max_tokens if max_tokens is not None else placeholder, logprobs)
-        messages = [(m.role, m.text(i)) for i, m in enumerate(self.messages)]
-        return GenerationRequest(prompt=Prompt(messages=messages), params=params, model=self.model,
+        return GenerationRequest(prompt=Prompt(messages=chat_turns(self.messages)), params=params, model=self.model,
                                  skip_special_tokens=self.skip_special_tokens,
                                  max_tokens_fills_context=max_tokens is None)
 
 
-def _one_prompt(prompt: Union[str, list[int], list[str], list[list[int]]]) -> Prompt:
-    """OpenAI allows a batch of prompts; this server takes one per request (n covers several samples)."""
-    if isinstance(prompt, str):
-        return Prompt(text=prompt)
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return Prompt(token_ids=list(prompt))
-    if len(prompt) != 1:
-        raise InvalidRequestError(f"exactly one prompt per request is supported, got {len(prompt)}", "prompt")
-    only = prompt[0]
-    return Prompt(text=only) if isinstance(only, str) else Prompt(token_ids=list(only))
+def chat_turns(messages: list[ChatMessage]) -> list[tuple[str, str]]:
+    """(role, text) per message, for the tokenizer's chat template."""
+    return [(m.role, m.text(i)) for i, m in enumerate(messages)]
 
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize body: a text `prompt` or chat `messages` (rendered with the chat template)."""
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[list[ChatMessage]] = None
+    add_special_tokens: Optional[bool] = None           # text: default true; chat: the template places them
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+
+    def to_prompt(self) -> Prompt:
+        if (self.prompt is None) == (self.messages is None):
+            raise InvalidRequestError("give either prompt or messages", "prompt")
+        if self.messages is None:
+            return Prompt(text=self.prompt)
+        if not self.messages:
+            raise InvalidRequestError("messages must hold at least one message", "messages")
+        if self.add_special_tokens:
+            raise UnsupportedFeatureError("add_special_tokens applies to a text prompt; the chat template places "
+                                          "special tokens itself", "add_special_tokens")
+        if self.continue_final_message:
+            raise UnsupportedFeatureError("continue_final_message is not supported by this server",
+                                          "continue_final_message")
+        return Prompt(messages=chat_turns(self.messages))
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = None
+    tokens: list[int]
+
+
+def _prompts(prompt: Union[str, list[int], list[str], list[list[int]]]) -> list[Prompt]:
+    """OpenAI's four forms: a text, one prompt's token ids, a batch of texts, a batch of token-id lists."""
+    if isinstance(prompt, str):
+        return [Prompt(text=prompt)]
+    if not prompt:
+        raise InvalidRequestError("prompt must not be an empty list", "prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [Prompt(token_ids=list(prompt))]
+    return [Prompt(text=p) if isinstance(p, str) else Prompt(token_ids=list(p)) for p in prompt]

@@ -44,8 +44,9 @@ class GatewaySettings:
         "help": "extra Prometheus port (metrics are also at GET /metrics on the HTTP port)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long requests in flight may finish"})
-    model_name: Optional[str] = field(default=None, metadata={
-        "help": "model name clients use (default: the tokenizer's model)"})
+    served_model_name: list[str] = field(default_factory=list, metadata={
+        "help": "names clients use for the model, comma-separated; responses carry the first (default: the "
+                "model's hub id, or its checkpoint folder's name)"})
     tokenizer_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1:50051"], metadata={
         "help": "tokenizer replicas host:port, comma-separated (a failed call is retried on another)"})
     prefill_addresses: list[str] = field(default_factory=list, metadata={
@@ -113,7 +114,7 @@ class Gateway:
         self.tokenizer = TokenizerClient(self.pool)
         runner = SequenceRunner(self.router, self.pool, settings.kv_store_address, settings.local_prefill_threshold,
                                 settings.max_decode_migrations)
-        self.pipeline = Pipeline(self.tokenizer, runner, settings.model_name, settings.request_timeout_s,
+        self.pipeline = Pipeline(self.tokenizer, runner, settings.served_model_name, settings.request_timeout_s,
                                  settings.max_prompt_bytes)
         self.admission = Admission(settings.max_in_flight, settings.max_queued)
         self.app = build_app(ApiState(self.pipeline, self.admission, settings.api_key, self.why_unhealthy,

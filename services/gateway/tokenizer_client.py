@@ -95,13 +95,25 @@ class TokenizerClient:
                                    has_chat_template=reply.has_chat_template)
         return self._info
 
-    async def tokenize_text(self, text: str) -> list[int]:
-        return await self._tokenize(tokenizer_pb2.TokenizeRequest(text=text, add_special_tokens=True), "prompt")
+    async def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await self._tokenize(tokenizer_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
+                                    "prompt")
 
-    async def tokenize_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+    async def tokenize_chat(self, messages: Sequence[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
         chat = common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages])
-        return await self._tokenize(tokenizer_pb2.TokenizeRequest(chat=chat, add_generation_prompt=True),
+        return await self._tokenize(tokenizer_pb2.TokenizeRequest(chat=chat,
+                                                                  add_generation_prompt=add_generation_prompt),
                                     "messages")
+
+    async def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        request = tokenizer_pb2.DetokenizeRequest(token_ids=token_ids, skip_special_tokens=skip_special_tokens)
+        return (await self._replicas.call("Detokenize", request, self.timeout_s, default_param="tokens")).text
+
+    async def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each id's text on its own (the /tokenize API's token_strs)."""
+        request = tokenizer_pb2.TokenPiecesRequest(token_ids=token_ids)
+        reply = await self._replicas.call("TokenPieces", request, self.timeout_s, default_param="tokens")
+        return [piece.text for piece in reply.pieces]
 
     async def _tokenize(self, request: tokenizer_pb2.TokenizeRequest, param: str) -> list[int]:
         reply = await self._replicas.call("Tokenize", request, self.timeout_s, default_param=param)

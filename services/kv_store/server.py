@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
+from splitserve.byte_size import ByteSize
 from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.v1 import kv_store_pb2, kv_store_pb2_grpc
 from splitserve.serving.grpc_service import GrpcService
@@ -35,13 +36,15 @@ class KVStoreSettings:
     metrics_port: Optional[int] = field(default=None, metadata={"help": "Prometheus /metrics port (none if unset)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     grace_s: float = field(default=30.0, metadata={"help": "seconds running transfers get to finish on SIGTERM"})
-    capacity_bytes: int = field(default=1 << 30, metadata={"help": "bytes of host RAM for KV blocks"})
+    capacity_bytes: ByteSize = field(default=ByteSize(1 << 30), metadata={
+        "help": "host RAM for KV blocks, e.g. 1GiB, 512MiB or bytes (pages are taken as blocks are first stored)"})
     default_lease_ms: int = field(default=30000, metadata={"help": "lease of pins and reservations that ask for 0"})
     kv_transport: str = field(default="ucx", metadata={"help": "data plane: ucx (also serves grpc) or grpc/tcp"})
     kv_checksum: bool = field(default=False, metadata={
         "help": "verify each written block against its writer's crc32 (and compute missing ones); costs CPU"})
 
     def __post_init__(self):
+        self.capacity_bytes = ByteSize(self.capacity_bytes)
         if self.capacity_bytes < 1:
             raise ValueError(f"capacity_bytes must be >= 1, got {self.capacity_bytes}")
         if self.default_lease_ms < 1:

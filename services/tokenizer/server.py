@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -43,6 +45,16 @@ async def serve(settings: TokenizerSettings, model: TokenizerModel) -> None:
     await service.run(drain=servicer.wait_idle)
 
 
+def _without_torch() -> None:
+    """Tokenizing needs no torch, but transformers imports it whenever it is installed: 318 MiB RSS per replica
+    with it, 70 MiB without (demo model). A None entry in sys.modules makes the import fail, so transformers
+    runs tokenizer-only. Not when torch is already loaded (building the demo model needs it)."""
+    if "torch" not in sys.modules:
+        sys.modules["torch"] = None
+        # Else transformers warns at import that PyTorch was not found, which here is the intent.
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = parse_settings(TokenizerSettings, argv, prog="splitserve tokenizer")
     setup_logging("tokenizer", settings.log_level)
@@ -53,6 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         model_name = str(demo_checkpoint())
         log.info("no --model given: serving the tokenizer of the offline demo model at %s", model_name)
+    _without_torch()
     try:
         model = TokenizerModel.load(model_name)
     except TokenizerLoadError as exc:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from splitserve.byte_size import ByteSize
+
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -23,8 +25,11 @@ class EngineConfig:
     block_size: int = field(default=16, metadata={"help": "tokens per KV block (a power of two)"})
     num_kv_blocks: Optional[int] = field(default=None, metadata={
         "help": "KV cache blocks (default: from the memory budget)"})
-    kv_cache_memory_bytes: Optional[int] = field(default=None, metadata={
-        "help": "KV cache budget in bytes (default: from free device memory)"})
+    kv_cache_memory_bytes: Optional[ByteSize] = field(default=None, metadata={
+        "help": "KV cache budget per engine, e.g. 2GiB, 512MiB, 1.5GB or bytes (default on CPU: 2 GiB, ~32k tokens "
+                "of a 1B Llama in float32, or a quarter of available memory if less; on GPU: what "
+                "gpu_memory_utilization leaves). Pages are taken as blocks are first written, so an idle engine "
+                "holds little of it"})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "share of GPU memory the engine may use"})
     max_num_seqs: int = field(default=64, metadata={"help": "max running sequences"})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget per engine step"})
@@ -40,6 +45,10 @@ class EngineConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_cache_memory_bytes is not None:
+            self.kv_cache_memory_bytes = ByteSize(self.kv_cache_memory_bytes)
+            if self.kv_cache_memory_bytes < 1:
+                raise ValueError(f"kv_cache_memory_bytes must be >= 1 byte, got {self.kv_cache_memory_bytes}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

@@ -199,20 +199,26 @@ def build_tokenizer(out_dir) -> None:
     _make_tokenizer().save_pretrained(str(out_dir))
 
 
-def _config_class(arch: str):
-    import transformers
+_CONFIG_CLASSES = {
+    "llama": "LlamaConfig",
+    "mistral": "MistralConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+}
 
-    names = {
-        "llama": "LlamaConfig",
-        "mistral": "MistralConfig",
-        "qwen2": "Qwen2Config",
-        "qwen3": "Qwen3Config",
-    }
-    if arch not in names:
+
+def _check_arch(arch: str) -> None:
+    if arch not in _CONFIG_CLASSES:
         raise ValueError(
             f"unsupported demo architecture {arch!r}; expected one of {', '.join(SUPPORTED_ARCHS)}"
         )
-    return getattr(transformers, names[arch])
+
+
+def _config_class(arch: str):
+    import transformers
+
+    _check_arch(arch)
+    return getattr(transformers, _CONFIG_CLASSES[arch])
 
 
 def _randomize_bias_and_norms(model, seed: int) -> None:
@@ -332,8 +338,9 @@ def _default_cache_root() -> pathlib.Path:
 
 
 def _cache_key(arch: str, kwargs: dict) -> str:
-    import tokenizers
-    import transformers
+    # The versions from package metadata: importing transformers imports torch, which finding a cached build
+    # (the launcher, the tokenizer service) should not pay for (~230 MiB per process).
+    from importlib.metadata import version
 
     # Bind against the real signature so spelled-out defaults hash like omitted ones.
     bound = _BUILD_SIGNATURE.bind(None, arch, **kwargs)
@@ -344,8 +351,8 @@ def _cache_key(arch: str, kwargs: dict) -> str:
         "format": FORMAT_VERSION,
         "params": params,
         # Saved files depend on the library versions (e.g. rope_parameters in v5).
-        "transformers": transformers.__version__,
-        "tokenizers": tokenizers.__version__,
+        "transformers": version("transformers"),
+        "tokenizers": version("tokenizers"),
     }
     blob = json.dumps(payload, sort_keys=True, default=repr).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -357,7 +364,7 @@ def cached_checkpoint(arch: str = "llama", cache_root=None, **kwargs) -> pathlib
     The build happens in a temporary sibling folder that is renamed into place, so a
     concurrent reader sees either no folder or a complete one.
     """
-    _config_class(arch)
+    _check_arch(arch)
     root = pathlib.Path(cache_root) if cache_root is not None else _default_cache_root()
     final = root / f"{arch}-{_cache_key(arch, kwargs)}"
     if final.is_dir():

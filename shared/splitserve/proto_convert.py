@@ -31,7 +31,7 @@ def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParam
         min_p=params.min_p, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos, presence_penalty=params.presence_penalty,
         frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty, n=params.n,
-        min_tokens=params.min_tokens, skip_special_tokens=params.skip_special_tokens)
+        min_tokens=params.min_tokens, skip_special_tokens=params.skip_special_tokens, logit_bias=params.logit_bias)
     if params.seed is not None:
         msg.seed = params.seed
     if params.logprobs is not None:
@@ -44,7 +44,8 @@ def sampling_params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams
     values = {name: getattr(msg, name) for name in _OPTIONAL_DEFAULTS if msg.HasField(name)}
     values.update(min_p=msg.min_p, stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids),
                   ignore_eos=msg.ignore_eos, presence_penalty=msg.presence_penalty,
-                  frequency_penalty=msg.frequency_penalty, min_tokens=msg.min_tokens)
+                  frequency_penalty=msg.frequency_penalty, min_tokens=msg.min_tokens,
+                  logit_bias={token: round(float(bias), 6) for token, bias in msg.logit_bias.items()})
     # float32 on the wire: 0.9 arrives as 0.8999999761581421; round to what a user could have meant.
     for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
         if name in values:

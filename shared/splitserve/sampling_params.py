@@ -8,6 +8,8 @@ from typing import Optional
 
 # Seeds travel as proto int64 and seed torch generators; vLLM accepts the same range.
 SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
+TOP_K_MAX = 2**31 - 1
+LOGIT_BIAS_MAX = 100.0            # OpenAI's range
 _FLOAT_PARAMS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
@@ -37,6 +39,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: Optional[int] = None
+    # token id -> added to its logit before sampling (OpenAI's logit_bias)
+    logit_bias: Optional[dict[int, float]] = None
     n: int = 1
     # Leave special tokens out of the text (not out of the token ids), as tokenizer.decode does.
     skip_special_tokens: bool = True
@@ -48,6 +52,7 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = dict(self.logit_bias or {})
         self.validate()
 
     def validate(self) -> None:
@@ -73,8 +78,10 @@ class SamplingParams:
             bad("temperature", f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             bad("top_p", f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k not in (-1, 0)):
-            bad("top_k", f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k!r}")
+        # At most int32's max: top_k's wire type (any value over the vocabulary size keeps every token anyway).
+        if (not isinstance(self.top_k, int) or (self.top_k < 1 and self.top_k not in (-1, 0))
+                or self.top_k > TOP_K_MAX):
+            bad("top_k", f"top_k must be -1 (disabled) or an integer in [1, 2**31 - 1], got {self.top_k!r}")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         if not -2.0 <= self.presence_penalty <= 2.0:
@@ -89,6 +96,12 @@ class SamplingParams:
             bad("stop", "stop must be a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "stop_token_ids must be non-negative integers")
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or isinstance(token, bool) or token < 0:
+                bad("logit_bias", f"logit_bias keys must be token ids (non-negative integers), got {token!r}")
+            if (not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias)
+                    or not -LOGIT_BIAS_MAX <= bias <= LOGIT_BIAS_MAX):
+                bad("logit_bias", f"logit_bias values must be numbers in [-100, 100], got {bias!r} for {token}")
 
     @property
     def greedy(self) -> bool:

@@ -44,9 +44,76 @@ def _offline(reference_llm, prompt, max_tokens):
     return out
 
 
-def test_models_lists_the_served_model(client, model_id, stack):
+def test_models_lists_the_served_model(client, model_id, stack, llama_ckpt):
     models = client.models.list().data
     assert len(models) == 1 and models[0].id == model_id and models[0].object == "model"
+    # The checkpoint folder's name, not its path.
+    assert model_id == llama_ckpt.name
+    card = client.models.retrieve(model_id)
+    assert card.id == model_id and card.model_extra["max_model_len"] > 0
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(str(llama_ckpt))
+
+
+def test_batch_of_prompts_each_equals_offline_engine(client, model_id, reference_llm):
+    """A list of strings and a list of token-id lists: prompt i's choices at i * n + j, streamed alike."""
+    tokenizer = reference_llm.get_tokenizer()
+    texts = _prompts(tokenizer, [5, 30, 12], seed=7)
+    id_lists = [list(range(50, 60)), list(range(300, 340))]
+    for prompts in (texts, id_lists):
+        references = [_offline(reference_llm, p, 12).outputs[0] for p in prompts]
+        response = client.completions.create(model=model_id, prompt=prompts, max_tokens=12, temperature=0.0, n=2)
+        assert [c.index for c in response.choices] == list(range(2 * len(prompts)))
+        assert [c.text for c in response.choices] == [r.text for r in references for _ in range(2)]
+        assert response.usage.completion_tokens == 2 * sum(len(r.token_ids) for r in references)
+        streamed: dict[int, str] = {}
+        for chunk in client.completions.create(model=model_id, prompt=prompts, max_tokens=12, temperature=0.0,
+                                               n=2, stream=True):
+            for choice in chunk.choices:
+                streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+        assert streamed == {c.index: c.text for c in response.choices}
+
+
+def test_stop_token_id_is_the_stop_reason(client, model_id, reference_llm):
+    prompt = list(range(700, 730))    # a prefix no other test here uses (block counts are checked)
+    tokens = _offline(reference_llm, prompt, 8).outputs[0].token_ids
+    stop = next(t for i, t in enumerate(tokens) if i > 1 and t not in tokens[:i])
+    for first in (False, True):     # a later token (decode) and the first one (prefill)
+        stop_id = tokens[0] if first else stop
+        response = client.completions.create(model=model_id, prompt=prompt, max_tokens=8, temperature=0.0,
+                                             extra_body={"stop_token_ids": [stop_id]})
+        choice = response.choices[0]
+        assert (choice.finish_reason, choice.model_extra["stop_reason"]) == ("stop", stop_id)
+
+
+def test_logit_bias_equals_offline_engine_on_prefill_and_decode(client, model_id, reference_llm):
+    prompt = list(range(60, 90))
+    base = _offline(reference_llm, prompt, 6).outputs[0].token_ids
+    for bias in ({base[0]: -100.0, base[1]: -100.0}, {777: 100.0}):   # banned (first token too), forced
+        [reference] = reference_llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0,
+                                                                      logit_bias=bias))
+        expected = reference.outputs[0]
+        assert expected.token_ids != base
+        response = client.completions.create(model=model_id, prompt=prompt, max_tokens=6, temperature=0.0,
+                                             logit_bias={str(t): b for t, b in bias.items()})
+        assert response.choices[0].text == expected.text
+    assert expected.token_ids == [777] * 6
+
+
+def test_tokenize_and_detokenize_match_the_tokenizer(stack, model_id, reference_llm):
+    tokenizer = reference_llm.get_tokenizer()
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    root = stack.http_url
+    text = "tokens move between workers"
+    tokenized = httpx.post(f"{root}/tokenize", json={"model": model_id, "prompt": text}, headers=headers,
+                           timeout=30).json()
+    assert tokenized["tokens"] == tokenizer.encode(text) and tokenized["count"] == len(tokenized["tokens"])
+    messages = [{"role": "user", "content": text}]
+    chat = httpx.post(f"{root}/tokenize", json={"messages": messages}, headers=headers, timeout=30).json()
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat["tokens"] == tokenizer.encode(rendered, add_special_tokens=False)
+    back = httpx.post(f"{root}/detokenize", json={"tokens": tokenized["tokens"]}, headers=headers, timeout=30)
+    assert back.json()["prompt"] == tokenizer.decode(tokenized["tokens"])
 
 
 @pytest.mark.parametrize("length", [3, 16, 40, 130])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from splitserve.layers.sampler import Sampler, SamplerOutput, SamplingRow, _outside_nucleus
-from splitserve.sampling_params import SamplingParams
+from splitserve.sampling_params import InvalidRequestError, SamplingParams
 
 sampler = Sampler()
 
@@ -392,3 +392,34 @@ def test_min_tokens_must_lie_between_0_and_max_tokens(bad):
         SamplingParams(max_tokens=16, min_tokens=bad)
     assert info.value.param == "min_tokens"
     assert SamplingParams(max_tokens=16, min_tokens=16).min_tokens == 16
+
+
+# --- logit_bias -----------------------------------------------------------------------------------
+
+def test_logit_bias_steers_greedy_and_sampled_rows_only_in_their_own_rows():
+    logits = LOGITS5.expand(4, -1).clone()
+    rows = [row(temperature=0.0, logit_bias={3: 100.0}),
+            row(temperature=0.0),
+            row(seed=1, logit_bias={0: -100.0, 1: -100.0, 2: -100.0, 4: -100.0}),
+            row(temperature=0.0, logit_bias={10**6: 5.0})]
+    out = sampler(logits, rows)
+    assert out.token_ids[:3] == [3, 0, 3]       # forced, untouched, the only token not banned
+    assert out.token_ids[3] == 0                # an id beyond the logits is ignored here
+    assert torch.equal(logits, LOGITS5.expand(4, -1))   # the caller's logits are not written
+    banned = draws(LOGITS5, 200, logit_bias={0: -100.0})
+    assert (banned != 0).all()
+
+
+def test_logit_bias_keeps_raw_logprobs_and_min_tokens_holds():
+    out = sampler(LOGITS5.unsqueeze(0), [row(temperature=0.0, logit_bias={2: 50.0}, logprobs=1)])
+    assert out.token_ids == [2]
+    assert out.logprobs[0] == pytest.approx(float(LOGITS5.log_softmax(-1)[2]))
+    held = SamplingParams(temperature=0.0, stop_token_ids=[2], min_tokens=2, max_tokens=4, logit_bias={2: 100.0})
+    assert sampler(LOGITS5.unsqueeze(0), [SamplingRow(held, [], [])]).token_ids != [2]
+
+
+@pytest.mark.parametrize("bias", [{1: 100.5}, {1: float("nan")}, {-1: 1.0}, {1: True}])
+def test_logit_bias_values_in_openai_range(bias):
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(logit_bias=bias)
+    assert info.value.param == "logit_bias"

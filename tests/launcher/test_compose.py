@@ -118,8 +118,6 @@ def test_workers_and_gateway_are_wired_to_each_other(compose):
     grpc_port = lambda name: services[name]["environment"]["SPLITSERVE_PORT"]  # noqa: E731
     gateway = services["gateway"]["environment"]
     assert gateway["SPLITSERVE_TOKENIZER_ADDRESSES"] == f"tokenizer:{grpc_port('tokenizer')}"
-    assert gateway["SPLITSERVE_PREFILL_ADDRESSES"] == f"prefill:{grpc_port('prefill')}"
-    assert gateway["SPLITSERVE_DECODE_ADDRESSES"] == f"decode:{grpc_port('decode')}"
     for name in ("gateway", "prefill", "decode"):
         env = services[name]["environment"]
         assert env["SPLITSERVE_KV_STORE_ADDRESS"] == f"kv-store:{grpc_port('kv-store')}"
@@ -128,6 +126,32 @@ def test_workers_and_gateway_are_wired_to_each_other(compose):
     for name in ("tokenizer", "prefill", "decode"):
         assert services[name]["environment"]["SPLITSERVE_MODEL"].startswith("/models/")
         assert "./models:/models:ro" in services[name]["volumes"]
+
+
+def test_workers_scale_without_editing_the_file(compose):
+    """`docker compose up --scale prefill=2 --scale decode=2`: replicas of one service share its definition, so
+    nothing in it may name one container (a container_name, a published port, an announced address); each worker
+    announces its own container IP (splitserve.serving.addresses) to Redis, where the gateway finds it."""
+    from splitserve.serving.addresses import WILDCARD_HOSTS
+    from splitserve.services.gateway.server import GatewaySettings
+
+    services = compose["services"]
+    for name in ("prefill", "decode"):
+        service, env = services[name], services[name]["environment"]
+        assert "container_name" not in service and "ports" not in service, name
+        assert "SPLITSERVE_ADVERTISE_ADDRESS" not in env, f"{name}: every replica would announce the same address"
+        assert env["SPLITSERVE_HOST"] in WILDCARD_HOSTS, name
+        assert env["SPLITSERVE_REDIS_URL"] and env["SPLITSERVE_CLUSTER_TOKEN"], name
+        assert int(env["SPLITSERVE_HEALTH_PORT"]) > 0, f"{name}: a fixed health port, not a random one"
+    gateway = services["gateway"]["environment"]
+    assert gateway["SPLITSERVE_REDIS_URL"]
+    assert not {"SPLITSERVE_PREFILL_ADDRESSES", "SPLITSERVE_DECODE_ADDRESSES"} & set(gateway), \
+        "a worker listed by service name is whichever replica DNS answers, not one worker"
+    assert GatewaySettings().prefill_addresses == [] == GatewaySettings().decode_addresses
+    for name, service in services.items():
+        env = service.get("environment", {})
+        named = {k: v for k, v in env.items() if re.search(r"\b(prefill|decode):\d", str(v))}
+        assert not named, f"{name} names a worker by its service name: {named}"
 
 
 def test_redis_requires_the_password_with_the_launchers_acl(compose):
@@ -173,8 +197,12 @@ def test_monitoring_is_optional_and_scrapes_every_service(compose):
         assert services[name]["profiles"] == ["monitoring"]
     mount = next(v for v in services["prometheus"]["volumes"] if v.endswith("/etc/prometheus/prometheus.yml:ro"))
     scrape = yaml.safe_load((ROOT / mount.split(":")[0]).read_text())
-    targets = {t for job in scrape["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
-    assert targets == {f"{name}:9100" for name in SPLITSERVE}
+    # By DNS (every replica of a scaled service), on the port every service serves metrics on.
+    lookups = [lookup for job in scrape["scrape_configs"] for lookup in job["dns_sd_configs"]]
+    assert {name for lookup in lookups for name in lookup["names"]} == set(SPLITSERVE)
+    assert all(lookup["type"] == "A" and lookup["port"] == 9100 for lookup in lookups)
+    for name in SPLITSERVE:
+        assert services[name]["environment"]["SPLITSERVE_METRICS_PORT"] == "9100"
 
 
 def _folder(name):
@@ -208,7 +236,8 @@ def test_dockerfile_builds_the_service_it_is_named_for(compose, name):
     assert "splitserve.launcher.probe" in health
     exposed = set(dict(steps)["EXPOSE"].split())
     env = compose["services"][name]["environment"]
-    assert {env["SPLITSERVE_PORT"], "9100"} <= exposed
+    health = [env["SPLITSERVE_HEALTH_PORT"]] if "SPLITSERVE_HEALTH_PORT" in env else []
+    assert {env["SPLITSERVE_PORT"], "9100", *health} <= exposed
     for source in re.findall(r"^COPY (\S+(?: \S+)*) \S+$", _dockerfile(name), re.M):
         for path in source.split():
             assert (ROOT / path).exists(), f"{name}: COPY of missing {path}"

@@ -68,7 +68,7 @@ def test_every_service_gets_its_own_ports_on_loopback(tmp_path):
 
 def test_workers_and_gateway_are_wired_together(tmp_path):
     plan, specs = _plan(tmp_path, prefill_workers=2, num_kv_blocks=64, torch_threads=3, local_prefill_threshold=32,
-                        model_name="tiny", api_key="secret")
+                        served_model_name=["tiny", "tiny-alias"], api_key="secret")
     kv_store = specs["kv-store"].address
     for name in ("prefill-0", "prefill-1", "decode-0"):
         argv = specs[name].argv
@@ -83,7 +83,7 @@ def test_workers_and_gateway_are_wired_together(tmp_path):
         f"{specs['tokenizer-0'].address},{specs['tokenizer-1'].address}")
     assert _flag(gateway.argv, "--kv-store-address") == kv_store
     assert _flag(gateway.argv, "--local-prefill-threshold") == "32"
-    assert _flag(gateway.argv, "--model-name") == "tiny"
+    assert _flag(gateway.argv, "--served-model-name") == "tiny,tiny-alias"
     assert "secret" not in " ".join(gateway.argv)  # visible in `ps`: it goes by env instead
     assert gateway.env["SPLITSERVE_API_KEY"] == "secret"
     assert specs["tokenizer-0"].env["OMP_NUM_THREADS"] == "1"
@@ -167,8 +167,8 @@ def test_extra_args_reach_only_their_role(tmp_path):
     assert "--max-model-len" not in specs["prefill-0"].argv
 
 
-@pytest.mark.parametrize("bad", [dict(prefill_workers=0), dict(port=70000), dict(torch_threads=0),
-                                 dict(kv_transport="rdma")])
+@pytest.mark.parametrize("bad", [dict(prefill_workers=-1), dict(decode_workers=0), dict(port=70000),
+                                 dict(torch_threads=0), dict(kv_transport="rdma")])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         StackConfig(**bad)

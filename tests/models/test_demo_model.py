@@ -245,3 +245,18 @@ def test_cache_root_from_env(tmp_path, monkeypatch):
     path = cached_checkpoint("llama", hidden_size=32, num_hidden_layers=1, intermediate_size=64)
     assert path.parent == tmp_path / "env-cache"
     assert (path / "config.json").is_file()
+
+
+def test_finding_a_cached_build_imports_neither_transformers_nor_torch(tmp_path):
+    """The launcher and the tokenizer service look the demo model up; importing transformers would import torch
+    (~230 MiB of RSS in each of those processes) for nothing."""
+    import subprocess
+    import sys
+
+    small = dict(hidden_size=32, num_hidden_layers=1, intermediate_size=64)
+    built = cached_checkpoint("llama", cache_root=tmp_path, **small)
+    code = ("import json, sys; from splitserve.demo_model import cached_checkpoint; "
+            f"path = cached_checkpoint('llama', cache_root={str(tmp_path)!r}, **{small!r}); "
+            "print(json.dumps([str(path), 'torch' in sys.modules, 'transformers' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, timeout=60)
+    assert json.loads(out.stdout) == [str(built), False, False]

@@ -183,6 +183,10 @@ def _fill(msg, depth: int = 0):
         if field.type == _descriptor.FieldDescriptor.TYPE_MESSAGE:
             if depth > 3:
                 continue
+            if field.message_type.GetOptions().map_entry:   # map<scalar, scalar>: one entry
+                entry = field.message_type.fields_by_name
+                getattr(msg, field.name)[_SCALARS[entry["key"].type]] = _SCALARS[entry["value"].type]
+                continue
             if is_repeated:
                 for _ in range(2):
                     _fill(getattr(msg, field.name).add(), depth + 1)

@@ -11,9 +11,11 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from splitserve.byte_size import format_bytes
 from splitserve.config import EngineConfig
 from splitserve.engine.block_io import CacheBlocks, export_blocks, import_runs
 from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.kv_budget import default_cpu_budget, size_kv_cache
 from splitserve.engine.kv_connector import KVLoad, KVLoads
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.model_runner import ModelRunner
@@ -30,8 +32,6 @@ from splitserve.models.loader import llama_args_from_config, load_model, read_mo
 from splitserve.sampling_params import InvalidRequestError, SamplingParams
 
 log = logging.getLogger(__name__)
-
-_CPU_KV_CAP_BYTES = 4 * 2**30
 
 
 @dataclass
@@ -69,8 +69,15 @@ class LLMEngine:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's {max_position} positions")
         self.vocab_size = model.args.vocab_size
         self.runner = ModelRunner(model, config.block_size, self.device, self.dtype, config.attention_backend)
-        self.num_blocks = config.num_kv_blocks or self._blocks_from_memory_budget()
+        kv_size = size_kv_cache(config, self.runner.layout.bytes_per_block, self.max_model_len,
+                                self._default_kv_budget)
+        self.num_blocks = kv_size.num_blocks
         self.runner.allocate_kv_cache(self.num_blocks)
+        log.info("KV cache: %s", kv_size.describe())
+        if self.device.type == "cpu" and kv_size.nbytes > _available_host_memory():
+            log.warning("the KV cache can grow to %s, more than this machine has available now (%s): the engine "
+                        "may run out of memory under load; set kv_cache_memory_bytes lower",
+                        format_bytes(kv_size.nbytes), format_bytes(_available_host_memory()))
         capacity = self.num_blocks * config.block_size
         if capacity < self.max_model_len:
             # A sequence longer than the whole cache could never run, not even alone: preempting it to make room
@@ -102,23 +109,14 @@ class LLMEngine:
     def layout(self):
         return self.runner.layout
 
-    def _blocks_from_memory_budget(self) -> int:
-        per_block = self.runner.layout.bytes_per_block
-        budget = self.config.kv_cache_memory_bytes
-        if budget is None:
-            if self.device.type == "cuda":
-                free, total = torch.cuda.mem_get_info(self.device)
-                used_by_others = total - free
-                budget = int(total * self.config.gpu_memory_utilization) - used_by_others
-                budget -= 2 * 2**30  # activations and the sampler's logits
-            else:
-                budget = min(_CPU_KV_CAP_BYTES, _available_host_memory() // 4)
-        # More blocks than every sequence could ever fill would only waste memory.
-        useful = self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size) + 1
-        blocks = min(budget // per_block, useful)
-        if blocks < 1:
-            raise RuntimeError(f"no memory left for the KV cache (budget {budget} bytes, {per_block} per block)")
-        return int(blocks)
+    def _default_kv_budget(self) -> tuple[int, str]:
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_by_others = total - free
+            # Less 2 GiB for activations and the sampler's logits.
+            budget = int(total * self.config.gpu_memory_utilization) - used_by_others - 2 * 2**30
+            return budget, f"gpu_memory_utilization {self.config.gpu_memory_utilization}"
+        return default_cpu_budget(_available_host_memory())
 
     # ---- requests ------------------------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -40,11 +42,9 @@ class ModelRunner:
         shape = (2, num_blocks, lay.block_size, lay.num_kv_heads, lay.head_dim)
         # One tensor, a view per layer: a block's bytes across all layers can then be written in one strided copy
         # (block_io.import_blocks); each layer's view is contiguous, as the attention backends expect.
-        stacked = torch.zeros((lay.num_layers, *shape), dtype=self.dtype, device=self.device)
+        stacked = _zeros_taken_on_write((lay.num_layers, *shape), self.dtype, self.device)
         self.kv_caches = list(stacked.unbind(0))
         self.backend.warm_up(self.kv_caches[0][0], self.kv_caches[0][1], self.model.args.num_heads)
-        log.info("KV cache: %d blocks of %d tokens, %.1f MiB", num_blocks, lay.block_size,
-                 num_blocks * lay.bytes_per_block / 2**20)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepResult:
@@ -101,3 +101,14 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64, device=dev)
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=dev)
         return meta, ids, pos, rows, sampled
+
+
+def _zeros_taken_on_write(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros. On CPU in an anonymous mapping: the OS hands out zero pages as they are first written, so a KV
+    cache costs RAM only for the blocks used so far (torch.zeros writes every page at start: idle workers held
+    their whole budget). Zeros, not torch.empty's leftovers, because the eager decode path reads padding slots
+    under a mask and 0 x NaN would still be NaN."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)  # the tensor keeps the mapping

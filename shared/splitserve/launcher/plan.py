@@ -12,10 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
 
+from splitserve.byte_size import ByteSize
 from splitserve.config import EngineConfig
+from splitserve.cpus import allowed_cpus, format_cpu_list, usable_cores
 from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.launcher.envoy import EnvoyPorts, envoy_argv
 from splitserve.launcher.redis_server import redis_server_argv, redis_url
+from splitserve.serving.addresses import WILDCARD_HOSTS, host_port
 
 # Internal services listen on loopback only; --host chooses where the public API (Envoy, or the gateway) listens.
 INTERNAL_HOST = "127.0.0.1"
@@ -37,7 +40,9 @@ class StackConfig(EngineConfig):
     host: str = field(default="127.0.0.1", metadata={"help": "address the public HTTP and gRPC APIs listen on"})
     port: int = field(default=8000, metadata={"help": "public OpenAI HTTP API port (0: any free port)"})
     grpc_port: int = field(default=50051, metadata={"help": "public gRPC API port (0: any free port)"})
-    prefill_workers: int = field(default=1, metadata={"help": "number of prefill worker processes"})
+    prefill_workers: int = field(default=1, metadata={
+        "help": "number of prefill worker processes (0: aggregated, the decode workers prefill every prompt "
+                "themselves and get every engine core)"})
     decode_workers: int = field(default=1, metadata={"help": "number of decode worker processes"})
     # Two by default: a tokenizer costs one light process, and with a second one a crash costs no request (the
     # gateway retries on the other) instead of every request failing until the restart has loaded the tokenizer.
@@ -54,12 +59,18 @@ class StackConfig(EngineConfig):
         "help": "serve Envoy's admin interface on 127.0.0.1:PORT (default: none; it can dump the config and stop "
                 "Envoy)"})
     api_key: Optional[str] = field(default=None, metadata={"help": "require this API key at the gateway"})
-    model_name: Optional[str] = field(default=None, metadata={"help": "model name the API reports and accepts"})
+    served_model_name: list[str] = field(default_factory=list, metadata={
+        "help": "names the API accepts for the model, comma-separated; responses carry the first (default: the hub "
+                "id, or the checkpoint folder's name)"})
     local_prefill_threshold: Optional[int] = field(default=None, metadata={
         "help": "prompts up to this many tokens are prefilled by the decode worker itself"})
     torch_threads: Optional[int] = field(default=None, metadata={
-        "help": "torch threads per engine worker (default: the cores, less one, split among the workers)"})
-    kv_store_capacity_bytes: Optional[int] = field(default=None, metadata={"help": "kv-store block pool size"})
+        "help": "torch threads per engine worker (default: one per core the worker is given)"})
+    cpu_affinity: bool = field(default=True, metadata={
+        "help": "pin each engine worker to cores of its own: the launcher's cores less one for the other "
+                "services (when there are 4 or more), split evenly, the remainder to decode workers"})
+    kv_store_capacity_bytes: Optional[ByteSize] = field(default=None, metadata={
+        "help": "kv-store block pool size, e.g. 4GiB (default: the kv-store's)"})
     kv_transport: Optional[str] = field(default=None, metadata={
         "help": "KV data plane of prefill and decode: ucx (default) or tcp"})
     kv_checksum: bool = field(default=False, metadata={
@@ -80,9 +91,13 @@ class StackConfig(EngineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("prefill_workers", "decode_workers", "tokenizer_replicas"):
+        if self.kv_store_capacity_bytes is not None:
+            self.kv_store_capacity_bytes = ByteSize(self.kv_store_capacity_bytes)
+        for name in ("decode_workers", "tokenizer_replicas"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.prefill_workers < 0:
+            raise ValueError(f"prefill_workers must be >= 0 (0: aggregated), got {self.prefill_workers}")
         for name in ("port", "grpc_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be a TCP port (0 for any free one), got {getattr(self, name)}")
@@ -122,10 +137,35 @@ class StackPlan:
     redis_config_path: Optional[Path] = None
 
 
-def default_torch_threads(engine_workers: int) -> int:
-    """One core left for the gateway, tokenizer, kv-store and Redis; the rest split so workers never oversubscribe."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, (cores - 1) // engine_workers)
+# From this many cores on, one is kept for the gateway, tokenizer, kv-store, Redis and Envoy; below, it would be
+# most of the machine, idle most of the time.
+SPARE_CORE_FROM = 4
+
+
+def engine_cpu_sets(cpus: Sequence[int], prefill_workers: int, decode_workers: int) -> list[list[int]]:
+    """Each engine worker's cores, in start order (prefill workers, then decode workers): disjoint runs of
+    `cpus`, the same size each, the remainder to decode workers first (they run every step of every stream).
+    With fewer cores than workers, workers share them round robin."""
+    workers = prefill_workers + decode_workers
+    cpus = sorted(cpus)
+    if len(cpus) >= SPARE_CORE_FROM:
+        cpus = cpus[1:]
+    if len(cpus) < workers:
+        return [[cpus[i % len(cpus)]] for i in range(workers)]
+    base, extra = divmod(len(cpus), workers)
+    # Rank: decode workers first, so they take the remainder.
+    ranks = [decode_workers + i for i in range(prefill_workers)] + list(range(decode_workers))
+    sets, start = [], 0
+    for rank in ranks:
+        size = base + (rank < extra)
+        sets.append(cpus[start:start + size])
+        start += size
+    return sets
+
+
+def launcher_cpus() -> list[int]:
+    """The cores the stack may use: the launcher's allowed cores, as many as a cgroup CPU limit pays for."""
+    return allowed_cpus()[:usable_cores()]
 
 
 def ports_needed(config: StackConfig) -> int:
@@ -153,15 +193,16 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
                redis_binary: Optional[str] = None, envoy_binary: Optional[str] = None,
                service_command: Sequence[str] = SERVICE_COMMAND,
                extra_args: Optional[Mapping[str, Sequence[str]]] = None, redis_password: Optional[str] = None,
-               cluster_token: Optional[str] = None) -> StackPlan:
+               cluster_token: Optional[str] = None, cpus: Optional[Sequence[int]] = None) -> StackPlan:
     """`redis_password` protects the Redis this plan starts (needed unless config.redis_url is set);
     `cluster_token` is what workers prove to the gateway. Both reach the services by env, so `ps` shows
-    neither."""
+    neither. `cpus`: the cores to split among the engine workers (default: launcher_cpus())."""
     extra_args = extra_args or {}
     tiers: list[list[ServiceSpec]] = []
     public_http = config.port or next(ports)
     public_grpc = config.grpc_port or next(ports)
-    threads = config.torch_threads or default_torch_threads(config.prefill_workers + config.decode_workers)
+    cpu_sets = iter(engine_cpu_sets(launcher_cpus() if cpus is None else cpus, config.prefill_workers,
+                                    config.decode_workers))
 
     def service(name: str, role: str, port: int, *specific: str, omp_threads: int = 1,
                 env: Optional[dict[str, str]] = None, host: str = INTERNAL_HOST) -> ServiceSpec:
@@ -198,9 +239,12 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
     workers = []
     for role, count in (("prefill", config.prefill_workers), ("decode", config.decode_workers)):
         for index in range(count):
+            worker_cpus = next(cpu_sets)
+            threads = config.torch_threads or len(worker_cpus)
             workers.append(service(
                 f"{role}-{index}", role, next(ports),
                 *flags(**{**config.changed_engine_values(), "model": model}, kv_store_address=kv_store.address,
+                       cpus=format_cpu_list(worker_cpus) if config.cpu_affinity else None,
                        torch_threads=threads, kv_transport=config.kv_transport,
                        kv_checksum=config.kv_checksum or None),
                 omp_threads=threads, env={**ucx_env, **cluster}))
@@ -217,7 +261,7 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
     gateway = service("gateway", "gateway", gateway_http,
                       *flags(grpc_port=gateway_grpc, tokenizer_addresses=addresses["tokenizer"],
                              prefill_addresses=addresses["prefill"], decode_addresses=addresses["decode"],
-                             kv_store_address=kv_store.address, model_name=config.model_name,
+                             kv_store_address=kv_store.address, served_model_name=config.served_model_name or None,
                              local_prefill_threshold=config.local_prefill_threshold),
                       env=gateway_env, host=gateway_host)
     gateway.address = host_port(connect_host(gateway_host), gateway_grpc)
@@ -254,8 +298,4 @@ def ucx_net_devices(config: StackConfig) -> str:
 
 def connect_host(host: str) -> str:
     """Where a local client connects to reach a server bound to `host` (a wildcard bind is reachable on loopback)."""
-    return INTERNAL_HOST if host in ("0.0.0.0", "", "::") else host
-
-
-def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return INTERNAL_HOST if host in WILDCARD_HOSTS else host

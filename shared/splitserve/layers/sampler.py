@@ -1,6 +1,7 @@
 """Chooses one token per sequence for an engine step, batched over the whole step.
 
-Everything that filters or reshapes the distribution (min_tokens, penalties, temperature, top-k, top-p, min-p)
+Everything that filters or reshapes the distribution (min_tokens, logit_bias, penalties, temperature, top-k, top-p,
+min-p)
 is done with tensor ops over the rows that need it; the only per-row Python work is the random
 draw, which uses each request's own generator so a seeded request is reproducible no matter what
 else shares its batch or where it sits in it.
@@ -77,11 +78,14 @@ class Sampler:
         # From here on `x` is written in place; never write into the caller's tensor.
         x = raw
         held = _min_tokens_held(rows, V, device)
-        if held is not None or any(p.has_penalties for p in params):
+        biased = [i for i, p in enumerate(params) if p.logit_bias]
+        if held is not None or biased or any(p.has_penalties for p in params):
             if x.data_ptr() == logits.data_ptr():
                 x = x.clone()
         if held is not None:
             x[held] = float("-inf")
+        if biased:
+            _add_logit_bias(x, rows, biased)
         if any(p.has_penalties for p in params):
             self._apply_penalties(x, rows)
 
@@ -249,6 +253,18 @@ def _min_tokens_held(rows: list[SamplingRow], vocab_size: int,
         return None
     r, t = _scatter_coords([ids for _, ids in held], device)
     return _index([i for i, _ in held], device)[r], t
+
+
+def _add_logit_bias(x: torch.Tensor, rows: list[SamplingRow], biased: list[int]) -> None:
+    """In place on x [B, V]: each biased row's logit_bias added to its tokens' logits (before penalties, as
+    vLLM's logits processors; a token held back by min_tokens stays at -inf). Ids >= V do not exist here."""
+    V = x.shape[1]
+    items = [[(t, b) for t, b in rows[i].params.logit_bias.items() if t < V] for i in biased]
+    r, t = _scatter_coords([[token for token, _ in row] for row in items], x.device)
+    if t.numel() == 0:
+        return
+    bias = torch.tensor([b for row in items for _, b in row], dtype=x.dtype, device=x.device)
+    x.index_put_((_index(biased, x.device)[r], t), bias, accumulate=True)
 
 
 def _outside_nucleus(x: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
 from splitserve.config import EngineConfig
+from splitserve.cpus import allowed_cpus, format_cpu_list, parse_cpu_list, pin_process, usable_cores
 from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.membership import membership_mac
 from splitserve.proto_convert import layout_to_proto
+from splitserve.serving.addresses import AdvertiseAddressError, advertised_address
 from splitserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,8 @@ class EngineWorkerSettings(EngineConfig):
     log_level: str = "INFO"
     grace_s: float = field(default=30.0, metadata={"help": "seconds to finish in-flight work on SIGTERM"})
     advertise_address: Optional[str] = field(
-        default=None, metadata={"help": "address announced to Redis and in KV handles (default host:port)"})
+        default=None, metadata={"help": "address announced to Redis and in KV handles (default host:port; with a "
+                                        "wildcard host, this host's own IP:port)"})
     health_port: int = field(default=0, metadata={
         "help": "port of a health-only gRPC server on its own thread, answered even while the event loop is "
                 "busy; gateways learn it from the worker (0: any free port, -1: none)"})
@@ -47,11 +50,22 @@ class EngineWorkerSettings(EngineConfig):
     cluster_token: Optional[str] = field(default=None, metadata={
         "help": "shared secret this worker proves it holds to gateways (the gateway's --cluster-token; pass it by "
                 "env)"})
-    torch_threads: Optional[int] = field(default=None, metadata={"help": "torch intra-op threads (CPU)"})
+    cpus: Optional[str] = field(default=None, metadata={
+        "help": "cores this worker runs on, e.g. 0-3,8 (default: those it was started with)"})
+    torch_threads: Optional[int] = field(default=None, metadata={
+        "help": "torch intra-op threads on CPU (default: OMP_NUM_THREADS if set, else one per core this worker "
+                "may use: --cpus or its affinity, fewer under a cgroup CPU limit)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.cpus is not None:
+            parse_cpu_list(self.cpus)  # a bad list fails here, with the flag's name, not at engine start
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
 
     @property
     def address(self) -> str:
-        return self.advertise_address or f"{self.host}:{self.port}"
+        return advertised_address(self.advertise_address, self.host, self.port)
 
 
 @dataclass(frozen=True)
@@ -71,16 +85,34 @@ class WorkerIdentity:
         return proof
 
 
-def build_engine(settings: EngineWorkerSettings):
-    """Loads the model into an AsyncEngine (not yet started)."""
+def use_cores(settings: EngineWorkerSettings) -> int:
+    """Pins this process to settings.cpus (if set) and runs one torch thread per core it may use, unless
+    torch_threads (or else OMP_NUM_THREADS) says otherwise; returns the thread count. Called before the engine's
+    first op, which starts torch's OpenMP threads."""
     import torch
 
+    if settings.cpus is not None:
+        pin_process(parse_cpu_list(settings.cpus))
+    threads = settings.torch_threads or _omp_num_threads() or usable_cores()
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    log.info("torch threads: %d on cores %s", threads, format_cpu_list(allowed_cpus()))
+    return threads
+
+
+def _omp_num_threads() -> Optional[int]:
+    try:
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def build_engine(settings: EngineWorkerSettings):
+    """Loads the model into an AsyncEngine (not yet started)."""
     from splitserve.engine.async_engine import AsyncEngine
     from splitserve.engine.llm_engine import LLMEngine
 
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
-        os.environ.setdefault("OMP_NUM_THREADS", str(settings.torch_threads))
+    use_cores(settings)
     model = settings.model
     if model is None:
         from splitserve.demo_model import demo_checkpoint
@@ -135,6 +167,9 @@ class EngineMetricsCollector(Collector):
 
         yield gauge("running_requests", "Sequences in the running batch", s["running"])
         yield gauge("waiting_requests", "Sequences waiting for admission", s["waiting"])
+        # What a prefill autoscaler wants: queued work in tokens, not requests (one long prompt is many short ones).
+        yield gauge("waiting_tokens", "Tokens of the sequences waiting for admission (prompts, and what preempted "
+                    "ones had generated)", s["waiting_tokens"])
         yield gauge("kv_cache_usage_ratio", "Fraction of KV blocks in use", s["used_blocks"] / max(1, s["num_blocks"]))
         yield gauge("kv_cache_blocks", "KV blocks in the paged cache", s["num_blocks"])
         yield counter("prefix_cache_queries_tokens", "Prompt tokens looked up in the prefix cache",
@@ -174,6 +209,12 @@ async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_n
     """
     from splitserve.serving.grpc_service import GrpcService
 
+    try:
+        address = settings.address  # before loading the model: a worker nobody can reach should fail at once
+    except AdvertiseAddressError as exc:
+        log.error("%s: %s", role, exc)
+        return 2
+    log.info("%s announces itself as %s", role, address)
     engine = build_engine(settings)
     engine.start()
     register_engine_metrics(engine, role)
@@ -182,15 +223,15 @@ async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_n
                           settings.grace_s, health_port=settings.health_port if settings.health_port >= 0 else None)
     health_address = ""
     if service.health_thread is not None:
-        health_address = f"{settings.address.rsplit(':', 1)[0]}:{service.health_thread.port}"
-    identity = WorkerIdentity(role, settings.address, engine.config.model, settings.cluster_token,
+        health_address = f"{address.rsplit(':', 1)[0]}:{service.health_thread.port}"
+    identity = WorkerIdentity(role, address, engine.config.model, settings.cluster_token,
                               health_address)
     add_servicer(service, engine, transport, identity)
     announcer = None
     if settings.redis_url:
         from splitserve.worker_registry import WorkerAnnouncer
 
-        announcer = WorkerAnnouncer(settings.redis_url, role, settings.address, engine.config.model,
+        announcer = WorkerAnnouncer(settings.redis_url, role, address, engine.config.model,
                                     lambda: load_report(engine))
 
     async def on_started() -> None:

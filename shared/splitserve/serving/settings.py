@@ -48,7 +48,17 @@ def _convert(raw: str, kind: type, is_list: bool, name: str) -> Any:
     try:
         return kind(raw)
     except ValueError as exc:
-        raise ValueError(f"{name}: expected {kind.__name__}, got {raw!r}") from exc
+        if kind in (int, float):
+            raise ValueError(f"{name}: expected {kind.__name__}, got {raw!r}") from exc
+        raise ValueError(f"{name}: {exc}") from exc  # a parsing type (ByteSize) says what it expects itself
+
+
+def _flag_value(raw: str, kind: type, is_list: bool, name: str) -> Any:
+    """argparse shows an ArgumentTypeError's own message; for a ValueError it says only "invalid <lambda> value"."""
+    try:
+        return _convert(raw, kind, is_list, name)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def parse_settings(cls: type[T], argv: Optional[Sequence[str]] = None, prog: Optional[str] = None,
@@ -63,7 +73,7 @@ def parse_settings(cls: type[T], argv: Optional[Sequence[str]] = None, prog: Opt
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, default=None, help=help_text,
-                                type=lambda raw, k=kind, l=is_list, n=f.name: _convert(raw, k, l, n))
+                                type=lambda raw, k=kind, l=is_list, n=f.name: _flag_value(raw, k, l, n))
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):

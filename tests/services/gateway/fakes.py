@@ -65,7 +65,7 @@ def output_text(request) -> OutputText:
 
 
 def word_id(word: str) -> int:
-    if word.isdigit():
+    if word.isascii() and word.isdigit():   # not "²", which isdigit() but int() refuses
         return int(word) % VOCAB
     return 3 + zlib.crc32(word.encode()) % 900
 
@@ -74,11 +74,11 @@ def tokenize(text: str) -> list[int]:
     return [word_id(w) for w in text.split()]
 
 
-def tokenize_chat(messages: list[tuple[str, str]]) -> list[int]:
+def tokenize_chat(messages: list[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
     ids = []
     for role, content in messages:
         ids += [IM_START, *tokenize(role), *tokenize(content), IM_END]
-    return ids + [IM_START, word_id("assistant")]
+    return ids + [IM_START, word_id("assistant")] if add_generation_prompt else ids
 
 
 def next_token(previous: int, seed: Optional[int]) -> int:
@@ -115,8 +115,9 @@ def _max_tokens(params: common_pb2.SamplingParams) -> int:
 
 
 class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
-    def __init__(self, max_context_length: int = 256):
+    def __init__(self, max_context_length: int = 256, model: str = "fake-model"):
         self.max_context_length = max_context_length
+        self.model = model
         # Calls per method, so tests can check what the gateway asks the tokenizer (nothing per token).
         self.calls: dict[str, int] = {}
 
@@ -126,7 +127,7 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
     async def Tokenize(self, request, context):
         self._count("Tokenize")
         if request.WhichOneof("input") == "chat":
-            ids = tokenize_chat([(m.role, m.content) for m in request.chat.messages])
+            ids = tokenize_chat([(m.role, m.content) for m in request.chat.messages], request.add_generation_prompt)
             return tokenizer_pb2.TokenizeResponse(token_ids=ids, rendered_prompt="(chat)")
         if "INVALID" in request.text:
             await abort_invalid(context, InvalidRequestError("the tokenizer refuses this text", "prompt"))
@@ -145,7 +146,7 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
 
     async def GetInfo(self, request, context):
         self._count("GetInfo")
-        return tokenizer_pb2.GetInfoResponse(model="fake-model", vocab_size=VOCAB, eos_token_ids=[EOS],
+        return tokenizer_pb2.GetInfoResponse(model=self.model, vocab_size=VOCAB, eos_token_ids=[EOS],
                                              max_context_length=self.max_context_length, has_chat_template=True)
 
 

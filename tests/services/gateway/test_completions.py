@@ -216,3 +216,52 @@ def test_without_prefill_workers_decode_prefills(make_stack):
     result = gateway.openai().completions.create(model="fake-model", prompt="x 40", max_tokens=3)
     assert result.choices[0].text == " w41 w42 w43"
     assert not stack.decode.requests[0].produced_token_ids
+
+
+@pytest.mark.parametrize("prompts", [["x 10", "y 500", "z 20"], [[10], [7, 500], [3, 20]]])
+def test_a_batch_of_prompts_gets_each_its_choices_in_openai_order(gateway, prompts):
+    """Prompt i's choice j is index i * n + j; usage sums the prompts; streamed text matches, per index."""
+    client = gateway.openai()
+    ids = [fakes.tokenize(p) if isinstance(p, str) else p for p in prompts]
+    expected = [fakes.decode_text(fakes.expected_tokens(p, 4)) for p in ids]
+    result = client.completions.create(model="fake-model", prompt=prompts, max_tokens=4, n=2)
+    assert [c.index for c in result.choices] == list(range(6))
+    assert [c.text for c in result.choices] == [text for text in expected for _ in range(2)]
+    assert result.usage.prompt_tokens == sum(len(p) for p in ids)
+    assert result.usage.completion_tokens == 6 * 4
+    streamed: dict[int, str] = {}
+    usage = None
+    for chunk in client.completions.create(model="fake-model", prompt=prompts, max_tokens=4, n=2, stream=True,
+                                           stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert streamed == {c.index: c.text for c in result.choices}
+    assert (usage.prompt_tokens, usage.completion_tokens) == (result.usage.prompt_tokens, 24)
+
+
+def test_stop_token_id_is_the_stop_reason_streamed_or_not(gateway):
+    client = gateway.openai()
+    whole = client.completions.create(model="fake-model", prompt="x 40", max_tokens=20,
+                                      extra_body={"stop_token_ids": [43]})
+    assert (whole.choices[0].finish_reason, whole.choices[0].model_extra["stop_reason"]) == ("stop", 43)
+    # A stop id that is also EOS: the worker names no stop reason (EOS is checked first), the client's id it is.
+    eos = client.completions.create(model="fake-model", prompt="x 995", max_tokens=20,
+                                    extra_body={"stop_token_ids": [fakes.EOS]})
+    assert (eos.choices[0].finish_reason, eos.choices[0].model_extra["stop_reason"]) == ("stop", fakes.EOS)
+    plain = client.completions.create(model="fake-model", prompt="x 995", max_tokens=20)
+    assert (plain.choices[0].finish_reason, plain.choices[0].model_extra["stop_reason"]) == ("stop", None)
+    stop = fakes.word_id("assistant") + 2   # the chat prompt ends with it: the second generated token
+    chat = client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": "x"}],
+                                          max_tokens=20, extra_body={"stop_token_ids": [stop]}, stream=True)
+    last = [c.choices[0] for c in chat if c.choices][-1]
+    assert (last.finish_reason, last.model_extra["stop_reason"]) == ("stop", stop)
+
+
+def test_logit_bias_reaches_prefill_and_decode(gateway, stack):
+    gateway.openai().completions.create(model="fake-model", prompt="x 40", max_tokens=3,
+                                        logit_bias={"41": 100, "7": -100.0})
+    [prefill] = stack.prefill.requests
+    [decode] = stack.decode.requests
+    for request in (prefill, decode):
+        assert dict(request.sampling_params.logit_bias) == {41: 100.0, 7: -100.0}

@@ -30,7 +30,15 @@ def test_malformed_json_is_400_not_422(gateway):
     ({"prompt": "x 1", "max_tokens": "many"}, "max_tokens"),
     ({"max_tokens": 3}, "prompt"),
     ({"prompt": 5}, "prompt"),
-    ({"prompt": ["one", "two"]}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": ["x 1", "INVALID"]}, "prompt"),                     # one bad prompt fails the whole batch
+    ({"prompt": ["x 1"] * 129, "n": 2}, "prompt"),                 # over MAX_BATCH_SEQUENCES sequences
+    ({"prompt": [[5], [100000]]}, "prompt"),
+    ({"prompt": "x 1", "suffix": " end"}, "suffix"),
+    ({"prompt": "x 1", "logit_bias": {"one": 5}}, "logit_bias"),
+    ({"prompt": "x 1", "logit_bias": {"5": 100.5}}, "logit_bias"),
+    ({"prompt": "x 1", "logit_bias": {"-1": 5}}, "logit_bias"),
+    ({"prompt": "x 1", "logit_bias": {str(fakes.VOCAB): 5}}, "logit_bias"),
     ({"prompt": "x 1", "temperature": -1}, "temperature"),
     ({"prompt": "x 1", "top_p": 0}, "top_p"),
     ({"prompt": "x 1", "n": 0}, "n"),
@@ -60,6 +68,7 @@ def test_invalid_completion_requests_name_the_parameter(gateway, body, param):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
      "messages[0].content"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_k": 2**31}, "top_k"),    # over int32, its wire type
 ])
 def test_invalid_chat_requests_name_the_parameter(gateway, body, param):
     with gateway.http_client() as http:
@@ -122,7 +131,7 @@ def test_models_lists_the_served_model(stack):
     default = stack.start_gateway()
     [model] = default.openai().models.list().data
     assert model.id == "fake-model" and model.owned_by == "splitserve"
-    renamed = stack.start_gateway(model_name="my-model")
+    renamed = stack.start_gateway(served_model_name=["my-model"])
     assert [m.id for m in renamed.openai().models.list().data] == ["my-model"]
     assert renamed.openai().completions.create(model="my-model", prompt="x 10", max_tokens=1).choices[0].text == " w11"
     with pytest.raises(openai.NotFoundError):

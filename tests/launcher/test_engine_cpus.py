@@ -1,0 +1,74 @@
+"""Which cores each engine worker gets and how many torch threads follow, checked on the plan (nothing starts)."""
+
+import itertools
+
+import pytest
+
+from splitserve.launcher.plan import StackConfig, engine_cpu_sets, plan_stack
+from splitserve.serving.settings import parse_settings
+
+
+def _specs(cpus, **fields):
+    config = StackConfig(**{"model": "/models/m", **fields})
+    plan = plan_stack(config, config.model, "/tmp/unused", itertools.count(20000), redis_binary="redis-server",
+                      envoy_binary="envoy", service_command=["python", "-m", "splitserve.services.cli"],
+                      redis_password="p", cpus=cpus)
+    return {spec.name: spec for tier in plan.tiers for spec in tier}
+
+
+def _flag(argv, name):
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+@pytest.mark.parametrize("cpus, prefill, decode, expected", [
+    # From 4 cores on, the first is kept for the other services; the rest split, the remainder to decode.
+    (range(16), 1, 1, [list(range(1, 8)), list(range(8, 16))]),
+    (range(8), 2, 3, [[1], [2], [3, 4], [5, 6], [7]]),
+    (range(4), 0, 1, [[1, 2, 3]]),
+    # Below 4 cores nothing is kept aside: aggregated gets every core, disaggregated one each.
+    ([0, 1], 0, 1, [[0, 1]]),
+    ([0, 1], 1, 1, [[0], [1]]),
+    # Fewer cores than workers: shared round robin.
+    ([0, 1], 2, 2, [[0], [1], [0], [1]]),
+    ([4, 6, 5], 1, 1, [[4], [5, 6]]),
+])
+def test_engine_workers_get_disjoint_cores(cpus, prefill, decode, expected):
+    assert engine_cpu_sets(cpus, prefill, decode) == expected
+
+
+def test_each_worker_is_pinned_and_its_threads_follow_its_cores():
+    specs = _specs(range(16))
+    for name, cpus, threads in (("prefill-0", "1-7", "7"), ("decode-0", "8-15", "8")):
+        argv = specs[name].argv
+        assert _flag(argv, "--cpus") == cpus
+        assert _flag(argv, "--torch-threads") == threads == specs[name].env["OMP_NUM_THREADS"]
+    assert all("--cpus" not in spec.argv for name, spec in specs.items() if name[:-2] not in ("prefill", "decode"))
+
+
+def test_aggregated_starts_no_prefill_worker_and_gives_decode_every_engine_core():
+    specs = _specs(range(16), prefill_workers=0)
+    assert not any(name.startswith("prefill") for name in specs)
+    assert _flag(specs["decode-0"].argv, "--cpus") == "1-15"
+    assert _flag(specs["decode-0"].argv, "--torch-threads") == "15"
+    from splitserve.services.gateway.server import GatewaySettings
+
+    gateway = specs["gateway"].argv
+    parsed = parse_settings(GatewaySettings, gateway[gateway.index("gateway") + 1:])
+    assert parsed.prefill_addresses == [] and parsed.decode_addresses == [specs["decode-0"].address]
+
+
+def test_without_affinity_threads_still_follow_the_split_and_a_thread_count_given_wins():
+    specs = _specs(range(16), cpu_affinity=False)
+    assert "--cpus" not in specs["decode-0"].argv and _flag(specs["decode-0"].argv, "--torch-threads") == "8"
+    specs = _specs(range(16), torch_threads=2)
+    assert _flag(specs["decode-0"].argv, "--cpus") == "8-15"
+    assert _flag(specs["decode-0"].argv, "--torch-threads") == "2" == specs["decode-0"].env["OMP_NUM_THREADS"]
+
+
+def test_the_workers_parse_the_cores_they_are_given():
+    from splitserve.services.decode.server import DecodeSettings
+
+    argv = _specs(range(16))["decode-0"].argv
+    assert parse_settings(DecodeSettings, argv[argv.index("decode") + 1:]).cpus == "8-15"
+    with pytest.raises(ValueError, match="not a core list"):
+        DecodeSettings(cpus="8-")
