@@ -62,3 +62,10 @@ WORKER_REJECTIONS = Counter("splitserve_gateway_worker_rejections_total",
                             ["kind", "reason"])
 DISCOVERY_ERRORS = Counter("splitserve_gateway_discovery_errors_total",
                            "Failed reads of the worker registry in Redis (static workers are still used)")
+PREFIX_INDEX_UP = Gauge("splitserve_router_prefix_index_up",
+                        "1 while the Redis prefix index answers lookups, 0 while requests are routed by load only")
+LOAD_ONLY_ROUTING = Counter("splitserve_router_load_only_total",
+                            "Requests routed by load alone because the prefix index could not answer in time, by "
+                            "the outage's reason (timeout, redis_error)", ["reason"])
+PREDICTED_CACHED_TOKENS = Counter("splitserve_router_predicted_cached_tokens_total",
+                                  "Prompt tokens the prefix index said the chosen worker holds", ["kind"])

@@ -1,20 +1,33 @@
-"""Chooses the prefill or decode worker for one sequence: the healthy one with the least load.
+"""Chooses the prefill or decode worker for one sequence.
 
-Load is counted in sequences first: what this gateway has in flight on the worker (from the moment it picked
-it), plus the sequences the worker reports to the registry beyond this gateway's own (other gateway replicas;
-the report lags by an announce interval). Tokens in flight from this gateway break ties, and remaining ties
-rotate, so idle workers share the work. For equal requests from one gateway this keeps any two workers within
-one sequence of each other, plus whatever other gateways run there (tested with 16 streams on 2 workers).
+Policies (the gateway's --router-policy):
+- `prefix` (default): the highest weighted sum of the scorers (scorers.py): the share of the prompt the worker's
+  cache holds, the share the kv-store holds beyond that (weighted lower), and load. Without prefix hits for any
+  candidate (a new prompt, or the index unavailable: prefix_index.py) it is `load`.
+- `load`: the least loaded. Load is counted in sequences first: what this gateway has in flight on the worker
+  (from the moment it picked it), plus the sequences the worker reports to the registry beyond this gateway's
+  own (other gateway replicas; the report lags by an announce interval). Tokens in flight from this gateway
+  break ties, and remaining ties rotate, so idle workers share the work. For equal requests from one gateway
+  this keeps any two workers within one sequence of each other (tested with 16 streams on 2 workers).
+- `round-robin`, `random`: for comparison (benchmarks) and for deployments that want no state.
+Each decision is counted by reason in splitserve_router_decisions_total.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import NoHealthyWorkerError
+from splitserve.services.gateway.prefix_index import PrefixHits, PrefixIndexReader
+from splitserve.services.gateway.scorers import DevicePrefixScorer, LoadScorer, StorePrefixScorer
 from splitserve.services.gateway.workers import Worker, WorkerPool
+
+POLICIES = ("prefix", "load", "round-robin", "random")
 
 
 def worker_load(worker: Worker) -> tuple[int, int]:
@@ -30,34 +43,74 @@ def worker_load(worker: Worker) -> tuple[int, int]:
     return sequences, worker.in_flight_tokens
 
 
+@dataclass(frozen=True)
+class RouterWeights:
+    device_prefix: float = 2.0
+    store_prefix: float = 0.5
+    load: float = 1.0
+
+
 class Router:
-    def __init__(self, pool: WorkerPool):
+    def __init__(self, pool: WorkerPool, policy: str = "prefix", weights: RouterWeights = RouterWeights(),
+                 index: Optional[PrefixIndexReader] = None):
+        if policy not in POLICIES:
+            raise ValueError(f"router policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.pool = pool
-        self._turn = itertools.count()
+        self.index = index
+        self.policy = policy
+        # One rotation per kind: a shared one, advanced by a decode pick and a prefill pick per request, would
+        # start every prefill tie at the same worker when there are two.
+        self._turns: dict[str, itertools.count] = defaultdict(itertools.count)
+        self._scorers = [(weights.device_prefix, DevicePrefixScorer()), (weights.store_prefix, StorePrefixScorer()),
+                         (weights.load, LoadScorer(lambda w: worker_load(w)[0]))]
+        self._device_prefix = DevicePrefixScorer()
 
-    def pick(self, kind: str, prompt_len: int, exclude: Iterable[Worker] = ()) -> Worker:
-        """The least loaded healthy worker of `kind` not in `exclude`; NoHealthyWorkerError if there is none.
+    async def prefix_hits(self, prompt: list[int]) -> Optional[PrefixHits]:
+        """What the prefix index knows about the prompt, for pick(); None without an index or when it cannot
+        answer in time (never an error: the request is routed by load)."""
+        if self.policy != "prefix" or self.index is None:
+            return None
+        return await self.index.lookup(prompt)
 
-        prompt_len is not scored: routing does not yet know which worker holds a prompt's blocks.
-        """
+    def pick(self, kind: str, prompt_len: int, exclude: Iterable[Worker] = (),
+             hits: Optional[PrefixHits] = None) -> Worker:
+        """A healthy worker of `kind` not in `exclude`; NoHealthyWorkerError if there is none. `hits`: what the
+        prefix index said about this prompt (None: unknown)."""
         excluded = set(map(id, exclude))
         candidates = [w for w in self.pool.healthy(kind) if id(w) not in excluded]
         if not candidates:
             metrics.ROUTER_DECISIONS.labels(kind, "no_healthy_worker").inc()
             raise NoHealthyWorkerError(kind)
-        if len(candidates) == 1:
-            metrics.ROUTER_DECISIONS.labels(kind, "only_candidate").inc()
-            return candidates[0]
-        start = next(self._turn) % len(candidates)
-        rotated = candidates[start:] + candidates[:start]
-        chosen = min(rotated, key=worker_load)
-        reason = "least_loaded" if worker_load(chosen) < max(map(worker_load, candidates)) else "tie"
+        chosen, reason = self._choose(kind, candidates, hits)
         metrics.ROUTER_DECISIONS.labels(kind, reason).inc()
+        if hits is not None:
+            metrics.PREDICTED_CACHED_TOKENS.labels(kind).inc(hits.device_tokens(kind, chosen.address))
         return chosen
 
-    def pick_optional(self, kind: str, prompt_len: int) -> Optional[Worker]:
+    def pick_optional(self, kind: str, prompt_len: int, hits: Optional[PrefixHits] = None) -> Optional[Worker]:
         """Like pick, but None when no worker of `kind` is healthy (for optional stages such as prefill)."""
         try:
-            return self.pick(kind, prompt_len)
+            return self.pick(kind, prompt_len, hits=hits)
         except NoHealthyWorkerError:
             return None
+
+    def _choose(self, kind: str, candidates: list[Worker], hits: Optional[PrefixHits]) -> tuple[Worker, str]:
+        if len(candidates) == 1:
+            return candidates[0], "only_candidate"
+        if self.policy == "random":
+            return random.choice(candidates), "random"
+        start = next(self._turns[kind]) % len(candidates)
+        rotated = candidates[start:] + candidates[:start]
+        if self.policy == "round-robin":
+            return rotated[0], "round_robin"
+        if self.policy == "prefix" and hits is not None and hits.prompt_tokens and (
+                hits.store_tokens or any(hits.device_tokens(kind, w.address) for w in candidates)):
+            # max() keeps the first of equals: ties go to the less loaded, then in rotation.
+            ordered = sorted(rotated, key=worker_load)
+            chosen = max(ordered, key=lambda w: self._score(w, hits))
+            return chosen, "prefix_hit" if self._device_prefix.score(chosen, hits) > 0 else "least_loaded"
+        chosen = min(rotated, key=worker_load)
+        return chosen, "least_loaded" if worker_load(chosen) < max(map(worker_load, candidates)) else "tie"
+
+    def _score(self, worker: Worker, hits: Optional[PrefixHits]) -> float:
+        return sum(weight * scorer.score(worker, hits) for weight, scorer in self._scorers)

@@ -27,6 +27,7 @@ from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, 
 from splitserve.sampling_params import SamplingParams
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import NoHealthyWorkerError, UpstreamError
+from splitserve.services.gateway.prefix_index import PrefixHits
 from splitserve.services.gateway.router import Router
 from splitserve.services.gateway.rpc_errors import WORKER_DOWN_CODES, translate_rpc_error
 from splitserve.services.gateway.workers import Worker, WorkerPool
@@ -62,12 +63,14 @@ class SequenceRunner:
                      deadline: float) -> AsyncIterator[TokenBatch]:
         """Closing the iterator early (stop string, client gone) cancels the decode stream at once."""
         decode_load = len(prompt) + params.max_tokens
-        decode = self.router.pick("decode", len(prompt))
+        hits = await self.router.prefix_hits(prompt)
+        decode = self.router.pick("decode", len(prompt), hits=hits)
+        _log_choice(request_id, decode, hits)
         with contextlib.ExitStack() as reservation:
             # The decode worker's load counts from the pick, not from after the prefill: otherwise every request
             # arriving during a prefill sees the same idle worker (one worker took 15 of 16 streams).
             reservation.enter_context(self.pool.track(decode, decode_load))
-            prefilled = await self._prefill(request_id, prompt, params, deadline)
+            prefilled = await self._prefill(request_id, prompt, params, deadline, hits)
             request = decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
                                                  sampling_params=sampling_params_to_proto(params))
             produced: list[int] = []               # every token this sequence has yielded, the prefill's included
@@ -114,7 +117,7 @@ class SequenceRunner:
                         raise error from exc
                     tried.append(decode)
                     try:
-                        decode = self.router.pick("decode", len(prompt), exclude=tried)
+                        decode = self.router.pick("decode", len(prompt), exclude=tried, hits=hits)
                     except NoHealthyWorkerError:
                         if produced_here:
                             metrics.DECODE_MIGRATIONS.labels("no_other_worker").inc()
@@ -133,18 +136,19 @@ class SequenceRunner:
                         log.warning("request %s: %s; retrying on decode worker %s", request_id, error,
                                     decode.address)
 
-    async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams,
-                       deadline: float) -> Optional[prefill_pb2.PrefillResponse]:
+    async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: float,
+                       hits: Optional[PrefixHits]) -> Optional[prefill_pb2.PrefillResponse]:
         """The prefill worker's reply, or None when the decode worker is to prefill the prompt itself."""
         if len(prompt) < self.local_prefill_threshold:
             metrics.LOCAL_PREFILL.labels("below_threshold").inc()
             log.debug("request %s: %d prompt tokens < %d, prefilling on decode", request_id, len(prompt),
                       self.local_prefill_threshold)
             return None
-        worker = self.router.pick_optional("prefill", len(prompt))
+        worker = self.router.pick_optional("prefill", len(prompt), hits)
         if worker is None:
             self._local_without_prefill_worker(request_id)
             return None
+        _log_choice(request_id, worker, hits)
         request = prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
                                              sampling_params=sampling_params_to_proto(params))
         if self.kv_store_address:
@@ -182,6 +186,12 @@ class SequenceRunner:
         if code in WORKER_DOWN_CODES:
             self.pool.mark_failed(worker, f"{code.name}: {exc.details()}")
         return translate_rpc_error(f"{kind} worker {worker.address}", exc)
+
+
+def _log_choice(request_id: str, worker: Worker, hits: Optional[PrefixHits]) -> None:
+    predicted = "unknown" if hits is None else hits.device_tokens(worker.kind, worker.address)
+    log.debug("request %s: %s worker %s, predicted cached tokens %s (kv-store %s)", request_id, worker.kind,
+              worker.address, predicted, "unknown" if hits is None else hits.store_tokens)
 
 
 def _batch_from_chunk(chunk: decode_pb2.GenerateChunk, first_from_prefill: bool) -> TokenBatch:

@@ -25,7 +25,8 @@ from splitserve.services.gateway.grpc_api import GatewayServicer
 from splitserve.services.gateway.membership_check import MembershipCheck
 from splitserve.services.gateway.openai_api import ApiState, build_app
 from splitserve.services.gateway.pipeline import Pipeline
-from splitserve.services.gateway.router import Router
+from splitserve.services.gateway.prefix_index import PrefixIndexReader
+from splitserve.services.gateway.router import POLICIES, Router, RouterWeights
 from splitserve.services.gateway.sequence import SequenceRunner
 from splitserve.services.gateway.tokenizer_client import TokenizerClient
 from splitserve.services.gateway.workers import WorkerPool
@@ -64,6 +65,16 @@ class GatewaySettings:
         "help": "kv-store host:port that prefill workers write prompts' KV to"})
     local_prefill_threshold: int = field(default=0, metadata={
         "help": "prompts with fewer tokens are prefilled by the decode worker itself"})
+    router_policy: str = field(default="prefix", metadata={
+        "help": "how workers are picked: prefix (cached prefix, kv-store and load scored together; needs "
+                "--redis-url, else load), load, round-robin or random"})
+    router_prefix_weight: float = field(default=2.0, metadata={
+        "help": "weight of the share of the prompt a worker's own KV cache holds"})
+    router_store_weight: float = field(default=0.5, metadata={
+        "help": "weight of the share of the prompt the kv-store holds beyond the worker's cache"})
+    router_load_weight: float = field(default=1.0, metadata={"help": "weight of 1 / (1 + sequences on the worker)"})
+    prefix_index_timeout_s: float = field(default=0.1, metadata={
+        "help": "longest wait for one prefix index lookup in Redis; slower or failed lookups route by load"})
     request_timeout_s: float = field(default=600.0, metadata={"help": "deadline of one request, end to end"})
     health_check_interval_s: float = field(default=1.0, metadata={"help": "how often workers are health-checked"})
     max_decode_migrations: int = field(default=1, metadata={
@@ -90,6 +101,12 @@ class GatewaySettings:
             raise ValueError("max_decode_migrations must be >= 0")
         if self.max_in_flight < 1 or self.max_queued < 0:
             raise ValueError("max_in_flight must be >= 1 and max_queued >= 0")
+        if self.router_policy not in POLICIES:
+            raise ValueError(f"router_policy must be one of {', '.join(POLICIES)}")
+        if min(self.router_prefix_weight, self.router_store_weight, self.router_load_weight) < 0:
+            raise ValueError("router weights must be >= 0")
+        if self.prefix_index_timeout_s <= 0:
+            raise ValueError("prefix_index_timeout_s must be > 0")
         if self.max_body_bytes < 1 or (self.max_prompt_bytes is not None and self.max_prompt_bytes < 1):
             raise ValueError("max_body_bytes and max_prompt_bytes must be >= 1")
 
@@ -110,7 +127,15 @@ class Gateway:
         self.pool = WorkerPool({"tokenizer": settings.tokenizer_addresses, "prefill": settings.prefill_addresses,
                                 "decode": settings.decode_addresses}, redis_client=self.redis,
                                check_interval_s=settings.health_check_interval_s, membership=membership)
-        self.router = Router(self.pool)
+        # Its own client: lookups time out in milliseconds, discovery in seconds.
+        self.index_redis = (redis.from_url(settings.redis_url, socket_timeout=settings.prefix_index_timeout_s,
+                                           socket_connect_timeout=settings.prefix_index_timeout_s)
+                            if settings.redis_url and settings.router_policy == "prefix" else None)
+        self.prefix_index = (PrefixIndexReader(self.index_redis, timeout_s=settings.prefix_index_timeout_s)
+                             if self.index_redis is not None else None)
+        self.router = Router(self.pool, settings.router_policy,
+                             RouterWeights(settings.router_prefix_weight, settings.router_store_weight,
+                                           settings.router_load_weight), self.prefix_index)
         self.tokenizer = TokenizerClient(self.pool)
         runner = SequenceRunner(self.router, self.pool, settings.kv_store_address, settings.local_prefill_threshold,
                                 settings.max_decode_migrations)
@@ -147,6 +172,8 @@ class Gateway:
                         "model, so anyone who can write to Redis can receive traffic; set --cluster-token "
                         "(SPLITSERVE_CLUSTER_TOKEN) on the gateway and every worker")
         await self.pool.start()
+        if self.prefix_index is not None:
+            await self.prefix_index.start()
 
     async def drain(self) -> None:
         """Refuses new requests and returns when the ones in flight are done. Cancelled (the grace ran out),
@@ -162,12 +189,16 @@ class Gateway:
 
     async def close(self) -> None:
         await self.pool.close()
-        if self.redis is not None:
+        if self.prefix_index is not None:
+            await self.prefix_index.close()
+        for client in (self.redis, self.index_redis):
+            if client is None:
+                continue
             # Bounded: a Redis connection cut mid-command can make aclose wait on it; exiting matters more.
             try:
-                await asyncio.wait_for(self.redis.aclose(), timeout=5.0)
+                await asyncio.wait_for(client.aclose(), timeout=5.0)
             except asyncio.TimeoutError:
-                log.warning("closing the Redis client took over 5 s; left to the process exit")
+                log.warning("closing a Redis client took over 5 s; left to the process exit")
 
 
 class HttpServer:

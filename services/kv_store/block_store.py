@@ -21,6 +21,7 @@ from itertools import compress, filterfalse, groupby, repeat
 from operator import itemgetter
 from typing import Callable, Optional, Sequence
 
+from splitserve.kv_events.change_log import ChangeLog
 from splitserve.v1 import common_pb2
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.services.kv_store.block_layout import LayoutError, LayoutKey, block_bytes, conflict, layout_key
@@ -111,6 +112,7 @@ class BlockStore:
         self._bytes_used = self._blocks_used = self._evictable_bytes = self._pinned_blocks = 0
         self._max_block_bytes = 0
         self._hits = self._misses = self._evictions = self._expired_leases = 0
+        self.changes = ChangeLog()  # for KV events, when the server publishes them
 
     # ---- readers -------------------------------------------------------------------------------------------
 
@@ -257,6 +259,7 @@ class BlockStore:
                 self._free(blocks.pool, [slot for slot, mine in zip(slots, ours) if not mine])
                 new_hashes, slots = list(compress(new_hashes, ours)), list(compress(slots, ours))
             visible.update(zip(new_hashes, slots))
+            self.changes.stored(new_hashes)
             if crc32s is not None:
                 checksums = dict(zip(hashes, crc32s))
                 blocks.crc32.update(zip(new_hashes, map(checksums.get, new_hashes)))
@@ -356,6 +359,7 @@ class BlockStore:
     def _drop(self, blocks: LayoutBlocks, hashes: list[bytes]) -> None:
         """Frees visible, unpinned blocks that are out of the LRU already (evicted or discarded)."""
         self._free(blocks.pool, list(map(blocks.slots.pop, hashes)))
+        self.changes.removed(hashes)
         if blocks.crc32:
             for block_hash in hashes:
                 blocks.crc32.pop(block_hash, None)

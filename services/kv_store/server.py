@@ -25,6 +25,7 @@ from splitserve.services.kv_store.slot_pool import anonymous_slab
 
 SERVICE_NAME = kv_store_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name
 LEASE_SWEEP_S = 1.0  # expired leases are also dropped by every store call; the sweep covers an idle store
+PUBLISH_INTERVAL_S = 0.05  # KV events: a batch per interval, like an engine's per step
 
 
 @dataclass
@@ -42,6 +43,10 @@ class KVStoreSettings:
     kv_transport: str = field(default="ucx", metadata={"help": "data plane: ucx (also serves grpc) or grpc/tcp"})
     kv_checksum: bool = field(default=False, metadata={
         "help": "verify each written block against its writer's crc32 (and compute missing ones); costs CPU"})
+    redis_url: Optional[str] = field(default=None, metadata={
+        "help": "publish which blocks the store holds to the prefix index in this Redis (pass it by env)"})
+    advertise_address: Optional[str] = field(default=None, metadata={
+        "help": "address the store's KV events name it by (default host:port)"})
 
     def __post_init__(self):
         self.capacity_bytes = ByteSize(self.capacity_bytes)
@@ -58,6 +63,31 @@ async def _sweep_leases(store: BlockStore) -> None:
     while True:
         await asyncio.sleep(LEASE_SWEEP_S)
         store.expire()
+
+
+def _kv_event_publisher(settings: KVStoreSettings, store: BlockStore):
+    """Publishes the store's commits and evictions to the Redis prefix index (kv_events), so routers can count
+    what a prefill worker would load from here instead of computing."""
+    from splitserve.kv_events.events import MEDIUM_HOST_STORE
+    from splitserve.kv_events.index import PublisherInfo
+    from splitserve.kv_events.publisher import KVEventPublisher
+
+    address = settings.advertise_address or f"{settings.host}:{settings.port}"
+    publisher = KVEventPublisher(settings.redis_url, PublisherInfo("kv-store", address, MEDIUM_HOST_STORE, None, None))
+    store.changes.record()
+    publisher.start()
+    return publisher
+
+
+async def _publish_changes(store: BlockStore, publisher) -> None:
+    """The store's changes in one batch per interval: the store runs on this loop, so draining here needs no lock."""
+    from splitserve.kv_events.events import MEDIUM_HOST_STORE, events_from_pool
+
+    while True:
+        await asyncio.sleep(PUBLISH_INTERVAL_S)
+        changes = store.changes.drain()
+        if changes:
+            publisher.publish(events_from_pool(changes, None, MEDIUM_HOST_STORE))
 
 
 def _ucx_data_plane():
@@ -81,13 +111,19 @@ async def serve(settings: KVStoreSettings) -> None:
                                endpoint=data_plane.endpoint if data_plane else GRPC_ENDPOINT,
                                verify_checksums=settings.kv_checksum)
     kv_store_pb2_grpc.add_KVStoreServicer_to_server(servicer, svc.server)
-    sweeper = asyncio.create_task(_sweep_leases(store))
+    tasks = [asyncio.create_task(_sweep_leases(store))]
+    publisher = _kv_event_publisher(settings, store) if settings.redis_url else None
+    if publisher is not None:
+        tasks.append(asyncio.create_task(_publish_changes(store, publisher)))
     if data_plane:
         data_plane.start()
     try:
         await svc.run(drain=servicer.drain)
     finally:
-        sweeper.cancel()
+        for task in tasks:
+            task.cancel()
+        if publisher is not None:
+            await asyncio.to_thread(publisher.stop)
         if data_plane:
             await data_plane.stop()
 

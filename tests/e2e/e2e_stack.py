@@ -71,3 +71,12 @@ def wait_until_pools_whole(stack, timeout_s: float = 15.0, exclude: frozenset = 
         if whole or time.monotonic() > deadline:
             return whole, stats, store
         time.sleep(0.2)
+
+
+def gateway_metric(stack, name: str) -> float:
+    """The sum of the gateway's samples whose line starts with `name` (labels may follow)."""
+    import httpx
+
+    [port] = stack.metrics_ports["gateway"]
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))

@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from e2e_stack import gateway_metric
 from splitserve.launcher.stack import Stack
 
 pytestmark = pytest.mark.timeout(300)
@@ -48,12 +49,6 @@ def _busy_decode_index(stack) -> int:
     raise AssertionError("no decode worker is running the request")
 
 
-def _gateway_metric(stack, name: str) -> float:
-    [port] = stack.metrics_ports["gateway"]
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
-
-
 def _decode_running(stack, index: int) -> int:
     from e2e_stack import _call
     from splitserve.v1 import decode_pb2, decode_pb2_grpc
@@ -71,9 +66,9 @@ def test_killing_a_decode_worker_mid_stream_moves_its_streams(pair_stack, llama_
     model = _model(stack)
     prompts = [list(range(3 + i, 60 + 3 * i)) for i in range(16)]
     max_tokens = 600
-    migrations_before = _gateway_metric(stack, "splitserve_gateway_decode_migrations_total")
+    migrations_before = gateway_metric(stack, "splitserve_gateway_decode_migrations_total")
     deadline = time.monotonic() + 30   # both decode workers routable (the gateway checks health every second)
-    while _gateway_metric(stack, 'splitserve_gateway_healthy_workers{kind="decode"}') < 2:
+    while gateway_metric(stack, 'splitserve_gateway_healthy_workers{kind="decode"}') < 2:
         assert time.monotonic() < deadline, "the gateway never saw both decode workers healthy"
         time.sleep(0.2)
 
@@ -114,7 +109,7 @@ def test_killing_a_decode_worker_mid_stream_moves_its_streams(pair_stack, llama_
         assert text == ref.outputs[0].text, f"stream {i} differs from the offline engine"
         assert stream_events[-1]["choices"][0]["finish_reason"] == "length"
     assert on_killed > 0
-    migrated = _gateway_metric(stack, "splitserve_gateway_decode_migrations_total") - migrations_before
+    migrated = gateway_metric(stack, "splitserve_gateway_decode_migrations_total") - migrations_before
     assert migrated == on_killed
     gaps.sort()
     print(f"failover: {len(prompts)} streams kept, {on_killed} migrated, 0 lost; {after_kill:.2f} s from the kill to "

@@ -69,3 +69,21 @@ def test_admission_reuses_prefix_but_leaves_last_token():
     kv.free(first)
     kv.free(same)
     assert pool.num_free == 8
+
+
+def test_prefix_cache_changes_are_kept_in_order_only_when_recorded():
+    """KV events: what became findable and what stopped being so, in order (drained once per step)."""
+    pool = BlockPool(2)
+    a, b = pool.allocate(), pool.allocate()
+    pool.register(a, b"A" * 16)
+    assert pool.changes.drain() == []                  # nobody publishes: nothing kept
+    pool.changes.record()
+    pool.register(b, b"B" * 16)
+    pool.release(a)
+    pool.release(b)
+    c = pool.allocate()                                # evicts A, the least recently freed
+    pool.register(c, b"C" * 16)
+    pool.register(c, b"C" * 16)                        # already findable: no second event
+    assert pool.changes.drain() == [(True, b"B" * 16), (False, b"A" * 16), (True, b"C" * 16)]
+    pool.reset_prefix_cache()
+    assert pool.changes.drain() == [(False, b"B" * 16)]

@@ -41,3 +41,18 @@ def test_real_redis_starts_answers_and_stops(tmp_path, assert_all_gone):
         stop_together([child], grace_s=5)
     assert child.returncode == 0
     assert_all_gone([child.pid])
+
+
+def test_the_kubernetes_redis_grants_what_the_launchers_does():
+    """The prefix index's scripts (EVALSHA, EVAL, SCRIPT LOAD) are refused wherever the ACL lacks them."""
+    from pathlib import Path
+
+    import yaml
+
+    from splitserve.launcher.redis_server import ALLOWED, KEY_PATTERN
+
+    manifest = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "base" / "redis.yaml"
+    [statefulset] = [d for d in yaml.safe_load_all(manifest.read_text()) if d and d["kind"] == "StatefulSet"]
+    [container] = statefulset["spec"]["template"]["spec"]["containers"]
+    args = " ".join(container["args"])
+    assert args.endswith(f"~{KEY_PATTERN} &{KEY_PATTERN} {ALLOWED}")

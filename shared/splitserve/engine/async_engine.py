@@ -136,6 +136,7 @@ class AsyncEngine:
         self.dead: Optional[BaseException] = None
         # Written only by the loop thread, after each step: other threads read stats without racing the scheduler.
         self.stats_snapshot: dict[str, int] = engine.stats()
+        self._kv_changes_sink: Optional[Callable[[list[tuple[bool, bytes]]], None]] = None
         # Exports lend their blocks (no copy on this loop's thread); a release wakes the loop to take them back.
         engine.lend_exports(lambda: self._submit(engine.reclaim_lent_blocks, None))
 
@@ -184,6 +185,12 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30.0)
         self._fail_waiters(EngineDeadError("the engine stopped"))
+
+    def on_kv_changes(self, sink: Callable[[list[tuple[bool, bytes]]], None]) -> None:
+        """Hands `sink` the prefix cache's changes (stored?, hash) once per step, on the engine's thread: it
+        must not block (a KV event publisher queues them). Call before start()."""
+        self.engine.pool.changes.record()
+        self._kv_changes_sink = sink
 
     @property
     def num_active(self) -> int:
@@ -331,7 +338,7 @@ class AsyncEngine:
             for command in commands:
                 command()
             if not engine.has_unfinished_requests():
-                self.stats_snapshot = engine.stats()
+                self._step_done()
                 continue
             steps_before = engine.num_steps
             try:
@@ -344,13 +351,20 @@ class AsyncEngine:
                     self._loop.call_soon_threadsafe(self._fail_waiters, EngineDeadError(f"engine loop failed: {exc}"))
                 return
             self._post(self._deltas(engine.last_step_sampled, finished))
-            self.stats_snapshot = engine.stats()
+            self._step_done()
             if engine.num_steps == steps_before:
                 # Nothing could run (e.g. every free block is lent to a transfer): wait for a command such as a
                 # block's return instead of spinning a core; the timeout retries in case memory frees otherwise.
                 with self._wake:
                     if not self._commands and not self._stopping:
                         self._wake.wait(_IDLE_RETRY_S)
+
+    def _step_done(self) -> None:
+        self.stats_snapshot = self.engine.stats()
+        if self._kv_changes_sink is not None:
+            changes = self.engine.pool.changes.drain()
+            if changes:
+                self._kv_changes_sink(changes)
 
     def _deltas(self, sampled: list[Sequence], finished) -> list[tuple[str, TokenDelta]]:
         exports = {out.request_id: out for out in finished}

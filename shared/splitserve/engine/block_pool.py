@@ -11,6 +11,7 @@ from collections import OrderedDict, deque
 from typing import Optional
 
 from splitserve.kv_blocks.hashing import BlockHash
+from splitserve.kv_events.change_log import ChangeLog
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -28,6 +29,7 @@ class BlockPool:
         self._free_uncached: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
         self.num_evictions = 0
+        self.changes = ChangeLog()  # for KV events, when a worker publishes them
 
     @property
     def num_free(self) -> int:
@@ -82,6 +84,7 @@ class BlockPool:
             return
         self._hash_of[block_id] = block_hash
         self._block_of_hash[block_hash] = block_id
+        self.changes.stored((block_hash,))
 
     def reset_prefix_cache(self) -> None:
         """Drops every cached hash that no running sequence holds (e.g. after weights change)."""
@@ -95,3 +98,4 @@ class BlockPool:
         if block_hash is not None:
             self._hash_of[block_id] = None
             del self._block_of_hash[block_hash]
+            self.changes.removed((block_hash,))

@@ -235,7 +235,7 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
     ucx_env = {"UCX_NET_DEVICES": ucx_net_devices(config)}
     kv_store = service("kv-store", "kv-store", next(ports), *flags(capacity_bytes=config.kv_store_capacity_bytes,
                                                                   kv_checksum=config.kv_checksum or None),
-                       env=ucx_env)
+                       env={**ucx_env, "SPLITSERVE_REDIS_URL": redis})
     workers = []
     for role, count in (("prefill", config.prefill_workers), ("decode", config.decode_workers)):
         for index in range(count):

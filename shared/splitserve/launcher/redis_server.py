@@ -4,7 +4,7 @@ Started with persistence off: the index is rebuilt from live KV events, so a dum
 
 Whoever can write to Redis can announce workers, so this Redis needs a password: the `default` user is off and
 one user, `splitserve`, may touch only splitserve's keys (`splitserve:*`) with ordinary read and write commands
-(no FLUSHALL, CONFIG, KEYS, DEBUG: nothing in @dangerous). The password is new for each stack and reaches the
+(no FLUSHALL, CONFIG, KEYS, DEBUG: nothing in @dangerous) and scripts. The password is new for each stack and reaches the
 services in their environment, never on a command line where `ps` shows it; the config file holds only its
 SHA-256.
 """
@@ -23,8 +23,10 @@ from splitserve.launcher.errors import ToolNotInstalled
 REDIS_USER = "splitserve"
 KEY_PATTERN = "splitserve:*"
 # Categories, not a command list, so a new use of Redis in splitserve (another hash, a stream of KV events)
-# works without an edit here; the key pattern is what keeps it to splitserve's own data.
-ALLOWED = "-@all +@read +@write +@connection +@transaction -@dangerous"
+# works without an edit here; the key pattern is what keeps it to splitserve's own data. Scripts (the prefix
+# index: kv_events/index.py) by EVALSHA, EVAL and SCRIPT LOAD only: a script's commands are checked against the
+# same rules, and SCRIPT FLUSH/KILL or FUNCTION stay out.
+ALLOWED = "-@all +@read +@write +@connection +@transaction -@dangerous +evalsha +eval +script|load"
 
 
 def find_redis_server() -> str:

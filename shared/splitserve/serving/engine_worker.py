@@ -6,6 +6,7 @@ in + stream); everything about hosting an engine lives here once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
@@ -216,6 +217,7 @@ async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_n
         return 2
     log.info("%s announces itself as %s", role, address)
     engine = build_engine(settings)
+    publisher = kv_event_publisher(settings, role, engine) if settings.redis_url else None
     engine.start()
     register_engine_metrics(engine, role)
     transport = make_transport(settings.kv_transport, settings.kv_checksum)
@@ -248,4 +250,21 @@ async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_n
     finally:
         await engine.stop()
         await transport.close()
+        if publisher is not None:
+            await asyncio.to_thread(publisher.stop)
     return 0
+
+
+def kv_event_publisher(settings: EngineWorkerSettings, role: str, engine):
+    """Publishes what the engine's prefix cache holds to the Redis prefix index, from a thread of its own (its
+    steps hand over their changes without waiting). Made before the engine starts, so no change goes unseen."""
+    from splitserve.kv_events.events import MEDIUM_DEVICE, events_from_pool
+    from splitserve.kv_events.index import PublisherInfo
+    from splitserve.kv_events.publisher import KVEventPublisher
+
+    block_size = engine.config.block_size
+    publisher = KVEventPublisher(settings.redis_url, PublisherInfo(role, settings.address, MEDIUM_DEVICE, block_size,
+                                                                   engine.model_id))
+    engine.on_kv_changes(lambda changes: publisher.publish(events_from_pool(changes, block_size)))
+    publisher.start()
+    return publisher

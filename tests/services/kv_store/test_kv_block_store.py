@@ -395,3 +395,17 @@ def test_a_discarded_block_still_pinned_is_hidden_then_dropped_at_its_last_unpin
     assert (stats.blocks_used, stats.bytes_used, stats.pinned_blocks) == (0, 0, 0)
     put(store, SMALL, 1, 2, 3, 4)  # the whole capacity is usable again, the discarded block written afresh
     assert held(store, SMALL, 1, 2, 3, 4) == [True] * 4
+
+
+def test_commits_evictions_and_discards_are_recorded_for_kv_events():
+    """What the prefix index learns from the store: each block that became readable and each that went, in
+    order, once the server asked for them (an unpublished store keeps nothing)."""
+    store = BlockStore(capacity_bytes=3 * S)
+    put(store, SMALL, 1)
+    assert store.changes.drain() == []
+    store.changes.record()
+    put(store, SMALL, 2, 3)
+    put(store, SMALL, 4)                       # full: the oldest (1) is evicted first
+    store.discard(SMALL, [h(3)])
+    assert store.changes.drain() == [(True, h(2)), (True, h(3)), (False, h(1)), (True, h(4)), (False, h(3))]
+    assert store.changes.drain() == []
