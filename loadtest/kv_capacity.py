@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import contextlib
 import random
 import re
 import sys
@@ -20,25 +20,18 @@ import time
 
 import httpx
 
+from serve_load import RefusedError, completion_events  # loadtest/ is on sys.path: this script runs from it
 from splitserve.launcher.stack import Stack
 
 
 async def _stream(http: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int,
                   deadline_s: float) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
     out = {"text": "", "finish": None, "tokens": 0, "ttft": None, "error": "", "chunks": 0}
     try:
         async with asyncio.timeout(deadline_s):
-            async with http.stream("POST", f"{url}/completions", json=body) as response:
-                if response.status_code != 200:
-                    out["error"] = f"HTTP {response.status_code}"
-                    return out
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
+            async with contextlib.aclosing(completion_events(http, url, model, prompt, max_tokens)) as events:
+                async for event in events:
                     if "error" in event:
                         out["error"] = event["error"]["message"][:80]
                         continue
@@ -50,6 +43,8 @@ async def _stream(http: httpx.AsyncClient, url: str, model: str, prompt: list[in
                             out["ttft"] = time.perf_counter() - started
                         out["text"] += choice["text"]
                         out["finish"] = choice.get("finish_reason") or out["finish"]
+    except RefusedError as exc:
+        out["error"] = str(exc)
     except TimeoutError:
         out["error"] = f"no end within {deadline_s:.0f} s"
     out["seconds"] = time.perf_counter() - started
@@ -74,12 +69,12 @@ def _worker_counters(stack: Stack) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
-    parser.add_argument("--num-kv-blocks", type=int, default=200)
-    parser.add_argument("--streams", type=int, default=8)
-    parser.add_argument("--min-prompt", type=int, default=1300)
-    parser.add_argument("--max-prompt", type=int, default=1450)
-    parser.add_argument("--max-tokens", type=int, default=400)
-    parser.add_argument("--deadline-s", type=float, default=600.0)
+    parser.add_argument("--num-kv-blocks", type=int, default=200, help="each worker's KV cache, in blocks of 16")
+    parser.add_argument("--streams", type=int, default=8, help="streaming completions, all at once")
+    parser.add_argument("--min-prompt", type=int, default=1300, help="shortest prompt, in tokens")
+    parser.add_argument("--max-prompt", type=int, default=1450, help="longest prompt, in tokens")
+    parser.add_argument("--max-tokens", type=int, default=400, help="tokens each stream generates (EOS ignored)")
+    parser.add_argument("--deadline-s", type=float, default=600.0, help="a stream not ended by then has failed")
     parser.add_argument("--no-check", action="store_true", help="skip the comparison with the offline engine")
     args = parser.parse_args()
 

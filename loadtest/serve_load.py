@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -22,6 +23,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 import httpx
 
@@ -47,23 +49,33 @@ def make_workload(num_requests: int, seed: int, min_in: int, max_in: int, min_ou
     return workload
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
-                      api_key: str | None) -> RequestResult:
+class RefusedError(Exception):
+    """The server answered the request with an HTTP error instead of a stream."""
+
+
+async def completion_events(client: httpx.AsyncClient, url: str, model: str, prompt: str | list[int],
+                            max_tokens: int, api_key: str | None = None) -> AsyncIterator[dict]:
+    """The JSON events of one greedy streamed completion that ignores EOS (usage included at the end), `[DONE]`
+    left out. Close it (contextlib.aclosing) to end the stream early."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    async with client.stream("POST", f"{url}/completions", json=body, headers=headers) as response:
+        if response.status_code != 200:
+            raise RefusedError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                yield json.loads(line[6:])
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
+                      api_key: str | None) -> RequestResult:
     start = time.perf_counter()
     last = None
     result = RequestResult(ok=False)
     try:
-        async with client.stream("POST", f"{url}/completions", json=body, headers=headers) as response:
-            if response.status_code != 200:
-                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
+        async with contextlib.aclosing(completion_events(client, url, model, prompt, max_tokens, api_key)) as events:
+            async for chunk in events:
                 if "error" in chunk:
                     result.error = chunk["error"].get("message", "error event")
                     return result
@@ -76,6 +88,9 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                     else:
                         result.itls.append(now - last)
                     last = now
+    except RefusedError as exc:
+        result.error = str(exc)
+        return result
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return result

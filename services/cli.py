@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 # Each module has `main(argv) -> int`. Imported only when asked for, so one service never loads another's code.
@@ -64,7 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_openmp_threads() -> None:
+    """Idle OpenMP threads sleep instead of spinning (unless OMP_WAIT_POLICY says otherwise). Set here, before any
+    command imports torch (its OpenMP runtime reads the variable once, when loaded), and inherited by every process
+    `splitserve up` starts. Why: a decode step is hundreds of small ops, and between them libgomp's threads spin by
+    default; on cores shared with other processes a spinning thread burns the slice the thread it waits for needs.
+    Measured (offline benchmark, 2 shared cores): 8x the output tokens/s and a fifth of the CPU-seconds per token."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_openmp_threads()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:]) or 0

@@ -11,15 +11,19 @@ from store_process import StoreProcess
 # decided by float noise between near-equal logits.
 _INIT_RANGE = 0.1
 
-_LLAMA = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    tie_word_embeddings=False,
-    initializer_range=_INIT_RANGE,
-)
+# Tiny checkpoints by architecture: build_checkpoint's settings for each (the rest are its defaults).
+_TINY = {
+    "llama": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=1024, tie_word_embeddings=False),
+    "qwen2": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                  tie_word_embeddings=False),
+}
+
+
+def _tiny(tmp_path_factory, folder: str, arch: str, **extra):
+    return build_checkpoint(tmp_path_factory.mktemp(folder), arch, initializer_range=_INIT_RANGE, **_TINY[arch],
+                            **extra)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,43 +42,25 @@ def weight_digest_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_ckpt(tmp_path_factory):
     """Llama with GQA (4 heads / 2 kv heads) and an untied lm_head."""
-    return build_checkpoint(tmp_path_factory.mktemp("llama"), "llama", **_LLAMA)
+    return _tiny(tmp_path_factory, "llama", "llama")
 
 
 @pytest.fixture(scope="session")
 def sharded_llama_ckpt(tmp_path_factory):
     """Same weights as ``llama_ckpt``, split over several safetensors shards."""
-    return build_checkpoint(
-        tmp_path_factory.mktemp("llama-sharded"), "llama", max_shard_size="200KB", **_LLAMA
-    )
+    return _tiny(tmp_path_factory, "llama-sharded", "llama", max_shard_size="200KB")
 
 
 @pytest.fixture(scope="session")
 def qwen2_ckpt(tmp_path_factory):
     """Qwen2: qkv biases, tied embeddings, GQA."""
-    return build_checkpoint(
-        tmp_path_factory.mktemp("qwen2"),
-        "qwen2",
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        initializer_range=_INIT_RANGE,
-    )
+    return _tiny(tmp_path_factory, "qwen2", "qwen2")
 
 
 @pytest.fixture(scope="session")
 def qwen3_ckpt(tmp_path_factory):
     """Qwen3: q/k norms, one kv head, head_dim (32) decoupled from hidden/heads (16)."""
-    return build_checkpoint(
-        tmp_path_factory.mktemp("qwen3"),
-        "qwen3",
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=32,
-        tie_word_embeddings=False,
-        initializer_range=_INIT_RANGE,
-    )
+    return _tiny(tmp_path_factory, "qwen3", "qwen3")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 import uuid
 from typing import AsyncIterator, Optional
 
@@ -19,13 +18,13 @@ from prometheus_client import Counter
 
 from splitserve.engine.async_engine import EngineDeadError
 from splitserve.engine.output_text import OutputText
-from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, record_transfer
-from splitserve.kv_transfer.transport import KVTransferError, ReceivedBlocks
+from splitserve.kv_transfer.transport import ReceivedBlocks
 from splitserve.proto_convert import (finish_reason_to_proto, layout_mismatch, sampling_params_from_proto,
                                        stop_reason_to_proto, token_logprob_to_proto)
 from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
-from splitserve.serving.engine_worker import WorkerIdentity, engine_stats_proto, layout_proto
+from splitserve.serving.engine_servicer import EngineServicer
+from splitserve.serving.engine_worker import engine_stats_proto, layout_proto
 from splitserve.serving.errors import abort_engine_error, abort_invalid
 
 log = logging.getLogger(__name__)
@@ -36,14 +35,7 @@ KV_RECOMPUTE = Counter("splitserve_decode_kv_recompute_total",
 LOCAL_PREFILL = Counter("splitserve_decode_local_prefill_total", "Requests prefilled by this decode worker")
 
 
-class DecodeServicer(decode_pb2_grpc.DecodeServicer):
-    def __init__(self, engine, transport, kv_timeout_s: float, identity: WorkerIdentity, is_draining):
-        self.engine = engine
-        self.transport = transport
-        self.kv_timeout_s = kv_timeout_s
-        self.identity = identity
-        self.is_draining = is_draining
-
+class DecodeServicer(EngineServicer, decode_pb2_grpc.DecodeServicer):
     async def Generate(self, request: decode_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         if self.is_draining():
             DECODE_REQUESTS.labels("draining").inc()
@@ -113,8 +105,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
     @contextlib.asynccontextmanager
     async def _prompt_blocks(self, request: decode_pb2.GenerateRequest, request_id: str,
                              pull: bool) -> AsyncIterator[Optional[tuple[list[bytes], ReceivedBlocks]]]:
-        """`async with`: the prompt's blocks the kv-store holds (hashes, rows), readable for the body, or None
-        (nothing to pull, or the pull failed: the engine computes them; each reason counted)."""
+        """`async with`: the prompt's blocks the kv-store holds (hashes, rows) beyond those this engine's prefix
+        cache holds, readable for the body, or None (nothing to pull, or the pull failed: the engine computes
+        them; each reason counted)."""
         if not pull:
             yield None
             return
@@ -131,21 +124,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             self._recompute("layout_mismatch", request_id, mismatch)
             yield None
             return
-        async with contextlib.AsyncExitStack() as pinned:
-            started = time.monotonic()
-            try:
-                received = await pinned.enter_async_context(self.transport.pinned_blocks(
-                    handle.store_address, handle.layout, hashes, request_id, timeout_s=self.kv_timeout_s))
-            except KVTransferError as exc:
-                KV_TRANSFER_FAILURES.labels("get", type(exc).__name__).inc()
-                self._recompute("transfer_failed", request_id, str(exc))
-                received = None
-            if received is not None:
-                record_transfer("get", time.monotonic() - started, received.nbytes, received.count)
-                if received.count < len(hashes):
-                    self._recompute("missing_blocks", request_id,
-                                    f"the store had {received.count} of {len(hashes)} blocks")
-            yield (hashes[: received.count], received) if received is not None else None
+        async with self.stored_prefix(handle.store_address, handle.layout, hashes, request_id) as found:
+            if found.error is not None:
+                self._recompute("transfer_failed", request_id, str(found.error))
+            elif found.missing:
+                self._recompute("missing_blocks", request_id,
+                                f"the store had {found.received_count} of the {len(hashes) - found.local} "
+                                f"blocks not cached here")
+            yield found.kv_blocks
 
     @staticmethod
     def _recompute(reason: str, request_id: str, detail: str) -> None:

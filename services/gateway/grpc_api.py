@@ -16,7 +16,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from splitserve.proto_convert import finish_reason_to_proto, sampling_params_from_proto
-from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from splitserve.v1 import gateway_pb2, gateway_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.errors import abort_invalid
 from splitserve.services.gateway import metrics
@@ -166,7 +166,5 @@ def chunk_from_event(event: SequenceEvent, request_id: str) -> gateway_pb2.Gatew
     if isinstance(event.stop, int):
         chunk.stop_token_id = event.stop
     if event.usage is not None:
-        chunk.usage.CopyFrom(common_pb2.Usage(prompt_tokens=event.usage.prompt_tokens,
-                                              completion_tokens=event.usage.completion_tokens,
-                                              cached_tokens=event.usage.cached_tokens))
+        chunk.usage.CopyFrom(event.usage)
     return chunk

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from splitserve.v1 import common_pb2
-from splitserve.services.gateway.outputs import SequenceEvent, SequenceResult, Usage
+from splitserve.services.gateway.outputs import SequenceEvent, SequenceResult
 
 
-def usage_json(usage: Usage) -> dict[str, Any]:
+def usage_json(usage: common_pb2.Usage) -> dict[str, Any]:
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
@@ -35,7 +35,7 @@ class ResponseFormatter:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def response(self, results: list[SequenceResult], usage: Usage) -> dict[str, Any]:
+    def response(self, results: list[SequenceResult], usage: common_pb2.Usage) -> dict[str, Any]:
         choices = []
         for result in results:
             choice: dict[str, Any] = {"index": result.index,
@@ -67,7 +67,7 @@ class ResponseFormatter:
             choice["text"] = event.text
         return self._chunk([choice], include_usage)
 
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+    def usage_chunk(self, usage: common_pb2.Usage) -> dict[str, Any]:
         return {**self._envelope(chunk=True), "choices": [], "usage": usage_json(usage)}
 
     def _chunk(self, choices: list[dict[str, Any]], include_usage: bool) -> dict[str, Any]:

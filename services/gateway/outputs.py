@@ -10,13 +10,6 @@ from splitserve.v1 import common_pb2
 
 
 @dataclass
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
-
-
-@dataclass
 class SequenceEvent:
     """New output of one of the n sequences."""
     index: int
@@ -25,7 +18,7 @@ class SequenceEvent:
     logprobs: list[common_pb2.TokenLogprob]             # parallel to token_ids when logprobs were asked for
     finish_reason: Optional[str] = None                 # on the sequence's last event
     stop: Union[str, int, None] = None                  # the stop string or stop token id that ended it
-    usage: Optional[Usage] = None                       # on the last event
+    usage: Optional[common_pb2.Usage] = None            # on the last event
     error: Optional[Exception] = None                   # why, when finish_reason == "error"
 
 
@@ -38,7 +31,7 @@ class SequenceResult:
     logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
     finish_reason: Optional[str] = None
     stop: Union[str, int, None] = None
-    usage: Optional[Usage] = None
+    usage: Optional[common_pb2.Usage] = None
     error: Optional[Exception] = None
 
 
@@ -57,9 +50,9 @@ async def collect(events: AsyncIterator[SequenceEvent], n: int) -> list[Sequence
     return results
 
 
-def total_usage(prompt_tokens: int, usages: list[Optional[Usage]]) -> Usage:
+def total_usage(prompt_tokens: int, usages: list[Optional[common_pb2.Usage]]) -> common_pb2.Usage:
     """The request's usage: the prompt counted once (as OpenAI bills n > 1), completions summed, and as cached
     the prompt tokens every one of the n sub-requests reused."""
     known = [u for u in usages if u is not None]
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(u.completion_tokens for u in known),
-                 cached_tokens=min((u.cached_tokens for u in known), default=0))
+    return common_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(u.completion_tokens for u in known),
+                            cached_tokens=min((u.cached_tokens for u in known), default=0))

@@ -18,11 +18,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional, Sequence, Union
 
+from splitserve.v1 import common_pb2
 from splitserve.sampling_params import SEED_MIN, InvalidRequestError, SamplingParams
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import (ContextLengthExceededError, GatewayError, RequestTooLargeError,
                                                 UpstreamError)
-from splitserve.services.gateway.outputs import SequenceEvent, Usage, total_usage
+from splitserve.services.gateway.outputs import SequenceEvent, total_usage
 from splitserve.services.gateway.sequence import SequenceRunner, TokenBatch
 from splitserve.services.gateway.served_models import ServedModels
 from splitserve.services.gateway.tokenizer_client import ModelInfo, TokenizerClient
@@ -195,7 +196,8 @@ class Pipeline:
                     event = SequenceEvent(index, batch.text, batch.token_ids, batch.logprobs, finish,
                                           _stop_reason(batch, params) if finish == "stop" else None)
                     if finish is not None:
-                        event.usage = Usage(len(prompt), completion_tokens, cached_tokens)
+                        event.usage = common_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
+                                                       cached_tokens=cached_tokens)
                         if finish == "error":
                             event.error = UpstreamError(f"the engine failed the request: {batch.message}",
                                                         retryable=False)
@@ -208,8 +210,9 @@ class Pipeline:
             if not emitted:
                 raise
             log.warning("request %s: sequence %d failed after it started: %s", request_id, index, exc)
-            yield SequenceEvent(index, "", [], [], "error", usage=Usage(len(prompt), completion_tokens,
-                                                                         cached_tokens), error=exc)
+            usage = common_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
+                                     cached_tokens=cached_tokens)
+            yield SequenceEvent(index, "", [], [], "error", usage=usage, error=exc)
 
 
 async def _renumbered(events: AsyncIterator[SequenceEvent], offset: int) -> AsyncIterator[SequenceEvent]:
@@ -219,16 +222,17 @@ async def _renumbered(events: AsyncIterator[SequenceEvent], offset: int) -> Asyn
             yield event
 
 
-def batch_usage(requests: list[PreparedRequest], usages: dict[int, Optional[Usage]]) -> Usage:
+def batch_usage(requests: list[PreparedRequest],
+                usages: dict[int, Optional[common_pb2.Usage]]) -> common_pb2.Usage:
     """A batch's usage, from its sequences' (by choice index): each prompt's counted as total_usage counts one
     request's, then summed over the prompts."""
     totals = []
     for i, request in enumerate(requests):
         n = request.params.n
         totals.append(total_usage(len(request.prompt_token_ids), [usages.get(i * n + j) for j in range(n)]))
-    return Usage(prompt_tokens=sum(u.prompt_tokens for u in totals),
-                 completion_tokens=sum(u.completion_tokens for u in totals),
-                 cached_tokens=sum(u.cached_tokens for u in totals))
+    return common_pb2.Usage(prompt_tokens=sum(u.prompt_tokens for u in totals),
+                            completion_tokens=sum(u.completion_tokens for u in totals),
+                            cached_tokens=sum(u.cached_tokens for u in totals))
 
 
 def check_token_ids(token_ids: Sequence[int], info: ModelInfo, param: str) -> None:

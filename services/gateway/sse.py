@@ -36,11 +36,11 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-async def run_for_client(request: Request, work: Awaitable[T], abort: asyncio.Event) -> T:
-    """Runs `work` (the request body already read). Cancels it and raises ClientDisconnected if the client
-    goes away first, or ShutdownError if `abort` is set first (the gateway gave up waiting for it)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request.receive))
+async def _race(task: asyncio.Future, receive: Receive, abort: asyncio.Event) -> bool:
+    """Waits until `task` ends, the client disconnects or `abort` is set, whichever comes first; then cancels
+    the rest and waits for them, so `task` is done (cancelled unless it ended first) however this returns.
+    Returns whether the client went away."""
+    watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
     stopper = asyncio.ensure_future(abort.wait())
     try:
         await asyncio.wait({task, watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -48,11 +48,17 @@ async def run_for_client(request: Request, work: Awaitable[T], abort: asyncio.Ev
         for other in (task, watcher, stopper):
             other.cancel()
         await asyncio.gather(task, watcher, stopper, return_exceptions=True)
+    return watcher.done() and not watcher.cancelled()
+
+
+async def run_for_client(request: Request, work: Awaitable[T], abort: asyncio.Event) -> T:
+    """Runs `work` (the request body already read). Cancels it and raises ClientDisconnected if the client
+    goes away first, or ShutdownError if `abort` is set first (the gateway gave up waiting for it)."""
+    task = asyncio.ensure_future(work)
+    client_left = await _race(task, request.receive, abort)
     if not task.cancelled():
         return task.result()
-    if watcher.done() and not watcher.cancelled():
-        raise ClientDisconnected()
-    raise ShutdownError()
+    raise ClientDisconnected() if client_left else ShutdownError()
 
 
 class EventStreamResponse(StreamingResponse):
@@ -84,17 +90,12 @@ class EventStreamResponse(StreamingResponse):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         streamer = asyncio.ensure_future(stream())
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-        stopper = asyncio.ensure_future(self.abort.wait())
+        client_left = False
         try:
-            await asyncio.wait({streamer, watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            client_left = await _race(streamer, receive, self.abort)
         finally:
-            for task in (streamer, watcher, stopper):
-                task.cancel()
-            await asyncio.gather(streamer, watcher, stopper, return_exceptions=True)
             if streamer.done() and not streamer.cancelled() and streamer.exception() is not None:
                 log.error("event stream failed", exc_info=streamer.exception())
-            client_left = watcher.done() and not watcher.cancelled()
             try:
                 await self.events.aclose()
                 if streamer.cancelled() and self.abort.is_set() and not client_left:

@@ -22,7 +22,7 @@ from operator import itemgetter
 from typing import Callable, Optional, Sequence
 
 from splitserve.kv_events.change_log import ChangeLog
-from splitserve.v1 import common_pb2
+from splitserve.v1 import common_pb2, kv_store_pb2
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.services.kv_store.block_layout import LayoutError, LayoutKey, block_bytes, conflict, layout_key
 from splitserve.services.kv_store.leases import Lease, LeaseTable
@@ -33,19 +33,6 @@ log = logging.getLogger(__name__)
 
 class StoreFullError(RuntimeError):
     """Room for new blocks cannot be made because everything that could be evicted is pinned or reserved."""
-
-
-@dataclass(frozen=True)
-class StoreStats:
-    blocks_used: int  # slots taken: stored blocks plus reserved ones
-    blocks_capacity: int  # how many blocks of the largest size seen fit in the capacity
-    bytes_used: int
-    bytes_capacity: int
-    pinned_blocks: int
-    hits: int
-    misses: int
-    evictions: int
-    expired_leases: int
 
 
 @dataclass(frozen=True)
@@ -314,10 +301,10 @@ class BlockStore:
         self._expired_leases += expired
         return expired
 
-    def stats(self) -> StoreStats:
+    def stats(self) -> kv_store_pb2.KVStoreStatsResponse:
         """Counters only, no container walks: safe to call from the metrics server's thread."""
         biggest = self._max_block_bytes
-        return StoreStats(
+        return kv_store_pb2.KVStoreStatsResponse(
             blocks_used=self._blocks_used, blocks_capacity=self.capacity_bytes // biggest if biggest else 0,
             bytes_used=self._bytes_used, bytes_capacity=self.capacity_bytes, pinned_blocks=self._pinned_blocks,
             hits=self._hits, misses=self._misses, evictions=self._evictions, expired_leases=self._expired_leases)

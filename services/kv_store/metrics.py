@@ -33,29 +33,31 @@ for _direction in ("in", "out"):  # export zeros from the start so rate() has a 
         _counter.labels(direction=_direction)
 
 
+# The pool figures of BlockStore.stats() exported: (family, metric name, help, field of KVStoreStatsResponse).
+POOL_METRICS = (
+    (GaugeMetricFamily, "splitserve_kv_store_blocks", "Block slots in use (stored plus reserved)", "blocks_used"),
+    (GaugeMetricFamily, "splitserve_kv_store_bytes", "Bytes of block slots in use (stored plus reserved)",
+     "bytes_used"),
+    (GaugeMetricFamily, "splitserve_kv_store_capacity_bytes", "Configured capacity of the block pool",
+     "bytes_capacity"),
+    (GaugeMetricFamily, "splitserve_kv_store_pinned_blocks", "Blocks pinned by readers or reservations",
+     "pinned_blocks"),
+    (CounterMetricFamily, "splitserve_kv_store_hits", "Blocks found by Lookup/Pin/GetBlocks", "hits"),
+    (CounterMetricFamily, "splitserve_kv_store_misses", "Blocks not found by Lookup/Pin/GetBlocks", "misses"),
+    (CounterMetricFamily, "splitserve_kv_store_evictions", "Blocks evicted to make room (LRU)", "evictions"),
+    (CounterMetricFamily, "splitserve_kv_store_expired_leases",
+     "Pins and reservations dropped because their holder did not release them in time", "expired_leases"),
+)
+
+
 class BlockStoreCollector(Collector):
     def __init__(self, store: BlockStore):
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
         stats = self.store.stats()
-        yield GaugeMetricFamily("splitserve_kv_store_blocks", "Block slots in use (stored plus reserved)",
-                                value=stats.blocks_used)
-        yield GaugeMetricFamily("splitserve_kv_store_bytes", "Bytes of block slots in use (stored plus reserved)",
-                                value=stats.bytes_used)
-        yield GaugeMetricFamily("splitserve_kv_store_capacity_bytes", "Configured capacity of the block pool",
-                                value=stats.bytes_capacity)
-        yield GaugeMetricFamily("splitserve_kv_store_pinned_blocks", "Blocks pinned by readers or reservations",
-                                value=stats.pinned_blocks)
-        yield CounterMetricFamily("splitserve_kv_store_hits", "Blocks found by Lookup/Pin/GetBlocks",
-                                  value=stats.hits)
-        yield CounterMetricFamily("splitserve_kv_store_misses", "Blocks not found by Lookup/Pin/GetBlocks",
-                                  value=stats.misses)
-        yield CounterMetricFamily("splitserve_kv_store_evictions", "Blocks evicted to make room (LRU)",
-                                  value=stats.evictions)
-        yield CounterMetricFamily("splitserve_kv_store_expired_leases",
-                                  "Pins and reservations dropped because their holder did not release them in time",
-                                  value=stats.expired_leases)
+        for family, name, documentation, field in POOL_METRICS:
+            yield family(name, documentation, value=getattr(stats, field))
 
 
 def register_store_metrics(store: BlockStore) -> None:

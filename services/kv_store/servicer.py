@@ -157,11 +157,7 @@ class KVStoreServicer(kv_store_pb2_grpc.KVStoreServicer):
 
     async def Stats(self, request, context):
         self.store.expire()
-        stats = self.store.stats()
-        return kv_store_pb2.KVStoreStatsResponse(
-            blocks_used=stats.blocks_used, blocks_capacity=stats.blocks_capacity, bytes_used=stats.bytes_used,
-            bytes_capacity=stats.bytes_capacity, pinned_blocks=stats.pinned_blocks, hits=stats.hits,
-            misses=stats.misses, evictions=stats.evictions)
+        return self.store.stats()
 
     # ---- data plane ----------------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from splitserve.proto_convert import (finish_reason_to_proto, sampling_params_fr
                                        token_logprob_to_proto)
 from splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
+from splitserve.serving.engine_servicer import EngineServicer
 from splitserve.serving.engine_worker import WorkerIdentity, engine_stats_proto, layout_proto
 from splitserve.serving.errors import abort_engine_error
 
@@ -37,15 +38,11 @@ PREFILL_SECONDS = Histogram("splitserve_prefill_seconds", "Prompt in to first to
                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
 
-class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
     def __init__(self, engine, transport, kv_store_address: str | None, kv_timeout_s: float,
                  identity: WorkerIdentity, is_draining):
-        self.engine = engine
-        self.transport = transport
+        super().__init__(engine, transport, kv_timeout_s, identity, is_draining)
         self.kv_store_address = kv_store_address
-        self.kv_timeout_s = kv_timeout_s
-        self.identity = identity
-        self.is_draining = is_draining
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         started = time.monotonic()
@@ -127,26 +124,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             yield None
             return
         hashes = chain_block_hashes(prompt[: usable * block_size], block_size, engine.model_id)
-        local = await engine.cached_prefix_blocks(hashes)
-        if local == usable:
-            yield None
-            return
-        async with contextlib.AsyncExitStack() as pinned:
-            started = time.monotonic()
-            try:
-                received = await pinned.enter_async_context(self.transport.pinned_blocks(
-                    store, layout_proto(engine), hashes[local:], request_id, timeout_s=self.kv_timeout_s))
-            except KVTransferError as exc:
-                KV_TRANSFER_FAILURES.labels("get", type(exc).__name__).inc()
+        async with self.stored_prefix(store, layout_proto(engine), hashes, request_id) as found:
+            if found.error is not None:
                 log.warning("request %s: reading cached prefix blocks from %s failed (%s); computing them",
-                            request_id, store, exc)
-                received = None
-            if received is not None and received.count:
-                record_transfer("get", time.monotonic() - started, received.nbytes, received.count)
-                STORE_PREFIX_HITS.inc(received.count * block_size)
-                yield hashes[local: local + received.count], received
-            else:
-                yield None
+                            request_id, store, found.error)
+            STORE_PREFIX_HITS.inc(found.received_count * block_size)
+            yield found.kv_blocks
 
     async def _store_blocks(self, store: str | None, export, request_id: str, already_stored: set = frozenset()):
         if not store:

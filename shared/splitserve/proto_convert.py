@@ -90,14 +90,8 @@ def token_logprob_to_proto(token_id: int, logprob: float, top: list[tuple[int, f
                            pieces: Callable[[int], tuple[str, bytes]]) -> common_pb2.TokenLogprob:
     """`pieces(token_id)` -> (text, bytes) of the token alone (splitserve.token_bytes.TokenPieces)."""
     text, data = pieces(token_id)
-    alternatives = []
-    for alternative, alternative_logprob in top:
-        alternative_text, alternative_data = pieces(alternative)
-        alternatives.append(common_pb2.TokenLogprob.TopLogprob(token_id=alternative, logprob=alternative_logprob,
-                                                               token=alternative_text,
-                                                               token_bytes=alternative_data))
     return common_pb2.TokenLogprob(token_id=token_id, logprob=logprob, token=text, token_bytes=data,
-                                   top=alternatives)
+                                   top=[token_logprob_to_proto(t, lp, [], pieces) for t, lp in top])
 
 
 def stop_reason_to_proto(stop_reason: Union[str, int, None]) -> Optional[common_pb2.StopReason]:

@@ -94,13 +94,17 @@ def test_stop_token_ids_and_stop_strings(llm):
     assert len(out.outputs[0].token_ids) < len(tokens)
 
 
-def test_eos_ends_generation_unless_ignored(llama_ckpt):
-    # Make EOS the greedy choice everywhere by giving it a huge lm_head bias-free row: scale its weights.
+def _eos_everywhere(llama_ckpt) -> tuple[LLM, int, list[int]]:
+    """An engine whose greedy choice is EOS at every position (its lm_head row scaled up), its EOS id, a prompt."""
     llm = LLM(str(llama_ckpt), dtype="float32", device="cpu", num_kv_blocks=32)
     eos = llm.get_tokenizer().eos_token_id
     with torch.no_grad():
         llm.engine.runner.model.lm_head.weight[eos] *= 200.0
-    prompt = mixed_prompts(VOCAB, [10], seed=9)[0]
+    return llm, eos, mixed_prompts(VOCAB, [10], seed=9)[0]
+
+
+def test_eos_ends_generation_unless_ignored(llama_ckpt):
+    llm, eos, prompt = _eos_everywhere(llama_ckpt)
     [stopped] = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0))
     assert stopped.outputs[0].token_ids[-1] == eos and stopped.outputs[0].finish_reason == "stop"
     [ignored] = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
@@ -125,12 +129,7 @@ def test_min_tokens_holds_back_stop_ids_and_eos_like_transformers(llm, llama_ckp
 
 
 def test_min_tokens_holds_back_eos(llama_ckpt):
-    # EOS is the greedy choice everywhere (see test_eos_ends_generation_unless_ignored).
-    llm = LLM(str(llama_ckpt), dtype="float32", device="cpu", num_kv_blocks=32)
-    eos = llm.get_tokenizer().eos_token_id
-    with torch.no_grad():
-        llm.engine.runner.model.lm_head.weight[eos] *= 200.0
-    prompt = mixed_prompts(VOCAB, [10], seed=9)[0]
+    llm, eos, prompt = _eos_everywhere(llama_ckpt)
     [out] = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, min_tokens=4))
     assert len(out.outputs[0].token_ids) == 5 and eos not in out.outputs[0].token_ids[:4]
     assert out.outputs[0].token_ids[4] == eos and out.outputs[0].finish_reason == "stop"

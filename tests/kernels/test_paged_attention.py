@@ -160,19 +160,15 @@ def test_prefill_empty_sequence_in_batch():
     run_prefill_case([4, 0, 19], [20, 9, 19], 2, 1, 32, torch.float32, seed=11)
 
 
-def test_rejects_bad_head_dim():
-    q = torch.randn(1, 1, 48)
-    kc = torch.randn(1, BLOCK_SIZE, 1, 48)
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, error", [
+    (1, 1, 48, "head_dim"),     # not a power of two
+    (3, 2, 32, "multiple"),     # query heads not a multiple of the KV heads (GQA)
+])
+def test_rejects_bad_shapes(num_heads, num_kv_heads, head_dim, error):
+    q = torch.randn(1, num_heads, head_dim)
+    kc = torch.randn(1, BLOCK_SIZE, num_kv_heads, head_dim)
     bt = torch.zeros(1, 1, dtype=torch.int32)
-    with pytest.raises(ValueError, match="head_dim"):
-        paged_decode_attention(q, kc, kc, bt, torch.ones(1, dtype=torch.int32), 1.0)
-
-
-def test_rejects_bad_gqa_ratio():
-    q = torch.randn(1, 3, 32)
-    kc = torch.randn(1, BLOCK_SIZE, 2, 32)
-    bt = torch.zeros(1, 1, dtype=torch.int32)
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(ValueError, match=error):
         paged_decode_attention(q, kc, kc, bt, torch.ones(1, dtype=torch.int32), 1.0)
 
 

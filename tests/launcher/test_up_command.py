@@ -1,5 +1,6 @@
 """`splitserve up` as a user runs it: one ready line on stdout, clean stop on SIGTERM, clear failures."""
 
+import contextlib
 import os
 import re
 import signal
@@ -8,35 +9,44 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import Iterator
 
 
 def _pids(stderr: str) -> list[int]:
     return [int(pid) for pid in re.findall(r"started \S+ \(pid (\d+)\)", stderr)]
 
 
-def _up_with_fakes(fake_command, *args, env=None) -> subprocess.Popen:
-    """`splitserve up` exactly as the command runs it, but with stand-in services."""
+@contextlib.contextmanager
+def _up_with_fakes(fake_command, *args, env=None) -> Iterator[subprocess.Popen]:
+    """`splitserve up` exactly as the command runs it, but with stand-in services; killed if still running at
+    the end of the body."""
     code = ("import sys; from splitserve.launcher.up import main; "
             f"sys.exit(main(sys.argv[1:], service_command={fake_command!r}))")
-    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, **(env or {})})
+    up = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, env={**os.environ, **(env or {})})
+    try:
+        yield up
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+
+
+def _sigterm(up: subprocess.Popen) -> tuple[str, str]:
+    """Its stdout and stderr once it has exited on SIGTERM."""
+    up.send_signal(signal.SIGTERM)
+    return up.communicate(timeout=30)
 
 
 def test_ready_line_then_a_clean_stop_on_sigterm(tmp_path, fake_command, assert_all_gone):
-    up = _up_with_fakes(fake_command, "--model", "/models/m", "--port", "0", "--grpc-port", "0", "--grace-s", "1",
-                        "--log-dir", str(tmp_path))
-    try:
+    with _up_with_fakes(fake_command, "--model", "/models/m", "--port", "0", "--grpc-port", "0", "--grace-s", "1",
+                        "--log-dir", str(tmp_path)) as up:
         ready = up.stdout.readline()
         assert re.fullmatch(r"splitserve ready: http://127\.0\.0\.1:\d+/v1\n", ready), (ready, up.stderr.read())
         base_url = ready.split(": ", 1)[1].strip()
         with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=5) as reply:
             assert reply.status == 200
-        up.send_signal(signal.SIGTERM)
-        stdout, stderr = up.communicate(timeout=30)
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+        stdout, stderr = _sigterm(up)
     assert up.returncode == 0, stderr
     assert stdout == ""  # the ready line was the only one
     assert f"logs in {tmp_path}" in stderr
@@ -46,21 +56,15 @@ def test_ready_line_then_a_clean_stop_on_sigterm(tmp_path, fake_command, assert_
 
 
 def test_sigterm_during_start_stops_what_was_started(tmp_path, fake_command, assert_all_gone):
-    up = _up_with_fakes(fake_command, "--model", "/m", "--port", "0", "--grpc-port", "0", "--grace-s", "1",
-                        "--log-dir", str(tmp_path), env={"FAKE_UNHEALTHY": "kv-store"})
-    try:
+    with _up_with_fakes(fake_command, "--model", "/m", "--port", "0", "--grpc-port", "0", "--grace-s", "1",
+                        "--log-dir", str(tmp_path), env={"FAKE_UNHEALTHY": "kv-store"}) as up:
         # kv-store runs but never becomes healthy, so the launcher is still starting when the signal comes.
         kv_store_log = tmp_path / "kv-store.log"
         deadline = time.monotonic() + 30
         while not (kv_store_log.exists() and kv_store_log.read_text().strip()):
             assert up.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        up.send_signal(signal.SIGTERM)
-        stdout, stderr = up.communicate(timeout=30)
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+        stdout, stderr = _sigterm(up)
     assert up.returncode == 0, stderr
     assert "splitserve ready" not in stdout
     assert "SIGTERM received, stopping the stack" in stderr

@@ -139,7 +139,11 @@ class KVLoads:
         if load is None:
             return
         if num_tokens == 0:
-            load.on_done(None)
+            if load.hashes and load.hashes[0] in seq.block_hashes[seq.num_computed_tokens // self.block_size + 1:]:
+                # The rows start after blocks that were cached here when they were pulled, evicted since.
+                self._failed(seq, load, "blocks before the received ones are no longer cached here")
+            else:
+                load.on_done(None)
             return
         end = seq.num_computed_tokens // self.block_size
         first = end - num_tokens // self.block_size
@@ -164,11 +168,13 @@ class KVLoads:
             try:
                 item.load.source.read(lambda runs, item=item: write(item.block_ids, item.rows, runs))
             except KVLoadError as exc:
-                self.num_failures += 1
-                log.warning("request %s: received KV blocks not used, computing them instead: %s",
-                            item.seq.request_id, exc)
+                self._failed(item.seq, item.load, str(exc))
                 failed.append((item.seq, len(item.block_ids) * self.block_size))
-                item.load.on_done(str(exc))
                 continue
             item.load.on_done(None)
         return failed
+
+    def _failed(self, seq: "Sequence", load: KVLoad, why: str) -> None:
+        self.num_failures += 1
+        log.warning("request %s: received KV blocks not used, computing them instead: %s", seq.request_id, why)
+        load.on_done(why)

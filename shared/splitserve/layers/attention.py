@@ -88,9 +88,7 @@ class TorchAttentionBackend:
             q_len, ctx = meta.query_lens[b], meta.context_lens_list[b]
             rows = slice(start, start + q_len)
             if q_len == ctx:  # a whole prompt in one go: its K/V are this step's, no need to read the cache
-                out[rows] = F.scaled_dot_product_attention(
-                    q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].transpose(0, 1), is_causal=True,
-                    scale=scale, enable_gqa=True).transpose(0, 1)
+                out[rows] = prefill_sdpa(q[rows], k[rows], v[rows], scale)
             else:
                 out[rows] = self._prefill_one(q[rows], k_cache, v_cache, meta.block_tables[b], q_len, ctx,
                                               meta.block_size, scale)
@@ -137,16 +135,25 @@ class TorchAttentionBackend:
     @staticmethod
     def _prefill_one(q, k_cache, v_cache, block_table, q_len: int, ctx: int, block_size: int, scale: float):
         blocks = block_table[: -(-ctx // block_size)]
-        keys = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)  # [Hkv, ctx, D]
-        values = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
-        queries = q.transpose(0, 1)  # [Hq, q_len, D]
+        keys = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx]  # [ctx, Hkv, D]
+        values = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
         if q_len == ctx:
-            out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
-            mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
-            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
-        return out.transpose(0, 1)
+            return prefill_sdpa(q, keys, values, scale)
+        q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+        mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
+        return prefill_sdpa(q, keys, values, scale, mask)
+
+
+def prefill_sdpa(q, k, v, scale: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SDPA over one sequence's tokens: q [q_len, Hq, D], k/v [ctx, Hkv, D] -> [q_len, Hq, D]; causal unless
+    `mask` ([q_len, ctx], True = attend) says otherwise.
+
+    Given a batch dimension: on CPU, torch picks its flash kernel only for 4-D inputs and runs 3-D ones through the
+    math path, which builds the whole q_len x ctx score matrix (measured: 1.7x slower at 384 tokens, 4x at 1024)."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask,
+        is_causal=mask is None, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
 
 
 _EAGER_SLACK = 1.25

@@ -21,6 +21,8 @@ from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.membership import membership_mac
 from splitserve.proto_convert import layout_to_proto
 from splitserve.serving.addresses import AdvertiseAddressError, advertised_address
+from splitserve.serving.logs import setup_logging
+from splitserve.serving.settings import log_settings, parse_settings
 from splitserve.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -203,10 +205,19 @@ def make_transport(name: str, checksum: bool = False):
     raise ValueError(f"unknown KV transport {name!r} (available: {', '.join(KV_TRANSPORTS)})")
 
 
+def engine_worker_main(role: str, settings_type: type[EngineWorkerSettings], service_name: str, add_servicer,
+                       argv: Optional[list[str]] = None) -> int:
+    """`splitserve <role>`: settings from flags and env, logging, then run_engine_worker."""
+    settings = parse_settings(settings_type, argv, prog=f"splitserve {role}")
+    setup_logging(role, settings.log_level)
+    log_settings(role, settings)
+    return asyncio.run(run_engine_worker(settings, role, service_name, add_servicer))
+
+
 async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_name: str, add_servicer) -> int:
     """Hosts an engine as a service: load, serve, announce to Redis, drain on SIGTERM, stop.
 
-    `add_servicer(service, async_engine, transport, identity)` registers the role's servicer.
+    `add_servicer(settings, service, async_engine, transport, identity)` registers the role's servicer.
     """
     from splitserve.serving.grpc_service import GrpcService
 
@@ -228,7 +239,7 @@ async def run_engine_worker(settings: EngineWorkerSettings, role: str, service_n
         health_address = f"{address.rsplit(':', 1)[0]}:{service.health_thread.port}"
     identity = WorkerIdentity(role, address, engine.config.model, settings.cluster_token,
                               health_address)
-    add_servicer(service, engine, transport, identity)
+    add_servicer(settings, service, engine, transport, identity)
     announcer = None
     if settings.redis_url:
         from splitserve.worker_registry import WorkerAnnouncer

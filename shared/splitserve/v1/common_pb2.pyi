@@ -119,17 +119,6 @@ class Usage(_message.Message):
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob", "top", "token", "token_bytes")
-    class TopLogprob(_message.Message):
-        __slots__ = ("token_id", "logprob", "token", "token_bytes")
-        TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
-        LOGPROB_FIELD_NUMBER: _ClassVar[int]
-        TOKEN_FIELD_NUMBER: _ClassVar[int]
-        TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
-        token_id: int
-        logprob: float
-        token: str
-        token_bytes: bytes
-        def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., token: _Optional[str] = ..., token_bytes: _Optional[bytes] = ...) -> None: ...
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
@@ -137,10 +126,10 @@ class TokenLogprob(_message.Message):
     TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     logprob: float
-    top: _containers.RepeatedCompositeFieldContainer[TokenLogprob.TopLogprob]
+    top: _containers.RepeatedCompositeFieldContainer[TokenLogprob]
     token: str
     token_bytes: bytes
-    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TokenLogprob.TopLogprob, _Mapping]]] = ..., token: _Optional[str] = ..., token_bytes: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., token: _Optional[str] = ..., token_bytes: _Optional[bytes] = ...) -> None: ...
 
 class StopReason(_message.Message):
     __slots__ = ("stop_string", "stop_token_id")

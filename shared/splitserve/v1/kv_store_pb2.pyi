@@ -148,7 +148,7 @@ class KVStoreStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class KVStoreStatsResponse(_message.Message):
-    __slots__ = ("blocks_used", "blocks_capacity", "bytes_used", "bytes_capacity", "pinned_blocks", "hits", "misses", "evictions")
+    __slots__ = ("blocks_used", "blocks_capacity", "bytes_used", "bytes_capacity", "pinned_blocks", "hits", "misses", "evictions", "expired_leases")
     BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_CAPACITY_FIELD_NUMBER: _ClassVar[int]
     BYTES_USED_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,7 @@ class KVStoreStatsResponse(_message.Message):
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
     EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_LEASES_FIELD_NUMBER: _ClassVar[int]
     blocks_used: int
     blocks_capacity: int
     bytes_used: int
@@ -165,7 +166,8 @@ class KVStoreStatsResponse(_message.Message):
     hits: int
     misses: int
     evictions: int
-    def __init__(self, blocks_used: _Optional[int] = ..., blocks_capacity: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_capacity: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
+    expired_leases: int
+    def __init__(self, blocks_used: _Optional[int] = ..., blocks_capacity: _Optional[int] = ..., bytes_used: _Optional[int] = ..., bytes_capacity: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., evictions: _Optional[int] = ..., expired_leases: _Optional[int] = ...) -> None: ...
 
 class BlockChunk(_message.Message):
     __slots__ = ("block_hash", "layout", "offset", "data", "last", "missing", "crc32")

@@ -146,11 +146,33 @@ def test_missing_blocks_and_wrong_layout_are_recomputed_and_counted(workers, ref
     assert [first.first_token_id] + _tokens(chunks) == expected
     assert _metric(workers, 'splitserve_decode_kv_recompute_total{reason="layout_mismatch"}') >= 1
 
+    # A prompt the decode worker has not cached yet (it now holds the one above: nothing would be pulled).
+    prompt = list(range(500, 560))
+    [expected] = reference.generate([prompt], GREEDY)
+    first = _prefill(workers, prompt, GREEDY, "m3")
     handle.CopyFrom(first.kv_handle)
     handle.store_address = "127.0.0.1:1"  # nothing listens there
     chunks = _decode(workers, prompt, GREEDY, "m3", first.first_token_id, handle)
-    assert [first.first_token_id] + _tokens(chunks) == expected
+    assert [first.first_token_id] + _tokens(chunks) == expected.outputs[0].token_ids
     assert _metric(workers, 'splitserve_decode_kv_recompute_total{reason="transfer_failed"}') >= 1
+    assert _pools_whole(workers)
+
+
+def test_decode_pulls_only_the_blocks_its_prefix_cache_lacks(workers, reference):
+    shorter = list(range(600, 600 + 16 * 2 + 5))    # 2 full blocks
+    longer = shorter[:32] + list(range(700, 740))   # the same 2, then 2 more full blocks and a tail
+    missing = 'splitserve_decode_kv_recompute_total{reason="missing_blocks"}'
+    missing_before = _metric(workers, missing)
+    for request_id, prompt in (("p1", shorter), ("p2", longer)):
+        [expected] = reference.generate([prompt], GREEDY)
+        pulled_before = _metric(workers, 'splitserve_kv_transfer_blocks_total{direction="get"}')
+        first = _prefill(workers, prompt, GREEDY, request_id)
+        chunks = _decode(workers, prompt, GREEDY, request_id, first.first_token_id, first.kv_handle)
+        assert [first.first_token_id] + _tokens(chunks) == expected.outputs[0].token_ids
+        assert chunks[-1].usage.cached_tokens == len(prompt) // 16 * 16
+        # The second prompt's first 2 blocks are still in decode's prefix cache: only the other 2 are pulled.
+        assert _metric(workers, 'splitserve_kv_transfer_blocks_total{direction="get"}') - pulled_before == 2
+    assert _metric(workers, missing) == missing_before  # what decode holds itself is not missing
     assert _pools_whole(workers)
 
 

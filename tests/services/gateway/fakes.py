@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -102,8 +102,8 @@ def fake_logprob(token_id: int, top: int) -> common_pb2.TokenLogprob:
     alternatives = [(token_id, -0.5), ((token_id + 500) % VOCAB, -1.5), ((token_id + 501) % VOCAB, -2.5)]
     return common_pb2.TokenLogprob(
         token_id=token_id, logprob=-0.5, token=decode_text([token_id], False), token_bytes=token_bytes(token_id),
-        top=[common_pb2.TokenLogprob.TopLogprob(token_id=t, logprob=lp, token=decode_text([t], False),
-                                                token_bytes=token_bytes(t)) for t, lp in alternatives[:top]])
+        top=[common_pb2.TokenLogprob(token_id=t, logprob=lp, token=decode_text([t], False),
+                                     token_bytes=token_bytes(t)) for t, lp in alternatives[:top]])
 
 
 def _seed(params: common_pb2.SamplingParams) -> Optional[int]:
@@ -152,29 +152,31 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
 
 @dataclass
 class FakeWorker:
-    """What prefill and decode fakes share: the Stats reply, with a membership proof when given a token."""
+    """What prefill and decode fakes share: the requests they were sent, and the Stats reply (with a membership
+    proof when given a token) in the role's own response type."""
+    KIND: ClassVar[str]
+    STATS_RESPONSE: ClassVar[type]
     model: str = "fake-model"
     cluster_token: Optional[str] = None
     address: str = ""                              # set by FakeServer.start, as a real worker knows its own
     health_address: str = ""                       # a real worker's health thread
     stats_calls: int = 0
+    requests: list = field(default_factory=list)
 
-    def identity(self, kind: str) -> WorkerIdentity:
-        return WorkerIdentity(kind, self.address, self.model, self.cluster_token, self.health_address)
+    def identity(self) -> WorkerIdentity:
+        return WorkerIdentity(self.KIND, self.address, self.model, self.cluster_token, self.health_address)
 
-    def engine_stats(self) -> common_pb2.EngineStats:
+    async def Stats(self, request, context):
         self.stats_calls += 1
-        return common_pb2.EngineStats(model=self.model)
+        return self.STATS_RESPONSE(engine=common_pb2.EngineStats(model=self.model),
+                                   membership=self.identity().answer(request.nonce))
 
 
 @dataclass
 class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServicer):
+    KIND = "prefill"
+    STATS_RESPONSE = prefill_pb2.PrefillStatsResponse
     cached_tokens: int = 3
-    requests: list = field(default_factory=list)
-
-    async def Stats(self, request, context):
-        return prefill_pb2.PrefillStatsResponse(engine=self.engine_stats(),
-                                                membership=self.identity("prefill").answer(request.nonce))
 
     async def Prefill(self, request, context):
         self.requests.append(request)
@@ -207,6 +209,8 @@ class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServicer):
 
 @dataclass
 class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServicer):
+    KIND = "decode"
+    STATS_RESPONSE = decode_pb2.DecodeStatsResponse
     token_delay_s: float = 0.0
     chunk_tokens: int = 1
     cached_tokens: int = 0
@@ -214,15 +218,10 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServicer):
     die_after_tokens: Optional[int] = None         # stop the whole server after this many tokens of its own
     engine_error: Optional[str] = None             # end every stream with an ERROR chunk carrying this message
     server: Optional[grpc.aio.Server] = None
-    requests: list = field(default_factory=list)
     cancelled: list = field(default_factory=list)  # request ids whose stream the caller cancelled
     finished: list = field(default_factory=list)   # request ids whose stream ran to its end
     active: int = 0
     running: set = field(default_factory=set)
-
-    async def Stats(self, request, context):
-        return decode_pb2.DecodeStatsResponse(engine=self.engine_stats(),
-                                              membership=self.identity("decode").answer(request.nonce))
 
     async def Generate(self, request, context):
         self.requests.append(request)

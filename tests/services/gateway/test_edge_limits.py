@@ -213,13 +213,19 @@ def test_beyond_max_in_flight_and_max_queued_requests_get_429_with_retry_after(m
     assert admission.in_flight == 0 and not admission._waiting
 
 
+async def _one_admitted_two_queued():
+    """An admission with one slot and room for two in its queue, full: (admission, the ticket, the two waiters)."""
+    admission = Admission(max_in_flight=1, max_queued=2)
+    first = await admission.admit()
+    second = asyncio.ensure_future(admission.admit())
+    third = asyncio.ensure_future(admission.admit())
+    await asyncio.sleep(0)
+    return admission, first, second, third
+
+
 def test_admission_is_first_come_first_served_and_leaves_no_slot_behind():
     async def scenario():
-        admission = Admission(max_in_flight=1, max_queued=2)
-        first = await admission.admit()
-        second = asyncio.ensure_future(admission.admit())
-        third = asyncio.ensure_future(admission.admit())
-        await asyncio.sleep(0)
+        admission, first, second, third = await _one_admitted_two_queued()
         with pytest.raises(OverloadedError):
             await admission.admit()
         second.cancel()                      # a client that went away leaves the queue
@@ -241,11 +247,7 @@ def test_admission_is_first_come_first_served_and_leaves_no_slot_behind():
 
 def test_a_waiter_woken_and_cancelled_in_one_turn_passes_its_slot_on():
     async def scenario():
-        admission = Admission(max_in_flight=1, max_queued=2)
-        first = await admission.admit()
-        second = asyncio.ensure_future(admission.admit())
-        third = asyncio.ensure_future(admission.admit())
-        await asyncio.sleep(0)
+        admission, first, second, third = await _one_admitted_two_queued()
         first.release()        # hands the slot to `second`...
         second.cancel()        # ...which is cancelled before it runs
         ticket = await asyncio.wait_for(third, 1)

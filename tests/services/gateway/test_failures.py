@@ -115,25 +115,25 @@ def test_decode_failing_after_prefill_with_no_other_worker(make_stack):
         assert response.json()["error"]["code"] == "upstream_unavailable"
 
 
-def test_client_disconnect_mid_stream_cancels_decode(make_stack):
-    stack = make_stack(decode={"token_delay_s": 0.02})
-    gateway = stack.start_gateway()
+def _leave_mid_stream(stack, gateway):
     with gateway.http_client() as http:
         with http.stream("POST", "/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": "x"}], "max_tokens": 200, "stream": True}) as response:
             lines = response.iter_lines()
             next(lines)
             stack.wait_for(lambda: stack.decode.active == 1)
-    stack.wait_for(lambda: stack.decode.cancelled, timeout=2)
-    assert stack.decode.finished == []
-    stack.wait_for(lambda: gateway.gateway.admission.in_flight == 0)
 
 
-def test_client_disconnect_while_waiting_for_a_whole_response_cancels_decode(make_stack):
-    stack = make_stack(decode={"token_delay_s": 0.02})
-    gateway = stack.start_gateway()
+def _leave_while_waiting_for_a_whole_response(stack, gateway):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(gateway.base_url + "/v1/completions", json={"prompt": "x 10", "max_tokens": 200}, timeout=0.5)
+
+
+@pytest.mark.parametrize("leave", [_leave_mid_stream, _leave_while_waiting_for_a_whole_response])
+def test_a_client_that_leaves_cancels_its_decode_stream(make_stack, leave):
+    stack = make_stack(decode={"token_delay_s": 0.02})
+    gateway = stack.start_gateway()
+    leave(stack, gateway)
     stack.wait_for(lambda: stack.decode.cancelled, timeout=2)
     assert stack.decode.finished == []
     stack.wait_for(lambda: gateway.gateway.admission.in_flight == 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import httpx
@@ -14,6 +15,23 @@ from splitserve.worker_registry import WorkerAnnouncer, WorkerInfo, registry_key
 
 def _sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _reporting(redis_url: str, worker, num_running: int) -> WorkerAnnouncer:
+    """Announces decode `worker` with a load of `num_running` sequences."""
+    return WorkerAnnouncer(redis_url, "decode", worker.address, "fake-model", lambda: {"num_running": num_running})
+
+
+@contextlib.contextmanager
+def _announcing(stack, *announcers: WorkerAnnouncer):
+    """The announcers write their workers to Redis while the body runs."""
+    for announcer in announcers:
+        stack.loop.run(announcer.start())
+    try:
+        yield
+    finally:
+        for announcer in announcers:
+            stack.loop.run(announcer.stop())
 
 
 def test_a_request_goes_to_the_worker_without_one_in_flight(make_stack):
@@ -38,20 +56,13 @@ def test_a_request_goes_to_the_worker_without_one_in_flight(make_stack):
 def test_load_reported_in_redis_steers_requests_away(make_stack, clean_redis):
     stack = make_stack(num_decode=2)
     loaded, free = stack.decodes
-    announcers = [WorkerAnnouncer(clean_redis, "decode", loaded.address, "fake-model", lambda: {"num_running": 4}),
-                  WorkerAnnouncer(clean_redis, "decode", free.address, "fake-model", lambda: {"num_running": 0})]
-    for announcer in announcers:
-        stack.loop.run(announcer.start())
-    try:
+    with _announcing(stack, _reporting(clean_redis, loaded, 4), _reporting(clean_redis, free, 0)):
         gateway = stack.start_gateway(redis_url=clean_redis)
         workers = gateway.gateway.pool.workers("decode")
         assert len(workers) == 2 and all(w.reported is not None for w in workers)   # static + announced = one each
         for _ in range(4):
             gateway.openai().completions.create(model="fake-model", prompt="x 10", max_tokens=2)
         assert len(loaded.servicer.requests) == 0 and len(free.servicer.requests) == 4
-    finally:
-        for announcer in announcers:
-            stack.loop.run(announcer.stop())
 
 
 def test_workers_are_discovered_from_redis_and_stale_ones_are_not_used(make_stack, clean_redis):
@@ -60,12 +71,10 @@ def test_workers_are_discovered_from_redis_and_stale_ones_are_not_used(make_stac
     client = sync_redis.Redis.from_url(clean_redis)
     old = WorkerInfo(stale.address, "decode", "fake-model", time.time() - 60)
     client.hset(registry_key("decode"), old.address, old.to_json())
-    announcers = [WorkerAnnouncer(clean_redis, "decode", live.address, "fake-model", dict, interval_s=0.1),
-                  WorkerAnnouncer(clean_redis, "prefill", stack.prefills[0].address, "fake-model", dict,
-                                  interval_s=0.1)]
-    for announcer in announcers:
-        stack.loop.run(announcer.start())
-    try:
+    live_announcer = WorkerAnnouncer(clean_redis, "decode", live.address, "fake-model", dict, interval_s=0.1)
+    prefill_announcer = WorkerAnnouncer(clean_redis, "prefill", stack.prefills[0].address, "fake-model", dict,
+                                        interval_s=0.1)
+    with _announcing(stack, live_announcer, prefill_announcer), contextlib.closing(client):
         gateway = stack.start_gateway(static_workers=False, redis_url=clean_redis)
         with gateway.http_client() as http:
             assert http.get("/health").status_code == 200
@@ -75,14 +84,10 @@ def test_workers_are_discovered_from_redis_and_stale_ones_are_not_used(make_stac
         assert len(live.servicer.requests) == 3 and stale.servicer.requests == []
         assert len(stack.prefill.requests) == 3                   # the discovered prefill worker is used too
         # A worker that leaves the registry leaves the pool.
-        stack.loop.run(announcers[0].stop())
+        stack.loop.run(live_announcer.stop())
         stack.wait_for(lambda: not gateway.gateway.pool.workers("decode"))
         with gateway.http_client() as http:
             assert http.get("/health").status_code == 503
-    finally:
-        for announcer in announcers:
-            stack.loop.run(announcer.stop())
-        client.close()
 
 
 def test_redis_down_keeps_static_workers_serving(stack):
@@ -112,11 +117,7 @@ def test_concurrent_equal_streams_are_balanced_across_decode_workers(make_stack,
     stays within the router's stated tolerance (one sequence, plus what the worker reports beyond this gateway)."""
     stack = make_stack(num_decode=2, decode={"token_delay_s": 0.02})
     lagging, other = stack.decodes
-    announcers = [WorkerAnnouncer(clean_redis, "decode", lagging.address, "fake-model", lambda: {"num_running": 1}),
-                  WorkerAnnouncer(clean_redis, "decode", other.address, "fake-model", lambda: {"num_running": 0})]
-    for announcer in announcers:
-        stack.loop.run(announcer.start())
-    try:
+    with _announcing(stack, _reporting(clean_redis, lagging, 1), _reporting(clean_redis, other, 0)):
         gateway = stack.start_gateway(redis_url=clean_redis)
 
         async def one(http):
@@ -130,6 +131,3 @@ def test_concurrent_equal_streams_are_balanced_across_decode_workers(make_stack,
         asyncio.run(all_at_once())
         counts = sorted([len(lagging.servicer.requests), len(other.servicer.requests)])
         assert sum(counts) == 16 and counts[1] - counts[0] <= 2, counts
-    finally:
-        for announcer in announcers:
-            stack.loop.run(announcer.stop())

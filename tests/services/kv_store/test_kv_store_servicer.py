@@ -8,6 +8,7 @@ import pytest
 
 from splitserve.v1 import common_pb2, kv_store_pb2
 from splitserve.services.kv_store.block_store import BlockStore
+from splitserve.services.kv_store.metrics import POOL_METRICS, BlockStoreCollector
 from splitserve.services.kv_store.servicer import KVStoreServicer, checksum_fields, fill_slot_addresses
 from splitserve.services.kv_store.slot_pool import Slab, anonymous_slab
 
@@ -118,3 +119,18 @@ def test_a_miss_hands_out_no_rkey_and_a_bad_request_is_refused(servicer):
         call(servicer, "Reserve", kv_store_pb2.ReserveRequest(
             layout=SMALL, block_hashes=common_pb2.BlockHashes(hashes=[h(1), b""])))
     assert aborted.value.args[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_stats_rpc_and_metrics_report_the_same_pool_expired_leases_included():
+    clock = [0.0]
+    store = BlockStore(8 * S, clock=lambda: clock[0], allocate_slab=slab_with_rkey)
+    servicer = KVStoreServicer(store, is_draining=lambda: False, endpoint=UCX)
+    call(servicer, "Reserve", kv_store_pb2.ReserveRequest(layout=SMALL, block_hashes=hashes(1, 2), lease_ms=1000))
+    clock[0] += 1.0  # the writer never commits: its reservation runs out
+    stats = call(servicer, "Stats", kv_store_pb2.KVStoreStatsRequest())
+    assert (stats.expired_leases, stats.blocks_used, stats.pinned_blocks) == (1, 0, 0)
+    assert stats.bytes_capacity == 8 * S
+    exported = {metric.name: metric.samples[0].value for metric in BlockStoreCollector(store).collect()}
+    for _, name, _, field in POOL_METRICS:
+        assert exported[name.removesuffix("_total")] == getattr(stats, field), name
+    assert exported["splitserve_kv_store_expired_leases"] == 1
