@@ -58,7 +58,7 @@ def _worker_counters(stack: Stack) -> dict[str, float]:
             continue
         for port in ports:
             text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-            for name in ("splitserve_preemptions_total", "splitserve_kv_held_blocks_released_total"):
+            for name in ("splitserve_preemptions_total", "splitserve_kv_load_failures_total"):
                 match = re.search(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M)
                 if match:
                     key = f"{role}:{name.removeprefix('splitserve_').removesuffix('_total')}"

@@ -33,8 +33,6 @@ DECODE_REQUESTS = Counter("splitserve_decode_requests_total", "Decode requests b
 KV_RECOMPUTE = Counter("splitserve_decode_kv_recompute_total",
                        "Requests whose prompt KV was (partly) recomputed instead of transferred", ["reason"])
 LOCAL_PREFILL = Counter("splitserve_decode_local_prefill_total", "Requests prefilled by this decode worker")
-RESUMED = Counter("splitserve_decode_resumed_total",
-                  "Sequences resumed here after another decode worker failed mid-stream (their tail recomputed)")
 
 
 class DecodeServicer(EngineServicer, decode_pb2_grpc.DecodeServicer):
@@ -49,36 +47,27 @@ class DecodeServicer(EngineServicer, decode_pb2_grpc.DecodeServicer):
         except InvalidRequestError as exc:
             DECODE_REQUESTS.labels("invalid").inc()
             await abort_invalid(context, exc)
-        first_token = None
-        pull = False
-        prior = list(request.prior_output_token_ids)
-        if prior:
-            # Failover: another decode worker produced these before it died; they are recomputed here.
-            RESUMED.inc()
-            if len(prior) >= params.max_tokens:
-                yield self._ended_already(prompt, params, prior)
-                return
-            pull = request.HasField("kv_handle")
-        elif request.HasField("first_token_id"):
-            lp = request.first_token_logprob
-            top = [(t.token_id, t.logprob) for t in lp.top]
-            first_token = (request.first_token_id, lp.logprob if request.HasField("first_token_logprob") else None,
-                           top)
-            if params.max_tokens <= 1:
-                yield self._ended_already(prompt, params, [request.first_token_id])
-                return
-            pull = True
-        else:
+        # Tokens this sequence already produced elsewhere: the prefill worker's first token, or after a failover
+        # everything the failed decode worker streamed. Either way the prompt's KV comes from the kv-store.
+        produced = list(request.produced_token_ids)
+        if produced and len(produced) >= params.max_tokens:
+            yield self._ended_already(prompt, params, produced)
+            return
+        if not produced:
             LOCAL_PREFILL.inc()
 
         usage = common_pb2.Usage(prompt_tokens=len(prompt))
         pieces = self.engine.token_pieces
         stream = None
         try:
-            # The received blocks are readable (pinned in the store) only until the engine has taken the request.
-            async with self._prompt_blocks(request, request_id, pull) as kv_blocks:
-                stream = await self.engine.add_request(request_id, prompt, params, first_token=first_token,
-                                                       kv_blocks=kv_blocks, prior_output_ids=prior)
+            async with self._prompt_blocks(request, request_id, pull=bool(produced)) as kv_blocks:
+                stream = await self.engine.add_request(request_id, prompt, params, produced_token_ids=produced,
+                                                       kv_blocks=kv_blocks)
+                # The received blocks are readable (pinned in the store) only while this body runs: it ends once
+                # the engine has loaded them at admission, or they ran out, or the request ended.
+                error = await stream.kv_loaded()
+                if error is not None:
+                    self._recompute("load_failed", request_id, error)
             async for delta in stream:
                 chunk = decode_pb2.GenerateChunk(token_ids=delta.token_ids, text=delta.text)
                 if delta.logprobs:

@@ -82,14 +82,15 @@ class SequenceRunner:
                 if finish is not None:
                     return
                 produced.append(prefilled.first_token_id)
-                request.first_token_id = prefilled.first_token_id
                 request.kv_handle.CopyFrom(prefilled.kv_handle)
-                if params.logprobs is not None:
-                    request.first_token_logprob.CopyFrom(prefilled.first_token_logprob)
             tried: list[Worker] = []
             migrations = 0
             while True:
                 produced_here = False
+                # Every attempt continues after what the sequence produced so far (the prefill's first token, a
+                # failed worker's tokens): the new worker recomputes them and streams only what comes next.
+                del request.produced_token_ids[:]
+                request.produced_token_ids.extend(produced)
                 try:
                     call = decode_pb2_grpc.DecodeStub(decode.channel).Generate(request, timeout=time_left(deadline))
                     try:
@@ -130,10 +131,6 @@ class SequenceRunner:
                         metrics.DECODE_MIGRATIONS.labels(reason).inc()
                         log.warning("request %s: %s after %d tokens; resuming on decode worker %s",
                                     request_id, error, len(produced), decode.address)
-                        request.ClearField("first_token_id")
-                        request.ClearField("first_token_logprob")
-                        del request.prior_output_token_ids[:]
-                        request.prior_output_token_ids.extend(produced)
                     else:
                         metrics.DECODE_RETRIES.inc()
                         log.warning("request %s: %s; retrying on decode worker %s", request_id, error,

@@ -60,11 +60,13 @@ class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
                 self.engine.validate_prompt(prompt)
                 # Only the first token is sampled here; with min_tokens >= 1 it must not be EOS or a stop id.
                 first_only = params.replace(max_tokens=1, n=1, min_tokens=min(params.min_tokens, 1))
-                # The pulled blocks are readable (pinned in the store) only until the engine has taken the request.
+                # The pulled blocks are readable (pinned in the store) only while this body runs: until the engine
+                # has loaded them at admission (a failed load is logged and counted by the engine).
                 async with self._stored_prefix(store, prompt, request_id) as pulled:
                     stream = await self.engine.add_request(request_id, prompt, first_only, export_kv=True,
                                                            kv_blocks=pulled)
                     already_stored = set(pulled[0]) if pulled else set()
+                    await stream.kv_loaded()
                 async for delta in stream:
                     last = delta
             except (InvalidRequestError, EngineDeadError) as exc:

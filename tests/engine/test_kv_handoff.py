@@ -1,5 +1,6 @@
 """The disaggregation hooks of the engine: a prefill engine exports a prompt's blocks and first token, a second
-engine imports them and continues — and the result equals one engine doing everything, token for token."""
+engine loads them when it admits the request and continues — and the result equals one engine doing everything,
+token for token. A load that cannot be trusted is computed instead, with the same result."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hf_reference import mixed_prompts
 from splitserve import LLM, InvalidRequestError, SamplingParams
 from splitserve.engine.async_engine import AsyncEngine
 from splitserve.engine.block_io import CacheBlocks, export_blocks, import_blocks
+from splitserve.engine.kv_connector import KVLoad, KVLoadError, RowsInMemory
 from splitserve.kv_blocks.checksum import row_crc32s
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, KV_TRANSFER_SECONDS
 from splitserve.kv_transfer.transport import ReceivedBlocks
@@ -27,6 +29,11 @@ def _engine(ckpt, **kw):
 
 def _run(engine, request_id, prompt, params, **kw):
     engine.add_request(request_id, prompt, params, **kw)
+    return _finish(engine, request_id)
+
+
+def _finish(engine, request_id):
+    """Steps until nothing is left; the output of `request_id`."""
     outputs = []
     while engine.has_unfinished_requests():
         outputs += engine.step()
@@ -98,10 +105,12 @@ def test_prefill_then_decode_equals_one_engine(engines, prompt_len):
     assert first_token == reference.outputs[0].token_ids[0]
 
     computed_before = decode.stats()["prompt_tokens_computed"]
-    held = decode.import_kv_blocks(export.block_hashes, export.blocks)
-    assert len(held) == prompt_len // 16
-    out = _run(decode, f"d{prompt_len}", prompt, GREEDY, first_token=(first_token, None, None), held_block_ids=held)
+    decode.pool.reset_prefix_cache()  # blocks an earlier case left cached here would be found instead of loaded
+    outcomes = []
+    out = _run(decode, f"d{prompt_len}", prompt, GREEDY, produced_token_ids=[first_token],
+               kv_load=KVLoad(export.block_hashes, export.blocks, outcomes.append))
     assert out.outputs[0].token_ids == reference.outputs[0].token_ids
+    assert outcomes == [None]  # loaded (or, with no full block, nothing to load), and said so once
     # Only the tail after the last full block (and the first token) was computed on the decode side.
     assert decode.stats()["prompt_tokens_computed"] - computed_before == prompt_len % 16
     assert out.num_cached_tokens == (prompt_len // 16) * 16
@@ -109,21 +118,115 @@ def test_prefill_then_decode_equals_one_engine(engines, prompt_len):
     _assert_pool_whole(decode)
 
 
-def test_import_stops_when_the_pool_is_full_and_releases_on_abort(llama_ckpt, engines):
-    prefill, _, _ = engines
-    small = _engine(llama_ckpt, num_kv_blocks=4)
-    prompt = mixed_prompts(VOCAB, [100], seed=5)[0]
-    export = _run(prefill, "full", prompt, GREEDY.replace(max_tokens=1), export_kv=True).kv_export
-    held = small.import_kv_blocks(export.block_hashes, export.blocks)
-    assert len(held) == 4 and small.stats()["free_blocks"] == 0
-    small.add_request("x", prompt[:40], GREEDY, first_token=(1, None, None), held_block_ids=held)
-    small.abort_request("x")
-    _assert_pool_whole(small)
-    # A refused request gives its held blocks back too.
-    held = small.import_kv_blocks(export.block_hashes[:2], export.blocks[:2])
-    with pytest.raises(InvalidRequestError):
-        small.add_request("y", [], GREEDY, held_block_ids=held)
-    _assert_pool_whole(small)
+class _CountingRows(RowsInMemory):
+    def __init__(self, rows):
+        super().__init__(rows)
+        self.reads = 0
+
+    def read(self, write):
+        self.reads += 1
+        super().read(write)
+
+
+def _busy_engine(llama_ckpt):
+    """An engine with one seat, taken by a running request: whatever comes next waits."""
+    engine = _engine(llama_ckpt, max_num_seqs=1)
+    engine.add_request("busy", mixed_prompts(VOCAB, [30], seed=40)[0], GREEDY)
+    engine.step()
+    return engine
+
+
+def test_a_waiting_request_owns_no_cache_blocks_and_loads_at_admission(llama_ckpt, engines):
+    prefill, _, offline = engines
+    decode = _busy_engine(llama_ckpt)
+    prompt, export, first = _exported(prefill, offline, "own", 41)
+    rows, outcomes = _CountingRows(export.blocks), []
+    decode.add_request("waits", prompt, GREEDY, produced_token_ids=[first],
+                       kv_load=KVLoad(export.block_hashes, rows, outcomes.append))
+    for _ in range(3):
+        decode.step()
+        [waiting] = decode.scheduler.waiting
+        assert waiting.request_id == "waits" and waiting.block_ids == []
+        assert decode.stats()["used_blocks"] == len(decode.scheduler.running[0].block_ids)
+        assert rows.reads == 0 and outcomes == []  # the rows are still needed: nothing has read them yet
+
+    # Aborted while it waits: the rows are no longer needed, at once (a pin on them can end).
+    given_up = []
+    decode.add_request("gives-up", prompt, GREEDY, produced_token_ids=[1],
+                       kv_load=KVLoad(export.block_hashes, export.blocks, given_up.append))
+    decode.abort_request("gives-up")
+    assert given_up == [None]
+
+    computed_before = decode.stats()["prompt_tokens_computed"]
+    out = _finish(decode, "waits")
+    assert out.outputs[0].token_ids == offline.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    assert rows.reads == 1 and outcomes == [None]
+    assert decode.stats()["prompt_tokens_computed"] - computed_before == 70 % 16  # loaded, not computed
+    assert out.num_cached_tokens == 64
+    _assert_pool_whole(decode)
+
+
+def test_a_load_whose_pin_ran_out_while_it_waited_is_computed_instead(llama_ckpt, engines):
+    prefill, _, offline = engines
+    decode = _busy_engine(llama_ckpt)
+    prompt, export, first = _exported(prefill, offline, "expires", 42)
+    failures_before = KV_TRANSFER_FAILURES.labels("get", "received_rows_unusable")._value.get()
+    pinned = ReceivedBlocks(4, [(0, export.blocks)], valid_until=time.monotonic() + 0.2, mapped=True)
+    outcomes = []
+    decode.add_request("late", prompt, GREEDY, produced_token_ids=[first],
+                       kv_load=KVLoad(export.block_hashes, pinned, outcomes.append))
+    decode.step()
+    time.sleep(0.3)  # the request is still waiting for the busy one's seat when the pin runs out
+    assert not pinned.in_time() and decode.scheduler.waiting[0].request_id == "late"
+    computed_before = decode.stats()["prompt_tokens_computed"]
+    out = _finish(decode, "late")
+    assert out.outputs[0].token_ids == offline.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    assert len(outcomes) == 1 and "ran out" in outcomes[0]
+    assert decode.stats()["kv_load_failures"] == 1  # splitserve_kv_load_failures_total
+    assert KV_TRANSFER_FAILURES.labels("get", "received_rows_unusable")._value.get() == failures_before + 1
+    assert decode.stats()["prompt_tokens_computed"] - computed_before == 70  # the whole prompt, computed
+    _assert_pool_whole(decode)
+
+
+class _TornRows(RowsInMemory):
+    """Rows whose copy ends untrusted after it wrote (garbage here): the engine must not use what it wrote."""
+
+    def read(self, write):
+        super().read(write)
+        raise KVLoadError("the source stopped being guaranteed during the copy")
+
+
+def test_a_load_that_fails_after_writing_is_computed_over(llama_ckpt, engines):
+    prefill, _, offline = engines
+    decode = _engine(llama_ckpt)
+    prompt, export, first = _exported(prefill, offline, "torn", 43)
+    garbage = torch.randint(0, 256, tuple(export.blocks.shape), dtype=torch.uint8)
+    outcomes = []
+    out = _run(decode, "torn-d", prompt, GREEDY, produced_token_ids=[first],
+               kv_load=KVLoad(export.block_hashes, _TornRows(garbage), outcomes.append))
+    assert out.outputs[0].token_ids == offline.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    assert outcomes == ["the source stopped being guaranteed during the copy"]
+    assert out.num_cached_tokens == 0 and decode.stats()["kv_load_failures"] == 1
+    # The prefix cache holds what was computed (the prefill's values up to float rounding across batch shapes),
+    # never the garbage the failed load wrote.
+    block = decode.pool.lookup(export.block_hashes[0])
+    cached = export_blocks(decode.runner.kv_caches, [block])[0].view(torch.float32)
+    assert torch.allclose(cached, export.blocks[0].view(torch.float32), atol=1e-4)
+    _assert_pool_whole(decode)
+
+
+def test_received_blocks_for_another_prompt_are_not_loaded(llama_ckpt, engines):
+    """Only rows named by the prompt's own block hashes are loaded: a handle for another prompt is ignored."""
+    prefill, _, offline = engines
+    decode = _engine(llama_ckpt)
+    prompt, other = mixed_prompts(VOCAB, [70, 70], seed=44)
+    export = _run(prefill, "other", other, GREEDY.replace(max_tokens=1), export_kv=True).kv_export
+    rows = _CountingRows(export.blocks)
+    out = _run(decode, "mismatch", prompt, GREEDY, produced_token_ids=[export_first_token(offline, prompt)],
+               kv_load=KVLoad(export.block_hashes, rows))
+    assert out.outputs[0].token_ids == offline.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    assert rows.reads == 0 and out.num_cached_tokens == 0
+    _assert_pool_whole(decode)
 
 
 def test_async_engine_streams_and_cancels(llama_ckpt):
@@ -202,12 +305,18 @@ def test_a_serving_engine_lends_its_blocks_instead_of_copying_them(llama_ckpt, e
     lender.reclaim_lent_blocks()
     _assert_pool_whole(lender)
     # What was lent is what a decode engine continues from.
-    held = decode.import_kv_blocks(export.block_hashes, rows)
-    out = _run(decode, "lent-d", prompt, GREEDY, first_token=(export_first_token(offline, prompt), None, None),
-               held_block_ids=held)
+    out = _run(decode, "lent-d", prompt, GREEDY, produced_token_ids=[export_first_token(offline, prompt)],
+               kv_load=KVLoad(export.block_hashes, rows))
     [reference] = offline.generate([prompt], GREEDY)
     assert out.outputs[0].token_ids == reference.outputs[0].token_ids
     _assert_pool_whole(decode)
+
+
+def _exported(prefill, offline, name, seed):
+    """A 70-token prompt, the blocks a prefill engine exported for it, and its first token."""
+    prompt = mixed_prompts(VOCAB, [70], seed=seed)[0]
+    export = _run(prefill, name, prompt, GREEDY.replace(max_tokens=1), export_kv=True).kv_export
+    return prompt, export, export_first_token(offline, prompt)
 
 
 def export_first_token(offline, prompt):
@@ -215,34 +324,31 @@ def export_first_token(offline, prompt):
     return first.outputs[0].token_ids[0]
 
 
-def test_received_rows_copied_too_late_are_not_used(engines):
-    prefill, decode, _ = engines
+def test_received_rows_are_read_only_while_they_can_be_trusted(engines):
+    """ReceivedBlocks (the transport's ReceivedKV): rows given back, or past the pin's deadline, are not copied."""
+    prefill, _, _ = engines
     prompt = mixed_prompts(VOCAB, [64], seed=12)[0]
     export = _run(prefill, "late", prompt, GREEDY.replace(max_tokens=1), export_kv=True).kv_export
     failures_before = KV_TRANSFER_FAILURES.labels("get", "received_rows_unusable")._value.get()
-    cached_before = decode.stats()
+    copied = []
 
     expired = ReceivedBlocks(4, [(0, export.blocks[:2]), (2, export.blocks[2:])], valid_until=time.monotonic() - 1,
                              mapped=True)
-    assert decode.import_kv_blocks(export.block_hashes, expired) == []  # copied, but after the pin ran out
+    assert expired.seconds_left() == 0
+    with pytest.raises(KVLoadError, match="ran out"):
+        expired.read(copied.append)
     given_back = ReceivedBlocks(4, [(0, export.blocks)], mapped=True)
     given_back.close()
-    assert decode.import_kv_blocks(export.block_hashes, given_back) == []  # the transport took them back first
+    with pytest.raises(KVLoadError, match="given back"):
+        given_back.read(copied.append)
+    assert copied == []  # neither was copied at all
     assert KV_TRANSFER_FAILURES.labels("get", "received_rows_unusable")._value.get() == failures_before + 2
-    assert decode.stats()["kv_load_failures"] == cached_before["kv_load_failures"] + 2
-    assert all(decode.pool.lookup(h) is None for h in export.block_hashes)  # nothing of it became findable
-    assert decode.stats()["free_blocks"] == cached_before["free_blocks"]
 
     in_time = ReceivedBlocks(4, [(0, export.blocks[:1]), (1, export.blocks[1:])], mapped=True)
     seconds_before = KV_TRANSFER_SECONDS.labels("get")._value.get()
-    held = decode.import_kv_blocks(export.block_hashes, in_time)
-    assert len(held) == 4
+    in_time.read(copied.append)
+    assert [[first for first, _ in runs] for runs in copied] == [[0, 1]]
     assert KV_TRANSFER_SECONDS.labels("get")._value.get() > seconds_before  # the copy out of the store, timed
-    for block_id, row in zip(held, export.blocks):
-        assert torch.equal(export_blocks(decode.runner.kv_caches, [block_id])[0], row)
-    for block_id in held:
-        decode.pool.release(block_id)
-    _assert_pool_whole(decode)
 
 
 @pytest.mark.parametrize("layers,heads,head_dim,dtype", [(3, 8, 128, torch.bfloat16), (2, 2, 8, torch.float32)],
@@ -274,23 +380,22 @@ def test_resumed_sequence_continues_after_its_prior_output(engines, already):
     [reference] = offline.generate([prompt], GREEDY)
     expected = reference.outputs[0].token_ids
     export = _run(prefill, f"rp{already}", prompt, GREEDY.replace(max_tokens=1), export_kv=True).kv_export
-    held = decode.import_kv_blocks(export.block_hashes, export.blocks)
-    out = _run(decode, f"rd{already}", prompt, GREEDY, held_block_ids=held, prior_output_ids=expected[:already])
+    decode.pool.reset_prefix_cache()
+    out = _run(decode, f"rd{already}", prompt, GREEDY, produced_token_ids=expected[:already],
+               kv_load=KVLoad(export.block_hashes, export.blocks))
     assert out.outputs[0].token_ids == expected
     assert out.num_cached_tokens == (70 // 16) * 16
     _assert_pool_whole(decode)
-    with pytest.raises(InvalidRequestError, match="either"):
-        decode.add_request("both", prompt, GREEDY, first_token=(1, None, None), prior_output_ids=[1])
+    with pytest.raises(InvalidRequestError, match="produced token ids"):
+        decode.add_request("bad", prompt, GREEDY, produced_token_ids=[VOCAB * 100])
 
 
-def test_received_blocks_are_in_the_cache_once_add_request_returns(llama_ckpt, engines):
-    """The serving engine's load is over when add_request returns, so the transport may end its pin right then;
-    and what the prefix cache holds is asked on the engine's thread, never read from another."""
+def test_the_rows_are_needed_until_the_engine_reports_the_load(llama_ckpt, engines):
+    """A transport's pin must last until stream.kv_loaded() returns, and may end right then: the rows are in the
+    cache. What the prefix cache holds is asked on the engine's thread, never read from another."""
     prefill, _, offline = engines
     decode = _engine(llama_ckpt)
-    prompt = mixed_prompts(VOCAB, [70], seed=13)[0]
-    export = _run(prefill, "pin", prompt, GREEDY.replace(max_tokens=1), export_kv=True).kv_export
-    first = export_first_token(offline, prompt)
+    prompt, export, first = _exported(prefill, offline, "pin", 13)
 
     async def main():
         runner = AsyncEngine(decode)
@@ -298,8 +403,9 @@ def test_received_blocks_are_in_the_cache_once_add_request_returns(llama_ckpt, e
         try:
             assert await runner.cached_prefix_blocks(export.block_hashes) == 0
             received = ReceivedBlocks(4, [(0, export.blocks[:1]), (1, export.blocks[1:])], mapped=True)
-            stream = await runner.add_request("pin-d", prompt, GREEDY, first_token=(first, None, None),
+            stream = await runner.add_request("pin-d", prompt, GREEDY, produced_token_ids=[first],
                                               kv_blocks=(export.block_hashes, received))
+            assert await stream.kv_loaded() is None
             received.close()  # what ending the pin does: the rows are gone from here on
             assert await runner.cached_prefix_blocks(export.block_hashes) == 4
             async with stream:
@@ -315,22 +421,61 @@ def test_received_blocks_are_in_the_cache_once_add_request_returns(llama_ckpt, e
     _assert_pool_whole(decode)
 
 
-def test_a_request_that_fails_on_the_engine_thread_ends_its_stream_with_an_error(engines):
-    """The engine thread's exception must reach the caller (it once vanished, leaving the request hanging)."""
-    _, decode, _ = engines
+def test_a_waiting_request_cancelled_or_past_its_pin_lets_the_rows_go_at_once(llama_ckpt, engines):
+    """stream.kv_loaded() returns when the request ends before admission (its pin may end at once), and when
+    the rows' deadline passes first (ending the pin then; the engine computes them)."""
+    prefill, _, offline = engines
+    decode = _engine(llama_ckpt, max_num_seqs=1)
+    prompt, export, first = _exported(prefill, offline, "cancel", 14)
 
     async def main():
         runner = AsyncEngine(decode)
         runner.start()
         try:
-            deltas = []
-            stream = runner.generate("both", list(range(5, 40)), GREEDY, first_token=(7, None, None),
-                                     prior_output_ids=[7])
-            async for delta in stream:
-                deltas.append(delta)
-            return deltas
+            busy = await runner.add_request("busy", list(range(1, 30)), GREEDY.replace(max_tokens=400))
+            received = ReceivedBlocks(4, [(0, export.blocks)], mapped=True)
+            waiting = await runner.add_request("waits", prompt, GREEDY, produced_token_ids=[first],
+                                               kv_blocks=(export.block_hashes, received))
+            loaded = asyncio.ensure_future(waiting.kv_loaded())
+            await asyncio.sleep(0.2)
+            assert not loaded.done()  # still waiting for the only seat
+            waiting.close()  # the client went away
+            assert await asyncio.wait_for(loaded, 5) is None
+
+            expiring = ReceivedBlocks(4, [(0, export.blocks)], valid_until=time.monotonic() + 0.2, mapped=True)
+            late = await runner.add_request("late", prompt, GREEDY, produced_token_ids=[first],
+                                            kv_blocks=(export.block_hashes, expiring))
+            error = await asyncio.wait_for(late.kv_loaded(), 5)
+            assert error is not None and "readable" in error
+            expiring.close()
+            busy.close()
+            async with late:
+                return [token async for delta in late for token in delta.token_ids]
+        finally:
+            await runner.stop()
+
+    tokens = asyncio.run(asyncio.wait_for(main(), 120))
+    assert [first] + tokens == offline.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    assert decode.stats()["kv_load_failures"] == 1
+    _assert_pool_whole(decode)
+
+
+def test_a_request_that_fails_on_the_engine_thread_ends_its_stream_with_an_error(engines, monkeypatch):
+    """The engine thread's exception must reach the caller (it once vanished, leaving the request hanging)."""
+    _, decode, _ = engines
+
+    def refuse(*args, **kwargs):
+        raise InvalidRequestError("refused on the engine's thread", "prompt")
+
+    monkeypatch.setattr(decode, "add_request", refuse)
+
+    async def main():
+        runner = AsyncEngine(decode)
+        runner.start()
+        try:
+            return [delta async for delta in runner.generate("refused", list(range(5, 40)), GREEDY)]
         finally:
             await runner.stop()
 
     deltas = asyncio.run(asyncio.wait_for(main(), 30))
-    assert deltas[-1].finish_reason == "error" and "either" in deltas[-1].message
+    assert deltas[-1].finish_reason == "error" and "refused" in deltas[-1].message

@@ -1,5 +1,5 @@
 """Prompts that together exceed the KV cache: every request still finishes, in arrival order where possible,
-with the output it has alone — offline, and on a decode engine whose waiting requests hold imported blocks."""
+with the output it has alone — offline, and on a decode engine whose requests come with prompt blocks to load."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from splitserve import LLM, SamplingParams
 from splitserve.engine.async_engine import AsyncEngine
+from splitserve.engine.kv_connector import KVLoad
 
 VOCAB = 1000
 NUM_BLOCKS = 60            # 960 tokens: room for about two of the requests below at once
@@ -41,6 +42,8 @@ def _drive(engine) -> list:
             return finished
         steps_before = engine.num_steps
         finished += engine.step()
+        # A waiting request owns no cache blocks, received ones included: only running ones hold memory.
+        assert all(not seq.block_ids for seq in engine.scheduler.waiting)
         steps_without_work = 0 if engine.num_steps > steps_before else steps_without_work + 1
         assert steps_without_work < 3, f"the engine schedules nothing with work queued: {engine.stats()}"
     raise AssertionError(f"not finished after {MAX_STEPS} steps: {engine.stats()}")
@@ -74,17 +77,25 @@ def _exports(llama_ckpt):
     return exports
 
 
-def test_decode_with_imported_blocks_beyond_the_cache_all_finish(llama_ckpt, references):
-    """Waiting requests hold their imported blocks; under pressure they must give them up, not block everyone."""
+def test_decode_with_received_blocks_beyond_the_cache_all_finish(llama_ckpt, references):
+    """Received blocks are loaded at admission into blocks allocated then: waiting requests hold nothing, so none
+    blocks another, and each load that ran saved its prompt's computation."""
     decode = _engine(llama_ckpt, NUM_BLOCKS)
+    outcomes = []
     for i, (prompt, (first, export)) in enumerate(zip(_prompts(), _exports(llama_ckpt))):
-        held = decode.import_kv_blocks(export.block_hashes, export.blocks)
-        decode.add_request(f"d{i}", prompt, PARAMS, first_token=(first, None, None), held_block_ids=held)
+        decode.add_request(f"d{i}", prompt, PARAMS, produced_token_ids=[first],
+                           kv_load=KVLoad(export.block_hashes, export.blocks, outcomes.append))
+    assert decode.stats()["free_blocks"] == NUM_BLOCKS  # nothing is taken before admission
     finished = _drive(decode)
     assert [o.request_id for o in finished] == [f"d{i}" for i in range(len(PROMPT_LENS))]
     for out in finished:
         assert out.outputs[0].token_ids == references[int(out.request_id[1:])], out.request_id
-    assert decode.stats()["held_blocks_released"] > 0  # counted (splitserve_kv_held_blocks_released_total)
+    stats = decode.stats()
+    assert outcomes == [None] * len(PROMPT_LENS) and stats["kv_load_failures"] == 0
+    assert stats["preemptions"] > 0  # under pressure; preempted ones recompute what was evicted meanwhile
+    # Every prompt's full blocks were loaded, not computed, at least the first time round.
+    tails = sum(n % 16 for n in PROMPT_LENS)
+    assert stats["prompt_tokens_computed"] <= tails + stats["preemptions"] * max(PROMPT_LENS)
     _assert_pool_whole(decode)
 
 
@@ -99,7 +110,7 @@ def test_async_engine_streams_each_token_once_under_pressure(llama_ckpt, referen
 
         async def one(i, prompt, first, export):
             tokens = []
-            async for delta in engine.generate(f"a{i}", prompt, PARAMS, first_token=(first, None, None),
+            async for delta in engine.generate(f"a{i}", prompt, PARAMS, produced_token_ids=[first],
                                                kv_blocks=(export.block_hashes, export.blocks)):
                 tokens += delta.token_ids
                 assert len(tokens) <= PARAMS.max_tokens, f"a{i} streamed more tokens than max_tokens"

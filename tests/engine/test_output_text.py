@@ -117,11 +117,12 @@ def test_serving_deltas_and_every_handoff_give_the_offline_text(llm, stop_string
     # Prefill on one engine (first token only; held-back text stays held), decode on another, as the workers do.
     [first] = _serve(engine, "prefill", PROMPT, params.replace(max_tokens=1, min_tokens=min(params.min_tokens, 1)))
     first_text = first.text[:len(first.text) - len(first.end_text)]
-    rest = _serve(engine, "decode", PROMPT, params, first_token=(first.token_ids[0], None, []))
+    rest = _serve(engine, "decode", PROMPT, params, produced_token_ids=first.token_ids[:1])
     assert first_text + "".join(d.text for d in rest) == offline.text
 
     # A decode worker dies after any number of tokens: the next one replays them and its text goes on exactly.
     for produced in range(1, len(deltas) - 1):
         streamed = "".join(d.text for d in deltas[:produced])
-        resumed = _serve(engine, f"resume-{produced}", PROMPT, params, prior_output_ids=offline.token_ids[:produced])
+        resumed = _serve(engine, f"resume-{produced}", PROMPT, params,
+                         produced_token_ids=offline.token_ids[:produced])
         assert streamed + "".join(d.text for d in resumed) == offline.text

@@ -1,20 +1,23 @@
 """The engine behind a service: one thread runs the step loop, asyncio callers get per-request token streams.
 
 The engine is single-threaded by design (the scheduler alone owns its queues), so every mutation and every
-question about its state (adding, aborting, importing KV blocks, what the prefix cache holds) is a command the
-loop thread runs between steps. Results go back to the event loop once per step, as one batch, so a busy engine
-costs the loop one wake-up per step rather than per token.
+question about its state (adding, aborting, what the prefix cache holds) is a command the loop thread runs
+between steps. Results go back to the event loop once per step, as one batch, so a busy engine costs the loop
+one wake-up per step rather than per token. The end of each received KV load is posted back the same way
+(what RequestStream.kv_loaded waits for).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, TypeVar
 
+from splitserve.engine.kv_connector import KVLoad, ReceivedKV
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.outputs import KVExport
 from splitserve.engine.sequence import Sequence
@@ -59,15 +62,41 @@ class RequestStream:
     """One request's deltas, in order, until it finishes. Closing it before then (leaving `async with`, or
     close()) aborts the request, so its blocks are freed at once rather than when it would have finished."""
 
-    def __init__(self, engine: "AsyncEngine", request_id: str):
+    def __init__(self, engine: "AsyncEngine", request_id: str, kv_rows: Optional[ReceivedKV] = None):
         self.request_id = request_id
         self._engine = engine
         self._queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
         self._finished = False
         self._closed = False
+        self._kv_settled = asyncio.Event()
+        self._kv_error: Optional[str] = None
+        # Event-loop time after which the received rows are no longer readable: waiting longer would be useless.
+        self._kv_deadline = math.inf
+        if kv_rows is None:
+            self._kv_settled.set()
+        else:
+            self._kv_deadline = asyncio.get_running_loop().time() + kv_rows.seconds_left()
 
     def deliver(self, delta: TokenDelta) -> None:
         self._queue.put_nowait(delta)
+        if delta.finished:
+            self.kv_done(None)
+
+    def kv_done(self, error: Optional[str]) -> None:
+        if not self._kv_settled.is_set():
+            self._kv_error = error
+            self._kv_settled.set()
+
+    async def kv_loaded(self) -> Optional[str]:
+        """Waits until the engine no longer needs the request's received KV rows, so whatever keeps them readable
+        (a kv-store's pin) may end: None when they are in the cache or the request ended first, else why the
+        engine computes them instead, including that they stopped being readable before it got to them."""
+        left = self._kv_deadline - asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(self._kv_settled.wait(), None if left == math.inf else max(left, 0.0))
+        except asyncio.TimeoutError:
+            return "the received rows stopped being readable before the request was admitted"
+        return self._kv_error
 
     def __aiter__(self) -> "RequestStream":
         return self
@@ -88,6 +117,7 @@ class RequestStream:
         self.close()
 
     def close(self) -> None:
+        self.kv_done(None)
         if not self._closed:
             self._closed = True
             self._engine._stream_closed(self.request_id, finished=self._finished)
@@ -177,13 +207,13 @@ class AsyncEngine:
         return await self._on_engine_thread(lambda: self.engine.num_cached_prefix_blocks(hashes))
 
     async def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                          first_token: Optional[tuple] = None,
-                          kv_blocks: Optional[tuple[list[bytes], object]] = None, export_kv: bool = False,
-                          prior_output_ids: Optional[list[int]] = None) -> RequestStream:
+                          produced_token_ids: Optional[list[int]] = None,
+                          kv_blocks: Optional[tuple[list[bytes], object]] = None,
+                          export_kv: bool = False) -> RequestStream:
         """Queues a request; returns its stream once the engine's thread has taken it.
 
-        `kv_blocks` = (hashes, rows or a ReceivedKV): prompt blocks received from elsewhere. They are copied
-        into the cache (or dropped) by the time this returns, so whatever kept them readable may end then.
+        `kv_blocks` = (hashes, rows or a ReceivedKV): prompt blocks received from elsewhere, loaded into the cache
+        when the request is admitted. Whatever keeps them readable must last until `stream.kv_loaded()` returns.
         Bad input raises InvalidRequestError before anything is queued; a request that fails to start ends its
         stream with finish_reason "error".
         """
@@ -193,18 +223,19 @@ class AsyncEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
         self.engine.validate_prompt(prompt_token_ids)
         self.engine.validate_params(params, len(prompt_token_ids))
+        self.engine.validate_produced(list(produced_token_ids or []), params)
         if params.n != 1:
             # One stream per sequence keeps cancellation and usage per stream; callers fan out n themselves.
             raise InvalidRequestError("the serving engine takes n = 1 per request (the gateway fans out n)", "n")
-        stream = self._streams[request_id] = RequestStream(self, request_id)
+        load = None
+        if kv_blocks is not None:
+            loop = asyncio.get_running_loop()
+            load = KVLoad(*kv_blocks, on_done=lambda error: loop.call_soon_threadsafe(stream.kv_done, error))
+        stream = self._streams[request_id] = RequestStream(self, request_id, load.source if load else None)
 
         def add() -> None:
-            held: list[int] = []
-            if kv_blocks is not None:
-                hashes, rows = kv_blocks
-                held = self.engine.import_kv_blocks(hashes, rows)
-            self.engine.add_request(request_id, list(prompt_token_ids), params, first_token=first_token,
-                                    held_block_ids=held, export_kv=export_kv, prior_output_ids=prior_output_ids)
+            self.engine.add_request(request_id, list(prompt_token_ids), params,
+                                    produced_token_ids=produced_token_ids, kv_load=load, export_kv=export_kv)
 
         try:
             await self._on_engine_thread(add)
@@ -276,6 +307,8 @@ class AsyncEngine:
         for waiter in list(self._waiting_for_thread):
             if not waiter.done():
                 waiter.set_exception(exc)
+        for stream in self._streams.values():
+            stream.kv_done(None)  # nothing will load: whatever keeps the rows readable may end
 
     def _submit(self, command: Callable[[], None], request_id: Optional[str]) -> None:
         def guarded() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.sequence import Sequence
-from splitserve.kv_blocks.hashing import BlockHash, extend_block_hashes
+from splitserve.kv_blocks.hashing import extend_block_hashes
 
 
 class KVCacheManager:
@@ -26,10 +26,10 @@ class KVCacheManager:
         At least the last token is always left to compute, because its logits pick the next token.
         """
         assert not seq.block_ids and seq.num_computed_tokens == 0
+        tokens = seq.token_ids
+        self._update_hashes(seq, tokens)  # also what received blocks are matched against (kv_connector)
         if not self.enable_prefix_caching:
             return 0
-        tokens = seq.token_ids
-        self._update_hashes(seq, tokens)
         max_blocks = (len(tokens) - 1) // self.block_size
         hits = []
         for block_hash in seq.block_hashes[:max_blocks]:
@@ -43,19 +43,16 @@ class KVCacheManager:
         seq.num_computed_tokens = len(hits) * self.block_size
         return seq.num_computed_tokens
 
-    def record_prefix_query(self, seq: Sequence) -> None:
+    def record_prefix_query(self, seq: Sequence, hit_tokens: int) -> None:
         """Counts an admission's lookup once it sticks (a refused admission is retried and must not count twice)."""
         if self.enable_prefix_caching:
             self.prefix_queries_tokens += seq.num_tokens
-            self.prefix_hit_tokens += seq.num_computed_tokens
-
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= self.pool.num_free
+            self.prefix_hit_tokens += hit_tokens
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Grows the sequence's block list to hold `num_new_tokens` more tokens; False (and no change) if full."""
         needed = self.blocks_needed(seq, num_new_tokens)
-        if not self.can_allocate(needed):
+        if needed > self.pool.num_free:
             return False
         for _ in range(needed):
             seq.block_ids.append(self.pool.allocate())
@@ -69,43 +66,6 @@ class KVCacheManager:
         self._update_hashes(seq, seq.token_ids[: full_blocks * self.block_size])
         for i in range(full_blocks):
             self.pool.register(seq.block_ids[i], seq.block_hashes[i])
-
-    def import_blocks(self, hashes: list[BlockHash], write) -> list[int]:
-        """Makes blocks received from elsewhere findable by hash; returns the held ids of the leading run placed.
-
-        A block already cached here is reused without writing. `write(block_ids, rows)` copies payload rows
-        (indices into `hashes`) into newly allocated blocks; if it raises, every block taken here is let go and
-        none is registered. Stops at the first block that finds no room.
-        """
-        held: list[int] = []
-        fresh: list[int] = []
-        rows: list[int] = []
-        for row, block_hash in enumerate(hashes):
-            block_id = self.pool.lookup(block_hash)
-            if block_id is not None:
-                self.pool.touch(block_id)
-            elif self.pool.num_free > 0:
-                block_id = self.pool.allocate()
-                fresh.append(block_id)
-                rows.append(row)
-            else:
-                break
-            held.append(block_id)
-        if fresh:
-            try:
-                write(fresh, rows)
-            except BaseException:  # nothing half-written becomes findable, and nothing stays held
-                for block_id in held:
-                    self.pool.release(block_id)
-                raise
-        for block_id, row in zip(fresh, rows):
-            self.pool.register(block_id, hashes[row])
-        return held
-
-    def release_held(self, seq: Sequence) -> None:
-        for block_id in seq.held_block_ids:
-            self.pool.release(block_id)
-        seq.held_block_ids = []
 
     def free(self, seq: Sequence) -> None:
         # Tail first: the tail is the least shareable part, so it becomes the first to be evicted.

@@ -16,7 +16,7 @@ from splitserve.config import EngineConfig
 from splitserve.engine.block_io import CacheBlocks, export_blocks, import_runs
 from splitserve.engine.block_pool import BlockPool
 from splitserve.engine.kv_budget import default_cpu_budget, size_kv_cache
-from splitserve.engine.kv_connector import KVLoadError, ReceivedKV, RowsInMemory
+from splitserve.engine.kv_connector import KVLoad, KVLoads
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.output_text import OutputText
@@ -87,7 +87,8 @@ class LLMEngine:
             self.max_model_len = capacity
         self.pool = BlockPool(self.num_blocks)
         self.kv = KVCacheManager(self.pool, config.block_size, self.model_id, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens,
+        self.kv_loads = KVLoads(config.block_size)
+        self.scheduler = Scheduler(self.kv, self.kv_loads, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         self.eos_token_ids = set(eos_token_ids(self.tokenizer, files.config, files.generation_config))
         self.stop_checker = StopChecker(self.eos_token_ids, self.max_model_len)
@@ -97,7 +98,6 @@ class LLMEngine:
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens = 0
         self.num_steps = 0
-        self.num_kv_load_failures = 0
         # Sequences that received a token in the last step (finished ones included): streaming reads these.
         self.last_step_sampled: list[Sequence] = []
         # lend_exports(): exports lend the cache blocks themselves instead of copying them. A release may come
@@ -124,35 +124,28 @@ class LLMEngine:
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def add_request(self, request_id: str, prompt: Union[str, list[int]], params: SamplingParams,
-                    arrival_time: Optional[float] = None, *, first_token: Optional[tuple] = None,
-                    held_block_ids: Optional[list[int]] = None, export_kv: bool = False,
-                    prior_output_ids: Optional[list[int]] = None) -> None:
+                    arrival_time: Optional[float] = None, *, produced_token_ids: Optional[list[int]] = None,
+                    kv_load: Optional[KVLoad] = None, export_kv: bool = False) -> None:
         """Queues a request.
 
-        Disaggregation hooks: `first_token` = (token id, logprob or None, top logprobs) continues a request whose
-        first token was sampled by a prefill worker; `prior_output_ids` continues one that another worker had
-        already generated these tokens for (decode failover; recomputed here, counted towards max_tokens);
-        `held_block_ids` (from import_kv_blocks) are prompt blocks received from another process; `export_kv` hands
-        the prompt's full blocks back in the RequestOutput.
+        Disaggregation hooks: `produced_token_ids` continues a sequence that already produced these tokens
+        elsewhere (a prefill worker's first token, or everything a failed decode worker streamed): they count
+        towards max_tokens and penalties, their text was streamed already, and their KV is computed here.
+        `kv_load` brings prompt blocks received from another process, loaded at admission (kv_connector).
+        `export_kv` hands the prompt's full blocks back in the RequestOutput.
         """
-        held = list(held_block_ids or [])
         try:
             if request_id in self.requests:
                 raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
             text, token_ids = self.validate_prompt(prompt)
             self.validate_params(params, len(token_ids))
-            if (first_token is not None or held or prior_output_ids) and params.n != 1:
-                raise InvalidRequestError("a continued request (first token given) must have n = 1", "n")
-            if first_token is not None and prior_output_ids:
-                raise InvalidRequestError("give either the first token or the prior output, not both",
-                                          "prior_output_token_ids")
-            prior = list(prior_output_ids or [])
-            if any(not 0 <= t < self.vocab_size for t in prior):
-                raise InvalidRequestError(f"prior output token ids must be in [0, {self.vocab_size})",
-                                          "prior_output_token_ids")
+            produced = list(produced_token_ids or [])
+            self.validate_produced(produced, params)
+            if kv_load is not None and params.n != 1:
+                raise InvalidRequestError("a request with received KV blocks must have n = 1", "n")
         except BaseException:
-            for block_id in held:
-                self.pool.release(block_id)
+            if kv_load is not None:
+                kv_load.on_done(None)
             raise
         if params.min_tokens:  # the sampler keeps this model's EOS ids out of the first min_tokens tokens
             params = params.replace(_eos_token_ids=tuple(sorted(self.eos_token_ids)))
@@ -162,20 +155,15 @@ class LLMEngine:
             seq = Sequence(request_id, index, token_ids, params, now)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
-            seq.output_token_ids.extend(prior)
+            seq.output_token_ids.extend(produced)
             if params.logprobs is not None:  # streamed by the worker that produced them; kept parallel here
-                seq.logprobs.extend([float("nan")] * len(prior))
-                seq.top_logprobs.extend([] for _ in prior)
-            if first_token is not None:
-                token, logprob, top = first_token
-                seq.output_token_ids.append(int(token))
-                if params.logprobs is not None:
-                    seq.logprobs.append(float(logprob) if logprob is not None else float("nan"))
-                    seq.top_logprobs.append(list(top or []))
+                seq.logprobs.extend([float("nan")] * len(produced))
+                seq.top_logprobs.extend([] for _ in produced)
             seq.output_text = OutputText(self.tokenizer, token_ids, params)
             seq.output_text.replay(seq.output_token_ids)  # their text was streamed by the worker that made them
             seqs.append(seq)
-        seqs[0].held_block_ids = held
+        if kv_load is not None:
+            self.kv_loads.add(seqs[0], kv_load)
         self.requests[request_id] = _Request(request_id, text, token_ids, seqs, now, export_kv=export_kv)
         for seq in seqs:
             self.scheduler.add(seq)
@@ -188,27 +176,6 @@ class LLMEngine:
         while count < len(hashes) and self.pool.lookup(hashes[count]) is not None:
             count += 1
         return count
-
-    def import_kv_blocks(self, hashes: list[bytes], received: Union[torch.Tensor, ReceivedKV]) -> list[int]:
-        """Places received prompt blocks in the prefix cache; returns held block ids for add_request.
-
-        `received`: uint8 rows `[len(hashes), bytes_per_block]`, or a ReceivedKV (kv_connector) whose leading
-        rows name the leading hashes. Rows that cannot be trusted are dropped and logged, and the request
-        computes those blocks instead. Needs prefix caching (blocks are adopted through it).
-        """
-        if not self.config.enable_prefix_caching or not hashes:
-            return []
-        source = RowsInMemory(received) if isinstance(received, torch.Tensor) else received
-
-        def write(block_ids: list[int], rows: list[int]) -> None:
-            source.read(lambda runs: import_runs(self.runner.kv_caches, block_ids, rows, runs, self.layout))
-
-        try:
-            return self.kv.import_blocks(hashes[:source.count], write)
-        except KVLoadError as exc:
-            self.num_kv_load_failures += 1
-            log.warning("received KV blocks not used, computing them instead: %s", exc)
-            return []
 
     def _export_prompt_blocks(self, seq: Sequence) -> KVExport:
         full = min(seq.num_prompt_tokens, seq.num_computed_tokens) // self.config.block_size
@@ -263,6 +230,13 @@ class LLMEngine:
         if params.logprobs is not None and params.logprobs > self.vocab_size:
             raise InvalidRequestError(f"logprobs must be <= the vocabulary size {self.vocab_size}", "logprobs")
 
+    def validate_produced(self, produced: list[int], params: SamplingParams) -> None:
+        """Tokens a continued sequence already produced elsewhere (they must be this model's; one sequence)."""
+        if produced and params.n != 1:
+            raise InvalidRequestError("a continued request (tokens already produced) must have n = 1", "n")
+        if any(not 0 <= t < self.vocab_size for t in produced):
+            raise InvalidRequestError(f"produced token ids must be in [0, {self.vocab_size})", "produced_token_ids")
+
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
         if request is None:
@@ -283,6 +257,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        self._load_received_blocks()
         self.num_steps += 1
         result = self.runner.execute(batch)
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
@@ -323,6 +298,14 @@ class LLMEngine:
                 finished.append(self._request_output(request))
         return finished
 
+    def _load_received_blocks(self) -> None:
+        """The worker side of the port: this step's scheduled loads, before the forward pass reads them."""
+        def write(block_ids: list[int], rows: list[int], runs) -> None:
+            import_runs(self.runner.kv_caches, block_ids, rows, runs, self.layout)
+
+        for seq, num_tokens in self.kv_loads.load(write):
+            self.scheduler.compute_instead(seq, num_tokens)
+
     def _request_output(self, request: _Request) -> RequestOutput:
         outputs = []
         for seq in request.seqs:
@@ -358,8 +341,7 @@ class LLMEngine:
             "prompt_tokens_computed": self.num_prompt_tokens_computed,
             "generation_tokens": self.num_generation_tokens,
             "preemptions": self.scheduler.num_preemptions,
-            "held_blocks_released": self.scheduler.num_held_blocks_released,
-            "kv_load_failures": self.num_kv_load_failures,
+            "kv_load_failures": self.kv_loads.num_failures,
             "attention_compile_fallbacks": self.runner.backend.compile_fallbacks,
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),

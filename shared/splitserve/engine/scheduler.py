@@ -5,23 +5,19 @@ admitted while the budget and the sequence cap allow. With chunked prefill a lon
 is left and continues next step. When blocks run out the newest running sequence is preempted by recompute:
 its blocks are freed and it goes back to the front of the queue with all its tokens, to be recomputed later.
 
-Waiting sequences may hold blocks imported from a kv-store (decode). Those holds are the first thing given up
-when blocks run short, newest waiter first: the blocks stay in the prefix cache, so a waiter whose blocks were not
-evicted meanwhile still finds them at admission, and one whose blocks were evicted recomputes them. Holding them
-instead would let waiters that cannot run starve the ones that can (the queue's head, the running batch).
+Waiting sequences own no cache blocks, not even for prompt blocks received from another process (decode): those
+are loaded at admission into blocks allocated with the rest (engine/kv_connector.py), so a waiter that cannot run
+never holds memory the queue's head or the running batch needs. A load that fails is computed instead.
 """
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
 
 from splitserve.engine.kv_cache_manager import KVCacheManager
+from splitserve.engine.kv_connector import KVLoads
 from splitserve.engine.sequence import Sequence, SequenceStatus
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -41,18 +37,19 @@ class Scheduler:
     def __init__(
         self,
         kv: KVCacheManager,
+        kv_loads: KVLoads,
         max_num_seqs: int,
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool,
     ):
         self.kv = kv
+        self.kv_loads = kv_loads
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
-        self.num_held_blocks_released = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -73,7 +70,7 @@ class Scheduler:
             if num_new == 0:
                 i += 1
                 continue
-            while not self._allocate(seq, num_new):
+            while not self.kv.allocate(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -90,13 +87,15 @@ class Scheduler:
         # After a preemption memory is short: admitting more would only preempt again.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            self.kv.admit_cached_prefix(seq)
+            hit = self.kv.admit_cached_prefix(seq)
+            loaded = self.kv_loads.tokens_to_load(seq)
+            seq.num_computed_tokens += loaded  # their blocks are allocated below with the rest
             num_new = self._tokens_to_run(seq, budget)
-            if num_new == 0 or not self._allocate(seq, num_new, keep=seq):
+            if num_new == 0 or not self.kv.allocate(seq, num_new):
                 self._undo_admission(seq)
                 break
-            self.kv.record_prefix_query(seq)
-            self.kv.release_held(seq)  # the prefix lookup above took its own references
+            self.kv.record_prefix_query(seq, hit)
+            self.kv_loads.schedule(seq, loaded)
             seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -115,38 +114,19 @@ class Scheduler:
         # Unchunked: a prompt larger than the budget runs alone in its own step rather than never.
         return remaining if budget == self.max_num_batched_tokens else 0
 
-    def _allocate(self, seq: Sequence, num_new: int, keep: Optional[Sequence] = None) -> bool:
-        """Grows `seq` by `num_new` tokens' blocks, letting waiters' holds (but `keep`'s) go if that is what it
-        takes; False when even that leaves too few."""
-        while not self.kv.allocate(seq, num_new):
-            if not self._release_waiting_holds(self.kv.blocks_needed(seq, num_new), keep=keep):
-                return False
-        return True
-
-    def _release_waiting_holds(self, num_blocks: int, keep: Optional[Sequence] = None) -> bool:
-        """Lets go of waiting sequences' imported blocks, newest waiter first, until `num_blocks` are free.
-
-        Returns whether any hold was released (the caller then retries its allocation).
-        """
-        released = False
-        for seq in reversed(self.waiting):
-            if self.kv.can_allocate(num_blocks):
-                break
-            if seq is keep or not seq.held_block_ids:
-                continue
-            self.num_held_blocks_released += len(seq.held_block_ids)
-            log.info("request %s: releasing %d imported KV blocks while it waits (cache full); they stay cached "
-                     "until evicted", seq.request_id, len(seq.held_block_ids))
-            self.kv.release_held(seq)
-            released = True
-        return released
-
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def compute_instead(self, seq: Sequence, num_tokens: int) -> None:
+        """The last `num_tokens` of a sequence's computed tokens were to be loaded this step and could not be:
+        it computes them from where the load began (its blocks are already allocated). Its entry in this step's
+        batch stays as scheduled, now a chunk starting there."""
+        seq.num_computed_tokens -= num_tokens
+        seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
 
     def _undo_admission(self, seq: Sequence) -> None:
         self.kv.free(seq)
@@ -162,5 +142,5 @@ class Scheduler:
                 self.waiting.remove(seq)
             except ValueError:
                 pass
-        self.kv.release_held(seq)
+        self.kv_loads.finish(seq)
         self.kv.free(seq)

@@ -48,9 +48,6 @@ class Sequence:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     num_preemptions: int = 0
     first_token_time: Optional[float] = None
-    # Blocks imported from a kv-store for this sequence: referenced until admission adopts them through the
-    # prefix cache, so nothing evicts them in between.
-    held_block_ids: list[int] = field(default_factory=list)
     # The text made from output_token_ids (stop strings found there); set by the engine when the request is added.
     output_text: Optional["OutputText"] = None
     # Text the newest token released, and (on the step that finished the sequence) the text only its end

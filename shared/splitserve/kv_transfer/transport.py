@@ -83,6 +83,9 @@ class ReceivedBlocks:
             if self._closed:
                 _unusable()
                 raise KVLoadError("received KV blocks were given back before they were read")
+            if not self.in_time():  # nothing copied now could be trusted: do not copy
+                _unusable()
+                raise KVLoadError("the kv-store's pin on the blocks ran out before they were read")
             self._readers += 1
         started = time.monotonic()
         try:
@@ -96,6 +99,10 @@ class ReceivedBlocks:
         if not self.in_time():
             _unusable()
             raise KVLoadError("the kv-store's pin on the blocks ran out before they were copied")
+
+    def seconds_left(self) -> float:
+        """How long the rows stay readable (math.inf when staged: this process's own memory)."""
+        return max(0.0, self._valid_until - time.monotonic())
 
     def in_time(self) -> bool:
         """Whether the store's pin still holds, i.e. whatever was copied out so far is what the writer wrote."""

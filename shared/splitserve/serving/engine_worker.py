@@ -179,10 +179,8 @@ class EngineMetricsCollector(Collector):
                       s["prefix_query_tokens"])
         yield counter("prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache", s["prefix_hit_tokens"])
         yield counter("preemptions", "Sequences preempted by recompute", s["preemptions"])
-        yield counter("kv_held_blocks_released", "Imported KV blocks a waiting request let go of because the cache "
-                      "was full (recomputed if evicted before it ran)", s["held_blocks_released"])
-        yield counter("kv_load_failures", "Received KV loads the engine could not trust (their source was given "
-                      "back or ran out first): their blocks were recomputed", s["kv_load_failures"])
+        yield counter("kv_load_failures", "Received KV loads the engine could not trust at admission (their source "
+                      "was given back or ran out first): their tokens were computed instead", s["kv_load_failures"])
         yield counter("attention_compile_fallbacks", "Start-ups where compiling decode attention failed and it runs "
                       "eager instead (several times slower)", s["attention_compile_fallbacks"])
         yield counter("prompt_tokens_computed", "Prompt tokens run through the model", s["prompt_tokens_computed"])

@@ -64,7 +64,7 @@ def _generate(prefill: str, decode: str, prompt: list[int], request_id: str) -> 
             first = await prefill_pb2_grpc.PrefillStub(channel).Prefill(prefill_pb2.PrefillRequest(
                 request_id=request_id, prompt_token_ids=prompt, sampling_params=params), timeout=60)
         request = decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, sampling_params=params,
-                                             first_token_id=first.first_token_id)
+                                             produced_token_ids=[first.first_token_id])
         request.kv_handle.CopyFrom(first.kv_handle)
         async with grpc.aio.insecure_channel(decode) as channel:
             chunks = [c async for c in decode_pb2_grpc.DecodeStub(channel).Generate(request, timeout=60)]

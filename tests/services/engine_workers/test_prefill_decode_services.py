@@ -68,11 +68,10 @@ def _prefill(workers, prompt, params, request_id, worker="prefill"):
 def _decode(workers, prompt, params, request_id, first=None, handle=None, prior=()):
     async def go():
         async with grpc.aio.insecure_channel(workers["decode"]) as channel:
+            produced = [first] if first is not None else list(prior)
             request = decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
                                                  sampling_params=sampling_params_to_proto(params),
-                                                 prior_output_token_ids=prior)
-            if first is not None:
-                request.first_token_id = first
+                                                 produced_token_ids=produced)
             if handle is not None:
                 request.kv_handle.CopyFrom(handle)
             return [chunk async for chunk in decode_pb2_grpc.DecodeStub(channel).Generate(request, timeout=60)]
@@ -282,6 +281,10 @@ def test_invalid_requests_are_refused_with_the_param(workers):
         asyncio.run(go("decode"))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "prompt token ids" in info.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        _decode(workers, [5, 6, 7], GREEDY, "bad-produced", prior=[10**6])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert param_from_error(info.value) == "produced_token_ids"
     assert _pools_whole(workers)
 
 

@@ -60,10 +60,7 @@ def output_text(request) -> OutputText:
     """The sequence's text state, replayed over the tokens produced before this call (first token, failover)."""
     params = sampling_params_from_proto(request.sampling_params)
     text = OutputText(_DecodeOnly(), list(request.prompt_token_ids), params)
-    if getattr(request, "prior_output_token_ids", None):
-        text.replay(request.prior_output_token_ids)
-    elif hasattr(request, "first_token_id") and request.HasField("first_token_id"):
-        text.replay([request.first_token_id])
+    text.replay(getattr(request, "produced_token_ids", []))
     return text
 
 
@@ -218,7 +215,7 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServicer):
     chunk_tokens: int = 1
     cached_tokens: int = 0
     fail_with: Optional[grpc.StatusCode] = None    # abort every Generate before any token with this code
-    die_after_tokens: Optional[int] = None         # stop the whole server after this many tokens (of this call)
+    die_after_tokens: Optional[int] = None         # stop the whole server after this many tokens of its own
     engine_error: Optional[str] = None             # end every stream with an ERROR chunk carrying this message
     server: Optional[grpc.aio.Server] = None
     cancelled: list = field(default_factory=list)  # request ids whose stream the caller cancelled
@@ -242,12 +239,8 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServicer):
                 return
             params = request.sampling_params
             seed, max_tokens = _seed(params), _max_tokens(params)
-            if request.prior_output_token_ids:  # resumed after another worker failed: continue after its tokens
-                previous, produced = request.prior_output_token_ids[-1], len(request.prior_output_token_ids)
-            elif request.HasField("first_token_id"):
-                previous, produced = request.first_token_id, 1
-            else:
-                previous, produced = request.prompt_token_ids[-1], 0
+            given = list(request.produced_token_ids)  # the prefill's first token, or a failed worker's tokens
+            previous, produced = (given[-1], len(given)) if given else (request.prompt_token_ids[-1], 0)
             text = output_text(request)
             pending, logprobs, finish, stop_reason = [], [], common_pb2.FINISH_REASON_UNSPECIFIED, None
             delta = ""
@@ -271,8 +264,7 @@ class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServicer):
                     finish = common_pb2.FINISH_REASON_LENGTH
                 if finish != common_pb2.FINISH_REASON_UNSPECIFIED:
                     delta += text.finish()
-                if self.die_after_tokens is not None and \
-                        produced > self.die_after_tokens + len(request.prior_output_token_ids):
+                if self.die_after_tokens is not None and produced - len(given) > self.die_after_tokens:
                     asyncio.get_running_loop().create_task(self.server.stop(None))
                     await asyncio.sleep(30)
                 if len(pending) >= self.chunk_tokens or finish != common_pb2.FINISH_REASON_UNSPECIFIED:

@@ -31,7 +31,7 @@ def test_completion_is_the_models_tokens_as_text_with_exact_usage(gateway, stack
     assert list(prefill.prompt_token_ids) == fakes.tokenize(prompt)
     assert prefill.sampling_params.max_tokens == 5
     assert prefill.kv_target.store_address == "127.0.0.1:50090"
-    assert decode.first_token_id == 41 and decode.kv_handle.store_address == "127.0.0.1:50090"
+    assert list(decode.produced_token_ids) == [41] and decode.kv_handle.store_address == "127.0.0.1:50090"
 
 
 def test_utf8_character_split_over_two_tokens_and_eos(gateway):
@@ -202,7 +202,7 @@ def test_short_prompts_are_prefilled_by_decode_below_the_threshold(stack):
     assert short.choices[0].text == " w41 w42 w43 w44"
     assert stack.prefill.requests == []
     [decode] = stack.decode.requests
-    assert not decode.HasField("first_token_id") and not decode.HasField("kv_handle")
+    assert not decode.produced_token_ids and not decode.HasField("kv_handle")
     assert short.usage.prompt_tokens_details.cached_tokens == stack.decode.cached_tokens
     assert _sample("splitserve_gateway_local_prefill_total", reason="below_threshold") == before + 1
     long = gateway.openai().completions.create(model="fake-model", prompt="a b x 40", max_tokens=4)
@@ -215,7 +215,7 @@ def test_without_prefill_workers_decode_prefills(make_stack):
     gateway = stack.start_gateway()
     result = gateway.openai().completions.create(model="fake-model", prompt="x 40", max_tokens=3)
     assert result.choices[0].text == " w41 w42 w43"
-    assert not stack.decode.requests[0].HasField("first_token_id")
+    assert not stack.decode.requests[0].produced_token_ids
 
 
 @pytest.mark.parametrize("prompts", [["x 10", "y 500", "z 20"], [[10], [7, 500], [3, 20]]])

@@ -19,7 +19,7 @@ def _events(body: str) -> list[str]:
 
 
 def test_decode_dying_mid_stream_ends_the_stream_with_an_error_event_without_migration(make_stack):
-    stack = make_stack(num_decode=2, decode={"die_after_tokens": 2, "token_delay_s": 0.01})
+    stack = make_stack(num_decode=2, decode={"die_after_tokens": 1, "token_delay_s": 0.01})
     gateway = stack.start_gateway(max_decode_migrations=0)
     with gateway.http_client() as http:
         response = http.post("/v1/completions", json={"prompt": "x 10", "max_tokens": 50, "stream": True})
@@ -64,9 +64,10 @@ def test_decode_dying_mid_stream_moves_the_stream_to_another_worker(make_stack):
         text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
         finish = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]]
         assert _migrations(http, "unavailable") == before + 1
-    # The survivor was told what was produced (prefill's first token w11, then w12), which is not streamed again.
+    # The survivor was told what was produced (prefill's first token w11, then w12 w13), not streamed again.
     [resumed] = survivor.servicer.requests
-    assert len(resumed.prior_output_token_ids) == 2 and not resumed.HasField("first_token_id")
+    assert list(dead.servicer.requests[0].produced_token_ids) == [11]
+    assert list(resumed.produced_token_ids) == [11, 12, 13]
     assert resumed.kv_handle.block_hashes == dead.servicer.requests[0].kv_handle.block_hashes
     assert text == " w11 w12 w13 w14" and finish[-1] == "length"
 

@@ -106,7 +106,7 @@ def test_failed_prefill_worker_falls_back_to_local_prefill(make_stack):
     stack.loop.run(stack.prefills[0].stop())
     result = gateway.openai().completions.create(model="fake-model", prompt="x 10", max_tokens=3)
     assert result.choices[0].text == " w11 w12 w13"
-    assert not stack.decode.requests[0].HasField("first_token_id")
+    assert not stack.decode.requests[0].produced_token_ids
     stack.wait_for(lambda: not gateway.gateway.pool.healthy("prefill"))
     gateway.openai().completions.create(model="fake-model", prompt="x 10", max_tokens=3)
     assert _sample("splitserve_gateway_local_prefill_total", reason="no_prefill_worker") >= before + 1
