@@ -123,6 +123,11 @@ class RequestStream:
             self._engine._stream_closed(self.request_id, finished=self._finished)
 
 
+def _engine_attribute(name: str) -> property:
+    """A read-only attribute of the wrapped engine that is fixed once the model is loaded: safe from any thread."""
+    return property(lambda self: getattr(self.engine, name), doc=f"The engine's {name} (read-only).")
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
@@ -142,30 +147,13 @@ class AsyncEngine:
 
     # ---- what callers may read (fixed once the model is loaded) ---------------------------------------------
 
-    @property
-    def config(self):
-        return self.engine.config
-
-    @property
-    def layout(self):
-        return self.engine.layout
-
-    @property
-    def model_id(self) -> str:
-        return self.engine.model_id
-
-    @property
-    def max_model_len(self) -> int:
-        return self.engine.max_model_len
-
-    @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
-    def token_pieces(self):
-        """Each token's text and real bytes, for logprob entries (a cache safe to read from any thread)."""
-        return self.engine.token_pieces
+    config = _engine_attribute("config")
+    layout = _engine_attribute("layout")
+    model_id = _engine_attribute("model_id")
+    max_model_len = _engine_attribute("max_model_len")
+    tokenizer = _engine_attribute("tokenizer")
+    # Each token's text and real bytes, for logprob entries (a cache safe to read from any thread).
+    token_pieces = _engine_attribute("token_pieces")
 
     def validate_prompt(self, prompt):
         """Raises InvalidRequestError for a prompt the engine would refuse (reads only fixed limits)."""
