@@ -38,6 +38,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     attention_backend: str = field(default="auto", metadata={
         "help": "attention kernels: auto, torch, torch-compile (CPU decode compiled by Inductor), triton"})
+    linear_backend: str = field(default="auto", metadata={
+        "help": "linear layers: auto (weights packed for oneDNN on a float32 CPU engine), packed, torch"})
     seed: int = field(default=0, metadata={"help": "seed of the engine's default random generator"})
 
     def __post_init__(self) -> None:

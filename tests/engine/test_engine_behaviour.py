@@ -95,8 +95,9 @@ def test_stop_token_ids_and_stop_strings(llm):
 
 
 def _eos_everywhere(llama_ckpt) -> tuple[LLM, int, list[int]]:
-    """An engine whose greedy choice is EOS at every position (its lm_head row scaled up), its EOS id, a prompt."""
-    llm = LLM(str(llama_ckpt), dtype="float32", device="cpu", num_kv_blocks=32)
+    """An engine whose greedy choice is EOS at every position (its lm_head row scaled up), its EOS id, a prompt.
+    Its linear layers stay torch's, so that the loaded weight can be edited in place."""
+    llm = LLM(str(llama_ckpt), dtype="float32", device="cpu", num_kv_blocks=32, linear_backend="torch")
     eos = llm.get_tokenizer().eos_token_id
     with torch.no_grad():
         llm.engine.runner.model.lm_head.weight[eos] *= 200.0

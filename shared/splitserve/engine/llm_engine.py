@@ -68,7 +68,8 @@ class LLMEngine:
         if self.max_model_len > max_position:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's {max_position} positions")
         self.vocab_size = model.args.vocab_size
-        self.runner = ModelRunner(model, config.block_size, self.device, self.dtype, config.attention_backend)
+        self.runner = ModelRunner(model, config.block_size, self.device, self.dtype, config.attention_backend,
+                                  config.linear_backend)
         kv_size = size_kv_cache(config, self.runner.layout.bytes_per_block, self.max_model_len,
                                 self._default_kv_budget)
         self.num_blocks = kv_size.num_blocks

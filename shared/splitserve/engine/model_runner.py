@@ -13,6 +13,7 @@ from splitserve.engine.scheduler import ScheduledBatch
 from splitserve.engine.sequence import Sequence
 from splitserve.kv_blocks.layout import KVLayout
 from splitserve.layers.attention import AttentionMetadata, select_backend
+from splitserve.layers.packed_linear import pack_linears, packing_applies
 from splitserve.layers.sampler import Sampler, SamplerOutput, SamplingRow
 from splitserve.models.llama import LlamaForCausalLM
 
@@ -27,7 +28,9 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, block_size: int, device: torch.device, dtype: torch.dtype,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", linear_backend: str = "auto"):
+        if packing_applies(device, dtype, linear_backend):
+            log.info("%d linear layers packed for oneDNN", pack_linears(model))
         self.model = model
         self.device = device
         self.dtype = dtype
