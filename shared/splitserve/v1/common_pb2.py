@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/common.proto\x12\rsplitserve.v1\"\xec\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\x06\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\rH\x07\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\x08\x88\x01\x01\x12@\n\nlogit_bias\x18\x11 \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x04\n\x02_nB\x16\n\x14_skip_special_tokens\"\x84\x01\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\"\x1d\n\x0b\x42lockHashes\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x7f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12(\n\x03top\x18\x03 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\r\n\x05token\x18\x04 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x05 \x01(\x0c\"F\n\nStopReason\x12\x15\n\x0bstop_string\x18\x01 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x02 \x01(\rH\x00\x42\x08\n\x06reason\"\x82\x01\n\x08KVHandle\x12\x15\n\rstore_address\x18\x01 \x01(\t\x12\x30\n\x0c\x62lock_hashes\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.BlockHashes\x12\'\n\x06layout\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.KVLayoutJ\x04\x08\x04\x10\x05\"\x89\x02\n\x0b\x45ngineStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0erunning_tokens\x18\x03 \x01(\x04\x12\x16\n\x0ewaiting_tokens\x18\x04 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x08 \x01(\x04\x12\'\n\x06layout\x18\t \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\r\n\x05model\x18\n \x01(\t\"G\n\x0fMembershipProof\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\x0c\x12\x16\n\x0ehealth_address\x18\x03 \x01(\t*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/common.proto\x12\rsplitserve.v1\"\xda\x05\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\r\n\x05min_p\x18\x05 \x01(\x02\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x05\x88\x01\x01\x12\x15\n\x08logprobs\x18\r \x01(\rH\x06\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\rH\x07\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\r\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\x08\x88\x01\x01\x12@\n\nlogit_bias\x18\x11 \x03(\x0b\x32,.splitserve.v1.SamplingParams.LogitBiasEntry\x12:\n\x11structured_output\x18\x12 \x01(\x0b\x32\x1f.splitserve.v1.StructuredOutput\x12\x1c\n\x0fprompt_logprobs\x18\x13 \x01(\rH\t\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x04\n\x02_nB\x16\n\x14_skip_special_tokensB\x12\n\x10_prompt_logprobs\"\x99\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12+\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x19.splitserve.v1.ChoiceListH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1d\n\nChoiceList\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x84\x01\n\x08KVLayout\x12\x12\n\nnum_layers\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\x12\x10\n\x08head_dim\x18\x04 \x01(\r\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x06 \x01(\t\"\x1d\n\x0b\x42lockHashes\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"<\n\x0c\x43hatMessages\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.splitserve.v1.ChatMessage\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\x7f\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12(\n\x03top\x18\x03 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\r\n\x05token\x18\x04 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x05 \x01(\x0c\"F\n\nStopReason\x12\x15\n\x0bstop_string\x18\x01 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x02 \x01(\rH\x00\x42\x08\n\x06reason\"\x82\x01\n\x08KVHandle\x12\x15\n\rstore_address\x18\x01 \x01(\t\x12\x30\n\x0c\x62lock_hashes\x18\x02 \x01(\x0b\x32\x1a.splitserve.v1.BlockHashes\x12\'\n\x06layout\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.KVLayoutJ\x04\x08\x04\x10\x05\"\x89\x02\n\x0b\x45ngineStats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0erunning_tokens\x18\x03 \x01(\x04\x12\x16\n\x0ewaiting_tokens\x18\x04 \x01(\x04\x12\x17\n\x0fkv_blocks_total\x18\x05 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x06 \x01(\r\x12\x1c\n\x14prefix_cache_queries\x18\x07 \x01(\x04\x12\x19\n\x11prefix_cache_hits\x18\x08 \x01(\x04\x12\'\n\x06layout\x18\t \x01(\x0b\x32\x17.splitserve.v1.KVLayout\x12\r\n\x05model\x18\n \x01(\t\"G\n\x0fMembershipProof\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0b\n\x03mac\x18\x02 \x01(\x0c\x12\x16\n\x0ehealth_address\x18\x03 \x01(\t*\x91\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1725
-  _globals['_FINISHREASON']._serialized_end=1870
+  _globals['_FINISHREASON']._serialized_start=2022
+  _globals['_FINISHREASON']._serialized_end=2167
   _globals['_SAMPLINGPARAMS']._serialized_start=46
-  _globals['_SAMPLINGPARAMS']._serialized_end=666
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=492
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=540
-  _globals['_KVLAYOUT']._serialized_start=669
-  _globals['_KVLAYOUT']._serialized_end=801
-  _globals['_BLOCKHASHES']._serialized_start=803
-  _globals['_BLOCKHASHES']._serialized_end=832
-  _globals['_TOKENIDS']._serialized_start=834
-  _globals['_TOKENIDS']._serialized_end=857
-  _globals['_CHATMESSAGE']._serialized_start=859
-  _globals['_CHATMESSAGE']._serialized_end=903
-  _globals['_CHATMESSAGES']._serialized_start=905
-  _globals['_CHATMESSAGES']._serialized_end=965
-  _globals['_USAGE']._serialized_start=967
-  _globals['_USAGE']._serialized_end=1047
-  _globals['_TOKENLOGPROB']._serialized_start=1049
-  _globals['_TOKENLOGPROB']._serialized_end=1176
-  _globals['_STOPREASON']._serialized_start=1178
-  _globals['_STOPREASON']._serialized_end=1248
-  _globals['_KVHANDLE']._serialized_start=1251
-  _globals['_KVHANDLE']._serialized_end=1381
-  _globals['_ENGINESTATS']._serialized_start=1384
-  _globals['_ENGINESTATS']._serialized_end=1649
-  _globals['_MEMBERSHIPPROOF']._serialized_start=1651
-  _globals['_MEMBERSHIPPROOF']._serialized_end=1722
+  _globals['_SAMPLINGPARAMS']._serialized_end=776
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=582
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=630
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=779
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=932
+  _globals['_CHOICELIST']._serialized_start=934
+  _globals['_CHOICELIST']._serialized_end=963
+  _globals['_KVLAYOUT']._serialized_start=966
+  _globals['_KVLAYOUT']._serialized_end=1098
+  _globals['_BLOCKHASHES']._serialized_start=1100
+  _globals['_BLOCKHASHES']._serialized_end=1129
+  _globals['_TOKENIDS']._serialized_start=1131
+  _globals['_TOKENIDS']._serialized_end=1154
+  _globals['_CHATMESSAGE']._serialized_start=1156
+  _globals['_CHATMESSAGE']._serialized_end=1200
+  _globals['_CHATMESSAGES']._serialized_start=1202
+  _globals['_CHATMESSAGES']._serialized_end=1262
+  _globals['_USAGE']._serialized_start=1264
+  _globals['_USAGE']._serialized_end=1344
+  _globals['_TOKENLOGPROB']._serialized_start=1346
+  _globals['_TOKENLOGPROB']._serialized_end=1473
+  _globals['_STOPREASON']._serialized_start=1475
+  _globals['_STOPREASON']._serialized_end=1545
+  _globals['_KVHANDLE']._serialized_start=1548
+  _globals['_KVHANDLE']._serialized_end=1678
+  _globals['_ENGINESTATS']._serialized_start=1681
+  _globals['_ENGINESTATS']._serialized_end=1946
+  _globals['_MEMBERSHIPPROOF']._serialized_start=1948
+  _globals['_MEMBERSHIPPROOF']._serialized_end=2019
 # @@protoc_insertion_point(module_scope)
