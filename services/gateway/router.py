@@ -94,7 +94,7 @@ class Router:
 
     def feedback(self, worker: Worker, hits: Optional[PrefixHits], cached_tokens: int) -> None:
         """The cached tokens `worker` reported for the prompt it computed, against what the index predicted."""
-        if hits is None or hits.speculative_tokens(worker.kind, worker.address):
+        if hits is None:
             return
         predicted = hits.device_tokens(worker.kind, worker.address)
         if worker.kind == "prefill":          # it also pulls from the kv-store what its own cache lacks

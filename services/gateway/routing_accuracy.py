@@ -12,8 +12,8 @@ Below `threshold` over a full window: ONE warning naming the worst-predicted wor
 gauge `splitserve_router_routing_degraded` at 1, and routing by load (prefix routing that is wrong costs a
 worker's queue for nothing), except each `probe_every`-th request, routed by prefix to keep measuring; lookups
 go on for every request, so each request's prediction for the worker load routing chose is measured too. A full
-window at or above the threshold resumes prefix routing. Requests with a speculative hit on their worker are not
-measured: the claimed prefill may still be running, so a miss there says nothing about the index.
+window at or above the threshold resumes prefix routing. Only confirmed hits count as predicted, never claims
+(speculative entries): a claimed prefill may still be running.
 """
 
 from __future__ import annotations
