@@ -138,6 +138,8 @@ class PrefixIndexReader:
         if publisher is None:
             return
         chain = chain_block_hashes(prompt, publisher.block_size, publisher.model_id)
+        if not chain:
+            return
         try:
             await asyncio.wait_for(self._lookup(keys=[], args=lookup_args(chain, [], [publisher.id],
                                                                        claim_below=len(chain) + 1)),
