@@ -20,7 +20,8 @@ always applies. Lookup (LOOKUP_LUA): for each publisher asked, the length of the
 block chain it holds, probed with SMISMEMBER in chunks of LOOKUP_CHUNK and stopped at the first miss. Cost: one
 round trip; O(P * (L + LOOKUP_CHUNK)) set probes in P * ceil((L + 1) / LOOKUP_CHUNK) commands for P publishers
 and a matched run of L blocks, all in Redis's C code but the loop over chunks. Beyond each confirmed run the
-script walks the publisher's speculative set the same way (ZMSCORE), and in the same call claims the chain for
+script walks the publisher's speculative set the same way (ZMSCORE: O(S + LOOKUP_CHUNK) more probes for S
+speculative blocks), and in the same call claims the chain for
 the workers the gateway would pick by load, for each kind none of whose publishers holds any of it: the script
 is atomic, so of two lookups of a new prefix racing from two gateways the second sees the first's claim.
 """
