@@ -4,8 +4,10 @@ renders `tools` (a <tools> block in the system turn), assistant `tool_calls` as 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 HERMES_TEMPLATE = (
     "{%- if tools %}"
@@ -45,3 +47,10 @@ def with_tool_template(checkpoint: Path, out: Path) -> Path:
     shutil.copytree(checkpoint, out, dirs_exist_ok=True)
     (out / "chat_template.jinja").write_text(HERMES_TEMPLATE)
     return out
+
+
+def tool_turns(call_id: str, name: str, arguments: dict[str, Any], result: str) -> list[dict[str, Any]]:
+    """An assistant turn that called `name` and the tool turn with its result, as OpenAI clients send them."""
+    call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+    return [{"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call_id, "content": result}]

@@ -172,6 +172,12 @@ class Tool(BaseModel):
     function: FunctionDefinition
 
 
+def checked_tools(tools: Optional[list[Tool]], choice: Optional[str] = None, named: Optional[str] = None,
+                  parallel_tool_calls: bool = True) -> ToolChoice:
+    functions = [tool.function.model_dump(exclude_none=True) for tool in tools or []]
+    return ToolChoice.check(functions, choice, named, parallel_tool_calls, tools_given=tools is not None)
+
+
 class NamedFunction(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: str
@@ -197,9 +203,7 @@ class ChatCompletionRequest(_GenerationBody):
         """The request's tools and tool_choice, checked (400 for tools that cannot be, an unknown function)."""
         named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
         choice = "function" if named is not None else self.tool_choice
-        functions = [tool.function.model_dump(exclude_none=True) for tool in self.tools or []]
-        return ToolChoice.check(functions, choice, named, self.parallel_tool_calls is not False,
-                                tools_given=self.tools is not None)
+        return checked_tools(self.tools, choice, named, self.parallel_tool_calls is not False)
 
     def to_generation_requests(self) -> list[GenerationRequest]:
         return [self.to_generation_request()]
@@ -241,6 +245,7 @@ class TokenizeRequest(BaseModel):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
+    tools: Optional[list[Tool]] = None                  # chat: rendered by the template, as for generation
     add_special_tokens: Optional[bool] = None           # text: default true; chat: the template places them
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -250,6 +255,8 @@ class TokenizeRequest(BaseModel):
         if (self.prompt is None) == (self.messages is None):
             raise InvalidRequestError("give either prompt or messages", "prompt")
         if self.messages is None:
+            if self.tools is not None:
+                raise InvalidRequestError("tools go with chat messages, not a text prompt", "tools")
             return Prompt(text=self.prompt)
         if not self.messages:
             raise InvalidRequestError("messages must hold at least one message", "messages")
@@ -259,7 +266,7 @@ class TokenizeRequest(BaseModel):
         if self.continue_final_message:
             raise UnsupportedFeatureError("continue_final_message is not supported by this server",
                                           "continue_final_message")
-        return Prompt(messages=chat_turns(self.messages))
+        return Prompt(messages=chat_turns(self.messages), tools=checked_tools(self.tools).template_json())
 
 
 class DetokenizeRequest(BaseModel):

@@ -17,6 +17,7 @@ from splitserve.services.gateway.outputs import SequenceEvent, SequenceResult
 from splitserve.services.gateway.tool_parsers.forced import required_schema
 from splitserve.services.gateway.tool_parsers.hermes import HermesToolParser
 from splitserve.v1 import common_pb2
+from tool_chat_model import tool_turns
 
 MESSAGES = [{"role": "user", "content": "weather in Paris?"}]
 WEATHER = {"type": "function", "function": {
@@ -56,11 +57,7 @@ def test_bad_tools_and_tool_choice_are_400_naming_the_parameter(gateway, extra, 
 
 def test_tools_and_tool_turns_reach_the_chat_template(gateway, stack):
     """tool_choice none: the template still sees the tools (vLLM's default); the output is content."""
-    history = [*MESSAGES,
-               {"role": "assistant", "content": None, "tool_calls": [
-                   {"id": "call_1", "type": "function",
-                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    history = [*MESSAGES, *tool_turns("call_1", "get_weather", {"city": "Paris"}, "sunny")]
     result = gateway.openai().chat.completions.create(model="fake-model", messages=history, tools=[WEATHER, PING],
                                                       tool_choice="none", max_tokens=3)
     choice = result.choices[0]
