@@ -19,7 +19,11 @@ from splitserve.services.gateway.errors import UnsupportedFeatureError
 from splitserve.services.gateway.tool_parsers import TOOL_PARSERS, ToolParser
 from splitserve.services.gateway.tool_parsers.forced import (NamedToolParser, RequiredToolParser, parameters_schema,
                                                              required_schema)
-from splitserve.v1 import common_pb2
+
+try:
+    from splitserve.sampling_params import StructuredOutput
+except ImportError:   # an engine without guided decoding: required and named functions cannot be enforced
+    StructuredOutput = None
 
 # OpenAI's rule for function names.
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -92,7 +96,7 @@ def forced_tool_schema(params: SamplingParams, tools: ToolChoice) -> SamplingPar
     schema = tools.guided_schema()
     if schema is None:
         return params
-    if not hasattr(params, "structured_output"):   # a build whose engine has no guided decoding
+    if StructuredOutput is None:
         raise UnsupportedFeatureError(f'tool_choice "{tools.choice if tools.named is None else tools.named}" needs '
                                       f'guided decoding, which this server lacks; use "auto"', "tool_choice")
-    return params.replace(structured_output=common_pb2.StructuredOutput(json_schema=json.dumps(schema)))
+    return params.replace(structured_output=StructuredOutput(json_schema=json.dumps(schema)))
