@@ -96,7 +96,11 @@ def forced_tool_schema(params: SamplingParams, tools: ToolChoice) -> SamplingPar
     schema = tools.guided_schema()
     if schema is None:
         return params
+    choice = tools.choice if tools.named is None else tools.named
     if StructuredOutput is None:
-        raise UnsupportedFeatureError(f'tool_choice "{tools.choice if tools.named is None else tools.named}" needs '
-                                      f'guided decoding, which this server lacks; use "auto"', "tool_choice")
+        raise UnsupportedFeatureError(f'tool_choice "{choice}" needs guided decoding, which this server lacks; use '
+                                      f'"auto"', "tool_choice")
+    if params.structured_output is not None:
+        raise InvalidRequestError(f'tool_choice "{choice}" sets the output\'s format itself: it cannot be combined '
+                                  f'with response_format or structured_outputs', "tool_choice")
     return params.replace(structured_output=StructuredOutput(json_schema=json.dumps(schema)))

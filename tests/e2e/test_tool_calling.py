@@ -149,3 +149,25 @@ def test_a_named_function_is_called_with_valid_arguments(client, model_id):
 def test_required_is_refused_without_guided_decoding(client, model_id):
     with pytest.raises(openai.BadRequestError, match="guided decoding"):
         client.chat.completions.create(model=model_id, messages=MESSAGES, tools=TOOLS, tool_choice="required")
+
+
+def _takes_structured_outputs() -> bool:
+    from splitserve.services.gateway.schemas import ChatCompletionRequest
+
+    return "structured_outputs" in ChatCompletionRequest.model_fields
+
+
+@pytest.mark.skipif(not (GUIDED and _takes_structured_outputs()),
+                    reason="needs guided decoding and the gateway's structured_outputs (regex)")
+def test_auto_parses_a_hermes_call_the_model_writes(client, model_id):
+    """A regex holds the random model to a Hermes tool call (one city of three): the hermes parser turns it into
+    a tool call, streamed deltas and the whole response alike."""
+    regex = (r'Checking\.\n<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Oslo|Lima)", '
+             r'"unit": "celsius"\}\}\n</tool_call>')
+    create = dict(model=model_id, messages=MESSAGES, tools=TOOLS, tool_choice="auto", max_tokens=120,
+                  temperature=0.0, extra_body={"structured_outputs": {"regex": regex}})
+    whole = _message(client.chat.completions.create(**create))
+    content, calls, finish = whole
+    assert content == "Checking." and finish == "tool_calls" and [c["name"] for c in calls] == ["get_weather"]
+    _check_calls(calls, TOOLS)
+    assert _streamed_message(client.chat.completions.create(**create, stream=True)) == whole

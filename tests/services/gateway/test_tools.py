@@ -138,3 +138,14 @@ def test_formatter_streams_tool_call_deltas_that_reassemble_to_the_response(fini
         assert content == message["content"]
         assert [calls[i] for i in sorted(calls)] == [c["function"] for c in message["tool_calls"]]
         assert [d["finish_reason"] for d in deltas] == [None] * (len(deltas) - 1) + [expected_finish]
+
+
+@pytest.mark.skipif(not GUIDED, reason="the engine has no guided decoding")
+def test_required_with_another_output_format_is_refused():
+    from splitserve.sampling_params import InvalidRequestError, StructuredOutput
+    from splitserve.services.gateway.tool_choice import ToolChoice, forced_tool_schema
+
+    tools = ToolChoice.check([WEATHER["function"]], "required", None, True, tools_given=True)
+    with pytest.raises(InvalidRequestError, match="cannot be combined with response_format"):
+        forced_tool_schema(SamplingParams(structured_output=StructuredOutput(json_object=True)), tools)
+    assert forced_tool_schema(SamplingParams(), tools).structured_output.json_schema
