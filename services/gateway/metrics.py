@@ -37,6 +37,9 @@ INTER_TOKEN = Histogram("splitserve_gateway_inter_token_latency_seconds",
                         "Between consecutive token batches of one sequence, per token", buckets=_ITL_BUCKETS)
 E2E = Histogram("splitserve_gateway_e2e_request_latency_seconds", "From request arrival to its last token",
                 buckets=_LATENCY_BUCKETS)
+TOOL_CALL_PARSE_FAILURES = Counter("splitserve_gateway_tool_call_parse_failures_total",
+                                   "Outputs whose tool call could not be parsed and went to the content (or was "
+                                   "cut short), by parser and reason", ["parser", "reason"])
 PROMPT_TOKENS = Counter("splitserve_gateway_prompt_tokens_total", "Prompt tokens of accepted requests")
 GENERATION_TOKENS = Counter("splitserve_gateway_generation_tokens_total", "Tokens generated and returned")
 ROUTER_DECISIONS = Counter("splitserve_router_decisions_total", "Worker choices by the router",

@@ -30,6 +30,7 @@ from splitserve.services.gateway.router import POLICIES, Router, RouterWeights
 from splitserve.services.gateway.routing_accuracy import RoutingAccuracy
 from splitserve.services.gateway.sequence import SequenceRunner
 from splitserve.services.gateway.tokenizer_client import TokenizerClient
+from splitserve.services.gateway.tool_parsers import TOOL_PARSERS
 from splitserve.services.gateway.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ class GatewaySettings:
     max_prompt_bytes: Optional[int] = field(default=None, metadata={
         "help": "largest text prompt (chat: all contents) in UTF-8 bytes, refused with 413 before tokenizing "
                 "(default: 16 bytes per token of the model's context window)"})
+    tool_call_parser: Optional[str] = field(default=None, metadata={
+        "help": f"how tool calls are found in a chat's output for tool_choice auto, as vLLM's flag: "
+                f"{', '.join(TOOL_PARSERS)} (default: none, and tool_choice auto is refused with 400)"})
 
     def __post_init__(self) -> None:
         if not self.tokenizer_addresses:
@@ -124,6 +128,8 @@ class GatewaySettings:
             raise ValueError("prefix_index_timeout_s must be > 0")
         if self.max_body_bytes < 1 or (self.max_prompt_bytes is not None and self.max_prompt_bytes < 1):
             raise ValueError("max_body_bytes and max_prompt_bytes must be >= 1")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)}, got {self.tool_call_parser!r}")
 
     @property
     def grpc_server_options(self) -> list[tuple[str, int]]:
@@ -161,7 +167,7 @@ class Gateway:
                                  settings.max_prompt_bytes)
         self.admission = Admission(settings.max_in_flight, settings.max_queued)
         self.app = build_app(ApiState(self.pipeline, self.admission, settings.api_key, self.why_unhealthy,
-                                      settings.max_body_bytes))
+                                      settings.max_body_bytes, settings.tool_call_parser))
         self.servicer = GatewayServicer(self.pipeline, self.admission, settings.api_key)
 
     async def _worker_model(self) -> str:
