@@ -16,6 +16,7 @@ from typing import Optional
 import redis.asyncio as redis
 import uvicorn
 
+from splitserve.serving import tracing
 from splitserve.serving.grpc_service import GrpcService
 from splitserve.serving.logs import setup_logging
 from splitserve.serving.settings import log_settings, parse_settings
@@ -89,6 +90,7 @@ class GatewaySettings:
     max_prompt_bytes: Optional[int] = field(default=None, metadata={
         "help": "largest text prompt (chat: all contents) in UTF-8 bytes, refused with 413 before tokenizing "
                 "(default: 16 bytes per token of the model's context window)"})
+    otlp_traces_endpoint: Optional[str] = tracing.endpoint_field()
 
     def __post_init__(self) -> None:
         if not self.tokenizer_addresses:
@@ -237,7 +239,8 @@ class _UvicornWithoutSignals(uvicorn.Server):
 async def serve(settings: GatewaySettings) -> None:
     gateway = Gateway(settings)
     grpc_service = GrpcService("gateway", settings.host, settings.grpc_port, settings.metrics_port,
-                               [grpc_api.SERVICE_NAME], settings.grace_s, options=settings.grpc_server_options)
+                               [grpc_api.SERVICE_NAME], settings.grace_s, options=settings.grpc_server_options,
+                               starts_traces=True)
     grpc_api.add_to_server(gateway.servicer, grpc_service.server)
     http = HttpServer(gateway.app, settings.host, settings.port, settings.log_level)
 
@@ -258,5 +261,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = parse_settings(GatewaySettings, argv, prog="splitserve gateway")
     setup_logging("gateway", settings.log_level)
     log_settings("gateway", settings)
+    tracing.setup_service("gateway", settings)
     asyncio.run(serve(settings))
     return 0
