@@ -40,7 +40,12 @@ async def _echo_server(starts_traces: bool = False):
         current = trace.get_current_span().get_span_context()
         return f"{metadata.get('traceparent', '-')} {current.is_valid}".encode()
 
-    handler = grpc.method_handlers_generic_handler("test.Echo", {"Call": grpc.unary_unary_rpc_method_handler(call)})
+    async def stream(request: bytes, context):
+        for _ in range(2):
+            yield await call(request, context)
+
+    handler = grpc.method_handlers_generic_handler("test.Echo", {
+        "Call": grpc.unary_unary_rpc_method_handler(call), "Stream": grpc.unary_stream_rpc_method_handler(stream)})
     service.server.add_generic_rpc_handlers((handler,))
     port = service.server.add_insecure_port("127.0.0.1:0")
     await service.server.start()
@@ -50,6 +55,11 @@ async def _echo_server(starts_traces: bool = False):
 async def _call(address: str, request: bytes = b"hi") -> str:
     async with insecure_channel(address) as channel:
         return (await channel.unary_unary(METHOD)(request, timeout=10)).decode()
+
+
+async def _stream(address: str) -> list[str]:
+    async with insecure_channel(address) as channel:
+        return [reply.decode() async for reply in channel.unary_stream("/test.Echo/Stream")(b"hi", timeout=10)]
 
 
 def _remote_parent() -> trace.Span:
@@ -94,8 +104,9 @@ def test_on_calls_carry_traceparent_and_server_spans_are_children_of_client_span
         service, address = await _echo_server()
         try:
             outside = await _call(address)            # no current span: a background call, not traced
-            with tracing.span("request") as request:
+            with trace.use_span(_remote_parent()), tracing.span("request") as request:
                 inside = await _call(address)
+                streamed = await _stream(address)
                 with pytest.raises(grpc.aio.AioRpcError):
                     await _call(address, b"fail")
             async with insecure_channel(address) as channel:   # health checks are never traced
@@ -103,20 +114,22 @@ def test_on_calls_carry_traceparent_and_server_spans_are_children_of_client_span
             await asyncio.sleep(0.05)                 # client spans end in a task right after their call
         finally:
             await service.server.stop(None)
-        return outside, inside, request.get_span_context()
+        return outside, inside, streamed, request.get_span_context()
 
-    outside, inside, request = asyncio.run(go())
+    outside, inside, streamed, request = asyncio.run(go())
     tracing.shutdown()
     assert outside == "- False"
     traceparent, server_saw_span = inside.split()
     assert server_saw_span == "True"
+    assert len({reply.split()[0] for reply in streamed}) == 1 and {r.split()[1] for r in streamed} == {"True"}
     assert traceparent.split("-")[1] == format(request.trace_id, "032x")
 
     spans = exporter.get_finished_spans()
     assert {s.context.trace_id for s in spans} == {request.trace_id}
     clients = [s for s in spans if s.kind == SpanKind.CLIENT]
     servers = [s for s in spans if s.kind == SpanKind.SERVER]
-    assert [s.name for s in clients] == ["test.Echo/Call"] * 2 and [s.name for s in servers] == ["test.Echo/Call"] * 2
+    assert sorted(s.name for s in clients) == sorted(s.name for s in servers) == [
+        "test.Echo/Call", "test.Echo/Call", "test.Echo/Stream"]
     for client in clients:
         assert client.parent.span_id == request.span_id
         assert client.attributes["server.address"] == "127.0.0.1" and client.attributes["rpc.system"] == "grpc"
@@ -162,7 +175,9 @@ def test_traced_steps_keeps_its_span_current_only_while_a_step_runs():
             await asyncio.sleep(0)
 
     async def go():
-        owner = tracing.start_span("owner")
+        assert tracing.start_span("no parent") is trace.INVALID_SPAN   # outside a request: no trace starts
+        with trace.use_span(_remote_parent()):
+            owner = tracing.start_span("owner")
         seen, between = [], []
         async for span_id in tracing.traced_steps(owner, produce()):
             seen.append(span_id)

@@ -144,9 +144,10 @@ class CountedExporter:
 
 @contextlib.contextmanager
 def span(name: str, attributes: Optional[Mapping[str, Any]] = None) -> Iterator[Span]:
-    """`with`: an internal span, current for the body; a non-recording one when tracing is off. Never across a
-    `yield` of a generator: the body's context would leak to the generator's caller."""
-    if _tracer is None:
+    """`with`: an internal span of the current trace, current for the body; a non-recording one when tracing is
+    off or no trace is current (work outside a traced request starts no trace). Never across a `yield` of a
+    generator: the body's context would leak to the generator's caller."""
+    if not _in_trace():
         yield trace.INVALID_SPAN
         return
     with _tracer.start_as_current_span(name, attributes=attributes) as current:
@@ -154,10 +155,14 @@ def span(name: str, attributes: Optional[Mapping[str, Any]] = None) -> Iterator[
 
 
 def start_span(name: str, attributes: Optional[Mapping[str, Any]] = None) -> Span:
-    """A span that the caller ends, child of the current one (see traced_steps); non-recording when off."""
-    if _tracer is None:
+    """A span that the caller ends, child of the current one (see traced_steps); non-recording as span() is."""
+    if not _in_trace():
         return trace.INVALID_SPAN
     return _tracer.start_span(name, attributes=attributes)
+
+
+def _in_trace() -> bool:
+    return _tracer is not None and trace.get_current_span().get_span_context().is_valid
 
 
 def annotate(attributes: Mapping[str, Any]) -> None:
@@ -204,7 +209,10 @@ def server_interceptors(starts_traces: bool = False) -> list[grpc.aio.ServerInte
 
 def client_interceptors(address: str) -> list:
     """A channel's interceptors for calls to `address`: none when tracing is off."""
-    return [_ClientTracing(address)] if _tracer is not None else []
+    if _tracer is None:
+        return []
+    return [kind(address) for kind in (_UnaryUnaryTracing, _UnaryStreamTracing, _StreamUnaryTracing,
+                                       _StreamStreamTracing)]
 
 
 class _ServerTracing(grpc.aio.ServerInterceptor):
@@ -262,8 +270,7 @@ def _server_span(method: str, parent, attributes: dict, context) -> Iterator[Non
         current.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
 
 
-class _ClientTracing(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                     grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+class _ClientTracing:
     """A client span per call made while a span is current, and its context in the call's metadata."""
 
     def __init__(self, address: str):
@@ -273,7 +280,7 @@ class _ClientTracing(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamC
             self.peer["server.port"] = int(port)
         self._ending: set[asyncio.Task] = set()
 
-    async def intercept_unary_unary(self, continuation, details, request):
+    async def _intercept(self, continuation, details, request):
         method = details.method.decode() if isinstance(details.method, bytes) else details.method
         if not trace.get_current_span().get_span_context().is_valid or method.startswith(_HEALTH_SERVICE):
             return await continuation(details, request)
@@ -291,13 +298,28 @@ class _ClientTracing(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamC
         call.add_done_callback(lambda done: self._ended(current, done, time.time_ns()))
         return call
 
-    intercept_unary_stream = intercept_stream_unary = intercept_stream_stream = intercept_unary_unary
-
     def _ended(self, current: Span, call, end_time: int) -> None:
         """A done callback cannot await the call's status, so a task reads it (at once: the call is over)."""
         task = asyncio.get_running_loop().create_task(_end_client_span(current, call, end_time))
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
+
+
+# A channel files each interceptor under the first of the four kinds it is (an if/elif chain), so one per kind.
+class _UnaryUnaryTracing(_ClientTracing, grpc.aio.UnaryUnaryClientInterceptor):
+    intercept_unary_unary = _ClientTracing._intercept
+
+
+class _UnaryStreamTracing(_ClientTracing, grpc.aio.UnaryStreamClientInterceptor):
+    intercept_unary_stream = _ClientTracing._intercept
+
+
+class _StreamUnaryTracing(_ClientTracing, grpc.aio.StreamUnaryClientInterceptor):
+    intercept_stream_unary = _ClientTracing._intercept
+
+
+class _StreamStreamTracing(_ClientTracing, grpc.aio.StreamStreamClientInterceptor):
+    intercept_stream_stream = _ClientTracing._intercept
 
 
 async def _end_client_span(current: Span, call, end_time: int) -> None:
