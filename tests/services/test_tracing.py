@@ -5,6 +5,7 @@ W3C trace context and link client and server spans. The whole stack's trace is t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -19,6 +20,7 @@ from splitserve.serving.grpc_service import GrpcService, insecure_channel
 from splitserve.services.gateway.server import Gateway, GatewaySettings
 
 METHOD = "/test.Echo/Call"
+CLIENT_TRACEPARENT = f"00-{'1' * 32}-{'2' * 16}-01"
 
 
 @pytest.fixture(autouse=True)
@@ -28,9 +30,10 @@ def no_tracing_left(monkeypatch):
     tracing.shutdown()
 
 
+@contextlib.asynccontextmanager
 async def _echo_server(starts_traces: bool = False):
-    """A GrpcService with one method that answers what it saw: its metadata's traceparent and whether a span is
-    current in the handler. Started on a free port; the caller stops it."""
+    """`async with`: the address of a GrpcService whose methods answer what they saw: the metadata's
+    traceparent and whether a span is current in the handler."""
     service = GrpcService("test", "127.0.0.1", 0, None, [], starts_traces=starts_traces)
 
     async def call(request: bytes, context) -> bytes:
@@ -49,12 +52,16 @@ async def _echo_server(starts_traces: bool = False):
     service.server.add_generic_rpc_handlers((handler,))
     port = service.server.add_insecure_port("127.0.0.1:0")
     await service.server.start()
-    return service, f"127.0.0.1:{port}"
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await service.server.stop(None)
 
 
-async def _call(address: str, request: bytes = b"hi") -> str:
+async def _call(address: str, request: bytes = b"hi", traceparent: str = "") -> str:
+    metadata = (("traceparent", traceparent),) if traceparent else None
     async with insecure_channel(address) as channel:
-        return (await channel.unary_unary(METHOD)(request, timeout=10)).decode()
+        return (await channel.unary_unary(METHOD)(request, metadata=metadata, timeout=10)).decode()
 
 
 async def _stream(address: str) -> list[str]:
@@ -79,17 +86,11 @@ def test_off_by_default_nothing_is_installed_and_no_metadata_is_sent():
     assert not channel._unary_unary_interceptors and not channel._unary_stream_interceptors
 
     async def go():
-        service, address = await _echo_server(starts_traces=True)
-        try:
+        async with _echo_server(starts_traces=True) as address:
             with trace.use_span(_remote_parent()):
                 seen_inside_a_span = await _call(address)
             # A client's own traceparent is not continued either: the server has no interceptor.
-            async with insecure_channel(address) as channel:
-                sent = (await channel.unary_unary(METHOD)(
-                    b"hi", metadata=(("traceparent", f"00-{'1' * 32}-{'2' * 16}-01"),), timeout=10)).decode()
-        finally:
-            await service.server.stop(None)
-        return seen_inside_a_span, sent
+            return seen_inside_a_span, await _call(address, traceparent=CLIENT_TRACEPARENT)
 
     seen_inside_a_span, sent = asyncio.run(go())
     assert seen_inside_a_span == "- False"
@@ -101,19 +102,16 @@ def test_on_calls_carry_traceparent_and_server_spans_are_children_of_client_span
     assert tracing.setup("splitserve-test", None, exporter=exporter)
 
     async def go():
-        service, address = await _echo_server()
-        try:
+        async with _echo_server() as address:
             outside = await _call(address)            # no current span: a background call, not traced
             with trace.use_span(_remote_parent()), tracing.span("request") as request:
                 inside = await _call(address)
                 streamed = await _stream(address)
                 with pytest.raises(grpc.aio.AioRpcError):
                     await _call(address, b"fail")
-            async with insecure_channel(address) as channel:   # health checks are never traced
-                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                async with insecure_channel(address) as channel:   # health checks are never traced
+                    await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             await asyncio.sleep(0.05)                 # client spans end in a task right after their call
-        finally:
-            await service.server.stop(None)
         return outside, inside, streamed, request.get_span_context()
 
     outside, inside, streamed, request = asyncio.run(go())
@@ -146,15 +144,8 @@ def test_the_public_server_starts_a_trace_and_continues_a_callers():
     tracing.setup("splitserve-test", None, exporter=exporter)
 
     async def go():
-        service, address = await _echo_server(starts_traces=True)
-        try:
-            root = await _call(address)
-            async with insecure_channel(address) as channel:
-                continued = (await channel.unary_unary(METHOD)(
-                    b"hi", metadata=(("traceparent", f"00-{'1' * 32}-{'2' * 16}-01"),), timeout=10)).decode()
-        finally:
-            await service.server.stop(None)
-        return root, continued
+        async with _echo_server(starts_traces=True) as address:
+            return await _call(address), await _call(address, traceparent=CLIENT_TRACEPARENT)
 
     root, continued = asyncio.run(go())
     tracing.shutdown()
