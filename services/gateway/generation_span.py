@@ -23,13 +23,12 @@ def traced_generation(request: PreparedRequest, events: AsyncIterator[SequenceEv
         return events
     operation = "chat" if request.chat else "text_completion"
     params = request.params
-    span = tracing.start_span(f"{operation} {request.model}", {
+    return tracing.traced_steps(f"{operation} {request.model}", {
         "gen_ai.operation.name": operation, "gen_ai.request.model": request.model,
         tracing.REQUEST_ID_ATTRIBUTE: request.request_id,
         "gen_ai.usage.input_tokens": len(request.prompt_token_ids), "gen_ai.request.max_tokens": params.max_tokens,
         "gen_ai.request.temperature": params.temperature, "gen_ai.request.top_p": params.top_p,
-        "gen_ai.request.choice.count": params.n})
-    return tracing.traced_steps(span, _recorded(span, request, events))
+        "gen_ai.request.choice.count": params.n}, lambda span: _recorded(span, request, events))
 
 
 async def _recorded(span: tracing.Span, request: PreparedRequest,

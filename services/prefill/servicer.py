@@ -83,7 +83,7 @@ class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
 
             finish = self._finish_reason(last.finish_reason, params.max_tokens, len(prompt))
             tracing.annotate({"gen_ai.usage.cache_read.input_tokens": last.num_cached_tokens,
-                              "gen_ai.response.finish_reasons": [finish] if finish else []})
+                              **({"gen_ai.response.finish_reasons": [finish]} if finish else {})})
             # The engine ended the sequence after one token, releasing held-back text; if decode goes on, that
             # text is not final yet (the next tokens may turn it into a stop string): decode releases it.
             text = last.text if finish is not None else last.text[:len(last.text) - len(last.end_text)]

@@ -39,13 +39,14 @@ async def _echo_server(starts_traces: bool = False):
     async def call(request: bytes, context) -> bytes:
         metadata = dict(context.invocation_metadata() or ())
         if request == b"fail":
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "asked to fail")
+            await context.abort(grpc.StatusCode.INTERNAL, "asked to fail")
         current = trace.get_current_span().get_span_context()
         return f"{metadata.get('traceparent', '-')} {current.is_valid}".encode()
 
     async def stream(request: bytes, context):
-        for _ in range(2):
-            yield await call(request, context)
+        yield await call(request, context)
+        await asyncio.sleep(0.2 if request == b"slow" else 0)   # time for a caller to cancel
+        yield await call(request, context)
 
     handler = grpc.method_handlers_generic_handler("test.Echo", {
         "Call": grpc.unary_unary_rpc_method_handler(call), "Stream": grpc.unary_stream_rpc_method_handler(stream)})
@@ -134,9 +135,30 @@ def test_on_calls_carry_traceparent_and_server_spans_are_children_of_client_span
     for server in servers:
         [client] = [c for c in clients if c.context.span_id == server.parent.span_id]
         assert server.attributes["rpc.grpc.status_code"] == client.attributes["rpc.grpc.status_code"]
-    failed = [s for s in servers if s.attributes["rpc.grpc.status_code"] == grpc.StatusCode.FAILED_PRECONDITION.value[0]]
-    assert len(failed) == 1 and not failed[0].status.is_ok
+    failed = [s for s in spans if s.attributes.get("rpc.grpc.status_code") == grpc.StatusCode.INTERNAL.value[0]]
+    assert sorted(s.kind.name for s in failed) == ["CLIENT", "SERVER"] and not any(s.status.is_ok for s in failed)
+    assert all(s.status.is_unset for s in spans if s not in failed)
     assert traceparent.split("-")[2] in {format(c.context.span_id, "016x") for c in clients}
+
+
+def test_a_stream_its_caller_cancels_is_no_error_on_either_side():
+    exporter = InMemorySpanExporter()
+    tracing.setup("splitserve-test", None, exporter=exporter)
+
+    async def go():
+        async with _echo_server() as address, insecure_channel(address) as channel:
+            with trace.use_span(_remote_parent()):
+                call = channel.unary_stream("/test.Echo/Stream")(b"slow", timeout=10)
+                await call.read()
+                call.cancel()     # as the gateway does once a sequence's last token is in
+            await asyncio.sleep(0.3)
+
+    asyncio.run(go())
+    tracing.shutdown()
+    spans = exporter.get_finished_spans()
+    assert sorted(s.kind.name for s in spans) == ["CLIENT", "SERVER"]
+    assert all(s.attributes["rpc.grpc.status_code"] == grpc.StatusCode.CANCELLED.value[0] for s in spans)
+    assert all(s.status.is_unset for s in spans)
 
 
 def test_the_public_server_starts_a_trace_and_continues_a_callers():
@@ -167,19 +189,21 @@ def test_traced_steps_keeps_its_span_current_only_while_a_step_runs():
 
     async def go():
         assert tracing.start_span("no parent") is trace.INVALID_SPAN   # outside a request: no trace starts
-        with trace.use_span(_remote_parent()):
-            owner = tracing.start_span("owner")
-        seen, between = [], []
-        async for span_id in tracing.traced_steps(owner, produce()):
-            seen.append(span_id)
-            between.append(trace.get_current_span().get_span_context().is_valid)
-        return owner, seen, between
+        never_iterated = tracing.traced_steps("never", {}, lambda owner: produce())
+        seen, between, owners = [], [], []
+        with trace.use_span(_remote_parent()) as parent:
+            async for span_id in tracing.traced_steps("owner", {}, lambda owner: owners.append(owner) or produce()):
+                seen.append(span_id)
+                between.append(trace.get_current_span() is parent)
+        await never_iterated.aclose()
+        return owners, seen, between
 
-    owner, seen, between = asyncio.run(go())
+    [owner], seen, between = asyncio.run(go())
     tracing.shutdown()
     assert seen == [owner.get_span_context().span_id] * 3
-    assert between == [False] * 3                     # the consumer's context is its own
-    assert [s.name for s in exporter.get_finished_spans()] == ["owner"]
+    assert between == [True] * 3                      # the consumer's context is its own
+    [finished] = exporter.get_finished_spans()
+    assert finished.name == "owner" and finished.parent.span_id == 0x5678
 
 
 def test_failed_exports_are_counted_and_logged_never_raised(caplog):

@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from dataclasses import field
-from typing import Any, AsyncIterator, Iterator, Mapping, Optional, Sequence, TypeVar
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -171,10 +171,14 @@ def annotate(attributes: Mapping[str, Any]) -> None:
         trace.get_current_span().set_attributes(attributes)
 
 
-async def traced_steps(owner: Span, items: AsyncIterator[T]) -> AsyncIterator[T]:
-    """`items`, each step run with `owner` current (so calls made while producing an item are its children),
-    and `owner` ended with the stream. The context is attached and detached within one step: never held across
-    a yield, where it would become the consumer's."""
+async def traced_steps(name: str, attributes: Mapping[str, Any],
+                       make_items: Callable[[Span], AsyncIterator[T]]) -> AsyncIterator[T]:
+    """The items of `make_items(owner)`, each step run with the span `owner` current (calls made while producing
+    an item are its children); `owner` starts with the first step, as a child of the consumer's current span,
+    and ends with the stream (a stream never iterated leaves no span open). The context is attached and
+    detached within one step: never held across a yield, where it would become the consumer's."""
+    owner = start_span(name, attributes)
+    items = make_items(owner)
     try:
         while True:
             token = otel_context.attach(trace.set_span_in_context(owner))
@@ -195,6 +199,13 @@ async def traced_steps(owner: Span, items: AsyncIterator[T]) -> AsyncIterator[T]
 
 
 # gRPC ---------------------------------------------------------------------------------------------------------
+
+# Server spans are errors only for these codes (OpenTelemetry's gRPC conventions: the others are the caller's);
+# client spans for any code but OK and CANCELLED (the caller's own choice: the gateway cancels a decode stream
+# once its last token is in, and every stream whose client went away).
+_SERVER_ERRORS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNIMPLEMENTED,
+                            grpc.StatusCode.INTERNAL, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DATA_LOSS})
+
 
 def _rpc_attributes(method: str) -> dict[str, Any]:
     service, _, name = method.lstrip("/").partition("/")
@@ -263,9 +274,12 @@ def _server_span(method: str, parent, attributes: dict, context) -> Iterator[Non
         except BaseException as exc:
             code = context.code()  # set by context.abort(); None when the handler raised on its own
             if not isinstance(code, grpc.StatusCode):
-                code = grpc.StatusCode.CANCELLED if isinstance(exc, asyncio.CancelledError) else grpc.StatusCode.UNKNOWN
+                # The caller left (a stream closed at a yield, or the handler's task cancelled).
+                code = (grpc.StatusCode.CANCELLED if isinstance(exc, (asyncio.CancelledError, GeneratorExit))
+                        else grpc.StatusCode.UNKNOWN)
             current.set_attribute("rpc.grpc.status_code", code.value[0])
-            current.set_status(Status(StatusCode.ERROR, f"{code.name}: {context.details() or type(exc).__name__}"))
+            if code in _SERVER_ERRORS:
+                current.set_status(Status(StatusCode.ERROR, f"{code.name}: {context.details() or type(exc).__name__}"))
             raise
         current.set_attribute("rpc.grpc.status_code", grpc.StatusCode.OK.value[0])
 
@@ -326,7 +340,7 @@ async def _end_client_span(current: Span, call, end_time: int) -> None:
     try:
         code = await call.code()
         current.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code != grpc.StatusCode.OK:
+        if code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
             current.set_status(Status(StatusCode.ERROR, f"{code.name}: {await call.details()}"))
     except Exception as exc:  # a cancelled call may have no status to read
         current.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
