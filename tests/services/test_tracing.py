@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -15,6 +18,7 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
 
+from splitserve.kv_transfer.store_client import StoreChannels
 from splitserve.serving import tracing
 from splitserve.serving.grpc_service import GrpcService, insecure_channel
 from splitserve.services.gateway.server import Gateway, GatewaySettings
@@ -83,8 +87,11 @@ def test_off_by_default_nothing_is_installed_and_no_metadata_is_sent():
     assert not hasattr(trace.get_tracer_provider(), "add_span_processor")  # the API's proxy, not an SDK provider
     gateway = Gateway(GatewaySettings())
     assert all(m.cls is not tracing._HttpTracing for m in gateway.app.user_middleware)
-    channel = insecure_channel("127.0.0.1:1")
-    assert not channel._unary_unary_interceptors and not channel._unary_stream_interceptors
+    stores = StoreChannels()
+    stores.stub("127.0.0.1:1")
+    [(store_channel, _)] = stores._channels.values()
+    for channel in (insecure_channel("127.0.0.1:1"), store_channel):
+        assert not channel._unary_unary_interceptors and not channel._unary_stream_interceptors
 
     async def go():
         async with _echo_server(starts_traces=True) as address:
@@ -96,6 +103,18 @@ def test_off_by_default_nothing_is_installed_and_no_metadata_is_sent():
     seen_inside_a_span, sent = asyncio.run(go())
     assert seen_inside_a_span == "- False"
     assert sent.endswith(" False")
+
+
+def test_off_a_service_never_loads_the_tracing_sdk_or_the_exporter():
+    script = ("import sys; from splitserve.serving import tracing; "
+              "from splitserve.services.gateway.server import Gateway, GatewaySettings; "
+              "assert not tracing.setup_service('gateway', GatewaySettings()); Gateway(GatewaySettings()); "
+              "print(sorted(m for m in sys.modules if m.startswith(('opentelemetry.sdk.trace', "
+              "'opentelemetry.exporter'))))")
+    env = {k: v for k, v in os.environ.items() if k != tracing.ENDPOINT_ENV}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_on_calls_carry_traceparent_and_server_spans_are_children_of_client_spans():
