@@ -9,6 +9,8 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import pytest
@@ -241,6 +243,30 @@ def test_failed_exports_are_counted_and_logged_never_raised(caplog):
             is SpanExportResult.FAILURE
     assert tracing.EXPORT_FAILURES._value.get() == before + 2
     assert "collector down" in caplog.text and "could not export 1 spans to http://collector" in caplog.text
+
+
+def test_a_collector_that_refuses_spans_costs_a_count_and_a_log_line(caplog):
+    class Refusing(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_error(400)     # not retried by the exporter: the batch fails at once
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    before = tracing.EXPORT_FAILURES._value.get()
+    try:
+        assert tracing.setup("splitserve-test", f"http://127.0.0.1:{server.server_address[1]}")
+        with trace.use_span(_remote_parent()), tracing.span("work") as span:
+            assert span.is_recording()
+        tracing.shutdown()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert tracing.EXPORT_FAILURES._value.get() == before + 1
+    assert "could not export 1 spans to http://127.0.0.1" in caplog.text
 
 
 def test_endpoint_from_flag_or_env_and_the_default_path(monkeypatch):

@@ -103,7 +103,7 @@ def setup_service(service: str, settings) -> bool:
 
 
 def shutdown() -> None:
-    """Sends what is buffered and turns tracing off (a stopping service; tests)."""
+    """Sends what is buffered and turns tracing off (tests; a service's provider also flushes at exit)."""
     global _tracer, _provider
     provider, _provider, _tracer = _provider, None, None
     if provider is not None:
