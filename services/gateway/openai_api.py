@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from splitserve.serving import tracing
 from splitserve.services.gateway import metrics, model_api, openapi_doc
 from splitserve.services.gateway.model_api import add_model_routes
 from splitserve.services.gateway.openapi_doc import json_body, responses, server_version
@@ -57,6 +58,7 @@ def build_app(state: ApiState) -> FastAPI:
     app = FastAPI(title="splitserve gateway", version=server_version(), docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
     openapi_doc.install(app, [CompletionRequest, ChatCompletionRequest, *model_api.REQUEST_MODELS])
+    tracing.install_http(app)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

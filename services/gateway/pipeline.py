@@ -23,6 +23,7 @@ from splitserve.sampling_params import SEED_MIN, InvalidRequestError, SamplingPa
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import (ContextLengthExceededError, GatewayError, RequestTooLargeError,
                                                 UpstreamError)
+from splitserve.services.gateway.generation_span import traced_generation
 from splitserve.services.gateway.outputs import SequenceEvent, total_usage
 from splitserve.services.gateway.sequence import SequenceRunner, TokenBatch
 from splitserve.services.gateway.served_models import ServedModels
@@ -78,6 +79,7 @@ class PreparedRequest:
     skip_special_tokens: bool
     arrival: float                                      # event-loop time
     deadline: float
+    chat: bool = False                                  # the prompt was chat messages
 
 
 class Pipeline:
@@ -140,7 +142,7 @@ class Pipeline:
         params = params.replace(skip_special_tokens=request.skip_special_tokens)
         return PreparedRequest(request_id=request.request_id, model=served, prompt_token_ids=ids, params=params,
                                skip_special_tokens=request.skip_special_tokens, arrival=arrival,
-                               deadline=arrival + self.request_timeout_s)
+                               deadline=arrival + self.request_timeout_s, chat=prompt.messages is not None)
 
     async def prepare_batch(self, requests: list[GenerationRequest]) -> list[PreparedRequest]:
         """Every prompt of a batch prepared (tokenized concurrently) before any is generated: one bad prompt
@@ -160,8 +162,11 @@ class Pipeline:
             log.info("refused a %d-byte %s: over the %d-byte limit", size, prompt.param, limit)
             raise RequestTooLargeError(f"{prompt.param} ({size} bytes)", limit, prompt.param)
 
-    async def generate(self, request: PreparedRequest) -> AsyncIterator[SequenceEvent]:
+    def generate(self, request: PreparedRequest) -> AsyncIterator[SequenceEvent]:
         """Events of all n sequences, interleaved as they come. Closing the iterator cancels them all."""
+        return traced_generation(request, self._generate(request))
+
+    async def _generate(self, request: PreparedRequest) -> AsyncIterator[SequenceEvent]:
         n = request.params.n
         streams = [self._sequence(request, i, _sub_params(request.params, i),
                                   request.request_id if n == 1 else f"{request.request_id}-{i}") for i in range(n)]

@@ -25,6 +25,7 @@ import grpc
 from splitserve.proto_convert import finish_reason_from_proto, sampling_params_to_proto, stop_reason_from_proto
 from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from splitserve.sampling_params import SamplingParams
+from splitserve.serving import tracing
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import NoHealthyWorkerError, UpstreamError
 from splitserve.services.gateway.prefix_index import PrefixHits
@@ -63,9 +64,10 @@ class SequenceRunner:
                      deadline: float) -> AsyncIterator[TokenBatch]:
         """Closing the iterator early (stop string, client gone) cancels the decode stream at once."""
         decode_load = len(prompt) + params.max_tokens
-        hits = await self.router.prefix_hits(prompt)
-        decode = self.router.pick("decode", len(prompt), hits=hits)
-        _log_choice(request_id, decode, hits)
+        with tracing.span("route decode") as route:
+            hits = await self.router.prefix_hits(prompt)
+            decode = self.router.pick("decode", len(prompt), hits=hits)
+            _log_choice(request_id, decode, hits, route)
         with contextlib.ExitStack() as reservation:
             # The decode worker's load counts from the pick, not from after the prefill: otherwise every request
             # arriving during a prefill sees the same idle worker (one worker took 15 of 16 streams).
@@ -146,11 +148,13 @@ class SequenceRunner:
             log.debug("request %s: %d prompt tokens < %d, prefilling on decode", request_id, len(prompt),
                       self.local_prefill_threshold)
             return None
-        worker = self.router.pick_optional("prefill", len(prompt), hits)
+        with tracing.span("route prefill") as route:
+            worker = self.router.pick_optional("prefill", len(prompt), hits)
+            if worker is not None:
+                _log_choice(request_id, worker, hits, route)
         if worker is None:
             self._local_without_prefill_worker(request_id)
             return None
-        _log_choice(request_id, worker, hits)
         request = prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
                                              sampling_params=sampling_params_to_proto(params))
         if self.kv_store_address:
@@ -191,8 +195,12 @@ class SequenceRunner:
         return translate_rpc_error(f"{kind} worker {worker.address}", exc)
 
 
-def _log_choice(request_id: str, worker: Worker, hits: Optional[PrefixHits]) -> None:
+def _log_choice(request_id: str, worker: Worker, hits: Optional[PrefixHits], route: tracing.Span) -> None:
+    """Logs the pick, and records it on the route's span."""
     predicted = "unknown" if hits is None else hits.device_tokens(worker.kind, worker.address)
+    route.set_attributes({"splitserve.worker.kind": worker.kind, "splitserve.worker.address": worker.address,
+                          **({} if hits is None else {"splitserve.route.predicted_cached_tokens": predicted,
+                                                      "splitserve.route.store_tokens": hits.store_tokens})})
     log.debug("request %s: %s worker %s, predicted cached tokens %s (kv-store %s)", request_id, worker.kind,
               worker.address, predicted, "unknown" if hits is None else hits.store_tokens)
 

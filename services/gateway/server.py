@@ -16,6 +16,7 @@ from typing import Optional
 import redis.asyncio as redis
 import uvicorn
 
+from splitserve.serving import tracing
 from splitserve.serving.grpc_service import GrpcService
 from splitserve.serving.logs import setup_logging
 from splitserve.serving.settings import log_settings, parse_settings
@@ -103,6 +104,7 @@ class GatewaySettings:
     tool_call_parser: Optional[str] = field(default=None, metadata={
         "help": f"how tool calls are found in a chat's output for tool_choice auto, as vLLM's flag: "
                 f"{', '.join(TOOL_PARSERS)} (default: none, and tool_choice auto is refused with 400)"})
+    otlp_traces_endpoint: Optional[str] = tracing.endpoint_field()
 
     def __post_init__(self) -> None:
         if not self.tokenizer_addresses:
@@ -261,7 +263,8 @@ class _UvicornWithoutSignals(uvicorn.Server):
 async def serve(settings: GatewaySettings) -> None:
     gateway = Gateway(settings)
     grpc_service = GrpcService("gateway", settings.host, settings.grpc_port, settings.metrics_port,
-                               [grpc_api.SERVICE_NAME], settings.grace_s, options=settings.grpc_server_options)
+                               [grpc_api.SERVICE_NAME], settings.grace_s, options=settings.grpc_server_options,
+                               starts_traces=True)
     grpc_api.add_to_server(gateway.servicer, grpc_service.server)
     http = HttpServer(gateway.app, settings.host, settings.port, settings.log_level)
 
@@ -282,5 +285,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = parse_settings(GatewaySettings, argv, prog="splitserve gateway")
     setup_logging("gateway", settings.log_level)
     log_settings("gateway", settings)
+    tracing.setup_service("gateway", settings)
     asyncio.run(serve(settings))
     return 0

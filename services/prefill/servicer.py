@@ -25,7 +25,8 @@ from splitserve.proto_convert import (finish_reason_to_proto, sampling_params_fr
                                        token_logprob_to_proto)
 from splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
-from splitserve.serving.engine_servicer import EngineServicer
+from splitserve.serving import tracing
+from splitserve.serving.engine_servicer import EngineServicer, kv_attributes
 from splitserve.serving.engine_worker import WorkerIdentity, engine_stats_proto, layout_proto
 from splitserve.serving.errors import abort_engine_error
 
@@ -51,6 +52,7 @@ class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker is shutting down")
         request_id = request.request_id or uuid.uuid4().hex
         prompt = list(request.prompt_token_ids)
+        tracing.annotate({tracing.REQUEST_ID_ATTRIBUTE: request_id, "gen_ai.usage.input_tokens": len(prompt)})
         store = request.kv_target.store_address or self.kv_store_address
         last = stream = None
         already_stored: set[bytes] = set()
@@ -80,6 +82,8 @@ class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
                                     f"prefill failed: {last.message if last else 'no output'}")
 
             finish = self._finish_reason(last.finish_reason, params.max_tokens, len(prompt))
+            tracing.annotate({"gen_ai.usage.cache_read.input_tokens": last.num_cached_tokens,
+                              **({"gen_ai.response.finish_reasons": [finish]} if finish else {})})
             # The engine ended the sequence after one token, releasing held-back text; if decode goes on, that
             # text is not final yet (the next tokens may turn it into a stop string): decode releases it.
             text = last.text if finish is not None else last.text[:len(last.text) - len(last.end_text)]
@@ -144,8 +148,9 @@ class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
         started = time.monotonic()
         try:
             if fresh:
-                await self.transport.put_blocks(store, layout, [export.block_hashes[i] for i in fresh], blocks,
-                                                request_id, timeout_s=self.kv_timeout_s)
+                with tracing.span("kv put", kv_attributes(store, len(fresh))):
+                    await self.transport.put_blocks(store, layout, [export.block_hashes[i] for i in fresh], blocks,
+                                                    request_id, timeout_s=self.kv_timeout_s)
         except KVTransferError as exc:
             KV_TRANSFER_FAILURES.labels("put", type(exc).__name__).inc()
             log.warning("request %s: writing %d KV blocks to %s failed (%s); decode will recompute", request_id,

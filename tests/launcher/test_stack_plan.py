@@ -42,6 +42,16 @@ def test_kv_data_plane_options_reach_the_store_and_the_engines(tmp_path):
     assert not any("--kv-checksum" in spec.argv or "--kv-transport" in spec.argv for spec in specs.values())
 
 
+def test_the_traces_endpoint_reaches_every_splitserve_process_and_only_when_set(tmp_path):
+    _, specs = _plan(tmp_path, otlp_traces_endpoint="http://collector:4318", tokenizer_replicas=2)
+    services = [spec for spec in specs.values() if spec.role not in ("redis", "envoy")]
+    assert sorted(spec.role for spec in services) == ["decode", "gateway", "kv-store", "prefill", "tokenizer",
+                                                      "tokenizer"]
+    assert all(_flag(spec.argv, "--otlp-traces-endpoint") == "http://collector:4318" for spec in services)
+    _, specs = _plan(tmp_path)
+    assert not any("--otlp-traces-endpoint" in spec.argv for spec in specs.values())
+
+
 def test_start_order_and_roles(tmp_path):
     plan, _ = _plan(tmp_path, prefill_workers=2, decode_workers=3)
     assert [[spec.name for spec in tier] for tier in plan.tiers] == [

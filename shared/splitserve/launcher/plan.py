@@ -18,6 +18,7 @@ from splitserve.cpus import allowed_cpus, format_cpu_list, usable_cores
 from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.launcher.envoy import EnvoyPorts, envoy_argv
 from splitserve.launcher.redis_server import redis_server_argv, redis_url
+from splitserve.serving import tracing
 from splitserve.serving.addresses import WILDCARD_HOSTS, host_port
 
 # Internal services listen on loopback only; --host chooses where the public API (Envoy, or the gateway) listens.
@@ -91,6 +92,7 @@ class StackConfig(EngineConfig):
     ucx_net_devices: Optional[str] = field(default=None, metadata={
         "help": "network devices the KV data plane (UCX) may use and listen on (default: UCX_NET_DEVICES from the "
                 "environment, else loopback only)"})
+    otlp_traces_endpoint: Optional[str] = tracing.endpoint_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -211,7 +213,8 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
                 env: Optional[dict[str, str]] = None, host: str = INTERNAL_HOST) -> ServiceSpec:
         metrics_port = next(ports)
         argv = [*service_command, role, *flags(host=host, port=port, metrics_port=metrics_port,
-                                               log_level=config.log_level, grace_s=config.grace_s),
+                                               log_level=config.log_level, grace_s=config.grace_s,
+                                               otlp_traces_endpoint=config.otlp_traces_endpoint),
                 *specific, *extra_args.get(role, ())]
         address = host_port(INTERNAL_HOST, port)
         env = {"OMP_NUM_THREADS": str(omp_threads), **(env or {})}
