@@ -22,7 +22,7 @@ _FINISH_TO_PROTO = {
 _FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
 
 _OPTIONAL_DEFAULTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "logprobs", "n",
-                      "skip_special_tokens")
+                      "skip_special_tokens", "prompt_logprobs")
 
 
 def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
@@ -36,6 +36,8 @@ def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParam
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.prompt_logprobs is not None:
+        msg.prompt_logprobs = params.prompt_logprobs
     return msg
 
 
