@@ -47,6 +47,8 @@ class TokenBatch:
     cached_tokens: Optional[int] = None            # prompt tokens reused, as the prefill or decode saw them
     text: str = ""                                 # made by the worker: stop strings cut, never half a character
     stop_reason: Union[str, int, None] = None      # the stop string or stop token id that ended the sequence
+    # On the first batch, when sampling_params.prompt_logprobs is set: one per prompt token (the first's logprob NaN)
+    prompt_logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
 
 
 class SequenceRunner:
@@ -78,7 +80,8 @@ class SequenceRunner:
                 finish = finish_reason_from_proto(prefilled.finish_reason)
                 logprobs = [prefilled.first_token_logprob] if params.logprobs is not None else []
                 yield TokenBatch([prefilled.first_token_id], logprobs, finish, cached_tokens=prefilled.cached_tokens,
-                                 text=prefilled.first_text, stop_reason=stop_reason_from_proto(prefilled.stop_reason))
+                                 text=prefilled.first_text, stop_reason=stop_reason_from_proto(prefilled.stop_reason),
+                                 prompt_logprobs=list(prefilled.prompt_logprobs))
                 if finish is not None:
                     return
                 produced.append(prefilled.first_token_id)
@@ -200,7 +203,7 @@ def _batch_from_chunk(chunk: decode_pb2.GenerateChunk, first_from_prefill: bool)
     if finish is not None and chunk.HasField("usage") and not first_from_prefill:
         cached = chunk.usage.cached_tokens   # with remote prefill, the prefill's count is the one that matters
     return TokenBatch(list(chunk.token_ids), list(chunk.logprobs), finish, chunk.message, cached, chunk.text,
-                      stop_reason_from_proto(chunk.stop_reason))
+                      stop_reason_from_proto(chunk.stop_reason), list(chunk.prompt_logprobs))
 
 
 def time_left(deadline: float) -> float:
