@@ -28,7 +28,7 @@ _GEN = [{"question": "Once upon a time", "answer": "x"}, {"question": "The model
 def _write_tasks(folder) -> None:
     for name, rows in (("mc", _MC), ("gen", _GEN)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    common = (f"dataset_path: json\ntest_split: test\ndoc_to_text: '{{{{question}}}}'\n")
+    common = "dataset_path: json\ntest_split: test\ndoc_to_text: '{{question}}'\n"
     (folder / "splitserve_mc.yaml").write_text(
         f"task: splitserve_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
         "output_type: multiple_choice\ndoc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\n"
