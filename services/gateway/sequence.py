@@ -102,7 +102,7 @@ class SequenceRunner:
                             produced_here = produced_here or bool(chunk.token_ids)
                             batch = _batch_from_chunk(chunk, first_from_prefill=prefilled is not None)
                             if batch.cached_tokens is not None and not tried:
-                                self.router.feedback(decode, hits, batch.cached_tokens)
+                                self.router.feedback(decode, _measurable(hits, params), batch.cached_tokens)
                             produced += batch.token_ids
                             yield batch
                             if batch.finish_reason is not None:
@@ -163,7 +163,7 @@ class SequenceRunner:
                 reply = await prefill_pb2_grpc.PrefillStub(worker.channel).Prefill(request,
                                                                                    timeout=time_left(deadline))
             self.pool.note_progress(worker)
-            self.router.feedback(worker, hits, reply.cached_tokens)
+            self.router.feedback(worker, _measurable(hits, params), reply.cached_tokens)
             return reply
         except grpc.aio.AioRpcError as exc:
             error = self._failed(worker, "prefill", exc)
@@ -192,6 +192,12 @@ class SequenceRunner:
         if code in WORKER_DOWN_CODES:
             self.pool.mark_failed(worker, f"{code.name}: {exc.details()}")
         return translate_rpc_error(f"{kind} worker {worker.address}", exc)
+
+
+def _measurable(hits: Optional[PrefixHits], params: SamplingParams) -> Optional[PrefixHits]:
+    """The prediction to check a worker's cached tokens against, or None: a request for prompt logprobs reuses no
+    cached prefix by design (engine/prompt_logprobs.py), which is no sign of a wrong index."""
+    return hits if params.prompt_logprobs is None else None
 
 
 def _log_choice(request_id: str, worker: Worker, hits: Optional[PrefixHits]) -> None:
