@@ -19,8 +19,8 @@ from prometheus_client import Counter
 from splitserve.engine.async_engine import EngineDeadError
 from splitserve.engine.output_text import OutputText
 from splitserve.kv_transfer.transport import ReceivedBlocks
-from splitserve.proto_convert import (finish_reason_to_proto, layout_mismatch, sampling_params_from_proto,
-                                       stop_reason_to_proto, token_logprob_to_proto)
+from splitserve.proto_convert import (finish_reason_to_proto, layout_mismatch, prompt_logprobs_to_proto,
+                                       sampling_params_from_proto, stop_reason_to_proto, token_logprob_to_proto)
 from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving import tracing
@@ -76,6 +76,8 @@ class DecodeServicer(EngineServicer, decode_pb2_grpc.DecodeServicer):
                 if delta.logprobs:
                     for token, (logprob, top) in zip(delta.token_ids, delta.logprobs):
                         chunk.logprobs.append(token_logprob_to_proto(token, logprob, top, pieces))
+                if delta.prompt_logprobs is not None:
+                    chunk.prompt_logprobs.extend(prompt_logprobs_to_proto(prompt, delta.prompt_logprobs, pieces))
                 if delta.num_output_tokens:
                     usage.completion_tokens = delta.num_output_tokens
                     usage.cached_tokens = delta.num_cached_tokens

@@ -125,7 +125,9 @@ async def _generate(state: ApiState, request: Request,
         ticket = await run_for_client(request, state.admission.admit(), asyncio.Event())
         batch = await run_for_client(request, state.pipeline.prepare_batch(generations), ticket.aborted)
         formatter = ResponseFormatter(chat=chat, request_id=batch[0].request_id, model=batch[0].model,
-                                      want_logprobs=batch[0].params.logprobs is not None, tool_parser=tool_parser)
+                                      want_logprobs=batch[0].params.logprobs is not None,
+                                      echo_logprobs=getattr(body, "echo_logprobs", None),
+                                      prompt_logprobs=body.prompt_logprobs, tool_parser=tool_parser)
         events = state.pipeline.generate_batch(batch)
         if body.stream:
             try:

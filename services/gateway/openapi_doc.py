@@ -24,6 +24,10 @@ _WHY = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown m
         500: "internal error", 503: "no healthy worker, or shutting down", 504: "the request's deadline passed"}
 
 
+# One server-sent event: `data` holds a response chunk as JSON, or [DONE].
+_SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
+
+
 def server_version() -> str:
     try:
         return version("splitserve")
@@ -41,7 +45,8 @@ def responses(ok: type[BaseModel], *errors: int, streams: bool = False) -> dict[
     """`responses` for a route: its 200 body (and server-sent events when it `streams`), its error statuses."""
     documented: dict[int, dict[str, Any]] = {200: {"model": ok}}
     if streams:
-        documented[200]["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        # Before OpenAPI 3.2 (no itemSchema) an event stream's `schema` describes each event, as parsed.
+        documented[200]["content"] = {"text/event-stream": {"schema": _SSE_EVENT}}
     for status in errors:
         documented[status] = {"model": ErrorResponse, "description": _WHY[status]}
     return documented

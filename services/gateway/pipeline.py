@@ -68,6 +68,9 @@ class GenerationRequest:
     skip_special_tokens: bool = True
     # Chat without max_tokens: generate up to the end of the context window, as OpenAI does.
     max_tokens_fills_context: bool = False
+    echo: bool = False                                  # each choice's text starts with the prompt's
+    # max_tokens 0 (with echo): the answer is the prompt alone; the one token prefill must sample is dropped.
+    prompt_only: bool = False
 
 
 @dataclass
@@ -80,6 +83,8 @@ class PreparedRequest:
     arrival: float                                      # event-loop time
     deadline: float
     chat: bool = False                                  # the prompt was chat messages
+    echo_text: Optional[str] = None                     # put before each choice's text (echo)
+    prompt_only: bool = False
 
 
 class Pipeline:
@@ -140,9 +145,13 @@ class Pipeline:
         metrics.PROMPT_TOKENS.inc(len(ids))
         # The engine makes the text, so it is told how.
         params = params.replace(skip_special_tokens=request.skip_special_tokens)
+        echo_text = None
+        if request.echo:   # a prompt given as ids is echoed as their text, as vLLM does
+            echo_text = prompt.text if prompt.text is not None else await self.tokenizer.detokenize(ids)
         return PreparedRequest(request_id=request.request_id, model=served, prompt_token_ids=ids, params=params,
                                skip_special_tokens=request.skip_special_tokens, arrival=arrival,
-                               deadline=arrival + self.request_timeout_s, chat=prompt.messages is not None)
+                               deadline=arrival + self.request_timeout_s, chat=prompt.messages is not None,
+                               echo_text=echo_text, prompt_only=request.prompt_only)
 
     async def prepare_batch(self, requests: list[GenerationRequest]) -> list[PreparedRequest]:
         """Every prompt of a batch prepared (tokenized concurrently) before any is generated: one bad prompt
@@ -195,13 +204,17 @@ class Pipeline:
         try:
             async with contextlib.aclosing(self.runner.tokens(request_id, prompt, params, request.deadline)) as batches:
                 async for batch in batches:
+                    if request.prompt_only:
+                        batch = _without_output(batch)
                     if batch.cached_tokens is not None:
                         cached_tokens = batch.cached_tokens
                     completion_tokens += len(batch.token_ids)
                     last_batch_at = _record_tokens(last_batch_at, len(batch.token_ids))
                     finish = batch.finish_reason
-                    event = SequenceEvent(index, batch.text, batch.token_ids, batch.logprobs, finish,
-                                          _stop_reason(batch, params) if finish == "stop" else None)
+                    text = batch.text if emitted or request.echo_text is None else request.echo_text + batch.text
+                    event = SequenceEvent(index, text, batch.token_ids, batch.logprobs, finish,
+                                          _stop_reason(batch, params) if finish == "stop" else None,
+                                          prompt_logprobs=batch.prompt_logprobs)
                     if finish is not None:
                         event.usage = common_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
                                                        cached_tokens=cached_tokens)
@@ -255,6 +268,12 @@ def _stop_reason(batch: TokenBatch, params: SamplingParams) -> Union[str, int, N
         return batch.stop_reason
     last = batch.token_ids[-1] if batch.token_ids else None
     return last if last is not None and last in params.stop_token_ids else None
+
+
+def _without_output(batch: TokenBatch) -> TokenBatch:
+    """A prompt-only request's batch (max_tokens 0): nothing generated, and it ends for "length" unless it failed."""
+    finish = batch.finish_reason if batch.finish_reason in (None, "error", "abort") else "length"
+    return TokenBatch([], [], finish, batch.message, batch.cached_tokens, prompt_logprobs=batch.prompt_logprobs)
 
 
 def _sub_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -1,7 +1,7 @@
 """The OpenAI request bodies the gateway accepts, and their translation into a GenerationRequest.
 
-Unknown fields are ignored, as OpenAI does; known OpenAI features this server does not implement (echo,
-suffix, structured output) are refused with a 400 that says so rather than ignored. Tools: see tool_choice.py.
+Unknown fields are ignored, as OpenAI does; known OpenAI features this server does not implement (suffix,
+structured output) are refused with a 400 that says so rather than ignored. Tools: see tool_choice.py.
 Sampling values are checked by SamplingParams, whose errors name the offending parameter.
 """
 
@@ -54,6 +54,8 @@ class _GenerationBody(BaseModel):
     stop_token_ids: Optional[list[int]] = None
     min_tokens: Optional[int] = None
     skip_special_tokens: bool = True
+    # each prompt token's logprob and this many alternatives, as the choice's `prompt_logprobs`
+    prompt_logprobs: Optional[int] = None
 
     @property
     def include_usage(self) -> bool:
@@ -63,11 +65,16 @@ class _GenerationBody(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options is only allowed when stream is true", "stream_options")
 
-    def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int]) -> SamplingParams:
+    def _sampling_params(self, max_tokens: Optional[int], logprobs: Optional[int],
+                         echo_logprobs: Optional[int] = None) -> SamplingParams:
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(f"prompt_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", "prompt_logprobs")
+        # One computation serves both views of the prompt (echo's logprobs, vLLM's prompt_logprobs): the larger k.
+        wanted = [k for k in (self.prompt_logprobs, echo_logprobs) if k is not None]
         given = dict(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
                      min_p=self.min_p, seed=self.seed, presence_penalty=self.presence_penalty,
                      frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-                     logprobs=logprobs, min_tokens=self.min_tokens)
+                     logprobs=logprobs, min_tokens=self.min_tokens, prompt_logprobs=max(wanted, default=None))
         values = {name: value for name, value in given.items() if value is not None}
         return SamplingParams(n=self.n, stop=self.stop, stop_token_ids=self.stop_token_ids,
                               ignore_eos=self.ignore_eos, logit_bias=self._logit_bias(), **values)
@@ -88,24 +95,37 @@ class CompletionRequest(_GenerationBody):
     echo: bool = False
     suffix: Optional[str] = None
 
+    @property
+    def echo_logprobs(self) -> Optional[int]:
+        """How many alternatives the prompt tokens' entries in `logprobs` show (echo with logprobs), or None."""
+        return self.logprobs if self.echo else None
+
     def to_generation_requests(self) -> list[GenerationRequest]:
         """One request per prompt of the batch (OpenAI's list of strings or of token-id lists), alike but for the
-        prompt; the response numbers prompt i's choice j as i * n + j."""
+        prompt; the response numbers prompt i's choice j as i * n + j.
+
+        `echo` puts the prompt before each choice's text (and, with logprobs, its tokens before the generated
+        ones); max_tokens 0 with echo asks for the prompt alone (lm-eval's loglikelihood), as vLLM allows."""
         self._check_common()
-        if self.echo:
-            raise UnsupportedFeatureError("echo is not supported by this server", "echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequestError("max_tokens must be at least 1 (0 only with echo: the prompt alone)",
+                                      "max_tokens")
         if self.suffix:
             raise UnsupportedFeatureError("suffix is not supported by this server (no model it serves is trained "
                                           "to fill in the middle): put all the text in the prompt", "suffix")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be between 0 and {MAX_TOP_LOGPROBS}", "logprobs")
-        params = self._sampling_params(16 if self.max_tokens is None else self.max_tokens, self.logprobs)
+        prompt_only = self.max_tokens == 0
+        # Prefill samples one token whatever happens: a prompt-only request lets it, and drops it (pipeline.py).
+        max_tokens = 16 if self.max_tokens is None else 1 if prompt_only else self.max_tokens
+        params = self._sampling_params(max_tokens, self.logprobs, self.echo_logprobs)
         prompts = _prompts(self.prompt)
         if len(prompts) * params.n > MAX_BATCH_SEQUENCES:
             raise InvalidRequestError(f"{len(prompts)} prompts with n={params.n} make {len(prompts) * params.n} "
                                       f"sequences; at most {MAX_BATCH_SEQUENCES} per request", "prompt")
         return [GenerationRequest(prompt=prompt, params=params, model=self.model,
-                                  skip_special_tokens=self.skip_special_tokens) for prompt in prompts]
+                                  skip_special_tokens=self.skip_special_tokens, echo=self.echo,
+                                  prompt_only=prompt_only) for prompt in prompts]
 
 
 class TextPart(BaseModel):

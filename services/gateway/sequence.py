@@ -48,6 +48,8 @@ class TokenBatch:
     cached_tokens: Optional[int] = None            # prompt tokens reused, as the prefill or decode saw them
     text: str = ""                                 # made by the worker: stop strings cut, never half a character
     stop_reason: Union[str, int, None] = None      # the stop string or stop token id that ended the sequence
+    # On the first batch, when sampling_params.prompt_logprobs is set: one per prompt token (the first's logprob NaN)
+    prompt_logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
 
 
 class SequenceRunner:
@@ -80,7 +82,8 @@ class SequenceRunner:
                 finish = finish_reason_from_proto(prefilled.finish_reason)
                 logprobs = [prefilled.first_token_logprob] if params.logprobs is not None else []
                 yield TokenBatch([prefilled.first_token_id], logprobs, finish, cached_tokens=prefilled.cached_tokens,
-                                 text=prefilled.first_text, stop_reason=stop_reason_from_proto(prefilled.stop_reason))
+                                 text=prefilled.first_text, stop_reason=stop_reason_from_proto(prefilled.stop_reason),
+                                 prompt_logprobs=list(prefilled.prompt_logprobs))
                 if finish is not None:
                     return
                 produced.append(prefilled.first_token_id)
@@ -101,7 +104,7 @@ class SequenceRunner:
                             produced_here = produced_here or bool(chunk.token_ids)
                             batch = _batch_from_chunk(chunk, first_from_prefill=prefilled is not None)
                             if batch.cached_tokens is not None and not tried:
-                                self.router.feedback(decode, hits, batch.cached_tokens)
+                                self.router.feedback(decode, _measurable(hits, params), batch.cached_tokens)
                             produced += batch.token_ids
                             yield batch
                             if batch.finish_reason is not None:
@@ -164,7 +167,7 @@ class SequenceRunner:
                 reply = await prefill_pb2_grpc.PrefillStub(worker.channel).Prefill(request,
                                                                                    timeout=time_left(deadline))
             self.pool.note_progress(worker)
-            self.router.feedback(worker, hits, reply.cached_tokens)
+            self.router.feedback(worker, _measurable(hits, params), reply.cached_tokens)
             return reply
         except grpc.aio.AioRpcError as exc:
             error = self._failed(worker, "prefill", exc)
@@ -195,6 +198,12 @@ class SequenceRunner:
         return translate_rpc_error(f"{kind} worker {worker.address}", exc)
 
 
+def _measurable(hits: Optional[PrefixHits], params: SamplingParams) -> Optional[PrefixHits]:
+    """The prediction to check a worker's cached tokens against, or None: a request for prompt logprobs reuses no
+    cached prefix by design (engine/prompt_logprobs.py), which is no sign of a wrong index."""
+    return hits if params.prompt_logprobs is None else None
+
+
 def _log_choice(request_id: str, worker: Worker, hits: Optional[PrefixHits], route: tracing.Span) -> None:
     """Logs the pick, and records it on the route's span."""
     predicted = "unknown" if hits is None else hits.device_tokens(worker.kind, worker.address)
@@ -211,7 +220,7 @@ def _batch_from_chunk(chunk: decode_pb2.GenerateChunk, first_from_prefill: bool)
     if finish is not None and chunk.HasField("usage") and not first_from_prefill:
         cached = chunk.usage.cached_tokens   # with remote prefill, the prefill's count is the one that matters
     return TokenBatch(list(chunk.token_ids), list(chunk.logprobs), finish, chunk.message, cached, chunk.text,
-                      stop_reason_from_proto(chunk.stop_reason))
+                      stop_reason_from_proto(chunk.stop_reason), list(chunk.prompt_logprobs))
 
 
 def time_left(deadline: float) -> float:

@@ -21,8 +21,8 @@ from splitserve.engine.async_engine import EngineDeadError
 from splitserve.kv_blocks.hashing import chain_block_hashes
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, record_transfer
 from splitserve.kv_transfer.transport import KVTransferError, ReceivedBlocks
-from splitserve.proto_convert import (finish_reason_to_proto, sampling_params_from_proto, stop_reason_to_proto,
-                                       token_logprob_to_proto)
+from splitserve.proto_convert import (finish_reason_to_proto, prompt_logprobs_to_proto, sampling_params_from_proto,
+                                       stop_reason_to_proto, token_logprob_to_proto)
 from splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving import tracing
@@ -54,7 +54,7 @@ class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
         prompt = list(request.prompt_token_ids)
         tracing.annotate({tracing.REQUEST_ID_ATTRIBUTE: request_id, "gen_ai.usage.input_tokens": len(prompt)})
         store = request.kv_target.store_address or self.kv_store_address
-        last = stream = None
+        last = stream = prompt_logprobs = None
         already_stored: set[bytes] = set()
         try:
             try:
@@ -64,13 +64,17 @@ class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
                 first_only = params.replace(max_tokens=1, n=1, min_tokens=min(params.min_tokens, 1))
                 # The pulled blocks are readable (pinned in the store) only while this body runs: until the engine
                 # has loaded them at admission (a failed load is logged and counted by the engine).
-                async with self._stored_prefix(store, prompt, request_id) as pulled:
+                # Prompt logprobs need every position computed here: nothing is pulled for them.
+                wants_stored = params.prompt_logprobs is None
+                async with self._stored_prefix(store if wants_stored else None, prompt, request_id) as pulled:
                     stream = await self.engine.add_request(request_id, prompt, first_only, export_kv=True,
                                                            kv_blocks=pulled)
                     already_stored = set(pulled[0]) if pulled else set()
                     await stream.kv_loaded()
                 async for delta in stream:
                     last = delta
+                    if delta.prompt_logprobs is not None:
+                        prompt_logprobs = delta.prompt_logprobs
             except (InvalidRequestError, EngineDeadError) as exc:
                 await abort_engine_error(context, exc, PREFILL_REQUESTS)
             finally:
@@ -97,6 +101,9 @@ class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
                 logprob, top = last.logprobs[0]
                 response.first_token_logprob.CopyFrom(token_logprob_to_proto(last.token_ids[0], logprob, top,
                                                                              self.engine.token_pieces))
+            if prompt_logprobs is not None:
+                response.prompt_logprobs.extend(prompt_logprobs_to_proto(prompt, prompt_logprobs,
+                                                                          self.engine.token_pieces))
             if finish is None and last.kv_export is not None and last.kv_export.block_hashes:
                 handle = await self._store_blocks(store, last.kv_export, request_id, already_stored)
                 if handle is not None:

@@ -330,3 +330,29 @@ def test_predictions_the_workers_contradict_turn_prefix_routing_off_until_they_a
         assert _sample("splitserve_router_prediction_agreement") == 1
     finally:
         publisher.stop()
+
+
+def test_requests_for_prompt_logprobs_are_not_measured_against_the_index(make_stack, clean_redis):
+    """A request for prompt logprobs reuses no cached prefix by design (every position needs its logits): the
+    0 cached tokens its worker reports are no sign of a wrong index, so lm-eval's loglikelihood requests cannot
+    turn prefix routing off. An ordinary request is still measured."""
+    stack = make_stack(num_prefill=1, num_decode=1)
+    holder = stack.prefills[0]
+    holder.servicer.cached_tokens = 0
+    publisher = _publish(clean_redis, "prefill", holder.address, PROMPT)
+    gaps = "splitserve_router_prediction_gap_tokens_count"
+    try:
+        gateway = stack.start_gateway(redis_url=clean_redis, prefix_index_timeout_s=2.0, routing_accuracy_window=4)
+        index = gateway.gateway.prefix_index
+        _wait(lambda: (stack.loop.run(index.refresh()), len(index.publishers))[1] == 1)
+        before = _sample(gaps, kind="prefill")
+        client = gateway.openai()
+        for i in range(5):
+            client.completions.create(model="fake-model", prompt=PROMPT[:-1] + [i + 1], max_tokens=2,
+                                      extra_body={"prompt_logprobs": 0})
+        assert _sample(gaps, kind="prefill") == before
+        assert _sample("splitserve_router_routing_degraded") == 0
+        client.completions.create(model="fake-model", prompt=PROMPT[:-1] + [9], max_tokens=2)
+        assert _sample(gaps, kind="prefill") == before + 1
+    finally:
+        publisher.stop()
