@@ -23,7 +23,7 @@ def replicas(llama_ckpt, tmp_path_factory):
     # predicted choice would prefill a second request on the decode worker that already holds its prefix.
     with Stack(model=str(llama_ckpt), gateways=2, prefill_workers=2, decode_workers=2, tokenizer_replicas=1,
                torch_threads=1, num_kv_blocks=256, log_dir=str(tmp_path_factory.mktemp("replica-logs")), grace_s=3,
-               extra_args={"gateway": ["--prefix-index-timeout-s", "2", "--prefill-decider", "threshold"]}) as running:
+               prefill_decider="threshold", extra_args={"gateway": ["--prefix-index-timeout-s", "2"]}) as running:
         for replica in range(2):
             for kind in KINDS:
                 wait_until(lambda: gateway_metric(running, f'splitserve_gateway_healthy_workers{{kind="{kind}"}}',

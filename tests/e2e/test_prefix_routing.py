@@ -24,7 +24,7 @@ def pair_stack(llama_ckpt, tmp_path_factory):
     # it, and would otherwise be predicted faster for the second request, leaving prefill routing untested.
     with Stack(model=str(llama_ckpt), prefill_workers=2, decode_workers=1, torch_threads=1, num_kv_blocks=256,
                log_dir=str(tmp_path_factory.mktemp("prefix-logs")), grace_s=3, max_restarts=0,
-               extra_args={"gateway": ["--prefix-index-timeout-s", "2", "--prefill-decider", "threshold"]}) as running:
+               prefill_decider="threshold", extra_args={"gateway": ["--prefix-index-timeout-s", "2"]}) as running:
         yield running
 
 

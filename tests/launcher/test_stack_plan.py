@@ -124,7 +124,8 @@ def test_with_envoy_the_gateway_is_internal_and_envoy_checks_both_public_ports(t
 
 
 def test_gateway_replicas_each_get_their_own_ports_behind_envoy(tmp_path):
-    plan, specs = _plan(tmp_path, gateways=3, prefill_workers=2, local_prefill_threshold=32)
+    plan, specs = _plan(tmp_path, gateways=3, prefill_workers=2, local_prefill_threshold=32,
+                        prefill_decider="threshold")
     gateways = [specs[f"gateway-{i}"] for i in range(3)]
     assert "gateway" not in specs and [spec.name for spec in plan.tiers[2]] == [g.name for g in gateways]
     ports = [(int(_flag(g.argv, "--port")), int(_flag(g.argv, "--grpc-port"))) for g in gateways]
@@ -133,6 +134,7 @@ def test_gateway_replicas_each_get_their_own_ports_behind_envoy(tmp_path):
     assert plan.gateway_urls == [f"http://127.0.0.1:{http}/v1" for http, _ in ports]
     # The same wiring for each: workers, Redis (the shared prefix index), secrets by env.
     assert len({tuple(arg for arg in g.argv if not arg.isdigit()) for g in gateways}) == 1
+    assert _flag(gateways[1].argv, "--prefill-decider") == "threshold"
     assert all(g.env == gateways[0].env and g.env["SPLITSERVE_REDIS_URL"] for g in gateways)
     assert len({g.metrics_port for g in gateways}) == 3
     with pytest.raises(ValueError, match="need Envoy"):

@@ -348,7 +348,8 @@ class AsyncEngine:
                 if self._loop is not None:
                     self._loop.call_soon_threadsafe(self._fail_waiters, EngineDeadError(f"engine loop failed: {exc}"))
                 return
-            self.prefill_rate.observe(engine.num_prompt_tokens_computed - computed_before, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.prefill_rate.observe(engine.num_prompt_tokens_computed - computed_before, elapsed)
             self._post(self._deltas(engine.last_step_sampled, finished))
             self._step_done()
             if engine.num_steps == steps_before:

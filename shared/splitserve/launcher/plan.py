@@ -67,6 +67,10 @@ class StackConfig(EngineConfig):
                 "id, or the checkpoint folder's name)"})
     local_prefill_threshold: Optional[int] = field(default=None, metadata={
         "help": "prompts up to this many tokens are prefilled by the decode worker itself"})
+    prefill_decider: Optional[str] = field(default=None, metadata={
+        "help": "where longer prompts are prefilled: predicted (the gateway's default: on the decode worker or a "
+                "prefill worker, whichever is predicted to give the first token sooner) or threshold (always a "
+                "prefill worker)"})
     torch_threads: Optional[int] = field(default=None, metadata={
         "help": "torch threads per engine worker (default: one per core the worker is given)"})
     cpu_affinity: bool = field(default=True, metadata={
@@ -272,7 +276,8 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
                                  prefill_addresses=addresses["prefill"], decode_addresses=addresses["decode"],
                                  kv_store_address=kv_store.address,
                                  served_model_name=config.served_model_name or None,
-                                 local_prefill_threshold=config.local_prefill_threshold),
+                                 local_prefill_threshold=config.local_prefill_threshold,
+                                 prefill_decider=config.prefill_decider),
                           env=gateway_env, host=gateway_host)
         gateway.address = host_port(connect_host(gateway_host), gateway_grpc)
         http_root = f"http://{host_port(connect_host(gateway_host), gateway_http)}"
