@@ -5,8 +5,9 @@ request is timed from send to first content chunk (TTFT) and between content chu
 Used two ways:
   python loadtest/serve_load.py --url http://127.0.0.1:8000/v1             # an already running stack
   python loadtest/serve_load.py --start both --rounds 3                     # starts the stack itself, runs
-        disaggregated (prefill worker -> kv-store -> decode) and aggregated (no prefill worker: the decode worker
-        prefills every prompt, on every engine core), same workload, modes interleaved, medians at the end
+        disaggregated (a prefill worker beside the decode worker: each prompt prefilled where its first token is
+        predicted sooner, the gateway's default) and aggregated (no prefill worker: the decode worker prefills
+        every prompt, on every engine core), same workload, modes interleaved, medians at the end
 With --start it also reports each process's CPU seconds over the measured run and its share (CPU seconds from
 /proc/<pid>/stat per wall second, replicas summed): where the serving CPU goes.
 """

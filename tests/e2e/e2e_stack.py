@@ -20,8 +20,11 @@ API_KEY = "test-key"
 
 @pytest.fixture(scope="module")
 def stack(llama_ckpt, tmp_path_factory):
+    # Every prompt through the prefill worker, the kv-store and the decode worker (--prefill-decider threshold),
+    # the path these tests check (transfers, pins, checksums); test_prefill_path.py checks the predicted choice.
     with Stack(model=str(llama_ckpt), prefill_workers=1, decode_workers=1, api_key=API_KEY, torch_threads=1,
-               num_kv_blocks=256, kv_checksum=True, log_dir=str(tmp_path_factory.mktemp("stack-logs"))) as running:
+               num_kv_blocks=256, kv_checksum=True, prefill_decider="threshold",
+               log_dir=str(tmp_path_factory.mktemp("stack-logs"))) as running:
         yield running
 
 
