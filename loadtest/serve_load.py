@@ -5,8 +5,9 @@ request is timed from send to first content chunk (TTFT) and between content chu
 Used two ways:
   python loadtest/serve_load.py --url http://127.0.0.1:8000/v1             # an already running stack
   python loadtest/serve_load.py --start both --rounds 3                     # starts the stack itself, runs
-        disaggregated (prefill worker -> kv-store -> decode) and aggregated (no prefill worker: the decode worker
-        prefills every prompt, on every engine core), same workload, modes interleaved, medians at the end
+        disaggregated (a prefill worker beside the decode worker: each prompt prefilled where its first token is
+        predicted sooner, the gateway's default) and aggregated (no prefill worker: the decode worker prefills
+        every prompt, on every engine core), same workload, modes interleaved, medians at the end
 With --start it also reports each process's CPU seconds over the measured run and its share (CPU seconds from
 /proc/<pid>/stat per wall second, replicas summed): where the serving CPU goes.
 """
@@ -184,8 +185,9 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="base URL of a running stack, e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("--start", choices=["disagg", "agg", "both"], help="start the stack here (demo model "
-                        "unless --model) in this mode and measure it")
+    parser.add_argument("--start", choices=["disagg", "agg", "split", "both", "all"], help="start the stack here "
+                        "(demo model unless --model) in this mode and measure it (split: disaggregated, every prompt "
+                        "on the prefill worker; both: disagg and agg; all: the three)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--num-requests", type=int, default=64)
@@ -211,11 +213,12 @@ def main(argv=None) -> int:
     else:
         from splitserve.launcher.stack import Stack
 
-        modes = ["disagg", "agg"] if args.start == "both" else [args.start]
+        modes = {"both": ["disagg", "agg"], "all": ["disagg", "split", "agg"]}.get(args.start, [args.start])
         for _ in range(args.rounds):
             for mode in modes:
                 # Aggregated: no prefill worker, so the decode worker prefills every prompt and gets its cores.
-                shape = dict(local_prefill_threshold=0) if mode == "disagg" else dict(prefill_workers=0)
+                shape = {"disagg": dict(local_prefill_threshold=0), "agg": dict(prefill_workers=0),
+                         "split": dict(local_prefill_threshold=0, prefill_decider="threshold")}[mode]
                 with Stack(model=args.model, torch_threads=args.torch_threads, **shape) as stack:
                     asyncio.run(run_load(stack.base_url, None, workload[:4], 2, None))  # warm-up, not measured
                     cpu_before = cpu_seconds(stack)

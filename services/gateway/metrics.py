@@ -46,6 +46,10 @@ ROUTER_DECISIONS = Counter("splitserve_router_decisions_total", "Worker choices 
                            ["kind", "reason"])
 LOCAL_PREFILL = Counter("splitserve_gateway_local_prefill_total",
                         "Requests prefilled by their decode worker instead of a prefill worker", ["reason"])
+PREFILL_PATH = Counter("splitserve_gateway_prefill_path_total",
+                       "Where prompts were prefilled (local: the decode worker; remote: a prefill worker), by why: "
+                       "predicted_faster, cold_start, threshold, below_threshold, no_prefill_worker, prefill_failed",
+                       ["path", "reason"])
 WORKER_FAILURES = Counter("splitserve_gateway_worker_failures_total",
                           "Calls to a worker that failed, by worker kind and gRPC code", ["kind", "code"])
 TOKENIZER_RETRIES = Counter("splitserve_gateway_tokenizer_retries_total",
