@@ -25,7 +25,7 @@ import grpc
 from splitserve.proto_convert import finish_reason_from_proto, sampling_params_to_proto, stop_reason_from_proto
 from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from splitserve.sampling_params import SamplingParams
-from splitserve.services.gateway import metrics
+from splitserve.services.gateway import metrics, overhead
 from splitserve.services.gateway.errors import NoHealthyWorkerError, UpstreamError
 from splitserve.services.gateway.prefix_index import PrefixHits
 from splitserve.services.gateway.router import Router
@@ -94,7 +94,7 @@ class SequenceRunner:
                 try:
                     call = decode_pb2_grpc.DecodeStub(decode.channel).Generate(request, timeout=time_left(deadline))
                     try:
-                        async for chunk in call:
+                        async for chunk in overhead.WaitedStream(call):
                             self.pool.note_progress(decode)
                             produced_here = produced_here or bool(chunk.token_ids)
                             batch = _batch_from_chunk(chunk, first_from_prefill=prefilled is not None)
@@ -154,7 +154,7 @@ class SequenceRunner:
         if self.kv_store_address:
             request.kv_target.store_address = self.kv_store_address
         try:
-            with self.pool.track(worker, len(prompt)):
+            with self.pool.track(worker, len(prompt)), overhead.waiting():
                 reply = await prefill_pb2_grpc.PrefillStub(worker.channel).Prefill(request,
                                                                                    timeout=time_left(deadline))
             self.pool.note_progress(worker)
