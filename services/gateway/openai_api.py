@@ -50,6 +50,7 @@ class ApiState:
     api_key: Optional[str]
     healthy: Callable[..., Optional[str]]           # None when healthy, else why not (every_worker=True: all)
     max_body_bytes: int = 8 * 2**20
+    tool_call_parser: Optional[str] = None          # tool_choice "auto" parses output with it (tool_parsers)
 
 
 def build_app(state: ApiState) -> FastAPI:
@@ -114,6 +115,7 @@ async def _generate(state: ApiState, request: Request,
         check_api_key(request.headers.get("authorization"), state.api_key)
         body = await parse_body(request, schema, state.max_body_bytes)
         generations = body.to_generation_requests()
+        tool_parser = body.tool_choice_plan().output_parser(state.tool_call_parser) if chat else None
         client_id = request.headers.get(REQUEST_ID_HEADER)
         if client_id:
             for generation in generations:
@@ -122,7 +124,7 @@ async def _generate(state: ApiState, request: Request,
         ticket = await run_for_client(request, state.admission.admit(), asyncio.Event())
         batch = await run_for_client(request, state.pipeline.prepare_batch(generations), ticket.aborted)
         formatter = ResponseFormatter(chat=chat, request_id=batch[0].request_id, model=batch[0].model,
-                                      want_logprobs=batch[0].params.logprobs is not None)
+                                      want_logprobs=batch[0].params.logprobs is not None, tool_parser=tool_parser)
         events = state.pipeline.generate_batch(batch)
         if body.stream:
             try:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from splitserve.v1 import common_pb2
 from splitserve.services.gateway.outputs import SequenceEvent, SequenceResult
+from splitserve.services.gateway.tool_parsers import MessageDelta, ToolParser, parse_whole
 
 
 def usage_json(usage: common_pb2.Usage) -> dict[str, Any]:
@@ -24,8 +25,11 @@ class ResponseFormatter:
     model: str
     want_logprobs: bool
     created: int = field(default_factory=lambda: int(time.time()))
+    # Chat with tools: makes the parser that finds each choice's tool calls in its text (None: text is content).
+    tool_parser: Optional[Callable[[], ToolParser]] = None
     # Completions report each token's offset in the sequence's text; kept per sequence across chunks.
     _text_offsets: dict[int, int] = field(default_factory=dict)
+    _tool_parsers: dict[int, ToolParser] = field(default_factory=dict)   # streams: one per choice
 
     @property
     def id(self) -> str:
@@ -41,7 +45,13 @@ class ResponseFormatter:
             choice: dict[str, Any] = {"index": result.index,
                                       "logprobs": self._logprobs(result.index, result.logprobs),
                                       "finish_reason": result.finish_reason, "stop_reason": result.stop}
-            if self.chat:
+            if self.chat and self.tool_parser is not None:
+                parsed = parse_whole(self.tool_parser(), result.text)
+                choice["message"] = {"role": "assistant", "content": parsed.content}
+                if parsed.tool_calls:
+                    choice["message"]["tool_calls"] = parsed.tool_calls
+                    choice["finish_reason"] = _with_tool_calls(result.finish_reason)
+            elif self.chat:
                 choice["message"] = {"role": "assistant", "content": result.text}
             else:
                 choice["text"] = result.text
@@ -56,16 +66,34 @@ class ResponseFormatter:
 
     def event_chunk(self, event: SequenceEvent, include_usage: bool) -> Optional[dict[str, Any]]:
         """The stream chunk for one event, or None when it carries nothing to show (text held back)."""
-        if not event.text and event.finish_reason is None and not (self.want_logprobs and event.token_ids):
+        message = self._message_delta(event)
+        if not message and event.finish_reason is None and not (self.want_logprobs and event.token_ids):
             return None
         choice: dict[str, Any] = {"index": event.index,
                                   "logprobs": self._logprobs(event.index, event.logprobs),
                                   "finish_reason": event.finish_reason, "stop_reason": event.stop}
         if self.chat:
-            choice["delta"] = {"content": event.text} if event.text else {}
+            choice["delta"] = {"content": message.content} if message.content else {}
+            if message.tool_calls:
+                choice["delta"]["tool_calls"] = [call.json() for call in message.tool_calls]
+            parser = self._tool_parsers.get(event.index)
+            if parser is not None and parser.num_calls:
+                choice["finish_reason"] = _with_tool_calls(event.finish_reason)
         else:
             choice["text"] = event.text
         return self._chunk([choice], include_usage)
+
+    def _message_delta(self, event: SequenceEvent) -> MessageDelta:
+        """What the event adds to its choice's message: its text, through the choice's tool parser if any."""
+        if self.tool_parser is None or not self.chat:
+            return MessageDelta(content=event.text)
+        parser = self._tool_parsers.get(event.index)
+        if parser is None:
+            parser = self._tool_parsers[event.index] = self.tool_parser()
+        delta = parser.feed(event.text)
+        if event.finish_reason is not None:
+            delta.add(parser.finish())
+        return delta
 
     def usage_chunk(self, usage: common_pb2.Usage) -> dict[str, Any]:
         return {**self._envelope(chunk=True), "choices": [], "usage": usage_json(usage)}
@@ -92,6 +120,12 @@ class ResponseFormatter:
                 "token_logprobs": [lp.logprob for lp in logprobs],
                 "top_logprobs": [{t.token: t.logprob for t in lp.top} for lp in logprobs],
                 "text_offset": offsets}
+
+
+def _with_tool_calls(finish_reason: Optional[str]) -> Optional[str]:
+    """A message with tool calls that ended normally finished to call them (OpenAI's "tool_calls"); cut short
+    ("length") it says so."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 def _chat_token(lp: common_pb2.TokenLogprob) -> dict[str, Any]:

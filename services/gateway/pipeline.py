@@ -50,7 +50,8 @@ class Prompt:
     """Exactly one of the three."""
     text: Optional[str] = None
     token_ids: Optional[list[int]] = None
-    messages: Optional[list[tuple[str, str]]] = None    # (role, content), chat template applied by the tokenizer
+    messages: Optional[list[common_pb2.ChatMessage]] = None    # chat template applied by the tokenizer
+    tools: str = ""                                     # chat: OpenAI's tools as JSON text, for the template
 
     @property
     def param(self) -> str:
@@ -107,7 +108,7 @@ class Pipeline:
         if prompt.messages is not None:
             if not info.has_chat_template:
                 raise InvalidRequestError("this model has no chat template; use /v1/completions", "messages")
-            return await self.tokenizer.tokenize_chat(prompt.messages, add_generation_prompt)
+            return await self.tokenizer.tokenize_chat(prompt.messages, add_generation_prompt, prompt.tools)
         return await self.tokenizer.tokenize_text(prompt.text or "", add_special_tokens)
 
     async def prepare(self, request: GenerationRequest) -> PreparedRequest:
@@ -149,7 +150,8 @@ class Pipeline:
     def _check_prompt_bytes(self, prompt: Prompt, max_context_length: int) -> None:
         if prompt.token_ids is not None:
             return
-        texts = [prompt.text or ""] if prompt.messages is None else [content for _, content in prompt.messages]
+        texts = [prompt.text or ""] if prompt.messages is None else [
+            prompt.tools, *(text for m in prompt.messages for text in (m.content, m.tool_calls))]
         # surrogatepass: counting must not fail; the API layers refuse unencodable text with its parameter.
         size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
         limit = self.max_prompt_bytes or max_context_length * PROMPT_BYTES_PER_TOKEN

@@ -74,9 +74,22 @@ class ChatLogprobs(BaseModel):
     content: Optional[list[ChatTokenLogprob]] = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text, as the model wrote it (or re-serialized)")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallOut]] = Field(None, description="present when the model called tools "
+                                                                      "(finish_reason tool_calls)")
 
 
 class ChatChoice(BaseModel):

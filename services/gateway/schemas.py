@@ -1,19 +1,22 @@
 """The OpenAI request bodies the gateway accepts, and their translation into a GenerationRequest.
 
 Unknown fields are ignored, as OpenAI does; known OpenAI features this server does not implement (echo,
-suffix, tools, structured output) are refused with a 400 that says so rather than ignored.
+suffix, structured output) are refused with a 400 that says so rather than ignored. Tools: see tool_choice.py.
 Sampling values are checked by SamplingParams, whose errors name the offending parameter.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+import json
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from splitserve.sampling_params import InvalidRequestError, SamplingParams
 from splitserve.services.gateway.errors import UnsupportedFeatureError
 from splitserve.services.gateway.pipeline import GenerationRequest, Prompt
+from splitserve.services.gateway.tool_choice import ToolChoice, forced_tool_schema
+from splitserve.v1 import common_pb2
 
 MAX_TOP_LOGPROBS = 20
 # A batch of prompts is one request to admission but prompts × n sequences to the workers: bounded like the
@@ -111,10 +114,34 @@ class TextPart(BaseModel):
     text: Optional[str] = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    arguments: str = Field(description="the arguments as JSON text")
+
+
+class ToolCall(BaseModel):
+    """A call an earlier assistant turn made, sent back in the conversation."""
+    model_config = ConfigDict(extra="ignore")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
     content: Optional[Union[str, list[TextPart]]] = None
+    tool_calls: Optional[list[ToolCall]] = None          # assistant turns
+    tool_call_id: Optional[str] = None                   # tool turns: the call answered
+    name: Optional[str] = None
+
+    def to_proto(self, index: int) -> common_pb2.ChatMessage:
+        message = common_pb2.ChatMessage(role=self.role, content=self.text(index), tool_call_id=self.tool_call_id or "",
+                                         name=self.name or "")
+        if self.tool_calls:
+            message.tool_calls = json.dumps([call.model_dump() for call in self.tool_calls], ensure_ascii=False)
+        return message
 
     def text(self, index: int) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -131,13 +158,52 @@ class ResponseFormat(BaseModel):
     type: str
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = Field(None, description="a JSON Schema object")
+    strict: Optional[bool] = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+def checked_tools(tools: Optional[list[Tool]], choice: Optional[str] = None, named: Optional[str] = None,
+                  parallel_tool_calls: bool = True) -> ToolChoice:
+    functions = [tool.function.model_dump(exclude_none=True) for tool in tools or []]
+    return ToolChoice.check(functions, choice, named, parallel_tool_calls, tools_given=tools is not None)
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessage]
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = None
-    tools: Optional[list[Any]] = None
+    tools: Optional[list[Tool]] = None
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
+    parallel_tool_calls: Optional[bool] = None
     response_format: Optional[ResponseFormat] = None
+
+    def tool_choice_plan(self) -> ToolChoice:
+        """The request's tools and tool_choice, checked (400 for tools that cannot be, an unknown function)."""
+        named = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else None
+        choice = "function" if named is not None else self.tool_choice
+        return checked_tools(self.tools, choice, named, self.parallel_tool_calls is not False)
 
     def to_generation_requests(self) -> list[GenerationRequest]:
         return [self.to_generation_request()]
@@ -146,8 +212,7 @@ class ChatCompletionRequest(_GenerationBody):
         self._check_common()
         if not self.messages:
             raise InvalidRequestError("messages must hold at least one message", "messages")
-        if self.tools:
-            raise UnsupportedFeatureError("tools are not supported by this server", "tools")
+        tools = self.tool_choice_plan()
         if self.response_format is not None and self.response_format.type != "text":
             raise UnsupportedFeatureError(f"response_format {self.response_format.type!r} is not supported",
                                           "response_format")
@@ -161,15 +226,17 @@ class ChatCompletionRequest(_GenerationBody):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         # Without max_tokens the pipeline fills the context; until then any value that passes validation.
         placeholder = max(1, self.min_tokens or 0)
-        params = self._sampling_params(max_tokens if max_tokens is not None else placeholder, logprobs)
-        return GenerationRequest(prompt=Prompt(messages=chat_turns(self.messages)), params=params, model=self.model,
+        params = forced_tool_schema(self._sampling_params(max_tokens if max_tokens is not None else placeholder,
+                                                          logprobs), tools)
+        prompt = Prompt(messages=chat_turns(self.messages), tools=tools.template_json())
+        return GenerationRequest(prompt=prompt, params=params, model=self.model,
                                  skip_special_tokens=self.skip_special_tokens,
                                  max_tokens_fills_context=max_tokens is None)
 
 
-def chat_turns(messages: list[ChatMessage]) -> list[tuple[str, str]]:
-    """(role, text) per message, for the tokenizer's chat template."""
-    return [(m.role, m.text(i)) for i, m in enumerate(messages)]
+def chat_turns(messages: list[ChatMessage]) -> list[common_pb2.ChatMessage]:
+    """The messages as the tokenizer's chat template gets them."""
+    return [m.to_proto(i) for i, m in enumerate(messages)]
 
 
 class TokenizeRequest(BaseModel):
@@ -178,6 +245,7 @@ class TokenizeRequest(BaseModel):
     model: Optional[str] = None
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
+    tools: Optional[list[Tool]] = None                  # chat: rendered by the template, as for generation
     add_special_tokens: Optional[bool] = None           # text: default true; chat: the template places them
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -187,6 +255,8 @@ class TokenizeRequest(BaseModel):
         if (self.prompt is None) == (self.messages is None):
             raise InvalidRequestError("give either prompt or messages", "prompt")
         if self.messages is None:
+            if self.tools is not None:
+                raise InvalidRequestError("tools go with chat messages, not a text prompt", "tools")
             return Prompt(text=self.prompt)
         if not self.messages:
             raise InvalidRequestError("messages must hold at least one message", "messages")
@@ -196,7 +266,7 @@ class TokenizeRequest(BaseModel):
         if self.continue_final_message:
             raise UnsupportedFeatureError("continue_final_message is not supported by this server",
                                           "continue_final_message")
-        return Prompt(messages=chat_turns(self.messages))
+        return Prompt(messages=chat_turns(self.messages), tools=checked_tools(self.tools).template_json())
 
 
 class DetokenizeRequest(BaseModel):

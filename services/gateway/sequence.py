@@ -98,6 +98,8 @@ class SequenceRunner:
                             self.pool.note_progress(decode)
                             produced_here = produced_here or bool(chunk.token_ids)
                             batch = _batch_from_chunk(chunk, first_from_prefill=prefilled is not None)
+                            if batch.cached_tokens is not None and not tried:
+                                self.router.feedback(decode, hits, batch.cached_tokens)
                             produced += batch.token_ids
                             yield batch
                             if batch.finish_reason is not None:
@@ -158,6 +160,7 @@ class SequenceRunner:
                 reply = await prefill_pb2_grpc.PrefillStub(worker.channel).Prefill(request,
                                                                                    timeout=time_left(deadline))
             self.pool.note_progress(worker)
+            self.router.feedback(worker, hits, reply.cached_tokens)
             return reply
         except grpc.aio.AioRpcError as exc:
             error = self._failed(worker, "prefill", exc)

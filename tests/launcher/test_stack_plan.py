@@ -68,7 +68,7 @@ def test_every_service_gets_its_own_ports_on_loopback(tmp_path):
 
 def test_workers_and_gateway_are_wired_together(tmp_path):
     plan, specs = _plan(tmp_path, prefill_workers=2, num_kv_blocks=64, torch_threads=3, local_prefill_threshold=32,
-                        served_model_name=["tiny", "tiny-alias"], api_key="secret")
+                        served_model_name=["tiny", "tiny-alias"], api_key="secret", tool_call_parser="hermes")
     kv_store = specs["kv-store"].address
     for name in ("prefill-0", "prefill-1", "decode-0"):
         argv = specs[name].argv
@@ -84,6 +84,7 @@ def test_workers_and_gateway_are_wired_together(tmp_path):
     assert _flag(gateway.argv, "--kv-store-address") == kv_store
     assert _flag(gateway.argv, "--local-prefill-threshold") == "32"
     assert _flag(gateway.argv, "--served-model-name") == "tiny,tiny-alias"
+    assert _flag(gateway.argv, "--tool-call-parser") == "hermes"
     assert "secret" not in " ".join(gateway.argv)  # visible in `ps`: it goes by env instead
     assert gateway.env["SPLITSERVE_API_KEY"] == "secret"
     assert specs["tokenizer-0"].env["OMP_NUM_THREADS"] == "1"

@@ -64,6 +64,9 @@ class StackConfig(EngineConfig):
                 "id, or the checkpoint folder's name)"})
     local_prefill_threshold: Optional[int] = field(default=None, metadata={
         "help": "prompts up to this many tokens are prefilled by the decode worker itself"})
+    tool_call_parser: Optional[str] = field(default=None, metadata={
+        "help": "the gateway's tool-call parser for tool_choice auto, as vLLM's flag (hermes: Hermes / Qwen "
+                "<tool_call> blocks); default none: tool_choice auto is refused"})
     torch_threads: Optional[int] = field(default=None, metadata={
         "help": "torch threads per engine worker (default: one per core the worker is given)"})
     cpu_affinity: bool = field(default=True, metadata={
@@ -262,7 +265,8 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
                       *flags(grpc_port=gateway_grpc, tokenizer_addresses=addresses["tokenizer"],
                              prefill_addresses=addresses["prefill"], decode_addresses=addresses["decode"],
                              kv_store_address=kv_store.address, served_model_name=config.served_model_name or None,
-                             local_prefill_threshold=config.local_prefill_threshold),
+                             local_prefill_threshold=config.local_prefill_threshold,
+                             tool_call_parser=config.tool_call_parser),
                       env=gateway_env, host=gateway_host)
     gateway.address = host_port(connect_host(gateway_host), gateway_grpc)
     gateway.probes = [("grpc", gateway.address),

@@ -67,7 +67,7 @@ def test_invalid_completion_requests_name_the_parameter(gateway, body, param):
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
      "messages[0].content"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools[0].function"),
     ({"messages": [{"role": "user", "content": "x"}], "top_k": 2**31}, "top_k"),    # over int32, its wire type
 ])
 def test_invalid_chat_requests_name_the_parameter(gateway, body, param):
