@@ -237,6 +237,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--question-min", type=int, default=16)
     parser.add_argument("--question-max", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="KV cache blocks per worker (default: the engine's budget, which holds every system "
+                             "prompt on every worker; fewer, e.g. half the tenants' blocks, is llm-d's regime where "
+                             "round-robin evicts what it will need)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -262,10 +266,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              args.question_min, args.question_max, args.rate, vocab_size)
     ideal = ideal_cached_tokens(workload, EngineConfig.block_size)
     print(f"model {model}; {args.tenants} system prompts of {sorted(workload.system_lengths)} tokens, "
-          f"{args.requests} requests per policy at {args.rate}/s (Poisson), {args.max_tokens} output tokens each")
+          f"{args.requests} requests per policy at {args.rate}/s (Poisson), {args.max_tokens} output tokens each; "
+          f"KV blocks per worker: {args.num_kv_blocks or 'the engine default'}")
     phases = []
     with Stack(model=model, prefill_workers=2, decode_workers=2, envoy=False, torch_threads=1,
-               extra_args={"gateway": ["--router-policy", POLICIES[0]]}) as stack:
+               num_kv_blocks=args.num_kv_blocks, extra_args={"gateway": ["--router-policy", POLICIES[0]]}) as stack:
         prefill_metrics = [f"http://127.0.0.1:{port}/metrics" for port in stack.metrics_ports["prefill"]]
         for index, policy in enumerate(POLICIES):
             if index:

@@ -104,7 +104,7 @@ def test_quick_sizes_and_bad_arguments(capsys):
     quick = prefix_routing.parse_args(["--quick"])
     assert (quick.tenants, quick.requests, quick.rate, quick.system_min, quick.system_max) == (3, 24, 0.5, 1000, 4000)
     full = prefix_routing.parse_args([])
-    assert (full.tenants, full.requests) == (8, 96)
+    assert (full.tenants, full.requests, full.num_kv_blocks) == (8, 96, None)
     assert prefix_routing.MODELS["full"]["num_hidden_layers"] == 8 and prefix_routing.MODELS["full"]["hidden_size"] == 1024
     with pytest.raises(SystemExit):
         prefix_routing.parse_args(["--system-min", "5000"])
