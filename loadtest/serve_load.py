@@ -35,6 +35,8 @@ class RequestResult:
     ttft: float = 0.0
     itls: list[float] = field(default_factory=list)
     output_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0         # of the prompt, reused from a prefix cache (usage.prompt_tokens_details)
     latency: float = 0.0
     error: str = ""
 
@@ -69,7 +71,7 @@ async def completion_events(client: httpx.AsyncClient, url: str, model: str, pro
                 yield json.loads(line[6:])
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str | list[int], max_tokens: int,
                       api_key: str | None) -> RequestResult:
     start = time.perf_counter()
     last = None
@@ -81,7 +83,10 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                     result.error = chunk["error"].get("message", "error event")
                     return result
                 if chunk.get("usage"):
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                    usage = chunk["usage"]
+                    result.output_tokens = usage["completion_tokens"]
+                    result.prompt_tokens = usage["prompt_tokens"]
+                    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                 if chunk.get("choices"):
                     now = time.perf_counter()
                     if last is None:

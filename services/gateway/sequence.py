@@ -27,7 +27,7 @@ from splitserve.proto_convert import finish_reason_from_proto, sampling_params_t
 from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from splitserve.sampling_params import SamplingParams
 from splitserve.serving import tracing
-from splitserve.services.gateway import metrics
+from splitserve.services.gateway import metrics, overhead
 from splitserve.services.gateway.errors import NoHealthyWorkerError, UpstreamError
 from splitserve.services.gateway.prefill_path import LOCAL, PrefillPathChooser
 from splitserve.services.gateway.prefix_index import PrefixHits
@@ -108,7 +108,7 @@ class SequenceRunner:
                 try:
                     call = decode_pb2_grpc.DecodeStub(decode.channel).Generate(request, timeout=time_left(deadline))
                     try:
-                        async for chunk in call:
+                        async for chunk in overhead.WaitedStream(call):
                             self.pool.note_progress(decode)
                             queued_here.close()
                             produced_here = produced_here or bool(chunk.token_ids)
@@ -178,7 +178,7 @@ class SequenceRunner:
         if self.kv_store_address:
             request.kv_target.store_address = self.kv_store_address
         try:
-            with self.pool.track(worker, len(prompt)), self.pool.prefilling(worker, len(prompt)):
+            with self.pool.track(worker, len(prompt)), self.pool.prefilling(worker, len(prompt)), overhead.waiting():
                 reply = await prefill_pb2_grpc.PrefillStub(worker.channel).Prefill(request,
                                                                                    timeout=time_left(deadline))
             self.pool.note_progress(worker)
