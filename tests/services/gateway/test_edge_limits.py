@@ -68,10 +68,18 @@ def test_a_seed_at_the_int64_edge_still_samples_n_sequences(gateway):
 @pytest.mark.parametrize("name", ["temperature", "repetition_penalty"])
 def test_sampling_params_refuse_non_finite_values(name):
     from splitserve.sampling_params import InvalidRequestError, SamplingParams
-    for value in (math.nan, math.inf):
+    # 1e39 is a finite double but no 32-bit float: on the wire to the workers it would become infinity.
+    for value in (math.nan, math.inf, 1e39):
         with pytest.raises(InvalidRequestError) as failure:
             SamplingParams(**{name: value})
         assert failure.value.param == name
+
+
+def test_a_temperature_beyond_32_bit_floats_is_a_400(gateway):
+    import openai
+    with pytest.raises(openai.BadRequestError) as failure:
+        gateway.openai().completions.create(model="fake-model", prompt="x 4", max_tokens=2, temperature=1e39)
+    assert failure.value.body["param"] == "temperature"
 
 
 # --- byte limits --------------------------------------------------------------------------------------------------
