@@ -1,7 +1,8 @@
 """The OpenAI request bodies the gateway accepts, and their translation into a GenerationRequest.
 
 Unknown fields are ignored, as OpenAI does; known OpenAI features this server does not implement (echo,
-suffix, tools, structured output) are refused with a 400 that says so rather than ignored.
+suffix, tools) are refused with a 400 that says so rather than ignored. Structured output (response_format and
+vLLM's structured_outputs) is read in structured_outputs.py.
 Sampling values are checked by SamplingParams, whose errors name the offending parameter.
 """
 
@@ -14,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from splitserve.sampling_params import InvalidRequestError, SamplingParams
 from splitserve.services.gateway.errors import UnsupportedFeatureError
 from splitserve.services.gateway.pipeline import GenerationRequest, Prompt
+from splitserve.services.gateway.structured_outputs import StructuredOutputFields
 
 MAX_TOP_LOGPROBS = 20
 # A batch of prompts is one request to admission but prompts × n sequences to the workers: bounded like the
@@ -26,8 +28,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _GenerationBody(BaseModel):
-    """Fields both endpoints share, including vLLM's sampling extras."""
+class _GenerationBody(StructuredOutputFields):
+    """Fields both endpoints share, including vLLM's sampling extras and structured output."""
     model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = None
@@ -67,7 +69,8 @@ class _GenerationBody(BaseModel):
                      logprobs=logprobs, min_tokens=self.min_tokens)
         values = {name: value for name, value in given.items() if value is not None}
         return SamplingParams(n=self.n, stop=self.stop, stop_token_ids=self.stop_token_ids,
-                              ignore_eos=self.ignore_eos, logit_bias=self._logit_bias(), **values)
+                              ignore_eos=self.ignore_eos, logit_bias=self._logit_bias(),
+                              structured_output=self.structured_output(), **values)
 
     def _logit_bias(self) -> Optional[dict[int, float]]:
         """OpenAI's JSON keys are strings: {"50256": -100}. The ids are checked against the vocabulary by the
@@ -126,18 +129,12 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: str
-
-
 class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessage]
     max_completion_tokens: Optional[int] = None
     logprobs: bool = False
     top_logprobs: Optional[int] = None
     tools: Optional[list[Any]] = None
-    response_format: Optional[ResponseFormat] = None
 
     def to_generation_requests(self) -> list[GenerationRequest]:
         return [self.to_generation_request()]
@@ -148,9 +145,6 @@ class ChatCompletionRequest(_GenerationBody):
             raise InvalidRequestError("messages must hold at least one message", "messages")
         if self.tools:
             raise UnsupportedFeatureError("tools are not supported by this server", "tools")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise UnsupportedFeatureError(f"response_format {self.response_format.type!r} is not supported",
-                                          "response_format")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
