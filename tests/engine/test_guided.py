@@ -220,3 +220,22 @@ def test_choice_grammar_escapes_quotes_and_newlines(llm, grammars):
     for token in llm.engine.tokenizer.encode("c\nd", add_special_tokens=False):
         assert guided.accept(token)
     assert not guided.terminated and guided.accept(min(llm.engine.eos_token_ids)) and guided.terminated
+
+
+def test_a_token_outside_the_grammar_ends_the_sequence_with_an_error_and_is_counted(llama_ckpt, monkeypatch):
+    engine = LLM(str(llama_ckpt), dtype="float32", device="cpu", num_kv_blocks=32).engine
+    [outside] = engine.tokenizer.encode("a", add_special_tokens=False)     # never allowed by the regex below
+
+    def faulty_mask(logits, grammars):     # a masking fault: every row picks `outside`
+        logits[:, outside] = 1e4
+
+    monkeypatch.setattr(engine.runner.grammar_masks, "apply", faulty_mask)
+    engine.add_request("unmasked", [3, 4, 5], SamplingParams(max_tokens=8, temperature=0.0,
+                                                             structured_output=StructuredOutput(regex="z+")))
+    engine.add_request("plain", [3, 4, 5], SamplingParams(max_tokens=2, temperature=0.0))
+    finished = []
+    while engine.has_unfinished_requests():
+        finished += engine.step()
+    assert {out.request_id: out.outputs[0].finish_reason for out in finished} == {"unmasked": "error",
+                                                                                    "plain": "length"}
+    assert engine.stats()["guided_rejected_tokens"] == 1 and engine.stats()["guided_sequences"] == 1

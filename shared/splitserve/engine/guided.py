@@ -22,17 +22,10 @@ from typing import Optional, Sequence
 
 import torch
 import xgrammar as xgr
-from prometheus_client import Counter
-
 from splitserve.sampling_params import InvalidRequestError, StructuredOutput
 
 log = logging.getLogger(__name__)
 
-GUIDED_REQUESTS = Counter("splitserve_guided_requests_total", "Sequences started under a grammar, by kind",
-                          ["kind"])
-GUIDED_REJECTED_TOKENS = Counter("splitserve_guided_rejected_tokens_total",
-                                 "Sampled tokens the grammar refused (a masking fault): the sequence ends with "
-                                 "an error")
 # A compiled JSON schema over a 128k vocabulary is a few MiB; this keeps the few hundred most recent ones.
 _CACHE_LIMIT_BYTES = 256 * 2**20
 # Compact JSON: with free whitespace a weak model can spend its whole budget on blanks between tokens.
@@ -84,7 +77,6 @@ class Grammars:
             if grammar.terminated or not grammar.accept(token):
                 raise InvalidRequestError(f"produced token {i} ({token}) does not follow the request's grammar",
                                           "produced_token_ids")
-        GUIDED_REQUESTS.labels(spec.kind).inc()
         return grammar
 
 

@@ -15,7 +15,7 @@ from splitserve.byte_size import format_bytes
 from splitserve.config import EngineConfig
 from splitserve.engine.block_io import CacheBlocks, export_blocks, import_runs
 from splitserve.engine.block_pool import BlockPool
-from splitserve.engine.guided import GUIDED_REJECTED_TOKENS, Grammars
+from splitserve.engine.guided import Grammars
 from splitserve.engine.kv_budget import default_cpu_budget, size_kv_cache
 from splitserve.engine.kv_connector import KVLoad, KVLoads
 from splitserve.engine.kv_cache_manager import KVCacheManager
@@ -102,6 +102,8 @@ class LLMEngine:
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens = 0
         self.num_steps = 0
+        self.num_guided_sequences = 0
+        self.num_guided_rejected_tokens = 0
         # Sequences that received a token in the last step (finished ones included): streaming reads these.
         self.last_step_sampled: list[Sequence] = []
         # lend_exports(): exports lend the cache blocks themselves instead of copying them. A release may come
@@ -149,6 +151,7 @@ class LLMEngine:
                 raise InvalidRequestError("a request with received KV blocks must have n = 1", "n")
             grammars = ([self.grammars.start(params.structured_output, produced) for _ in range(params.n)]
                         if params.structured_output is not None else [None] * params.n)
+            self.num_guided_sequences += params.n if params.structured_output is not None else 0
         except BaseException:
             if kv_load is not None:
                 kv_load.on_done(None)
@@ -290,7 +293,7 @@ class LLMEngine:
             seq.new_text = seq.output_text.push(seq.output_token_ids[-1])
             reason = self.stop_checker.check(seq)
             if refused:
-                GUIDED_REJECTED_TOKENS.inc()
+                self.num_guided_rejected_tokens += 1
                 log.error("request %s: sampled token %d is outside its grammar's mask; ending the sequence",
                           seq.request_id, out.token_ids[i])
                 reason = "error"
@@ -363,6 +366,8 @@ class LLMEngine:
             "running_tokens": sum(s.num_tokens for s in self.scheduler.running),
             "waiting_tokens": sum(s.num_tokens for s in self.scheduler.waiting),
             "steps": self.num_steps,
+            "guided_sequences": self.num_guided_sequences,
+            "guided_rejected_tokens": self.num_guided_rejected_tokens,
         }
 
 
