@@ -1,3 +1,3 @@
 """Fixtures of the end-to-end tests; the helpers they use live in e2e_stack.py."""
 
-from e2e_stack import reference_llm, stack  # noqa: F401  (pytest fixtures)
+from e2e_stack import client, model_id, reference_llm, stack  # noqa: F401  (pytest fixtures)

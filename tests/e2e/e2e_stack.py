@@ -25,6 +25,19 @@ def stack(llama_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def client(stack):
+    """The official `openai` client on the module's stack (no retries: a failure shows)."""
+    import openai
+
+    return openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model_id(client):
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
 def reference_llm(llama_ckpt):
     from splitserve import LLM
 

@@ -29,16 +29,6 @@ def _prompts(tokenizer, lengths, seed=0):
     return prompts
 
 
-@pytest.fixture(scope="module")
-def client(stack):
-    return openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model_id(client):
-    return client.models.list().data[0].id
-
-
 def _offline(reference_llm, prompt, max_tokens):
     [out] = reference_llm.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0))
     return out

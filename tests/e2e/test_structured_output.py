@@ -13,22 +13,12 @@ import jsonschema
 import openai
 import pytest
 
-from e2e_stack import API_KEY, gateway_metric
+from e2e_stack import gateway_metric
 from json_schemas import MAX_TOKENS, random_schemas
 
 pytestmark = pytest.mark.timeout(300)
 
 MESSAGES = [{"role": "user", "content": "Describe the item as JSON."}]
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    return openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model_id(client):
-    return client.models.list().data[0].id
 
 
 def _json_schema_format(schema: dict, index: int) -> dict:
