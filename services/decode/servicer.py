@@ -19,10 +19,11 @@ from prometheus_client import Counter
 from splitserve.engine.async_engine import EngineDeadError
 from splitserve.engine.output_text import OutputText
 from splitserve.kv_transfer.transport import ReceivedBlocks
-from splitserve.proto_convert import (finish_reason_to_proto, layout_mismatch, sampling_params_from_proto,
-                                       stop_reason_to_proto, token_logprob_to_proto)
+from splitserve.proto_convert import (finish_reason_to_proto, layout_mismatch, prompt_logprobs_to_proto,
+                                       sampling_params_from_proto, stop_reason_to_proto, token_logprob_to_proto)
 from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
+from splitserve.serving import tracing
 from splitserve.serving.engine_servicer import EngineServicer
 from splitserve.serving.engine_worker import engine_stats_proto, layout_proto
 from splitserve.serving.errors import abort_engine_error, abort_invalid
@@ -42,6 +43,8 @@ class DecodeServicer(EngineServicer, decode_pb2_grpc.DecodeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "decode worker is shutting down")
         request_id = request.request_id or uuid.uuid4().hex
         prompt = list(request.prompt_token_ids)
+        tracing.annotate({tracing.REQUEST_ID_ATTRIBUTE: request_id, "gen_ai.usage.input_tokens": len(prompt),
+                          "splitserve.produced_tokens": len(request.produced_token_ids)})
         try:
             params = sampling_params_from_proto(request.sampling_params)
         except InvalidRequestError as exc:
@@ -73,6 +76,8 @@ class DecodeServicer(EngineServicer, decode_pb2_grpc.DecodeServicer):
                 if delta.logprobs:
                     for token, (logprob, top) in zip(delta.token_ids, delta.logprobs):
                         chunk.logprobs.append(token_logprob_to_proto(token, logprob, top, pieces))
+                if delta.prompt_logprobs is not None:
+                    chunk.prompt_logprobs.extend(prompt_logprobs_to_proto(prompt, delta.prompt_logprobs, pieces))
                 if delta.num_output_tokens:
                     usage.completion_tokens = delta.num_output_tokens
                     usage.cached_tokens = delta.num_cached_tokens
@@ -84,6 +89,9 @@ class DecodeServicer(EngineServicer, decode_pb2_grpc.DecodeServicer):
                     if stop_reason is not None:
                         chunk.stop_reason.CopyFrom(stop_reason)
                     DECODE_REQUESTS.labels(delta.finish_reason).inc()
+                    tracing.annotate({"gen_ai.usage.output_tokens": usage.completion_tokens,
+                                      "gen_ai.usage.cache_read.input_tokens": usage.cached_tokens,
+                                      "gen_ai.response.finish_reasons": [delta.finish_reason]})
                 yield chunk
         except (InvalidRequestError, EngineDeadError) as exc:
             await abort_engine_error(context, exc, DECODE_REQUESTS)

@@ -147,7 +147,7 @@ def generation_request(request: "gateway_pb2.GatewayGenerateRequest | Undecodabl
     elif which == "token_ids":
         prompt = Prompt(token_ids=list(request.token_ids.ids))
     elif which == "chat":
-        prompt = Prompt(messages=[(m.role, m.content) for m in request.chat.messages])
+        prompt = Prompt(messages=list(request.chat.messages))
     else:
         raise InvalidRequestError("the request has no prompt: set text, token_ids or chat", "prompt")
     generation = GenerationRequest(prompt=prompt, params=sampling_params_from_proto(request.sampling_params),

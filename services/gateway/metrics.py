@@ -37,6 +37,9 @@ INTER_TOKEN = Histogram("splitserve_gateway_inter_token_latency_seconds",
                         "Between consecutive token batches of one sequence, per token", buckets=_ITL_BUCKETS)
 E2E = Histogram("splitserve_gateway_e2e_request_latency_seconds", "From request arrival to its last token",
                 buckets=_LATENCY_BUCKETS)
+TOOL_CALL_PARSE_FAILURES = Counter("splitserve_gateway_tool_call_parse_failures_total",
+                                   "Outputs whose tool call could not be parsed and went to the content (or was "
+                                   "cut short), by parser and reason", ["parser", "reason"])
 PROMPT_TOKENS = Counter("splitserve_gateway_prompt_tokens_total", "Prompt tokens of accepted requests")
 GENERATION_TOKENS = Counter("splitserve_gateway_generation_tokens_total", "Tokens generated and returned")
 ROUTER_DECISIONS = Counter("splitserve_router_decisions_total", "Worker choices by the router",
@@ -69,3 +72,25 @@ LOAD_ONLY_ROUTING = Counter("splitserve_router_load_only_total",
                             "the outage's reason (timeout, redis_error)", ["reason"])
 PREDICTED_CACHED_TOKENS = Counter("splitserve_router_predicted_cached_tokens_total",
                                   "Prompt tokens the prefix index said the chosen worker holds", ["kind"])
+SPECULATIVE_CLAIM_FAILURES = Counter("splitserve_router_speculative_claim_failures_total",
+                                    "Claims of a just-routed prompt for its worker that Redis did not take in time "
+                                    "(the next request sharing its prefix is routed without it)")
+# predicted - reported cached tokens of one request: negative where the index missed hits, positive where it
+# promised blocks the worker did not reuse.
+_GAP_BUCKETS = (-16384, -4096, -1024, -256, -64, -16, -1, 0, 16, 64, 256, 1024, 4096, 16384)
+PREDICTION_GAP = Histogram("splitserve_router_prediction_gap_tokens",
+                           "Per request: cached tokens the prefix index predicted on the chosen worker minus those "
+                           "the worker reported", ["kind"], buckets=_GAP_BUCKETS)
+FEEDBACK_PREDICTED_TOKENS = Counter("splitserve_router_feedback_predicted_tokens_total",
+                                    "Cached tokens predicted for requests whose worker then reported its own count",
+                                    ["kind"])
+FEEDBACK_REALISED_TOKENS = Counter("splitserve_router_feedback_realised_tokens_total",
+                                   "Of those predicted tokens, how many the worker reported reusing", ["kind"])
+PREDICTION_AGREEMENT = Gauge("splitserve_router_prediction_agreement",
+                             "Predicted vs reported cached tokens over the recent requests with hits: "
+                             "sum(min) / sum(max), 1 when the prefix index is exact")
+ROUTING_DEGRADED = Gauge("splitserve_router_routing_degraded",
+                         "1 while prefix routing is off (requests routed by load, a few by prefix as probes) because "
+                         "predicted cached tokens disagree with the workers' reports")
+ROUTING_DEGRADATIONS = Counter("splitserve_router_routing_degradations_total",
+                               "Times prefix routing was turned off by the accuracy feedback, by reason", ["reason"])

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from splitserve.serving import tracing
 from splitserve.services.gateway import metrics, model_api, openapi_doc
 from splitserve.services.gateway.model_api import add_model_routes
 from splitserve.services.gateway.openapi_doc import json_body, responses, server_version
@@ -50,12 +51,14 @@ class ApiState:
     api_key: Optional[str]
     healthy: Callable[..., Optional[str]]           # None when healthy, else why not (every_worker=True: all)
     max_body_bytes: int = 8 * 2**20
+    tool_call_parser: Optional[str] = None          # tool_choice "auto" parses output with it (tool_parsers)
 
 
 def build_app(state: ApiState) -> FastAPI:
     app = FastAPI(title="splitserve gateway", version=server_version(), docs_url=None, redoc_url=None,
                   openapi_url="/openapi.json")
     openapi_doc.install(app, [CompletionRequest, ChatCompletionRequest, *model_api.REQUEST_MODELS])
+    tracing.install_http(app)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -113,6 +116,7 @@ async def _generate(state: ApiState, request: Request,
         check_api_key(request.headers.get("authorization"), state.api_key)
         body = await parse_body(request, schema, state.max_body_bytes)
         generations = body.to_generation_requests()
+        tool_parser = body.tool_choice_plan().output_parser(state.tool_call_parser) if chat else None
         client_id = request.headers.get(REQUEST_ID_HEADER)
         if client_id:
             for generation in generations:
@@ -121,7 +125,9 @@ async def _generate(state: ApiState, request: Request,
         ticket = await run_for_client(request, state.admission.admit(), asyncio.Event())
         batch = await run_for_client(request, state.pipeline.prepare_batch(generations), ticket.aborted)
         formatter = ResponseFormatter(chat=chat, request_id=batch[0].request_id, model=batch[0].model,
-                                      want_logprobs=batch[0].params.logprobs is not None)
+                                      want_logprobs=batch[0].params.logprobs is not None,
+                                      echo_logprobs=getattr(body, "echo_logprobs", None),
+                                      prompt_logprobs=body.prompt_logprobs, tool_parser=tool_parser)
         events = state.pipeline.generate_batch(batch)
         if body.stream:
             try:

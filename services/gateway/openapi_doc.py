@@ -24,10 +24,8 @@ _WHY = {400: "invalid request", 401: "missing or wrong API key", 404: "unknown m
         500: "internal error", 503: "no healthy worker, or shutting down", 504: "the request's deadline passed"}
 
 
-# Before OpenAPI 3.2 (FastAPI writes 3.1) a text/event-stream `schema` describes each event, not the stream's text
-# (schemathesis reads it so): the fields of one server-sent event; `data` holds a JSON chunk or [DONE].
-_SSE_EVENT = {"type": "object", "properties": {"event": {"type": "string"}, "data": {"type": "string"},
-                                               "id": {"type": "string"}, "retry": {"type": "integer"}}}
+# One server-sent event: `data` holds a response chunk as JSON, or [DONE].
+_SSE_EVENT = {"type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}
 
 
 def server_version() -> str:
@@ -47,6 +45,7 @@ def responses(ok: type[BaseModel], *errors: int, streams: bool = False) -> dict[
     """`responses` for a route: its 200 body (and server-sent events when it `streams`), its error statuses."""
     documented: dict[int, dict[str, Any]] = {200: {"model": ok}}
     if streams:
+        # Before OpenAPI 3.2 (no itemSchema) an event stream's `schema` describes each event, as parsed.
         documented[200]["content"] = {"text/event-stream": {"schema": _SSE_EVENT}}
     for status in errors:
         documented[status] = {"model": ErrorResponse, "description": _WHY[status]}

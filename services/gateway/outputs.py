@@ -20,6 +20,8 @@ class SequenceEvent:
     stop: Union[str, int, None] = None                  # the stop string or stop token id that ended it
     usage: Optional[common_pb2.Usage] = None            # on the last event
     error: Optional[Exception] = None                   # why, when finish_reason == "error"
+    # On the sequence's first event when prompt logprobs were asked for: one per prompt token (the first has none)
+    prompt_logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -33,6 +35,7 @@ class SequenceResult:
     stop: Union[str, int, None] = None
     usage: Optional[common_pb2.Usage] = None
     error: Optional[Exception] = None
+    prompt_logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
 
 
 async def collect(events: AsyncIterator[SequenceEvent], n: int) -> list[SequenceResult]:
@@ -44,6 +47,7 @@ async def collect(events: AsyncIterator[SequenceEvent], n: int) -> list[Sequence
             result.text += event.text
             result.token_ids += event.token_ids
             result.logprobs += event.logprobs
+            result.prompt_logprobs += event.prompt_logprobs
             if event.finish_reason is not None:
                 result.finish_reason, result.stop = event.finish_reason, event.stop
                 result.usage, result.error = event.usage, event.error

@@ -23,6 +23,7 @@ from splitserve.sampling_params import SEED_MIN, InvalidRequestError, SamplingPa
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import (ContextLengthExceededError, GatewayError, RequestTooLargeError,
                                                 UpstreamError)
+from splitserve.services.gateway.generation_span import traced_generation
 from splitserve.services.gateway.outputs import SequenceEvent, total_usage
 from splitserve.services.gateway.sequence import SequenceRunner, TokenBatch
 from splitserve.services.gateway.served_models import ServedModels
@@ -50,7 +51,8 @@ class Prompt:
     """Exactly one of the three."""
     text: Optional[str] = None
     token_ids: Optional[list[int]] = None
-    messages: Optional[list[tuple[str, str]]] = None    # (role, content), chat template applied by the tokenizer
+    messages: Optional[list[common_pb2.ChatMessage]] = None    # chat template applied by the tokenizer
+    tools: str = ""                                     # chat: OpenAI's tools as JSON text, for the template
 
     @property
     def param(self) -> str:
@@ -66,6 +68,9 @@ class GenerationRequest:
     skip_special_tokens: bool = True
     # Chat without max_tokens: generate up to the end of the context window, as OpenAI does.
     max_tokens_fills_context: bool = False
+    echo: bool = False                                  # each choice's text starts with the prompt's
+    # max_tokens 0 (with echo): the answer is the prompt alone; the one token prefill must sample is dropped.
+    prompt_only: bool = False
 
 
 @dataclass
@@ -77,6 +82,9 @@ class PreparedRequest:
     skip_special_tokens: bool
     arrival: float                                      # event-loop time
     deadline: float
+    chat: bool = False                                  # the prompt was chat messages
+    echo_text: Optional[str] = None                     # put before each choice's text (echo)
+    prompt_only: bool = False
 
 
 class Pipeline:
@@ -107,7 +115,7 @@ class Pipeline:
         if prompt.messages is not None:
             if not info.has_chat_template:
                 raise InvalidRequestError("this model has no chat template; use /v1/completions", "messages")
-            return await self.tokenizer.tokenize_chat(prompt.messages, add_generation_prompt)
+            return await self.tokenizer.tokenize_chat(prompt.messages, add_generation_prompt, prompt.tools)
         return await self.tokenizer.tokenize_text(prompt.text or "", add_special_tokens)
 
     async def prepare(self, request: GenerationRequest) -> PreparedRequest:
@@ -137,9 +145,13 @@ class Pipeline:
         metrics.PROMPT_TOKENS.inc(len(ids))
         # The engine makes the text, so it is told how.
         params = params.replace(skip_special_tokens=request.skip_special_tokens)
+        echo_text = None
+        if request.echo:   # a prompt given as ids is echoed as their text, as vLLM does
+            echo_text = prompt.text if prompt.text is not None else await self.tokenizer.detokenize(ids)
         return PreparedRequest(request_id=request.request_id, model=served, prompt_token_ids=ids, params=params,
                                skip_special_tokens=request.skip_special_tokens, arrival=arrival,
-                               deadline=arrival + self.request_timeout_s)
+                               deadline=arrival + self.request_timeout_s, chat=prompt.messages is not None,
+                               echo_text=echo_text, prompt_only=request.prompt_only)
 
     async def prepare_batch(self, requests: list[GenerationRequest]) -> list[PreparedRequest]:
         """Every prompt of a batch prepared (tokenized concurrently) before any is generated: one bad prompt
@@ -149,7 +161,8 @@ class Pipeline:
     def _check_prompt_bytes(self, prompt: Prompt, max_context_length: int) -> None:
         if prompt.token_ids is not None:
             return
-        texts = [prompt.text or ""] if prompt.messages is None else [content for _, content in prompt.messages]
+        texts = [prompt.text or ""] if prompt.messages is None else [
+            prompt.tools, *(text for m in prompt.messages for text in (m.content, m.tool_calls))]
         # surrogatepass: counting must not fail; the API layers refuse unencodable text with its parameter.
         size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
         limit = self.max_prompt_bytes or max_context_length * PROMPT_BYTES_PER_TOKEN
@@ -158,8 +171,11 @@ class Pipeline:
             log.info("refused a %d-byte %s: over the %d-byte limit", size, prompt.param, limit)
             raise RequestTooLargeError(f"{prompt.param} ({size} bytes)", limit, prompt.param)
 
-    async def generate(self, request: PreparedRequest) -> AsyncIterator[SequenceEvent]:
+    def generate(self, request: PreparedRequest) -> AsyncIterator[SequenceEvent]:
         """Events of all n sequences, interleaved as they come. Closing the iterator cancels them all."""
+        return traced_generation(request, self._generate(request))
+
+    async def _generate(self, request: PreparedRequest) -> AsyncIterator[SequenceEvent]:
         n = request.params.n
         streams = [self._sequence(request, i, _sub_params(request.params, i),
                                   request.request_id if n == 1 else f"{request.request_id}-{i}") for i in range(n)]
@@ -188,13 +204,17 @@ class Pipeline:
         try:
             async with contextlib.aclosing(self.runner.tokens(request_id, prompt, params, request.deadline)) as batches:
                 async for batch in batches:
+                    if request.prompt_only:
+                        batch = _without_output(batch)
                     if batch.cached_tokens is not None:
                         cached_tokens = batch.cached_tokens
                     completion_tokens += len(batch.token_ids)
                     last_batch_at = _record_tokens(last_batch_at, len(batch.token_ids))
                     finish = batch.finish_reason
-                    event = SequenceEvent(index, batch.text, batch.token_ids, batch.logprobs, finish,
-                                          _stop_reason(batch, params) if finish == "stop" else None)
+                    text = batch.text if emitted or request.echo_text is None else request.echo_text + batch.text
+                    event = SequenceEvent(index, text, batch.token_ids, batch.logprobs, finish,
+                                          _stop_reason(batch, params) if finish == "stop" else None,
+                                          prompt_logprobs=batch.prompt_logprobs)
                     if finish is not None:
                         event.usage = common_pb2.Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
                                                        cached_tokens=cached_tokens)
@@ -248,6 +268,12 @@ def _stop_reason(batch: TokenBatch, params: SamplingParams) -> Union[str, int, N
         return batch.stop_reason
     last = batch.token_ids[-1] if batch.token_ids else None
     return last if last is not None and last in params.stop_token_ids else None
+
+
+def _without_output(batch: TokenBatch) -> TokenBatch:
+    """A prompt-only request's batch (max_tokens 0): nothing generated, and it ends for "length" unless it failed."""
+    finish = batch.finish_reason if batch.finish_reason in (None, "error", "abort") else "length"
+    return TokenBatch([], [], finish, batch.message, batch.cached_tokens, prompt_logprobs=batch.prompt_logprobs)
 
 
 def _sub_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -6,6 +6,8 @@ here the way the engines hash it, and the index's lookup script answers every pu
 index is an optimization, never a dependency: a lookup that fails or takes longer than timeout_s returns None
 (the router then routes by load), counted by reason and logged once per outage; for retry_s after a failure no
 lookup is tried, so an outage costs each request nothing; the first lookup that answers again ends it.
+The same round trip claims a new prompt for the workers the router would pick (see kv_events.index), so a burst
+sharing a new prefix lands on one worker across gateway replicas.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import redis.asyncio as redis
 
@@ -31,13 +33,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PrefixHits:
-    """Leading prompt tokens held: per (kind, address) in a worker's device cache, and in the kv-store."""
+    """Leading prompt tokens held: per (kind, address) in a worker's device cache (and speculatively beyond it:
+    claimed by a gateway's recent pick, not confirmed by the worker's events yet), and in the kv-store. Only
+    tokens an engine can reuse count: the last prompt token is always computed, so a prompt ending at a block
+    boundary never reuses its last block."""
     prompt_tokens: int
     device: dict[tuple[str, str], int] = field(default_factory=dict)
     store_tokens: int = 0
+    speculative: dict[tuple[str, str], int] = field(default_factory=dict)
+    prompt: Sequence[int] = ()
+    route: bool = True         # False: routing by prefix is degraded (routing_accuracy.py); known, not routed by
 
     def device_tokens(self, kind: str, address: str) -> int:
         return self.device.get((kind, address), 0)
+
+    def speculative_tokens(self, kind: str, address: str) -> int:
+        return self.speculative.get((kind, address), 0)
 
 
 class PrefixIndexReader:
@@ -53,6 +64,7 @@ class PrefixIndexReader:
         self._refresher = Periodic(self.refresh, refresh_s, name="prefix-index")
         self._retry_at = float("-inf")
         self._outage: Optional[str] = None     # why the index is unavailable (the metric's reason), None if up
+        self._claims: set[asyncio.Future] = set()   # claims in flight (a task nobody holds may be collected)
         metrics.PREFIX_INDEX_UP.set(1)
 
     @property
@@ -65,6 +77,9 @@ class PrefixIndexReader:
 
     async def close(self) -> None:
         await self._refresher.stop()
+        for task in list(self._claims):
+            task.cancel()
+        await asyncio.gather(*self._claims, return_exceptions=True)
 
     async def refresh(self) -> None:
         """Re-reads who publishes (and how each hashes); on failure keeps the last list and starts an outage."""
@@ -92,21 +107,49 @@ class PrefixIndexReader:
             with contextlib.suppress(asyncio.TimeoutError, redis.RedisError, OSError):
                 await asyncio.wait_for(self._redis.hdel(PUBLISHERS_KEY, *dead), self.timeout_s * 10)
 
-    async def lookup(self, prompt: Sequence[int]) -> Optional[PrefixHits]:
-        """Who holds how much of the prompt's prefix; None when the index cannot say in time (route by load)."""
+    async def lookup(self, prompt: Sequence[int],
+                     claims: Optional[Mapping[str, str]] = None) -> Optional[PrefixHits]:
+        """Who holds how much of the prompt's prefix; None when the index cannot say in time (route by load).
+        `claims`: kind -> the address of the worker the router would pick by load; where no worker of that kind
+        holds any of the prompt, the index records the prompt as speculatively held by it (in the same round
+        trip, atomically), so a request sharing the prefix that arrives before its events do goes there too."""
         if self._outage is not None and (time.monotonic() < self._retry_at or not self._publishers):
             metrics.LOAD_ONLY_ROUTING.labels(self._outage).inc()
             return None
         try:
-            hits = await asyncio.wait_for(self._probe(prompt), self.timeout_s)
+            hits = await asyncio.wait_for(self._probe(prompt, claims or {}), self.timeout_s)
         except (asyncio.TimeoutError, redis.RedisError, OSError) as exc:
             metrics.LOAD_ONLY_ROUTING.labels(self._failed(exc)).inc()
             return None
         self._recovered()
         return hits
 
-    async def _probe(self, prompt: Sequence[int]) -> PrefixHits:
-        hits = PrefixHits(len(prompt))
+    def claim_later(self, hits: PrefixHits, kind: str, address: str) -> None:
+        """Records in the background that the worker was just picked for the prompt (a claim, as lookup()
+        makes): for a pick whose known prefix was short, so the next request sharing the rest follows it. Never
+        waits: a claim that fails or is late costs only a less precise pick."""
+        task = asyncio.ensure_future(self._claim(hits.prompt, kind, address))
+        self._claims.add(task)
+        task.add_done_callback(self._claims.discard)
+
+    async def _claim(self, prompt: Sequence[int], kind: str, address: str) -> None:
+        publisher = next((p for p in self._publishers if p.medium == MEDIUM_DEVICE and p.kind == kind
+                          and p.address == address and p.block_size and p.model_id), None)
+        if publisher is None:
+            return
+        chain = chain_block_hashes(prompt, publisher.block_size, publisher.model_id)
+        if not chain:
+            return
+        try:
+            await asyncio.wait_for(self._lookup(keys=[], args=lookup_args(chain, [], [publisher.id],
+                                                                       claim_below=len(chain) + 1)),
+                                   self.timeout_s)
+        except (asyncio.TimeoutError, redis.RedisError, OSError) as exc:
+            metrics.SPECULATIVE_CLAIM_FAILURES.inc()
+            log.debug("claiming a prompt for %s %s failed: %r", kind, address, exc)
+
+    async def _probe(self, prompt: Sequence[int], claims: Mapping[str, str]) -> PrefixHits:
+        hits = PrefixHits(len(prompt), prompt=prompt)
         groups: dict[tuple[int, str], list[PublisherInfo]] = defaultdict(list)
         stores = [p for p in self._publishers if p.medium != MEDIUM_DEVICE]
         for p in self._publishers:
@@ -120,13 +163,17 @@ class PrefixIndexReader:
             if not chain:
                 return
             asked = devices + stores
-            runs = await self._lookup(keys=[], args=lookup_args(chain, [p.id for p in asked]))
-            for p, run in zip(asked, runs):
-                tokens = int(run) * block_size
+            claimed = [p.id for p in devices if claims.get(p.kind) == p.address]
+            answer = await self._lookup(keys=[], args=lookup_args(chain, [p.id for p in asked], claimed))
+            usable = (len(prompt) - 1) // block_size
+            for p, run, speculative in zip(asked, answer[::2], answer[1::2]):
+                confirmed = min(int(run), usable)
                 if p.medium == MEDIUM_DEVICE:
-                    hits.device[(p.kind, p.address)] = tokens
+                    hits.device[(p.kind, p.address)] = confirmed * block_size
+                    hits.speculative[(p.kind, p.address)] = (min(int(run) + int(speculative), usable)
+                                                             - confirmed) * block_size
                 else:
-                    hits.store_tokens = max(hits.store_tokens, tokens)
+                    hits.store_tokens = max(hits.store_tokens, confirmed * block_size)
 
         await asyncio.gather(*(probe(bs, model, devices) for (bs, model), devices in groups.items()))
         return hits

@@ -35,16 +35,28 @@ class UsageInfo(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """With echo the prompt's tokens come first; the first has no logprob and no alternatives (null)."""
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
     text_offset: list[int]
+
+
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: Optional[int] = Field(None, description="1 for the most likely token; null outside the top k")
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: null for the first prompt token, then {token id: PromptLogprob} per prompt token.
+PromptLogprobs = Optional[list[Optional[dict[str, PromptLogprob]]]]
 
 
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: Optional[CompletionLogprobs] = None
+    prompt_logprobs: PromptLogprobs = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = Field(None, description="the stop string or stop token id that "
                                                                       "ended the choice (vLLM)")
@@ -74,9 +86,22 @@ class ChatLogprobs(BaseModel):
     content: Optional[list[ChatTokenLogprob]] = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text, as the model wrote it (or re-serialized)")
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallOut]] = Field(None, description="present when the model called tools "
+                                                                      "(finish_reason tool_calls)")
 
 
 class ChatChoice(BaseModel):
@@ -85,6 +110,7 @@ class ChatChoice(BaseModel):
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Optional[Union[int, str]] = None
+    prompt_logprobs: PromptLogprobs = None
 
 
 class ChatCompletionResponse(BaseModel):

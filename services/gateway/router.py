@@ -3,7 +3,11 @@
 Policies (the gateway's --router-policy):
 - `prefix` (default): the highest weighted sum of the scorers (scorers.py): the share of the prompt the worker's
   cache holds, the share the kv-store holds beyond that (weighted lower), and load. Without prefix hits for any
-  candidate (a new prompt, or the index unavailable: prefix_index.py) it is `load`.
+  candidate (a new prompt, or the index unavailable: prefix_index.py) it is `load`. A new prompt is claimed in
+  the index for the worker load picks (in the lookup's round trip), and a prompt whose pick held little of it
+  is claimed for that worker after the pick, so the next request sharing the prefix follows it before the
+  worker's events arrive. Predictions are checked against the cached tokens workers report
+  (routing_accuracy.py): while they disagree, requests are routed by load.
 - `load`: the least loaded. Load is counted in sequences first: what this gateway has in flight on the worker
   (from the moment it picked it), plus the sequences the worker reports to the registry beyond this gateway's
   own (other gateway replicas; the report lags by an announce interval). Tokens in flight from this gateway
@@ -24,7 +28,9 @@ from typing import Iterable, Optional
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import NoHealthyWorkerError
 from splitserve.services.gateway.prefix_index import PrefixHits, PrefixIndexReader
-from splitserve.services.gateway.scorers import DevicePrefixScorer, LoadScorer, StorePrefixScorer
+from splitserve.services.gateway.routing_accuracy import RoutingAccuracy
+from splitserve.services.gateway.scorers import (DevicePrefixScorer, LoadScorer, SpeculativePrefixScorer,
+                                                 StorePrefixScorer)
 from splitserve.services.gateway.workers import Worker, WorkerPool
 
 POLICIES = ("prefix", "load", "round-robin", "random")
@@ -48,29 +54,52 @@ class RouterWeights:
     device_prefix: float = 2.0
     store_prefix: float = 0.5
     load: float = 1.0
+    speculative_prefix: float = 1.5
 
 
 class Router:
     def __init__(self, pool: WorkerPool, policy: str = "prefix", weights: RouterWeights = RouterWeights(),
-                 index: Optional[PrefixIndexReader] = None):
+                 index: Optional[PrefixIndexReader] = None, accuracy: Optional[RoutingAccuracy] = None):
         if policy not in POLICIES:
             raise ValueError(f"router policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.pool = pool
         self.index = index
         self.policy = policy
+        self.accuracy = accuracy or RoutingAccuracy()
         # One rotation per kind: a shared one, advanced by a decode pick and a prefill pick per request, would
         # start every prefill tie at the same worker when there are two.
         self._turns: dict[str, itertools.count] = defaultdict(itertools.count)
+        self._claim_turns: dict[str, itertools.count] = defaultdict(itertools.count)  # the claims' own rotation
         self._scorers = [(weights.device_prefix, DevicePrefixScorer()), (weights.store_prefix, StorePrefixScorer()),
+                         (weights.speculative_prefix, SpeculativePrefixScorer()),
                          (weights.load, LoadScorer(lambda w: worker_load(w)[0]))]
-        self._device_prefix = DevicePrefixScorer()
 
     async def prefix_hits(self, prompt: list[int]) -> Optional[PrefixHits]:
         """What the prefix index knows about the prompt, for pick(); None without an index or when it cannot
         answer in time (never an error: the request is routed by load)."""
         if self.policy != "prefix" or self.index is None:
             return None
-        return await self.index.lookup(prompt)
+        route = self.accuracy.route_by_prefix()
+        claims = {}
+        if route:
+            for kind in ("decode", "prefill"):
+                candidates = self.pool.healthy(kind)
+                if len(candidates) > 1:
+                    start = next(self._claim_turns[kind]) % len(candidates)
+                    claims[kind] = min(candidates[start:] + candidates[:start], key=worker_load).address
+        hits = await self.index.lookup(prompt, claims)
+        if hits is not None:
+            hits.route = route
+        return hits
+
+    def feedback(self, worker: Worker, hits: Optional[PrefixHits], cached_tokens: int) -> None:
+        """The cached tokens `worker` reported for the prompt it computed, against what the index predicted."""
+        if hits is None:
+            return
+        predicted = hits.device_tokens(worker.kind, worker.address)
+        if worker.kind == "prefill":          # it also pulls from the kv-store what its own cache lacks
+            predicted = max(predicted, hits.store_tokens)
+        self.accuracy.observe(worker.kind, worker.address, predicted, cached_tokens)
 
     def pick(self, kind: str, prompt_len: int, exclude: Iterable[Worker] = (),
              hits: Optional[PrefixHits] = None) -> Worker:
@@ -85,6 +114,9 @@ class Router:
         metrics.ROUTER_DECISIONS.labels(kind, reason).inc()
         if hits is not None:
             metrics.PREDICTED_CACHED_TOKENS.labels(kind).inc(hits.device_tokens(kind, chosen.address))
+            known = hits.device_tokens(kind, chosen.address) + hits.speculative_tokens(kind, chosen.address)
+            if hits.route and self.index is not None and len(candidates) > 1 and 2 * known < hits.prompt_tokens:
+                self.index.claim_later(hits, kind, chosen.address)
         return chosen
 
     def pick_optional(self, kind: str, prompt_len: int, hits: Optional[PrefixHits] = None) -> Optional[Worker]:
@@ -103,12 +135,15 @@ class Router:
         rotated = candidates[start:] + candidates[:start]
         if self.policy == "round-robin":
             return rotated[0], "round_robin"
-        if self.policy == "prefix" and hits is not None and hits.prompt_tokens and (
-                hits.store_tokens or any(hits.device_tokens(kind, w.address) for w in candidates)):
+        if self.policy == "prefix" and hits is not None and hits.route and hits.prompt_tokens and (
+                hits.store_tokens or any(hits.device_tokens(kind, w.address) + hits.speculative_tokens(kind, w.address)
+                                         for w in candidates)):
             # max() keeps the first of equals: ties go to the less loaded, then in rotation.
             ordered = sorted(rotated, key=worker_load)
             chosen = max(ordered, key=lambda w: self._score(w, hits))
-            return chosen, "prefix_hit" if self._device_prefix.score(chosen, hits) > 0 else "least_loaded"
+            if hits.device_tokens(kind, chosen.address):
+                return chosen, "prefix_hit"
+            return chosen, "speculative_hit" if hits.speculative_tokens(kind, chosen.address) else "least_loaded"
         chosen = min(rotated, key=worker_load)
         return chosen, "least_loaded" if worker_load(chosen) < max(map(worker_load, candidates)) else "tie"
 

@@ -2,6 +2,10 @@
 in [0, 1] and the router picks the highest weighted sum (weights from the gateway's settings).
 
 - device prefix: the share of the prompt the worker's own KV cache holds (no compute, no transfer);
+- speculative prefix: the share beyond the worker's cache that a gateway just sent it a request for (a claim
+  in the index, not yet confirmed by its events: a burst sharing a new prefix lands on one worker). Weighted
+  below a confirmed hit, which is certain, and above the store, since the claimed prefill is most likely done
+  (and its blocks cached) by the time the next request's prefill starts;
 - store prefix: the share beyond that the kv-store holds (a transfer instead of compute, so weighted lower);
 - load: 1 / (1 + sequences on the worker), so an idle worker scores 1 and every queued sequence costs less
   than the one before (a worker holding a long prefix stays worth a short wait).
@@ -29,6 +33,14 @@ class DevicePrefixScorer:
 
     def score(self, worker: Worker, hits: Optional[PrefixHits]) -> float:
         return _share(hits, lambda h: h.device_tokens(worker.kind, worker.address))
+
+
+@dataclass(frozen=True)
+class SpeculativePrefixScorer:
+    name: str = "speculative_prefix"
+
+    def score(self, worker: Worker, hits: Optional[PrefixHits]) -> float:
+        return _share(hits, lambda h: h.speculative_tokens(worker.kind, worker.address))
 
 
 @dataclass(frozen=True)

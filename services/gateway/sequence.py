@@ -25,6 +25,7 @@ import grpc
 from splitserve.proto_convert import finish_reason_from_proto, sampling_params_to_proto, stop_reason_from_proto
 from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from splitserve.sampling_params import SamplingParams
+from splitserve.serving import tracing
 from splitserve.services.gateway import metrics
 from splitserve.services.gateway.errors import NoHealthyWorkerError, UpstreamError
 from splitserve.services.gateway.prefix_index import PrefixHits
@@ -47,6 +48,8 @@ class TokenBatch:
     cached_tokens: Optional[int] = None            # prompt tokens reused, as the prefill or decode saw them
     text: str = ""                                 # made by the worker: stop strings cut, never half a character
     stop_reason: Union[str, int, None] = None      # the stop string or stop token id that ended the sequence
+    # On the first batch, when sampling_params.prompt_logprobs is set: one per prompt token (the first's logprob NaN)
+    prompt_logprobs: list[common_pb2.TokenLogprob] = field(default_factory=list)
 
 
 class SequenceRunner:
@@ -63,9 +66,10 @@ class SequenceRunner:
                      deadline: float) -> AsyncIterator[TokenBatch]:
         """Closing the iterator early (stop string, client gone) cancels the decode stream at once."""
         decode_load = len(prompt) + params.max_tokens
-        hits = await self.router.prefix_hits(prompt)
-        decode = self.router.pick("decode", len(prompt), hits=hits)
-        _log_choice(request_id, decode, hits)
+        with tracing.span("route decode") as route:
+            hits = await self.router.prefix_hits(prompt)
+            decode = self.router.pick("decode", len(prompt), hits=hits)
+            _log_choice(request_id, decode, hits, route)
         with contextlib.ExitStack() as reservation:
             # The decode worker's load counts from the pick, not from after the prefill: otherwise every request
             # arriving during a prefill sees the same idle worker (one worker took 15 of 16 streams).
@@ -78,7 +82,8 @@ class SequenceRunner:
                 finish = finish_reason_from_proto(prefilled.finish_reason)
                 logprobs = [prefilled.first_token_logprob] if params.logprobs is not None else []
                 yield TokenBatch([prefilled.first_token_id], logprobs, finish, cached_tokens=prefilled.cached_tokens,
-                                 text=prefilled.first_text, stop_reason=stop_reason_from_proto(prefilled.stop_reason))
+                                 text=prefilled.first_text, stop_reason=stop_reason_from_proto(prefilled.stop_reason),
+                                 prompt_logprobs=list(prefilled.prompt_logprobs))
                 if finish is not None:
                     return
                 produced.append(prefilled.first_token_id)
@@ -98,6 +103,8 @@ class SequenceRunner:
                             self.pool.note_progress(decode)
                             produced_here = produced_here or bool(chunk.token_ids)
                             batch = _batch_from_chunk(chunk, first_from_prefill=prefilled is not None)
+                            if batch.cached_tokens is not None and not tried:
+                                self.router.feedback(decode, _measurable(hits, params), batch.cached_tokens)
                             produced += batch.token_ids
                             yield batch
                             if batch.finish_reason is not None:
@@ -144,11 +151,13 @@ class SequenceRunner:
             log.debug("request %s: %d prompt tokens < %d, prefilling on decode", request_id, len(prompt),
                       self.local_prefill_threshold)
             return None
-        worker = self.router.pick_optional("prefill", len(prompt), hits)
+        with tracing.span("route prefill") as route:
+            worker = self.router.pick_optional("prefill", len(prompt), hits)
+            if worker is not None:
+                _log_choice(request_id, worker, hits, route)
         if worker is None:
             self._local_without_prefill_worker(request_id)
             return None
-        _log_choice(request_id, worker, hits)
         request = prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
                                              sampling_params=sampling_params_to_proto(params))
         if self.kv_store_address:
@@ -158,6 +167,7 @@ class SequenceRunner:
                 reply = await prefill_pb2_grpc.PrefillStub(worker.channel).Prefill(request,
                                                                                    timeout=time_left(deadline))
             self.pool.note_progress(worker)
+            self.router.feedback(worker, _measurable(hits, params), reply.cached_tokens)
             return reply
         except grpc.aio.AioRpcError as exc:
             error = self._failed(worker, "prefill", exc)
@@ -188,8 +198,18 @@ class SequenceRunner:
         return translate_rpc_error(f"{kind} worker {worker.address}", exc)
 
 
-def _log_choice(request_id: str, worker: Worker, hits: Optional[PrefixHits]) -> None:
+def _measurable(hits: Optional[PrefixHits], params: SamplingParams) -> Optional[PrefixHits]:
+    """The prediction to check a worker's cached tokens against, or None: a request for prompt logprobs reuses no
+    cached prefix by design (engine/prompt_logprobs.py), which is no sign of a wrong index."""
+    return hits if params.prompt_logprobs is None else None
+
+
+def _log_choice(request_id: str, worker: Worker, hits: Optional[PrefixHits], route: tracing.Span) -> None:
+    """Logs the pick, and records it on the route's span."""
     predicted = "unknown" if hits is None else hits.device_tokens(worker.kind, worker.address)
+    route.set_attributes({"splitserve.worker.kind": worker.kind, "splitserve.worker.address": worker.address,
+                          **({} if hits is None else {"splitserve.route.predicted_cached_tokens": predicted,
+                                                      "splitserve.route.store_tokens": hits.store_tokens})})
     log.debug("request %s: %s worker %s, predicted cached tokens %s (kv-store %s)", request_id, worker.kind,
               worker.address, predicted, "unknown" if hits is None else hits.store_tokens)
 
@@ -200,7 +220,7 @@ def _batch_from_chunk(chunk: decode_pb2.GenerateChunk, first_from_prefill: bool)
     if finish is not None and chunk.HasField("usage") and not first_from_prefill:
         cached = chunk.usage.cached_tokens   # with remote prefill, the prefill's count is the one that matters
     return TokenBatch(list(chunk.token_ids), list(chunk.logprobs), finish, chunk.message, cached, chunk.text,
-                      stop_reason_from_proto(chunk.stop_reason))
+                      stop_reason_from_proto(chunk.stop_reason), list(chunk.prompt_logprobs))
 
 
 def time_left(deadline: float) -> float:

@@ -16,6 +16,7 @@ from typing import Optional
 import redis.asyncio as redis
 import uvicorn
 
+from splitserve.serving import tracing
 from splitserve.serving.grpc_service import GrpcService
 from splitserve.serving.logs import setup_logging
 from splitserve.serving.settings import log_settings, parse_settings
@@ -27,8 +28,10 @@ from splitserve.services.gateway.openai_api import ApiState, build_app
 from splitserve.services.gateway.pipeline import Pipeline
 from splitserve.services.gateway.prefix_index import PrefixIndexReader
 from splitserve.services.gateway.router import POLICIES, Router, RouterWeights
+from splitserve.services.gateway.routing_accuracy import RoutingAccuracy
 from splitserve.services.gateway.sequence import SequenceRunner
 from splitserve.services.gateway.tokenizer_client import TokenizerClient
+from splitserve.services.gateway.tool_parsers import TOOL_PARSERS
 from splitserve.services.gateway.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,15 @@ class GatewaySettings:
     router_store_weight: float = field(default=0.5, metadata={
         "help": "weight of the share of the prompt the kv-store holds beyond the worker's cache"})
     router_load_weight: float = field(default=1.0, metadata={"help": "weight of 1 / (1 + sequences on the worker)"})
+    router_speculative_weight: float = field(default=1.5, metadata={
+        "help": "weight of the share of the prompt a worker was just sent a request for, not yet confirmed by its "
+                "KV events (a burst sharing a new prefix goes to one worker)"})
+    routing_accuracy_threshold: float = field(default=0.5, metadata={
+        "help": "below this agreement of predicted and reported cached tokens, route by load until it recovers"})
+    routing_accuracy_window: int = field(default=50, metadata={
+        "help": "requests with cache hits the agreement is measured over (the last N, judged once N are in)"})
+    routing_accuracy_probe_every: int = field(default=10, metadata={
+        "help": "while routing by load for disagreement, every Nth request is routed by prefix to keep measuring"})
     prefix_index_timeout_s: float = field(default=0.1, metadata={
         "help": "longest wait for one prefix index lookup in Redis; slower or failed lookups route by load"})
     request_timeout_s: float = field(default=600.0, metadata={"help": "deadline of one request, end to end"})
@@ -89,6 +101,10 @@ class GatewaySettings:
     max_prompt_bytes: Optional[int] = field(default=None, metadata={
         "help": "largest text prompt (chat: all contents) in UTF-8 bytes, refused with 413 before tokenizing "
                 "(default: 16 bytes per token of the model's context window)"})
+    tool_call_parser: Optional[str] = field(default=None, metadata={
+        "help": f"how tool calls are found in a chat's output for tool_choice auto, as vLLM's flag: "
+                f"{', '.join(TOOL_PARSERS)} (default: none, and tool_choice auto is refused with 400)"})
+    otlp_traces_endpoint: Optional[str] = tracing.endpoint_field()
 
     def __post_init__(self) -> None:
         if not self.tokenizer_addresses:
@@ -103,12 +119,19 @@ class GatewaySettings:
             raise ValueError("max_in_flight must be >= 1 and max_queued >= 0")
         if self.router_policy not in POLICIES:
             raise ValueError(f"router_policy must be one of {', '.join(POLICIES)}")
-        if min(self.router_prefix_weight, self.router_store_weight, self.router_load_weight) < 0:
+        if min(self.router_prefix_weight, self.router_store_weight, self.router_load_weight,
+               self.router_speculative_weight) < 0:
             raise ValueError("router weights must be >= 0")
+        if not 0 <= self.routing_accuracy_threshold <= 1:
+            raise ValueError("routing_accuracy_threshold must be in [0, 1]")
+        if self.routing_accuracy_window < 1 or self.routing_accuracy_probe_every < 1:
+            raise ValueError("routing_accuracy_window and routing_accuracy_probe_every must be >= 1")
         if self.prefix_index_timeout_s <= 0:
             raise ValueError("prefix_index_timeout_s must be > 0")
         if self.max_body_bytes < 1 or (self.max_prompt_bytes is not None and self.max_prompt_bytes < 1):
             raise ValueError("max_body_bytes and max_prompt_bytes must be >= 1")
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_PARSERS)}, got {self.tool_call_parser!r}")
 
     @property
     def grpc_server_options(self) -> list[tuple[str, int]]:
@@ -135,7 +158,10 @@ class Gateway:
                              if self.index_redis is not None else None)
         self.router = Router(self.pool, settings.router_policy,
                              RouterWeights(settings.router_prefix_weight, settings.router_store_weight,
-                                           settings.router_load_weight), self.prefix_index)
+                                           settings.router_load_weight, settings.router_speculative_weight),
+                             self.prefix_index,
+                             RoutingAccuracy(settings.routing_accuracy_threshold, settings.routing_accuracy_window,
+                                             settings.routing_accuracy_probe_every))
         self.tokenizer = TokenizerClient(self.pool)
         runner = SequenceRunner(self.router, self.pool, settings.kv_store_address, settings.local_prefill_threshold,
                                 settings.max_decode_migrations)
@@ -143,7 +169,7 @@ class Gateway:
                                  settings.max_prompt_bytes)
         self.admission = Admission(settings.max_in_flight, settings.max_queued)
         self.app = build_app(ApiState(self.pipeline, self.admission, settings.api_key, self.why_unhealthy,
-                                      settings.max_body_bytes))
+                                      settings.max_body_bytes, settings.tool_call_parser))
         self.servicer = GatewayServicer(self.pipeline, self.admission, settings.api_key)
 
     async def _worker_model(self) -> str:
@@ -237,7 +263,8 @@ class _UvicornWithoutSignals(uvicorn.Server):
 async def serve(settings: GatewaySettings) -> None:
     gateway = Gateway(settings)
     grpc_service = GrpcService("gateway", settings.host, settings.grpc_port, settings.metrics_port,
-                               [grpc_api.SERVICE_NAME], settings.grace_s, options=settings.grpc_server_options)
+                               [grpc_api.SERVICE_NAME], settings.grace_s, options=settings.grpc_server_options,
+                               starts_traces=True)
     grpc_api.add_to_server(gateway.servicer, grpc_service.server)
     http = HttpServer(gateway.app, settings.host, settings.port, settings.log_level)
 
@@ -258,5 +285,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = parse_settings(GatewaySettings, argv, prog="splitserve gateway")
     setup_logging("gateway", settings.log_level)
     log_settings("gateway", settings)
+    tracing.setup_service("gateway", settings)
     asyncio.run(serve(settings))
     return 0

@@ -99,9 +99,10 @@ class TokenizerClient:
         return await self._tokenize(tokenizer_pb2.TokenizeRequest(text=text, add_special_tokens=add_special_tokens),
                                     "prompt")
 
-    async def tokenize_chat(self, messages: Sequence[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        chat = common_pb2.ChatMessages(messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages])
-        return await self._tokenize(tokenizer_pb2.TokenizeRequest(chat=chat,
+    async def tokenize_chat(self, messages: Sequence[common_pb2.ChatMessage], add_generation_prompt: bool = True,
+                            tools: str = "") -> list[int]:
+        chat = common_pb2.ChatMessages(messages=messages)
+        return await self._tokenize(tokenizer_pb2.TokenizeRequest(chat=chat, tools=tools,
                                                                   add_generation_prompt=add_generation_prompt),
                                     "messages")
 

@@ -15,6 +15,7 @@ from typing import Optional
 from splitserve.byte_size import ByteSize
 from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.v1 import kv_store_pb2, kv_store_pb2_grpc
+from splitserve.serving import tracing
 from splitserve.serving.grpc_service import GrpcService
 from splitserve.serving.logs import setup_logging
 from splitserve.serving.settings import log_settings, parse_settings
@@ -47,6 +48,7 @@ class KVStoreSettings:
         "help": "publish which blocks the store holds to the prefix index in this Redis (pass it by env)"})
     advertise_address: Optional[str] = field(default=None, metadata={
         "help": "address the store's KV events name it by (default host:port)"})
+    otlp_traces_endpoint: Optional[str] = tracing.endpoint_field()
 
     def __post_init__(self):
         self.capacity_bytes = ByteSize(self.capacity_bytes)
@@ -132,6 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = parse_settings(KVStoreSettings, sys.argv[1:] if argv is None else argv, prog="splitserve kv-store")
     setup_logging("kv-store", settings.log_level)
     log_settings("kv-store", settings)
+    tracing.setup_service("kv-store", settings)
     asyncio.run(serve(settings))
     return 0
 

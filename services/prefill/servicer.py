@@ -21,11 +21,12 @@ from splitserve.engine.async_engine import EngineDeadError
 from splitserve.kv_blocks.hashing import chain_block_hashes
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, record_transfer
 from splitserve.kv_transfer.transport import KVTransferError, ReceivedBlocks
-from splitserve.proto_convert import (finish_reason_to_proto, sampling_params_from_proto, stop_reason_to_proto,
-                                       token_logprob_to_proto)
+from splitserve.proto_convert import (finish_reason_to_proto, prompt_logprobs_to_proto, sampling_params_from_proto,
+                                       stop_reason_to_proto, token_logprob_to_proto)
 from splitserve.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
-from splitserve.serving.engine_servicer import EngineServicer
+from splitserve.serving import tracing
+from splitserve.serving.engine_servicer import EngineServicer, kv_attributes
 from splitserve.serving.engine_worker import WorkerIdentity, engine_stats_proto, layout_proto
 from splitserve.serving.errors import abort_engine_error
 
@@ -51,8 +52,9 @@ class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker is shutting down")
         request_id = request.request_id or uuid.uuid4().hex
         prompt = list(request.prompt_token_ids)
+        tracing.annotate({tracing.REQUEST_ID_ATTRIBUTE: request_id, "gen_ai.usage.input_tokens": len(prompt)})
         store = request.kv_target.store_address or self.kv_store_address
-        last = stream = None
+        last = stream = prompt_logprobs = None
         already_stored: set[bytes] = set()
         try:
             try:
@@ -62,13 +64,17 @@ class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
                 first_only = params.replace(max_tokens=1, n=1, min_tokens=min(params.min_tokens, 1))
                 # The pulled blocks are readable (pinned in the store) only while this body runs: until the engine
                 # has loaded them at admission (a failed load is logged and counted by the engine).
-                async with self._stored_prefix(store, prompt, request_id) as pulled:
+                # Prompt logprobs need every position computed here: nothing is pulled for them.
+                wants_stored = params.prompt_logprobs is None
+                async with self._stored_prefix(store if wants_stored else None, prompt, request_id) as pulled:
                     stream = await self.engine.add_request(request_id, prompt, first_only, export_kv=True,
                                                            kv_blocks=pulled)
                     already_stored = set(pulled[0]) if pulled else set()
                     await stream.kv_loaded()
                 async for delta in stream:
                     last = delta
+                    if delta.prompt_logprobs is not None:
+                        prompt_logprobs = delta.prompt_logprobs
             except (InvalidRequestError, EngineDeadError) as exc:
                 await abort_engine_error(context, exc, PREFILL_REQUESTS)
             finally:
@@ -80,6 +86,8 @@ class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
                                     f"prefill failed: {last.message if last else 'no output'}")
 
             finish = self._finish_reason(last.finish_reason, params.max_tokens, len(prompt))
+            tracing.annotate({"gen_ai.usage.cache_read.input_tokens": last.num_cached_tokens,
+                              **({"gen_ai.response.finish_reasons": [finish]} if finish else {})})
             # The engine ended the sequence after one token, releasing held-back text; if decode goes on, that
             # text is not final yet (the next tokens may turn it into a stop string): decode releases it.
             text = last.text if finish is not None else last.text[:len(last.text) - len(last.end_text)]
@@ -93,6 +101,9 @@ class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
                 logprob, top = last.logprobs[0]
                 response.first_token_logprob.CopyFrom(token_logprob_to_proto(last.token_ids[0], logprob, top,
                                                                              self.engine.token_pieces))
+            if prompt_logprobs is not None:
+                response.prompt_logprobs.extend(prompt_logprobs_to_proto(prompt, prompt_logprobs,
+                                                                          self.engine.token_pieces))
             if finish is None and last.kv_export is not None and last.kv_export.block_hashes:
                 handle = await self._store_blocks(store, last.kv_export, request_id, already_stored)
                 if handle is not None:
@@ -144,8 +155,9 @@ class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
         started = time.monotonic()
         try:
             if fresh:
-                await self.transport.put_blocks(store, layout, [export.block_hashes[i] for i in fresh], blocks,
-                                                request_id, timeout_s=self.kv_timeout_s)
+                with tracing.span("kv put", kv_attributes(store, len(fresh))):
+                    await self.transport.put_blocks(store, layout, [export.block_hashes[i] for i in fresh], blocks,
+                                                    request_id, timeout_s=self.kv_timeout_s)
         except KVTransferError as exc:
             KV_TRANSFER_FAILURES.labels("put", type(exc).__name__).inc()
             log.warning("request %s: writing %d KV blocks to %s failed (%s); decode will recompute", request_id,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from splitserve.v1 import tokenizer_pb2_grpc
+from splitserve.serving import tracing
 from splitserve.serving.grpc_service import GrpcService
 from splitserve.serving.logs import setup_logging
 from splitserve.serving.settings import log_settings, parse_settings
@@ -35,6 +36,7 @@ class TokenizerSettings:
     metrics_port: Optional[int] = field(default=None, metadata={"help": "Prometheus /metrics port (unset: none)"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     grace_s: float = field(default=30.0, metadata={"help": "seconds in-flight calls get to finish on SIGTERM"})
+    otlp_traces_endpoint: Optional[str] = tracing.endpoint_field()
 
 
 async def serve(settings: TokenizerSettings, model: TokenizerModel) -> None:
@@ -59,6 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = parse_settings(TokenizerSettings, argv, prog="splitserve tokenizer")
     setup_logging("tokenizer", settings.log_level)
     log_settings("tokenizer", settings)
+    tracing.setup_service("tokenizer", settings)
     model_name = settings.model
     if model_name is None:
         from splitserve.demo_model import demo_checkpoint

@@ -19,6 +19,7 @@ from splitserve.v1 import tokenizer_pb2, tokenizer_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.errors import abort_invalid
 from splitserve.services.tokenizer import metrics
+from splitserve.services.tokenizer.chat_messages import chat_message, chat_tools
 from splitserve.services.tokenizer.tokenizer_model import ChatTemplateMissingError, TokenizerModel
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,11 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     async def Tokenize(self, request: tokenizer_pb2.TokenizeRequest, context) -> tokenizer_pb2.TokenizeResponse:
         async with self._call("Tokenize", context):
             if request.WhichOneof("input") == "chat":
-                messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-                large = sum(len(m["content"]) for m in messages) > LARGE_TEXT_CHARS
-                ids, rendered = await _run(large, self.model.encode_chat, messages, request.add_generation_prompt)
+                messages = [chat_message(m) for m in request.chat.messages]
+                tools = chat_tools(request.tools)
+                large = sum(len(m.content) + len(m.tool_calls) for m in request.chat.messages) > LARGE_TEXT_CHARS
+                ids, rendered = await _run(large, self.model.encode_chat, messages, request.add_generation_prompt,
+                                           tools)
                 return tokenizer_pb2.TokenizeResponse(token_ids=ids, rendered_prompt=rendered)
             large = len(request.text) > LARGE_TEXT_CHARS
             ids = await _run(large, self.model.encode_text, request.text, request.add_special_tokens)

@@ -78,8 +78,10 @@ class TokenizerModel:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def encode_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> tuple[list[int], str]:
-        """Renders the messages with the model's chat template; returns (ids, rendered prompt)."""
+    def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
+                    tools: Optional[list[dict[str, Any]]] = None) -> tuple[list[int], str]:
+        """Renders the messages (and the tools the model may call, for templates that show them) with the model's
+        chat template; returns (ids, rendered prompt)."""
         if not self.info.has_chat_template:
             raise ChatTemplateMissingError(
                 f"model {self.info.model!r} has no chat template (a base model?); send a text prompt instead")
@@ -88,7 +90,7 @@ class TokenizerModel:
 
         try:
             rendered = self.tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+                list(messages), tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt)
         except TemplateError as exc:  # templates reject e.g. non-alternating roles with raise_exception()
             raise InvalidRequestError(f"the model's chat template rejected the messages: {exc}",
                                       param="messages") from exc
@@ -113,7 +115,7 @@ class TokenizerModel:
                     param=param)
 
 
-def _check_messages(messages: Sequence[dict[str, str]]) -> None:
+def _check_messages(messages: Sequence[dict[str, Any]]) -> None:
     if not messages:
         raise InvalidRequestError("messages is empty: a chat needs at least one message", param="messages")
     for i, message in enumerate(messages):

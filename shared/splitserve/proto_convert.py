@@ -6,6 +6,7 @@ Proto3 `optional` fields are unset when the sender wants the engine's default; t
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Union
 
 from splitserve.kv_blocks.layout import KVLayout, UnknownDTypeError
@@ -22,7 +23,7 @@ _FINISH_TO_PROTO = {
 _FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
 
 _OPTIONAL_DEFAULTS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "repetition_penalty", "logprobs", "n",
-                      "skip_special_tokens")
+                      "skip_special_tokens", "prompt_logprobs")
 
 
 def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
@@ -38,6 +39,8 @@ def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParam
         msg.logprobs = params.logprobs
     if params.structured_output is not None:
         msg.structured_output.CopyFrom(structured_output_to_proto(params.structured_output))
+    if params.prompt_logprobs is not None:
+        msg.prompt_logprobs = params.prompt_logprobs
     return msg
 
 
@@ -111,6 +114,15 @@ def token_logprob_to_proto(token_id: int, logprob: float, top: list[tuple[int, f
     text, data = pieces(token_id)
     return common_pb2.TokenLogprob(token_id=token_id, logprob=logprob, token=text, token_bytes=data,
                                    top=[token_logprob_to_proto(t, lp, [], pieces) for t, lp in top])
+
+
+def prompt_logprobs_to_proto(prompt_token_ids: list[int], entries: list[tuple[float, list[tuple[int, float]]]],
+                             pieces: Callable[[int], tuple[str, bytes]]) -> list[common_pb2.TokenLogprob]:
+    """One entry per prompt token: the first has its text and bytes only (logprob NaN: nothing precedes it),
+    the others their logprob and alternatives (engine/prompt_logprobs.py)."""
+    first = token_logprob_to_proto(prompt_token_ids[0], math.nan, [], pieces)
+    return [first, *(token_logprob_to_proto(token, logprob, top, pieces)
+                     for token, (logprob, top) in zip(prompt_token_ids[1:], entries))]
 
 
 def stop_reason_to_proto(stop_reason: Union[str, int, None]) -> Optional[common_pb2.StopReason]:

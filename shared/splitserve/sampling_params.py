@@ -75,6 +75,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: Optional[int] = None
+    # Each prompt token's logprob given the tokens before it (none for the first) plus this many most likely
+    # tokens at its position (vLLM's prompt_logprobs; OpenAI's echo with logprobs). Computed during prefill.
+    prompt_logprobs: Optional[int] = None
     # token id -> added to its logit before sampling (OpenAI's logit_bias)
     logit_bias: Optional[dict[int, float]] = None
     n: int = 1
@@ -130,6 +133,9 @@ class SamplingParams:
             bad("repetition_penalty", f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             bad("logprobs", f"logprobs must be a non-negative integer, got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and (not isinstance(self.prompt_logprobs, int)
+                                                 or isinstance(self.prompt_logprobs, bool) or self.prompt_logprobs < 0):
+            bad("prompt_logprobs", f"prompt_logprobs must be a non-negative integer, got {self.prompt_logprobs!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             bad("stop", "stop must be a list of non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

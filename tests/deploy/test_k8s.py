@@ -264,7 +264,7 @@ def test_only_the_gateway_reaches_workers_and_tokenizer_and_only_workers_the_kv_
                ("prefill", ucx[0]): {"kv-store"}, ("decode", ucx[-1]): {"kv-store"},
                ("kv-store", 50051): {"prefill", "decode"}, ("kv-store", ucx[0]): {"prefill", "decode"},
                ("kv-store", ucx[-1]): {"prefill", "decode"},
-               ("redis", 6379): {"gateway", "prefill", "decode"}}
+               ("redis", 6379): {"gateway", "prefill", "decode", "kv-store"}}
     for (server, port), clients in allowed.items():
         if server not in pods:
             continue  # components/external-redis: no Redis pod
@@ -377,8 +377,9 @@ def test_rendered_env_ports_and_probes_agree_with_the_services_settings(rendered
                 assert port == target_settings.port, address
                 monkeypatch.undo()
         redis = getattr(settings, "redis_url", None)
-        if role in ("gateway", "prefill", "decode"):
-            assert redis and settings.cluster_token == _SECRET_STAND_IN, role
+        if role in ("gateway", "prefill", "decode", "kv-store"):
+            # The kv-store publishes KV events only: it takes no requests, so it proves no membership.
+            assert redis and getattr(settings, "cluster_token", _SECRET_STAND_IN) == _SECRET_STAND_IN, role
             if _find(rendered, "StatefulSet", "redis"):
                 assert redis == f"redis://splitserve:{_SECRET_STAND_IN}@redis:6379/0"
                 _, port = _service_port(rendered, "redis:6379")

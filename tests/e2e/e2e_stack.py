@@ -26,7 +26,7 @@ def stack(llama_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(stack):
-    """The official `openai` client on the module's stack (no retries: a failure shows)."""
+    """The official client, on the module's stack."""
     import openai
 
     return openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=120)

@@ -13,7 +13,7 @@ from splitserve.kv_blocks.hashing import chain_block_hashes
 from splitserve.kv_events.events import (MEDIUM_DEVICE, AllBlocksCleared, BlockRemoved, BlockStored,
                                          events_from_pool)
 from splitserve.kv_events.index import (APPLY_LUA, LOOKUP_LUA, MODE_DELTA, MODE_SNAPSHOT, PublisherInfo,
-                                        apply_args, lookup_args)
+                                        apply_args, lookup_args, speculative_key)
 from splitserve.kv_events.publisher import KVEventPublisher
 
 CHAIN = chain_block_hashes(list(range(64 * 16)), 16, "model-a")     # 64 blocks
@@ -28,7 +28,15 @@ def _stored(hashes) -> BlockStored:
 
 
 def _runs(client: redis.Redis, publishers: list[PublisherInfo], chain=CHAIN) -> list[int]:
-    return [int(r) for r in client.eval(LOOKUP_LUA, 0, *lookup_args(chain, [p.id for p in publishers]))]
+    """Each publisher's confirmed run."""
+    return [run for run, _ in _lookup(client, publishers, chain)]
+
+
+def _lookup(client: redis.Redis, publishers: list[PublisherInfo], chain=CHAIN, claims=(), **kwargs):
+    """(confirmed run, speculative run beyond it) of each publisher."""
+    answer = [int(r) for r in client.eval(LOOKUP_LUA, 0, *lookup_args(chain, [p.id for p in publishers],
+                                                                      [c.id for c in claims], **kwargs))]
+    return list(zip(answer[::2], answer[1::2]))
 
 
 def _sample(name: str, **labels: str) -> float:
@@ -169,3 +177,42 @@ def _retrying(fn):
 
 def _keys_args(info, epoch, seq, mode, ops):
     return apply_args(info, epoch, seq, mode, ops, ttl_s=10)
+
+
+def test_a_claim_is_seen_by_the_next_lookup_superseded_by_real_events_and_expires(client, publishers):
+    """Two lookups of a new prefix (as from two gateways): the first claims it for the worker it would pick, the
+    second sees that claim and claims nothing; real BlockStored events replace the claim, and an unconfirmed one
+    expires."""
+    a, b, d = _info("10.0.0.1:1"), _info("10.0.0.2:1"), PublisherInfo("decode", "10.0.0.3:1", MEDIUM_DEVICE, 16,
+                                                                       "model-a")
+    assert _lookup(client, [a, b, d], claims=[a, d]) == [(0, 64), (0, 0), (0, 64)]
+    assert _lookup(client, [a, b, d], claims=[b]) == [(0, 64), (0, 0), (0, 64)]      # a holds it: b claims nothing
+    assert _lookup(client, [a, b], CHAIN[:10]) == [(0, 10), (0, 0)]                  # a prefix of the claim
+    other = chain_block_hashes(list(range(5000, 5000 + 8 * 16)), 16, "model-a")
+    assert _lookup(client, [a, b], other) == [(0, 0), (0, 0)]                         # another prompt: nothing
+
+    publisher = publishers(a)
+    publisher.publish([_stored(CHAIN[:20])])
+    publisher.start()
+    _eventually(lambda: _lookup(client, [a]) == [(20, 44)])                          # confirmed, then claimed
+    assert client.zcard(speculative_key(a.id)) == 44                                  # stored blocks left the set
+    publisher.publish([AllBlocksCleared(MEDIUM_DEVICE)])                              # the worker restarted
+    _eventually(lambda: _lookup(client, [a]) == [(0, 0)])
+
+    assert _lookup(client, [b], claims=[b], claim_ttl_s=0.2) == [(0, 64)]
+    time.sleep(0.3)
+    assert _lookup(client, [b]) == [(0, 0)]                                           # expired
+    assert client.exists(speculative_key(b.id)) == 0                                  # and gone
+
+
+def test_a_claim_below_a_threshold_extends_a_short_run(client):
+    """After the router picked a worker whose known run is short, the whole chain is claimed for it."""
+    a = _info()
+    client.eval(APPLY_LUA, *_keys_args_eval(a, b"".join(b"S" + h for h in CHAIN[:3])))
+    assert _lookup(client, [], claims=[a], claim_below=len(CHAIN) + 1) == []
+    assert _lookup(client, [a]) == [(3, 61)]
+
+
+def _keys_args_eval(info, ops):
+    keys, args = apply_args(info, "e1", 0, MODE_SNAPSHOT, ops, ttl_s=10)
+    return [len(keys), *keys, *args]

@@ -42,6 +42,16 @@ def test_kv_data_plane_options_reach_the_store_and_the_engines(tmp_path):
     assert not any("--kv-checksum" in spec.argv or "--kv-transport" in spec.argv for spec in specs.values())
 
 
+def test_the_traces_endpoint_reaches_every_splitserve_process_and_only_when_set(tmp_path):
+    _, specs = _plan(tmp_path, otlp_traces_endpoint="http://collector:4318", tokenizer_replicas=2)
+    services = [spec for spec in specs.values() if spec.role not in ("redis", "envoy")]
+    assert sorted(spec.role for spec in services) == ["decode", "gateway", "kv-store", "prefill", "tokenizer",
+                                                      "tokenizer"]
+    assert all(_flag(spec.argv, "--otlp-traces-endpoint") == "http://collector:4318" for spec in services)
+    _, specs = _plan(tmp_path)
+    assert not any("--otlp-traces-endpoint" in spec.argv for spec in specs.values())
+
+
 def test_start_order_and_roles(tmp_path):
     plan, _ = _plan(tmp_path, prefill_workers=2, decode_workers=3)
     assert [[spec.name for spec in tier] for tier in plan.tiers] == [
@@ -68,7 +78,7 @@ def test_every_service_gets_its_own_ports_on_loopback(tmp_path):
 
 def test_workers_and_gateway_are_wired_together(tmp_path):
     plan, specs = _plan(tmp_path, prefill_workers=2, num_kv_blocks=64, torch_threads=3, local_prefill_threshold=32,
-                        served_model_name=["tiny", "tiny-alias"], api_key="secret")
+                        served_model_name=["tiny", "tiny-alias"], api_key="secret", tool_call_parser="hermes")
     kv_store = specs["kv-store"].address
     for name in ("prefill-0", "prefill-1", "decode-0"):
         argv = specs[name].argv
@@ -84,6 +94,7 @@ def test_workers_and_gateway_are_wired_together(tmp_path):
     assert _flag(gateway.argv, "--kv-store-address") == kv_store
     assert _flag(gateway.argv, "--local-prefill-threshold") == "32"
     assert _flag(gateway.argv, "--served-model-name") == "tiny,tiny-alias"
+    assert _flag(gateway.argv, "--tool-call-parser") == "hermes"
     assert "secret" not in " ".join(gateway.argv)  # visible in `ps`: it goes by env instead
     assert gateway.env["SPLITSERVE_API_KEY"] == "secret"
     assert specs["tokenizer-0"].env["OMP_NUM_THREADS"] == "1"

@@ -52,6 +52,8 @@ class TokenDelta:
     # The tail of `text` released only because the sequence ended here (held-back text, an incomplete character).
     # A prefill worker whose sequence goes on elsewhere leaves it out: the decode worker releases it in time.
     end_text: str = ""
+    # On the first delta of a request for prompt_logprobs: one entry per prompt token after the first.
+    prompt_logprobs: Optional[list[tuple[float, list[tuple[int, float]]]]] = None
 
     @property
     def finished(self) -> bool:
@@ -365,6 +367,8 @@ class AsyncEngine:
                                num_output_tokens=len(seq.output_token_ids), num_cached_tokens=seq.num_cached_tokens)
             if seq.params.logprobs is not None:
                 delta.logprobs = [(seq.logprobs[-1], list(seq.top_logprobs[-1] or []))]
+            if seq.params.prompt_logprobs is not None and len(seq.output_token_ids) == 1:
+                delta.prompt_logprobs = seq.prompt_logprobs
             if seq.is_finished:
                 delta.finish_reason = seq.finish_reason
                 delta.stop_reason = seq.stop_reason

@@ -23,12 +23,13 @@ class KVCacheManager:
     def admit_cached_prefix(self, seq: Sequence) -> int:
         """Gives a waiting sequence the longest run of cached leading blocks; returns how many tokens that covers.
 
-        At least the last token is always left to compute, because its logits pick the next token.
+        At least the last token is always left to compute, because its logits pick the next token. A request for
+        prompt logprobs gets no hit: cached positions have no logits (engine/prompt_logprobs.py).
         """
         assert not seq.block_ids and seq.num_computed_tokens == 0
         tokens = seq.token_ids
         self._update_hashes(seq, tokens)  # also what received blocks are matched against (kv_connector)
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return 0
         max_blocks = (len(tokens) - 1) // self.block_size
         hits = []

@@ -21,7 +21,7 @@ from splitserve.engine.kv_connector import KVLoad, KVLoads
 from splitserve.engine.kv_cache_manager import KVCacheManager
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.output_text import OutputText
-from splitserve.engine.outputs import CompletionOutput, KVExport, RequestOutput
+from splitserve.engine.outputs import CompletionOutput, KVExport, RequestOutput, logprob_entry
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence, SequenceStatus
 from splitserve.engine.stop_checker import StopChecker
@@ -139,7 +139,11 @@ class LLMEngine:
         towards max_tokens and penalties, their text was streamed already, and their KV is computed here.
         `kv_load` brings prompt blocks received from another process, loaded at admission (kv_connector).
         `export_kv` hands the prompt's full blocks back in the RequestOutput.
+        A continued sequence computes no prompt logprobs (the worker that produced its first token returned them),
+        and a request for them loads no received blocks: every prompt position needs its logits.
         """
+        if produced_token_ids and params.prompt_logprobs is not None:
+            params = params.replace(prompt_logprobs=None)
         try:
             if request_id in self.requests:
                 raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
@@ -156,6 +160,9 @@ class LLMEngine:
             if kv_load is not None:
                 kv_load.on_done(None)
             raise
+        if kv_load is not None and params.prompt_logprobs is not None:
+            kv_load.on_done("prompt logprobs need every prompt position computed")
+            kv_load = None
         if params.min_tokens:  # the sampler keeps this model's EOS ids out of the first min_tokens tokens
             params = params.replace(_eos_token_ids=tuple(sorted(self.eos_token_ids)))
         now = arrival_time or time.monotonic()
@@ -237,8 +244,9 @@ class LLMEngine:
 
     def validate_params(self, params: SamplingParams, prompt_len: int) -> None:
         params.validate()
-        if params.logprobs is not None and params.logprobs > self.vocab_size:
-            raise InvalidRequestError(f"logprobs must be <= the vocabulary size {self.vocab_size}", "logprobs")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (getattr(params, name) or 0) > self.vocab_size:
+                raise InvalidRequestError(f"{name} must be <= the vocabulary size {self.vocab_size}", name)
 
     def validate_produced(self, produced: list[int], params: SamplingParams) -> None:
         """Tokens a continued sequence already produced elsewhere (they must be this model's; one sequence)."""
@@ -275,6 +283,8 @@ class LLMEngine:
                                                    - seq.num_computed_tokens)
             seq.num_computed_tokens += n
             self.kv.commit_computed(seq)
+        for seq, entries in result.prompt_logprobs:
+            seq.prompt_logprobs.extend(entries)
         out = result.output
         touched: dict[str, _Request] = {}
         now = time.monotonic()
@@ -331,21 +341,23 @@ class LLMEngine:
             if seq.params.logprobs is not None:
                 logprobs = []
                 for token, lp, top in zip(seq.output_token_ids, seq.logprobs, seq.top_logprobs):
-                    entry = dict(top or [])
-                    entry[token] = lp
-                    logprobs.append(entry)
+                    logprobs.append(logprob_entry(token, lp, top))
                 cumulative = float(sum(seq.logprobs))
             outputs.append(CompletionOutput(
                 index=seq.index, text=seq.output_text.text, token_ids=list(seq.output_token_ids),
                 finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, cumulative_logprob=cumulative,
                 logprobs=logprobs))
         first = request.seqs[0]
+        prompt_logprobs = None
+        if first.params.prompt_logprobs is not None:
+            prompt_logprobs = [None] + [logprob_entry(token, lp, top) for token, (lp, top)
+                                        in zip(request.prompt_token_ids[1:], first.prompt_logprobs)]
         metrics = {"arrival_time": request.arrival_time}
         if first.first_token_time is not None:
             metrics["first_token_time"] = first.first_token_time
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs, True,
                              num_cached_tokens=min(s.num_cached_tokens for s in request.seqs), metrics=metrics,
-                             kv_export=request.kv_export)
+                             kv_export=request.kv_export, prompt_logprobs=prompt_logprobs)
 
     def stats(self) -> dict[str, int]:
         return {

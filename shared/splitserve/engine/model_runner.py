@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import mmap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from splitserve.engine.guided import GrammarMasks
+from splitserve.engine.prompt_logprobs import PromptLogprob, PromptLogprobRows
 from splitserve.engine.scheduler import ScheduledBatch
 from splitserve.engine.sequence import Sequence
 from splitserve.kv_blocks.layout import KVLayout
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 class StepResult:
     sampled: list[Sequence]
     output: SamplerOutput
+    # New prompt entries of sequences that asked for prompt_logprobs and prefilled in this step.
+    prompt_logprobs: list[tuple[Sequence, list[PromptLogprob]]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -57,14 +60,15 @@ class ModelRunner:
         order = sorted(range(len(batch)), key=lambda i: batch.num_new_tokens[i] != 1)
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
-        meta, input_ids, positions, sample_rows, sampled = self._prepare(seqs, counts)
+        meta, input_ids, positions, sample_rows, sampled, prompt_rows = self._prepare(seqs, counts)
         hidden = self.model(input_ids, positions, self.kv_caches, meta, self.backend)
+        prompt_logprobs = prompt_rows.compute(hidden, self.model.compute_logits)
         if not sampled:
-            return StepResult([], SamplerOutput([], [], []))
+            return StepResult([], SamplerOutput([], [], []), prompt_logprobs)
         logits = self.model.compute_logits(hidden[sample_rows]).float()
         self.grammar_masks.apply(logits, [s.grammar for s in sampled])  # before the sampler: greedy obeys too
         rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in sampled]
-        return StepResult(sampled, self.sampler(logits, rows))
+        return StepResult(sampled, self.sampler(logits, rows), prompt_logprobs)
 
     def _prepare(self, seqs: list[Sequence], counts: list[int]):
         bs = self.layout.block_size
@@ -75,11 +79,13 @@ class ModelRunner:
         cu_seqlens = [0]
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
+        prompt_rows = PromptLogprobRows()
         num_decodes = 0
         for seq, n in zip(seqs, counts):
             start = seq.num_computed_tokens
             end = start + n
             tokens = seq.token_ids
+            prompt_rows.add(seq, len(input_ids), start, end)
             input_ids.extend(tokens[start:end])
             positions.extend(range(start, end))
             blocks = seq.block_ids
@@ -106,7 +112,7 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         pos = torch.tensor(positions, dtype=torch.int64, device=dev)
         rows = torch.tensor(sample_rows, dtype=torch.int64, device=dev)
-        return meta, ids, pos, rows, sampled
+        return meta, ids, pos, rows, sampled, prompt_rows
 
 
 def _zeros_taken_on_write(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -33,6 +33,15 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
     # Prefill handoff: the prompt's full blocks (hashes, uint8 [n, bytes_per_block]) when the request asked.
     kv_export: Optional["KVExport"] = None
+    # SamplingParams.prompt_logprobs: None for the first prompt token, then one dict per token as in logprobs.
+    prompt_logprobs: Optional[list[Optional[dict[int, float]]]] = None
+
+
+def logprob_entry(token_id: int, logprob: float, top: Optional[list[tuple[int, float]]]) -> dict[int, float]:
+    """vLLM's per-token logprobs dict: the token's own logprob and its alternatives'."""
+    entry = dict(top or [])
+    entry[token_id] = logprob
+    return entry
 
 
 @dataclass

@@ -47,6 +47,8 @@ class Sequence:
     generator: Optional[torch.Generator] = None
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # params.prompt_logprobs: one entry per prompt token after the first (engine/prompt_logprobs.py)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     num_preemptions: int = 0
     first_token_time: Optional[float] = None
     # The text made from output_token_ids (stop strings found there); set by the engine when the request is added.

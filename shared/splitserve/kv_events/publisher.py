@@ -27,7 +27,7 @@ from prometheus_client import Counter
 
 from splitserve.kv_events.events import KVEvent, apply_to, encode_ops
 from splitserve.kv_events.index import (APPLY_LUA, MODE_DELTA, MODE_HEARTBEAT, MODE_SNAPSHOT, PUBLISHERS_KEY,
-                                        PublisherInfo, apply_args, set_key, state_key)
+                                        PublisherInfo, apply_args, set_key, speculative_key, state_key)
 from splitserve.kv_blocks.hashing import BlockHash
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class KVEventPublisher:
             self._thread.join(timeout_s)
         try:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.delete(set_key(self.info.id), state_key(self.info.id))
+            pipe.delete(set_key(self.info.id), state_key(self.info.id), speculative_key(self.info.id))
             pipe.hdel(PUBLISHERS_KEY, self.info.id)
             pipe.execute()
         except (redis.RedisError, OSError) as exc:

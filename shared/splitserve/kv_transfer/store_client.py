@@ -22,6 +22,7 @@ from splitserve.proto_convert import describe_layout, layout_from_proto
 from splitserve.v1 import common_pb2, kv_store_pb2, kv_store_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.errors import param_from_error
+from splitserve.serving import tracing
 from splitserve.serving.grpc_service import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ class StoreChannels:
     def stub(self, address: str) -> kv_store_pb2_grpc.KVStoreStub:
         entry = self._channels.get(address)
         if entry is None:
-            channel = grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, *_RECONNECT_OPTIONS])
+            channel = grpc.aio.insecure_channel(address, options=[*CHANNEL_OPTIONS, *_RECONNECT_OPTIONS],
+                                                interceptors=tracing.client_interceptors(address) or None)
             entry = self._channels[address] = (channel, kv_store_pb2_grpc.KVStoreStub(channel))
         return entry[1]
 

@@ -18,6 +18,7 @@ from splitserve.cpus import allowed_cpus, format_cpu_list, usable_cores
 from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.launcher.envoy import EnvoyPorts, envoy_argv
 from splitserve.launcher.redis_server import redis_server_argv, redis_url
+from splitserve.serving import tracing
 from splitserve.serving.addresses import WILDCARD_HOSTS, host_port
 
 # Internal services listen on loopback only; --host chooses where the public API (Envoy, or the gateway) listens.
@@ -64,6 +65,9 @@ class StackConfig(EngineConfig):
                 "id, or the checkpoint folder's name)"})
     local_prefill_threshold: Optional[int] = field(default=None, metadata={
         "help": "prompts up to this many tokens are prefilled by the decode worker itself"})
+    tool_call_parser: Optional[str] = field(default=None, metadata={
+        "help": "the gateway's tool-call parser for tool_choice auto, as vLLM's flag (hermes: Hermes / Qwen "
+                "<tool_call> blocks); default none: tool_choice auto is refused"})
     torch_threads: Optional[int] = field(default=None, metadata={
         "help": "torch threads per engine worker (default: one per core the worker is given)"})
     cpu_affinity: bool = field(default=True, metadata={
@@ -88,6 +92,7 @@ class StackConfig(EngineConfig):
     ucx_net_devices: Optional[str] = field(default=None, metadata={
         "help": "network devices the KV data plane (UCX) may use and listen on (default: UCX_NET_DEVICES from the "
                 "environment, else loopback only)"})
+    otlp_traces_endpoint: Optional[str] = tracing.endpoint_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -208,7 +213,8 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
                 env: Optional[dict[str, str]] = None, host: str = INTERNAL_HOST) -> ServiceSpec:
         metrics_port = next(ports)
         argv = [*service_command, role, *flags(host=host, port=port, metrics_port=metrics_port,
-                                               log_level=config.log_level, grace_s=config.grace_s),
+                                               log_level=config.log_level, grace_s=config.grace_s,
+                                               otlp_traces_endpoint=config.otlp_traces_endpoint),
                 *specific, *extra_args.get(role, ())]
         address = host_port(INTERNAL_HOST, port)
         env = {"OMP_NUM_THREADS": str(omp_threads), **(env or {})}
@@ -262,7 +268,8 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
                       *flags(grpc_port=gateway_grpc, tokenizer_addresses=addresses["tokenizer"],
                              prefill_addresses=addresses["prefill"], decode_addresses=addresses["decode"],
                              kv_store_address=kv_store.address, served_model_name=config.served_model_name or None,
-                             local_prefill_threshold=config.local_prefill_threshold),
+                             local_prefill_threshold=config.local_prefill_threshold,
+                             tool_call_parser=config.tool_call_parser),
                       env=gateway_env, host=gateway_host)
     gateway.address = host_port(connect_host(gateway_host), gateway_grpc)
     gateway.probes = [("grpc", gateway.address),

@@ -16,6 +16,7 @@ from typing import AsyncIterator, Callable, Optional
 
 from splitserve.kv_transfer.metrics import KV_TRANSFER_FAILURES, record_transfer
 from splitserve.kv_transfer.transport import KVTransferError, ReceivedBlocks
+from splitserve.serving import tracing
 from splitserve.serving.engine_worker import WorkerIdentity
 from splitserve.v1 import common_pb2
 
@@ -46,6 +47,11 @@ class StoredPrefix:
         return self.hashes[self.local: self.local + self.received_count], self.received
 
 
+def kv_attributes(store: str, blocks: int) -> dict:
+    """A KV transfer span's attributes: the store it talks to, how many blocks it asks for."""
+    return {"server.address": store, "splitserve.kv.blocks": blocks}
+
+
 class EngineServicer:
     """Base of the prefill and decode servicers."""
 
@@ -69,13 +75,17 @@ class EngineServicer:
             return
         async with contextlib.AsyncExitStack() as pinned:
             started = time.monotonic()
-            try:
-                received = await pinned.enter_async_context(self.transport.pinned_blocks(
-                    store, layout, hashes[local:], request_id, timeout_s=self.kv_timeout_s))
-            except KVTransferError as exc:
-                KV_TRANSFER_FAILURES.labels("get", type(exc).__name__).inc()
-                found = StoredPrefix(hashes, local, error=exc)
-            else:
-                record_transfer("get", time.monotonic() - started, received.nbytes, received.count)
-                found = StoredPrefix(hashes, local, received)
+            with tracing.span("kv get", kv_attributes(store, len(hashes) - local)) as span:
+                try:
+                    received = await pinned.enter_async_context(self.transport.pinned_blocks(
+                        store, layout, hashes[local:], request_id, timeout_s=self.kv_timeout_s))
+                except KVTransferError as exc:
+                    KV_TRANSFER_FAILURES.labels("get", type(exc).__name__).inc()
+                    span.set_attribute("error.type", type(exc).__name__)
+                    found = StoredPrefix(hashes, local, error=exc)
+                else:
+                    record_transfer("get", time.monotonic() - started, received.nbytes, received.count)
+                    span.set_attributes({"splitserve.kv.received_blocks": received.count,
+                                         "splitserve.kv.bytes": received.nbytes})
+                    found = StoredPrefix(hashes, local, received)
             yield found

@@ -21,6 +21,7 @@ from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.membership import membership_mac
 from splitserve.proto_convert import layout_to_proto
 from splitserve.serving.addresses import AdvertiseAddressError, advertised_address
+from splitserve.serving import tracing
 from splitserve.serving.logs import setup_logging
 from splitserve.serving.settings import log_settings, parse_settings
 from splitserve.v1 import common_pb2
@@ -58,6 +59,7 @@ class EngineWorkerSettings(EngineConfig):
     torch_threads: Optional[int] = field(default=None, metadata={
         "help": "torch intra-op threads on CPU (default: OMP_NUM_THREADS if set, else one per core this worker "
                 "may use: --cpus or its affinity, fewer under a cgroup CPU limit)"})
+    otlp_traces_endpoint: Optional[str] = tracing.endpoint_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -215,6 +217,7 @@ def engine_worker_main(role: str, settings_type: type[EngineWorkerSettings], ser
     settings = parse_settings(settings_type, argv, prog=f"splitserve {role}")
     setup_logging(role, settings.log_level)
     log_settings(role, settings)
+    tracing.setup_service(role, settings)
     return asyncio.run(run_engine_worker(settings, role, service_name, add_servicer))
 
 

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
+from splitserve.serving import tracing
 from splitserve.serving.health_thread import ThreadedHealthServer
 
 log = logging.getLogger(__name__)
@@ -31,23 +32,27 @@ CHANNEL_OPTIONS = [
 
 
 def insecure_channel(address: str) -> grpc.aio.Channel:
-    """A client channel with the same message limits as the servers."""
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    """A client channel with the same message limits as the servers (and the tracing interceptor when on)."""
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+                                     interceptors=tracing.client_interceptors(address) or None)
 
 
 class GrpcService:
     def __init__(self, name: str, host: str, port: int, metrics_port: Optional[int],
                  service_names: Iterable[str], grace_s: float = 30.0,
-                 options: Sequence[tuple[str, int]] = (), health_port: Optional[int] = None):
+                 options: Sequence[tuple[str, int]] = (), health_port: Optional[int] = None,
+                 starts_traces: bool = False):
         """`options` override CHANNEL_OPTIONS of the same name (the gateway takes smaller public messages);
-        `health_port` (0: any free one) adds a health-only server on its own thread (health_thread.py)."""
+        `health_port` (0: any free one) adds a health-only server on its own thread (health_thread.py);
+        `starts_traces`: a call without `traceparent` starts a trace (the public API) instead of going untraced."""
         self.name = name
         self.host = host
         self.port = port
         self.metrics_port = metrics_port
         self.service_names = list(service_names)
         self.grace_s = grace_s
-        self.server = grpc.aio.server(options=list({**dict(CHANNEL_OPTIONS), **dict(options)}.items()))
+        self.server = grpc.aio.server(options=list({**dict(CHANNEL_OPTIONS), **dict(options)}.items()),
+                                      interceptors=tracing.server_interceptors(starts_traces) or None)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.health_thread = ThreadedHealthServer(host, health_port) if health_port is not None else None

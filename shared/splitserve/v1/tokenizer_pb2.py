@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitserve/v1/tokenizer.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\x92\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1b.splitserve.v1.ChatMessagesH\x00\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08\x42\x07\n\x05input\">\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x17\n\x0frendered_prompt\x18\x02 \x01(\t\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x10\n\x0eGetInfoRequest\"\xae\x01\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\x12max_context_length\x18\x05 \x01(\r\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x42\x0f\n\r_bos_token_id\"\'\n\x12TokenPiecesRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"/\n\nTokenPiece\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x01(\x0c\"@\n\x13TokenPiecesResponse\x12)\n\x06pieces\x18\x01 \x03(\x0b\x32\x19.splitserve.v1.TokenPiece2\xcb\x02\n\tTokenizer\x12K\n\x08Tokenize\x12\x1e.splitserve.v1.TokenizeRequest\x1a\x1f.splitserve.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .splitserve.v1.DetokenizeRequest\x1a!.splitserve.v1.DetokenizeResponse\x12H\n\x07GetInfo\x12\x1d.splitserve.v1.GetInfoRequest\x1a\x1e.splitserve.v1.GetInfoResponse\x12T\n\x0bTokenPieces\x12!.splitserve.v1.TokenPiecesRequest\x1a\".splitserve.v1.TokenPiecesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitserve/v1/tokenizer.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\xa1\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x1b.splitserve.v1.ChatMessagesH\x00\x12\x1d\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x04 \x01(\x08\x12\r\n\x05tools\x18\x05 \x01(\tB\x07\n\x05input\">\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x17\n\x0frendered_prompt\x18\x02 \x01(\t\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x1b\n\x13skip_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x10\n\x0eGetInfoRequest\"\xae\x01\n\x0fGetInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x15\n\reos_token_ids\x18\x03 \x03(\r\x12\x19\n\x0c\x62os_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x1a\n\x12max_context_length\x18\x05 \x01(\r\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x42\x0f\n\r_bos_token_id\"\'\n\x12TokenPiecesRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"/\n\nTokenPiece\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_bytes\x18\x02 \x01(\x0c\"@\n\x13TokenPiecesResponse\x12)\n\x06pieces\x18\x01 \x03(\x0b\x32\x19.splitserve.v1.TokenPiece2\xcb\x02\n\tTokenizer\x12K\n\x08Tokenize\x12\x1e.splitserve.v1.TokenizeRequest\x1a\x1f.splitserve.v1.TokenizeResponse\x12Q\n\nDetokenize\x12 .splitserve.v1.DetokenizeRequest\x1a!.splitserve.v1.DetokenizeResponse\x12H\n\x07GetInfo\x12\x1d.splitserve.v1.GetInfoRequest\x1a\x1e.splitserve.v1.GetInfoResponse\x12T\n\x0bTokenPieces\x12!.splitserve.v1.TokenPiecesRequest\x1a\".splitserve.v1.TokenPiecesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,23 +33,23 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.v1.tokenizer_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENIZEREQUEST']._serialized_start=77
-  _globals['_TOKENIZEREQUEST']._serialized_end=223
-  _globals['_TOKENIZERESPONSE']._serialized_start=225
-  _globals['_TOKENIZERESPONSE']._serialized_end=287
-  _globals['_DETOKENIZEREQUEST']._serialized_start=289
-  _globals['_DETOKENIZEREQUEST']._serialized_end=356
-  _globals['_DETOKENIZERESPONSE']._serialized_start=358
-  _globals['_DETOKENIZERESPONSE']._serialized_end=392
-  _globals['_GETINFOREQUEST']._serialized_start=394
-  _globals['_GETINFOREQUEST']._serialized_end=410
-  _globals['_GETINFORESPONSE']._serialized_start=413
-  _globals['_GETINFORESPONSE']._serialized_end=587
-  _globals['_TOKENPIECESREQUEST']._serialized_start=589
-  _globals['_TOKENPIECESREQUEST']._serialized_end=628
-  _globals['_TOKENPIECE']._serialized_start=630
-  _globals['_TOKENPIECE']._serialized_end=677
-  _globals['_TOKENPIECESRESPONSE']._serialized_start=679
-  _globals['_TOKENPIECESRESPONSE']._serialized_end=743
-  _globals['_TOKENIZER']._serialized_start=746
-  _globals['_TOKENIZER']._serialized_end=1077
+  _globals['_TOKENIZEREQUEST']._serialized_end=238
+  _globals['_TOKENIZERESPONSE']._serialized_start=240
+  _globals['_TOKENIZERESPONSE']._serialized_end=302
+  _globals['_DETOKENIZEREQUEST']._serialized_start=304
+  _globals['_DETOKENIZEREQUEST']._serialized_end=371
+  _globals['_DETOKENIZERESPONSE']._serialized_start=373
+  _globals['_DETOKENIZERESPONSE']._serialized_end=407
+  _globals['_GETINFOREQUEST']._serialized_start=409
+  _globals['_GETINFOREQUEST']._serialized_end=425
+  _globals['_GETINFORESPONSE']._serialized_start=428
+  _globals['_GETINFORESPONSE']._serialized_end=602
+  _globals['_TOKENPIECESREQUEST']._serialized_start=604
+  _globals['_TOKENPIECESREQUEST']._serialized_end=643
+  _globals['_TOKENPIECE']._serialized_start=645
+  _globals['_TOKENPIECE']._serialized_end=692
+  _globals['_TOKENPIECESRESPONSE']._serialized_start=694
+  _globals['_TOKENPIECESRESPONSE']._serialized_end=758
+  _globals['_TOKENIZER']._serialized_start=761
+  _globals['_TOKENIZER']._serialized_end=1092
 # @@protoc_insertion_point(module_scope)

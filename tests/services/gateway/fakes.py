@@ -120,6 +120,7 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
         self.model = model
         # Calls per method, so tests can check what the gateway asks the tokenizer (nothing per token).
         self.calls: dict[str, int] = {}
+        self.chat_requests: list[tokenizer_pb2.TokenizeRequest] = []
 
     def _count(self, method: str) -> None:
         self.calls[method] = self.calls.get(method, 0) + 1
@@ -127,6 +128,7 @@ class FakeTokenizer(tokenizer_pb2_grpc.TokenizerServicer):
     async def Tokenize(self, request, context):
         self._count("Tokenize")
         if request.WhichOneof("input") == "chat":
+            self.chat_requests.append(request)
             ids = tokenize_chat([(m.role, m.content) for m in request.chat.messages], request.add_generation_prompt)
             return tokenizer_pb2.TokenizeResponse(token_ids=ids, rendered_prompt="(chat)")
         if "INVALID" in request.text:

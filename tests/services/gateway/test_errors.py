@@ -46,7 +46,9 @@ def test_malformed_json_is_400_not_422(gateway):
     ({"prompt": "x 1", "max_tokens": 2, "min_tokens": 3}, "min_tokens"),
     ({"prompt": "x 1", "min_tokens": -1}, "min_tokens"),
     ({"prompt": "x 1", "min_tokens": 1.5}, "min_tokens"),
-    ({"prompt": "x 1", "echo": True}, "echo"),
+    ({"prompt": "x 1", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt": "x 1", "echo": True, "max_tokens": -1}, "max_tokens"),              # only 0 is lifted for echo
+    ({"prompt": "x 1", "echo": True, "max_tokens": 0, "min_tokens": 2}, "min_tokens"),
     ({"prompt": "x 1", "logprobs": 50}, "logprobs"),
     ({"prompt": "x 1", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": [5, 100000]}, "prompt"),
@@ -67,7 +69,7 @@ def test_invalid_completion_requests_name_the_parameter(gateway, body, param):
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
      "messages[0].content"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools[0].function"),
     ({"messages": [{"role": "user", "content": "x"}], "top_k": 2**31}, "top_k"),    # over int32, its wire type
 ])
 def test_invalid_chat_requests_name_the_parameter(gateway, body, param):

@@ -63,7 +63,7 @@ def test_requests_go_to_the_prefill_and_decode_workers_holding_their_prefix(make
         assert _sample("splitserve_router_decisions_total", kind="prefill", reason="prefix_hit") == before + 4
         # A prompt nobody holds is spread by load again.
         for i in range(4):
-            client.completions.create(model="fake-model", prompt=[9] * 40 + [i], max_tokens=2)
+            client.completions.create(model="fake-model", prompt=[9 + i] * 40, max_tokens=2)
         assert len(stack.prefills[0].servicer.requests) == 2
     finally:
         for publisher in publishers:
@@ -100,7 +100,8 @@ def test_a_lookup_is_one_round_trip(loop_thread, clean_redis):
         for publisher in publishers:
             publisher.stop()
     assert calls == ["EVALSHA"]
-    assert all(hits.device_tokens("prefill", f"10.0.0.{i}:1") == 256 * BLOCK for i in range(8))
+    # The last prompt token is always computed, so its block is never reused.
+    assert all(hits.device_tokens("prefill", f"10.0.0.{i}:1") == 255 * BLOCK for i in range(8))
     assert hits.store_tokens == 100 * BLOCK
 
 
@@ -206,3 +207,152 @@ def test_publishers_long_gone_or_malformed_are_forgotten(loop_thread, clean_redi
     assert [p.address for p in loop_thread.run(refresh())] == ["10.0.0.1:1"]
     assert sorted(client.hkeys(PUBLISHERS_KEY)) == [fresh.id.encode(), b"prefill|stale"]
     client.close()
+
+
+class _Pool:
+    def __init__(self, workers):
+        self.workers = workers
+
+    def healthy(self, kind):
+        return [w for w in self.workers if w.kind == kind]
+
+
+def test_a_burst_sharing_a_new_prefix_goes_to_one_worker_across_gateways(loop_thread, clean_redis):
+    """Two gateway replicas (two Routers, each with its own Redis client and its own view of load) get requests
+    with the same prefix before any worker's events say who holds it: the second follows the first's pick, though
+    its own view of load would send it elsewhere."""
+    publishers = [_publish(clean_redis, "prefill", f"w{i}", [1] * BLOCK) for i in range(2)]
+
+    def router(busy: int):
+        workers = [Worker(address=f"w{i}", kind="prefill", static=True, channel=None, healthy=True)
+                   for i in range(2)]
+        workers[busy].in_flight_requests = 1
+        return Router(_Pool(workers), index=PrefixIndexReader(aredis.Redis.from_url(clean_redis), timeout_s=5.0))
+
+    first, second = router(busy=0), router(busy=1)        # by load alone: first picks w1, second picks w0
+
+    async def route(r: Router, prompt):
+        await r.index.refresh()
+        hits = await r.prefix_hits(prompt)
+        return r.pick("prefill", len(prompt), hits=hits).address, hits
+
+    try:
+        _wait(lambda: len(loop_thread.run(_publishers(clean_redis))) == 2)
+        before = _sample("splitserve_router_decisions_total", kind="prefill", reason="speculative_hit")
+        assert loop_thread.run(route(first, PROMPT))[0] == "w1"
+        chosen, hits = loop_thread.run(route(second, PROMPT[:-3] + [4, 5, 6]))
+        assert chosen == "w1"
+        assert hits.speculative_tokens("prefill", "w1") == 12 * BLOCK and not hits.device_tokens("prefill", "w1")
+        # Both follow the claim (the first made it in its own lookup).
+        assert _sample("splitserve_router_decisions_total", kind="prefill", reason="speculative_hit") == before + 2
+        # Another new prompt is still spread by load: the second replica claims and takes w0.
+        assert loop_thread.run(route(second, [5] * 100))[0] == "w0"
+        # The worker's real events supersede the claim: its blocks count as held, no longer as speculative.
+        publishers[1].publish([BlockStored(tuple(chain_block_hashes(PROMPT, BLOCK, MODEL)), None, BLOCK,
+                                           MEDIUM_DEVICE)])
+        _wait(lambda: loop_thread.run(route(first, PROMPT))[1].device_tokens("prefill", "w1") == 12 * BLOCK)
+        assert loop_thread.run(route(first, PROMPT))[1].speculative_tokens("prefill", "w1") == 0
+    finally:
+        for r in (first, second):
+            loop_thread.run(r.index.close())
+        for publisher in publishers:
+            publisher.stop()
+
+
+def test_a_pick_that_held_little_of_its_prompt_is_claimed_for_the_next_request(loop_thread, clean_redis):
+    """w0 holds one block of a 12-block prompt and gets it; the rest is claimed for w0 after the pick (the
+    lookup claims only prompts nobody holds), so a second gateway sends the same prompt to w0 as well."""
+    publishers = [_publish(clean_redis, "prefill", "w0", PROMPT[:BLOCK]), _publish(clean_redis, "prefill", "w1", [])]
+    workers = [Worker(address=f"w{i}", kind="prefill", static=True, channel=None, healthy=True) for i in range(2)]
+    router = Router(_Pool(workers), index=PrefixIndexReader(aredis.Redis.from_url(clean_redis), timeout_s=5.0))
+
+    async def route():
+        await router.index.refresh()
+        hits = await router.prefix_hits(PROMPT)
+        return router.pick("prefill", len(PROMPT), hits=hits).address, hits
+
+    try:
+        _wait(lambda: len(loop_thread.run(_publishers(clean_redis))) == 2)
+        chosen, hits = loop_thread.run(route())
+        assert chosen == "w0" and hits.device_tokens("prefill", "w0") == BLOCK
+        _wait(lambda: loop_thread.run(route())[1].speculative_tokens("prefill", "w0") == 11 * BLOCK)
+    finally:
+        loop_thread.run(router.index.close())
+        for publisher in publishers:
+            publisher.stop()
+
+
+def test_predictions_the_workers_contradict_turn_prefix_routing_off_until_they_agree(make_stack, clean_redis,
+                                                                                   caplog):
+    """The index says prefill 1 holds the prompts' prefix, but it reports no cached tokens (as a worker whose
+    hashes differ from those it publishes would): one warning, routing by load, the gap measured; once its
+    reports agree again, prefix routing resumes."""
+    stack = make_stack(num_prefill=2, num_decode=1)
+    holder = stack.prefills[1]
+    for server in stack.prefills:
+        server.servicer.cached_tokens = 0
+    publisher = _publish(clean_redis, "prefill", holder.address, PROMPT)
+    predicted = 12 * BLOCK
+    try:
+        gateway = stack.start_gateway(redis_url=clean_redis, prefix_index_timeout_s=2.0, routing_accuracy_window=4,
+                                      routing_accuracy_probe_every=3)
+        index = gateway.gateway.prefix_index
+        _wait(lambda: (stack.loop.run(index.refresh()), len(index.publishers))[1] == 1)
+        gaps = "splitserve_router_prediction_gap_tokens_count", "splitserve_router_prediction_gap_tokens_bucket"
+        gaps_before = _sample(gaps[0], kind="prefill"), _sample(gaps[1], kind="prefill", le="64.0")
+        degradations = _sample("splitserve_router_routing_degradations_total", reason="prediction_mismatch")
+        client = gateway.openai()
+
+        def send(n: int) -> list[int]:
+            counts = [len(s.servicer.requests) for s in stack.prefills]
+            for i in range(n):
+                client.completions.create(model="fake-model", prompt=PROMPT[:-1] + [i + 1], max_tokens=2)
+            return [len(s.servicer.requests) - c for s, c in zip(stack.prefills, counts)]
+
+        with caplog.at_level("WARNING", logger="splitserve.services.gateway.routing_accuracy"):
+            assert send(4) == [0, 4]                           # by prefix, until the window is full
+            # Each request's predicted - reported gap is its 192 predicted tokens (over the 64 bucket).
+            assert _sample(gaps[0], kind="prefill") == gaps_before[0] + 4
+            assert _sample(gaps[1], kind="prefill", le="64.0") == gaps_before[1]
+            assert _sample("splitserve_router_routing_degraded") == 1
+            # By load (alternating), but for two probes (1 in 3) by prefix: by prefix alone, all 6 would go to 1.
+            assert send(6)[0] == 2
+        warnings = [r.getMessage() for r in caplog.records if "prefix routing degraded" in r.getMessage()]
+        assert len(warnings) == 1 and holder.address in warnings[0] and "block size" in warnings[0]
+        assert _sample("splitserve_router_routing_degradations_total",
+                       reason="prediction_mismatch") == degradations + 1
+        assert (_sample("splitserve_router_feedback_realised_tokens_total", kind="prefill")
+                < _sample("splitserve_router_feedback_predicted_tokens_total", kind="prefill"))
+
+        holder.servicer.cached_tokens = predicted               # the worker fixed: reports agree with the index
+        stack.wait_for(lambda: (send(1), _sample("splitserve_router_routing_degraded"))[1] == 0, timeout=30)
+        assert send(4) == [0, 4]
+        assert _sample("splitserve_router_prediction_agreement") == 1
+    finally:
+        publisher.stop()
+
+
+def test_requests_for_prompt_logprobs_are_not_measured_against_the_index(make_stack, clean_redis):
+    """A request for prompt logprobs reuses no cached prefix by design (every position needs its logits): the
+    0 cached tokens its worker reports are no sign of a wrong index, so lm-eval's loglikelihood requests cannot
+    turn prefix routing off. An ordinary request is still measured."""
+    stack = make_stack(num_prefill=1, num_decode=1)
+    holder = stack.prefills[0]
+    holder.servicer.cached_tokens = 0
+    publisher = _publish(clean_redis, "prefill", holder.address, PROMPT)
+    gaps = "splitserve_router_prediction_gap_tokens_count"
+    try:
+        gateway = stack.start_gateway(redis_url=clean_redis, prefix_index_timeout_s=2.0, routing_accuracy_window=4)
+        index = gateway.gateway.prefix_index
+        _wait(lambda: (stack.loop.run(index.refresh()), len(index.publishers))[1] == 1)
+        before = _sample(gaps, kind="prefill")
+        client = gateway.openai()
+        for i in range(5):
+            client.completions.create(model="fake-model", prompt=PROMPT[:-1] + [i + 1], max_tokens=2,
+                                      extra_body={"prompt_logprobs": 0})
+        assert _sample(gaps, kind="prefill") == before
+        assert _sample("splitserve_router_routing_degraded") == 0
+        client.completions.create(model="fake-model", prompt=PROMPT[:-1] + [9], max_tokens=2)
+        assert _sample(gaps, kind="prefill") == before + 1
+    finally:
+        publisher.stop()
