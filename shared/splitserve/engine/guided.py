@@ -15,16 +15,14 @@ matcher from the params and replays the tokens already produced: the state is a 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from typing import Optional, Sequence
 
 import torch
 import xgrammar as xgr
-from splitserve.sampling_params import InvalidRequestError, StructuredOutput
 
-log = logging.getLogger(__name__)
+from splitserve.sampling_params import InvalidRequestError, StructuredOutput
 
 # A compiled JSON schema over a 128k vocabulary is a few MiB; this keeps the few hundred most recent ones.
 _CACHE_LIMIT_BYTES = 256 * 2**20
