@@ -460,7 +460,7 @@ def ttft_overhead(quick: bool, log_dir: Path) -> list[str]:
     samples = 5 if quick else 9
     lines = []
     with Stack(model=str(model), envoy=False, torch_threads=1, local_prefill_threshold=0, num_kv_blocks=1024,
-               max_num_batched_tokens=2048, log_dir=str(log_dir / "ttft-stack"), log_level="WARNING") as stack:
+               max_num_batched_tokens=2048, prefill_decider="threshold", log_dir=str(log_dir / "ttft-stack"), log_level="WARNING") as stack:
         [spec] = [s for tier in stack.plan.tiers for s in tier if s.role == "gateway"]
         http_port, grpc_port, metrics_port = free_ports(3)
         aggregated = subprocess.Popen(

@@ -80,7 +80,7 @@ def main() -> int:
 
     rng = random.Random(0)
     with Stack(model=args.model, prefill_workers=1, decode_workers=1, num_kv_blocks=args.num_kv_blocks,
-               torch_threads=1) as stack:
+               torch_threads=1, prefill_decider="threshold") as stack:
         url = stack.base_url
         model = httpx.get(f"{url}/models", timeout=10).json()["data"][0]["id"]
         vocab = 1000

@@ -5,8 +5,9 @@ request is timed from send to first content chunk (TTFT) and between content chu
 Used two ways:
   python loadtest/serve_load.py --url http://127.0.0.1:8000/v1             # an already running stack
   python loadtest/serve_load.py --start both --rounds 3                     # starts the stack itself, runs
-        disaggregated (prefill worker -> kv-store -> decode) and aggregated (no prefill worker: the decode worker
-        prefills every prompt, on every engine core), same workload, modes interleaved, medians at the end
+        disaggregated (a prefill worker beside the decode worker: each prompt prefilled where its first token is
+        predicted sooner, the gateway's default) and aggregated (no prefill worker: the decode worker prefills
+        every prompt, on every engine core), same workload, modes interleaved, medians at the end
 With --start it also reports each process's CPU seconds over the measured run and its share (CPU seconds from
 /proc/<pid>/stat per wall second, replicas summed): where the serving CPU goes.
 --guided json sends every request with a JSON schema (response_format, guided decoding); --guided compare runs
@@ -37,6 +38,8 @@ class RequestResult:
     ttft: float = 0.0
     itls: list[float] = field(default_factory=list)
     output_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0         # of the prompt, reused from a prefix cache (usage.prompt_tokens_details)
     latency: float = 0.0
     error: str = ""
 
@@ -82,7 +85,7 @@ async def completion_events(client: httpx.AsyncClient, url: str, model: str, pro
                 yield json.loads(line[6:])
 
 
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
+async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str | list[int], max_tokens: int,
                       api_key: str | None, response_format: dict | None = None) -> RequestResult:
     start = time.perf_counter()
     last = None
@@ -95,7 +98,10 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
                     result.error = chunk["error"].get("message", "error event")
                     return result
                 if chunk.get("usage"):
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
+                    usage = chunk["usage"]
+                    result.output_tokens = usage["completion_tokens"]
+                    result.prompt_tokens = usage["prompt_tokens"]
+                    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                 if chunk.get("choices"):
                     now = time.perf_counter()
                     if last is None:
@@ -201,8 +207,9 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="base URL of a running stack, e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("--start", choices=["disagg", "agg", "both"], help="start the stack here (demo model "
-                        "unless --model) in this mode and measure it")
+    parser.add_argument("--start", choices=["disagg", "agg", "split", "both", "all"], help="start the stack here "
+                        "(demo model unless --model) in this mode and measure it (split: disaggregated, every prompt "
+                        "on the prefill worker; both: disagg and agg; all: the three)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--num-requests", type=int, default=64)
@@ -236,11 +243,12 @@ def main(argv=None) -> int:
     else:
         from splitserve.launcher.stack import Stack
 
-        modes = ["disagg", "agg"] if args.start == "both" else [args.start]
+        modes = {"both": ["disagg", "agg"], "all": ["disagg", "split", "agg"]}.get(args.start, [args.start])
         for _ in range(args.rounds):
             for mode in modes:
                 # Aggregated: no prefill worker, so the decode worker prefills every prompt and gets its cores.
-                shape = dict(local_prefill_threshold=0) if mode == "disagg" else dict(prefill_workers=0)
+                shape = {"disagg": dict(local_prefill_threshold=0), "agg": dict(prefill_workers=0),
+                         "split": dict(local_prefill_threshold=0, prefill_decider="threshold")}[mode]
                 with Stack(model=args.model, torch_threads=args.torch_threads, **shape) as stack:
                     for suffix, response_format in variants:    # warm-up (grammar compiled), not measured
                         asyncio.run(run_load(stack.base_url, None, workload[:4], 2, None, response_format))

@@ -13,7 +13,7 @@ import collections
 import logging
 import time
 
-from splitserve.services.gateway import metrics
+from splitserve.services.gateway import metrics, overhead
 from splitserve.services.gateway.errors import DrainingError, OverloadedError
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ class Admission:
         self._waiting.append(waiter)
         metrics.QUEUED.inc()
         try:
-            await waiter    # _hand_out_slots counted this request in flight before waking it
+            with overhead.waiting():
+                await waiter    # _hand_out_slots counted this request in flight before waking it
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self._give_back_slot()    # woken and cancelled in the same turn: the slot goes to the next

@@ -19,7 +19,7 @@ from splitserve.proto_convert import finish_reason_to_proto, sampling_params_fro
 from splitserve.v1 import gateway_pb2, gateway_pb2_grpc
 from splitserve.sampling_params import InvalidRequestError
 from splitserve.serving.errors import abort_invalid
-from splitserve.services.gateway import metrics
+from splitserve.services.gateway import metrics, overhead
 from splitserve.services.gateway.admission import Admission, Ticket
 from splitserve.services.gateway.auth import check_api_key
 from splitserve.services.gateway.errors import (AuthenticationError, DrainingError, ModelNotFoundError,
@@ -62,6 +62,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Generate(self, request: gateway_pb2.GatewayGenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GatewayGenerateChunk]:
+        timer = overhead.start_request()
         ticket: Optional[Ticket] = None
         stopper: Optional[asyncio.Task] = None
         code = grpc.StatusCode.CANCELLED   # until the stream reaches its end
@@ -78,6 +79,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 async for event in events:
                     yield chunk_from_event(event, reply_id)
             code = grpc.StatusCode.OK
+            timer.finish()
         except asyncio.CancelledError:
             if ticket is None or not ticket.aborted.is_set():
                 raise   # the client cancelled: nobody to tell

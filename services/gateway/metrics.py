@@ -14,6 +14,10 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
                 0.5, 1.0, 2.5, 5.0)
 
+# The gateway's own time per request: fine around its goal (2 ms), coarse up to where something is wrong.
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.00175, 0.002, 0.0025, 0.003,
+                     0.004, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
 REQUESTS = Counter("splitserve_gateway_requests_total", "Finished requests by endpoint and status",
                    ["endpoint", "status"])
 
@@ -37,6 +41,9 @@ INTER_TOKEN = Histogram("splitserve_gateway_inter_token_latency_seconds",
                         "Between consecutive token batches of one sequence, per token", buckets=_ITL_BUCKETS)
 E2E = Histogram("splitserve_gateway_e2e_request_latency_seconds", "From request arrival to its last token",
                 buckets=_LATENCY_BUCKETS)
+OVERHEAD = Histogram("splitserve_gateway_overhead_seconds",
+                     "The gateway's own time per successful request: its handling time less its waits on the "
+                     "tokenizer and workers (and for a max_in_flight slot)", buckets=_OVERHEAD_BUCKETS)
 TOOL_CALL_PARSE_FAILURES = Counter("splitserve_gateway_tool_call_parse_failures_total",
                                    "Outputs whose tool call could not be parsed and went to the content (or was "
                                    "cut short), by parser and reason", ["parser", "reason"])
@@ -46,6 +53,10 @@ ROUTER_DECISIONS = Counter("splitserve_router_decisions_total", "Worker choices 
                            ["kind", "reason"])
 LOCAL_PREFILL = Counter("splitserve_gateway_local_prefill_total",
                         "Requests prefilled by their decode worker instead of a prefill worker", ["reason"])
+PREFILL_PATH = Counter("splitserve_gateway_prefill_path_total",
+                       "Where prompts were prefilled (local: the decode worker; remote: a prefill worker), by why: "
+                       "predicted_faster, cold_start, threshold, below_threshold, no_prefill_worker, prefill_failed",
+                       ["path", "reason"])
 WORKER_FAILURES = Counter("splitserve_gateway_worker_failures_total",
                           "Calls to a worker that failed, by worker kind and gRPC code", ["kind", "code"])
 TOKENIZER_RETRIES = Counter("splitserve_gateway_tokenizer_retries_total",

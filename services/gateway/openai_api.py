@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from splitserve.serving import tracing
-from splitserve.services.gateway import metrics, model_api, openapi_doc
+from splitserve.services.gateway import metrics, model_api, openapi_doc, overhead
 from splitserve.services.gateway.model_api import add_model_routes
 from splitserve.services.gateway.openapi_doc import json_body, responses, server_version
 from splitserve.services.gateway.response_schemas import (ChatCompletionResponse, CompletionResponse, ErrorResponse,
@@ -111,6 +111,7 @@ def _echo_request_id(request: Request, response: Response) -> Response:
 async def _generate(state: ApiState, request: Request,
                     schema: type[Union[CompletionRequest, ChatCompletionRequest]], chat: bool) -> Response:
     endpoint = "chat_completions" if chat else "completions"
+    timer = overhead.start_request()
     ticket: Optional[Ticket] = None
     try:
         check_api_key(request.headers.get("authorization"), state.api_key)
@@ -137,7 +138,7 @@ async def _generate(state: ApiState, request: Request,
             except BaseException:
                 await events.aclose()
                 raise
-            stream = _StreamState(endpoint, ticket)
+            stream = _StreamState(endpoint, ticket, timer)
             aborted, ticket = ticket.aborted, None  # the stream releases the ticket when it ends
             return EventStreamResponse(
                 _sse(formatter, batch, first, events, body.include_usage, stream), on_close=stream.close,
@@ -147,7 +148,9 @@ async def _generate(state: ApiState, request: Request,
             if result.error is not None:
                 raise result.error
         usage = batch_usage(batch, {r.index: r.usage for r in results})
-        return metrics.count_response(endpoint, JSONResponse(formatter.response(results, usage)))
+        response = JSONResponse(formatter.response(results, usage))
+        timer.finish()
+        return metrics.count_response(endpoint, response)
     except ClientDisconnected:
         log.info("%s: client disconnected before the response; request cancelled", endpoint)
         return metrics.count_response(endpoint, Response(status_code=CLIENT_CLOSED))
@@ -159,16 +162,20 @@ async def _generate(state: ApiState, request: Request,
 
 
 class _StreamState:
-    """What a streamed response reports when it ends: its status for the metrics, its admission release."""
+    """What a streamed response reports when it ends: its status and the gateway's own time for the metrics, its
+    admission release."""
 
-    def __init__(self, endpoint: str, ticket: Ticket):
+    def __init__(self, endpoint: str, ticket: Ticket, timer: overhead.RequestTimer):
         self.endpoint = endpoint
         self.ticket = ticket
+        self.timer = timer
         self.status = CLIENT_CLOSED   # until the stream reaches its end
 
     def close(self) -> None:
         if self.ticket.aborted.is_set() and self.status != 200:
             self.status = 503
+        if self.status == 200:
+            self.timer.finish()
         metrics.REQUESTS.labels(self.endpoint, str(self.status)).inc()
         self.ticket.release()
 

@@ -1,8 +1,9 @@
 """The tokens and text of one sequence (n = 1): pick workers, prefill remotely or not, stream decode, retry once.
 
 Prefill runs on a prefill worker unless the prompt is short (the decode worker prefilling it itself is
-cheaper than moving its KV) or no prefill worker is healthy; both are counted and logged. The first token
-comes from the prefill reply, so the caller can show it before decode has even started (TTFT).
+cheaper than moving its KV), the decode worker is predicted to give the first token sooner (prefill_path.py), or
+no prefill worker is healthy; each choice is counted and logged. The first token comes from the prefill reply,
+so the caller can show it before decode has even started (TTFT).
 
 A decode worker that fails before it produced a token is replaced once by another one: the request can be
 replayed without the user seeing anything twice (the prefill's first token and KV handle stay valid). One that
@@ -26,8 +27,9 @@ from splitserve.proto_convert import finish_reason_from_proto, sampling_params_t
 from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from splitserve.sampling_params import SamplingParams
 from splitserve.serving import tracing
-from splitserve.services.gateway import metrics
+from splitserve.services.gateway import metrics, overhead
 from splitserve.services.gateway.errors import NoHealthyWorkerError, UpstreamError
+from splitserve.services.gateway.prefill_path import LOCAL, PrefillPathChooser
 from splitserve.services.gateway.prefix_index import PrefixHits
 from splitserve.services.gateway.router import Router
 from splitserve.services.gateway.rpc_errors import WORKER_DOWN_CODES, translate_rpc_error
@@ -54,8 +56,10 @@ class TokenBatch:
 
 class SequenceRunner:
     def __init__(self, router: Router, pool: WorkerPool, kv_store_address: Optional[str],
-                 local_prefill_threshold: int, max_migrations: int = 1):
+                 local_prefill_threshold: int, max_migrations: int = 1,
+                 path_chooser: PrefillPathChooser = PrefillPathChooser()):
         self.router = router
+        self.path_chooser = path_chooser
         self.max_migrations = max_migrations
         self.pool = pool
         self.kv_store_address = kv_store_address
@@ -74,7 +78,12 @@ class SequenceRunner:
             # The decode worker's load counts from the pick, not from after the prefill: otherwise every request
             # arriving during a prefill sees the same idle worker (one worker took 15 of 16 streams).
             reservation.enter_context(self.pool.track(decode, decode_load))
-            prefilled = await self._prefill(request_id, prompt, params, deadline, hits)
+            prefilled = await self._prefill(request_id, prompt, params, deadline, hits, decode)
+            # A local prefill is in the decode worker's queue until its first token (what the next choice weighs).
+            queued_here = contextlib.ExitStack()
+            if prefilled is None:
+                queued_here.enter_context(self.pool.prefilling(decode, len(prompt)))
+            reservation.enter_context(queued_here)
             request = decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
                                                  sampling_params=sampling_params_to_proto(params))
             produced: list[int] = []               # every token this sequence has yielded, the prefill's included
@@ -99,8 +108,9 @@ class SequenceRunner:
                 try:
                     call = decode_pb2_grpc.DecodeStub(decode.channel).Generate(request, timeout=time_left(deadline))
                     try:
-                        async for chunk in call:
+                        async for chunk in overhead.WaitedStream(call):
                             self.pool.note_progress(decode)
+                            queued_here.close()
                             produced_here = produced_here or bool(chunk.token_ids)
                             batch = _batch_from_chunk(chunk, first_from_prefill=prefilled is not None)
                             if batch.cached_tokens is not None and not tried:
@@ -144,10 +154,10 @@ class SequenceRunner:
                                     decode.address)
 
     async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: float,
-                       hits: Optional[PrefixHits]) -> Optional[prefill_pb2.PrefillResponse]:
+                       hits: Optional[PrefixHits], decode: Worker) -> Optional[prefill_pb2.PrefillResponse]:
         """The prefill worker's reply, or None when the decode worker is to prefill the prompt itself."""
         if len(prompt) < self.local_prefill_threshold:
-            metrics.LOCAL_PREFILL.labels("below_threshold").inc()
+            _count_path(LOCAL, "below_threshold")
             log.debug("request %s: %d prompt tokens < %d, prefilling on decode", request_id, len(prompt),
                       self.local_prefill_threshold)
             return None
@@ -158,12 +168,17 @@ class SequenceRunner:
         if worker is None:
             self._local_without_prefill_worker(request_id)
             return None
+        choice = self.path_chooser.choose(len(prompt), decode, worker, hits)
+        _count_path(choice.path, choice.reason)
+        log.debug("request %s: %s", request_id, choice.describe())
+        if choice.path == LOCAL:
+            return None
         request = prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
                                              sampling_params=sampling_params_to_proto(params))
         if self.kv_store_address:
             request.kv_target.store_address = self.kv_store_address
         try:
-            with self.pool.track(worker, len(prompt)):
+            with self.pool.track(worker, len(prompt)), self.pool.prefilling(worker, len(prompt)), overhead.waiting():
                 reply = await prefill_pb2_grpc.PrefillStub(worker.channel).Prefill(request,
                                                                                    timeout=time_left(deadline))
             self.pool.note_progress(worker)
@@ -173,12 +188,12 @@ class SequenceRunner:
             error = self._failed(worker, "prefill", exc)
             if not isinstance(error, UpstreamError):
                 raise error from exc
-            metrics.LOCAL_PREFILL.labels("prefill_failed").inc()
+            _count_path(LOCAL, "prefill_failed")
             log.warning("request %s: %s; prefilling on the decode worker instead", request_id, error)
             return None
 
     def _local_without_prefill_worker(self, request_id: str) -> None:
-        metrics.LOCAL_PREFILL.labels("no_prefill_worker").inc()
+        _count_path(LOCAL, "no_prefill_worker")
         if not self.pool.workers("prefill"):
             return  # a decode-only deployment: local prefill is the plan, not a degradation
         now = time.monotonic()
@@ -202,6 +217,12 @@ def _measurable(hits: Optional[PrefixHits], params: SamplingParams) -> Optional[
     """The prediction to check a worker's cached tokens against, or None: a request for prompt logprobs reuses no
     cached prefix by design (engine/prompt_logprobs.py), which is no sign of a wrong index."""
     return hits if params.prompt_logprobs is None else None
+
+
+def _count_path(path: str, reason: str) -> None:
+    metrics.PREFILL_PATH.labels(path, reason).inc()
+    if path == LOCAL:
+        metrics.LOCAL_PREFILL.labels(reason).inc()
 
 
 def _log_choice(request_id: str, worker: Worker, hits: Optional[PrefixHits], route: tracing.Span) -> None:

@@ -26,6 +26,7 @@ from splitserve.services.gateway.grpc_api import GatewayServicer
 from splitserve.services.gateway.membership_check import MembershipCheck
 from splitserve.services.gateway.openai_api import ApiState, build_app
 from splitserve.services.gateway.pipeline import Pipeline
+from splitserve.services.gateway.prefill_path import DECIDERS, PrefillPathChooser
 from splitserve.services.gateway.prefix_index import PrefixIndexReader
 from splitserve.services.gateway.router import POLICIES, Router, RouterWeights
 from splitserve.services.gateway.routing_accuracy import RoutingAccuracy
@@ -68,6 +69,9 @@ class GatewaySettings:
         "help": "kv-store host:port that prefill workers write prompts' KV to"})
     local_prefill_threshold: int = field(default=0, metadata={
         "help": "prompts with fewer tokens are prefilled by the decode worker itself"})
+    prefill_decider: str = field(default="predicted", metadata={
+        "help": "where longer prompts are prefilled: predicted (on the decode worker or a prefill worker, whichever "
+                "is predicted to give the first token sooner) or threshold (always a prefill worker)"})
     router_policy: str = field(default="prefix", metadata={
         "help": "how workers are picked: prefix (cached prefix, kv-store and load scored together; needs "
                 "--redis-url, else load), load, round-robin or random"})
@@ -117,6 +121,8 @@ class GatewaySettings:
             raise ValueError("max_decode_migrations must be >= 0")
         if self.max_in_flight < 1 or self.max_queued < 0:
             raise ValueError("max_in_flight must be >= 1 and max_queued >= 0")
+        if self.prefill_decider not in DECIDERS:
+            raise ValueError(f"prefill_decider must be one of {', '.join(DECIDERS)}")
         if self.router_policy not in POLICIES:
             raise ValueError(f"router_policy must be one of {', '.join(POLICIES)}")
         if min(self.router_prefix_weight, self.router_store_weight, self.router_load_weight,
@@ -164,7 +170,7 @@ class Gateway:
                                              settings.routing_accuracy_probe_every))
         self.tokenizer = TokenizerClient(self.pool)
         runner = SequenceRunner(self.router, self.pool, settings.kv_store_address, settings.local_prefill_threshold,
-                                settings.max_decode_migrations)
+                                settings.max_decode_migrations, PrefillPathChooser(settings.prefill_decider))
         self.pipeline = Pipeline(self.tokenizer, runner, settings.served_model_name, settings.request_timeout_s,
                                  settings.max_prompt_bytes)
         self.admission = Admission(settings.max_in_flight, settings.max_queued)

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import grpc
 
 from splitserve.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
-from splitserve.services.gateway import metrics
+from splitserve.services.gateway import metrics, overhead
 from splitserve.services.gateway.rpc_errors import WORKER_DOWN_CODES, translate_rpc_error
 from splitserve.services.gateway.workers import Worker, WorkerPool
 
@@ -72,7 +72,8 @@ class TokenizerReplicas:
         for attempt, worker in enumerate(candidates):
             stub = tokenizer_pb2_grpc.TokenizerStub(worker.channel)
             try:
-                return await getattr(stub, method)(request, timeout=timeout_s)
+                with overhead.waiting():
+                    return await getattr(stub, method)(request, timeout=timeout_s)
             except grpc.aio.AioRpcError as exc:
                 if not self.failed(worker, method, exc, another_left=attempt + 1 < len(candidates)):
                     raise translate_rpc_error("tokenizer", exc, default_param=default_param) from exc

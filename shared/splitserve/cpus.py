@@ -66,12 +66,13 @@ def usable_cores() -> int:
     return max(1, min(cores, math.ceil(limit))) if limit else cores
 
 
-def pin_process(cpus: Iterable[int]) -> None:
-    """Every thread of this process onto `cpus`: sched_setaffinity(0) moves only the calling thread, and threads
-    that already run (torch's, gRPC's) would stay where they were. Threads started later inherit the set."""
+def pin_process(cpus: Iterable[int], pid: int = 0) -> None:
+    """Every thread of a process (this one by default) onto `cpus`: sched_setaffinity(pid) moves only one thread,
+    and threads that already run (torch's, gRPC's) would stay where they were. Threads started later inherit
+    the set."""
     cpus = set(cpus)
-    os.sched_setaffinity(0, cpus)
-    for task in Path("/proc/self/task").iterdir():
+    os.sched_setaffinity(pid, cpus)
+    for task in Path(f"/proc/{pid or 'self'}/task").iterdir():
         try:
             os.sched_setaffinity(int(task.name), cpus)
         except (ProcessLookupError, ValueError):

@@ -51,6 +51,11 @@ class WorkerInfo:
     num_waiting: int = 0
     kv_blocks_free: int = 0
     kv_blocks_total: int = 0
+    # What the gateway predicts a prefill's time from (services/gateway/prefill_path.py); 0: not measured yet.
+    queued_prompt_tokens: int = 0         # prompt tokens waiting to be computed
+    prefill_tokens_per_s: int = 0         # measured over its recent prefill steps
+    kv_put_bytes_per_s: int = 0           # measured over its recent KV writes to the kv-store
+    kv_bytes_per_token: int = 0           # KV of one token, all layers
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -59,12 +64,11 @@ class WorkerInfo:
     def from_json(cls, raw: Union[str, bytes]) -> "WorkerInfo":
         data = json.loads(raw)
         return cls(address=str(data["address"]), kind=str(data["kind"]), model=str(data.get("model", "")),
-                   updated=float(data["updated"]), num_running=int(data.get("num_running", 0)),
-                   num_waiting=int(data.get("num_waiting", 0)), kv_blocks_free=int(data.get("kv_blocks_free", 0)),
-                   kv_blocks_total=int(data.get("kv_blocks_total", 0)))
+                   updated=float(data["updated"]), **{name: int(data.get(name, 0)) for name in _LOAD_FIELDS})
 
 
-_LOAD_FIELDS = ("num_running", "num_waiting", "kv_blocks_free", "kv_blocks_total")
+_LOAD_FIELDS = ("num_running", "num_waiting", "kv_blocks_free", "kv_blocks_total", "queued_prompt_tokens",
+                "prefill_tokens_per_s", "kv_put_bytes_per_s", "kv_bytes_per_token")
 
 
 class _RateLimitedLog:

@@ -29,8 +29,10 @@ STREAM_DEADLINE_S = 180
 
 @pytest.fixture(scope="module")
 def small_cache_stack(llama_ckpt, tmp_path_factory):
+    # Every prompt through the prefill worker and the store (--prefill-decider threshold): the scenario is the
+    # decode worker's loads waiting for room, which prompts it prefills itself would skip.
     with Stack(model=str(llama_ckpt), prefill_workers=1, decode_workers=1, torch_threads=1,
-               num_kv_blocks=NUM_BLOCKS, kv_checksum=True,
+               num_kv_blocks=NUM_BLOCKS, kv_checksum=True, prefill_decider="threshold",
                log_dir=str(tmp_path_factory.mktemp("capacity-logs"))) as running:
         yield running
 

@@ -21,8 +21,10 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def store_stack(llama_ckpt, tmp_path_factory):
     # Restarts off: the test serves requests while the store is down, then restarts it itself.
+    # Every prompt through a prefill worker and the store (--prefill-decider threshold): the predicted choice would
+    # prefill repeated prompts on the decode worker, which moves no KV.
     with Stack(model=str(llama_ckpt), torch_threads=1, num_kv_blocks=256, grace_s=3, max_restarts=0,
-               log_dir=str(tmp_path_factory.mktemp("store-fault-logs"))) as running:
+               prefill_decider="threshold", log_dir=str(tmp_path_factory.mktemp("store-fault-logs"))) as running:
         yield running
 
 

@@ -8,93 +8,39 @@ from __future__ import annotations
 import concurrent.futures
 import time
 
-import httpx
 import pytest
 import redis
 
-from e2e_stack import _call, gateway_metric
+from e2e_stack import (complete, gateway_metric, held_by_one, prefix_tokens, second_request_goes_to_the_holders,
+                       wait_until)
 from splitserve.kv_blocks.hashing import chain_block_hashes
 from splitserve.kv_events.events import MEDIUM_HOST_STORE, BlockStored
 from splitserve.kv_events.index import LOOKUP_LUA, PUBLISHERS_KEY, PublisherInfo, lookup_args
 from splitserve.kv_events.publisher import KVEventPublisher
 from splitserve.launcher.stack import Stack
-from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
 def pair_stack(llama_ckpt, tmp_path_factory):
-    # Restarts off: the test restarts Redis itself, after requests have run without it.
+    # Restarts off: the test restarts Redis itself, after requests have run without it. Every prompt is prefilled
+    # by a prefill worker (--prefill-decider threshold): the decode worker holds each prefix too once it pulled
+    # it, and would otherwise be predicted faster for the second request, leaving prefill routing untested.
     with Stack(model=str(llama_ckpt), prefill_workers=2, decode_workers=1, torch_threads=1, num_kv_blocks=256,
                log_dir=str(tmp_path_factory.mktemp("prefix-logs")), grace_s=3, max_restarts=0,
+               prefill_decider="threshold",
                extra_args={"gateway": ["--prefix-index-timeout-s", "2", "--routing-accuracy-window", "4",
                                        "--routing-accuracy-probe-every", "2"]}) as running:
         yield running
 
 
-def _prefix(k: int) -> list[int]:
-    return [3 + (k * 31 + 7 * i) % 250 for i in range(160)]           # 10 blocks of 16
-
-
-def _complete(stack, prompt: list[int]) -> httpx.Response:
-    model = httpx.get(f"{stack.base_url}/models", timeout=10).json()["data"][0]["id"]
-    return httpx.post(f"{stack.base_url}/completions", timeout=60, json={
-        "model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0.0})
-
-
-def _queries(stack) -> list[int]:
-    """Prompt tokens each prefill worker looked up in its prefix cache so far: one request adds to one worker."""
-    return [_call(a, prefill_pb2_grpc.PrefillStub, "Stats", prefill_pb2.PrefillStatsRequest()).engine
-            .prefix_cache_queries for a in stack.addresses["prefill"]]
-
-
-def _holders(stack, tokens: list[int]) -> list[int]:
-    """Leading blocks of `tokens` the index says each prefill worker holds (0 while Redis is unreachable)."""
-    client = redis.Redis.from_url(stack.redis_url, socket_timeout=2)
-    try:
-        infos = [PublisherInfo.from_json(raw) for raw in client.hgetall(PUBLISHERS_KEY).values()]
-        [info] = {(i.block_size, i.model_id) for i in infos if i.kind == "prefill"}
-        ids = [f"prefill|{a}" for a in stack.addresses["prefill"]]
-        chain = chain_block_hashes(tokens, *info)
-        return [int(run) for run in client.eval(LOOKUP_LUA, 0, *lookup_args(chain, ids))][::2]   # confirmed runs
-    except (redis.RedisError, ValueError):
-        return [0] * len(stack.addresses["prefill"])
-    finally:
-        client.close()
-
-
-def _wait(condition, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
-    return result
-
-
-def _held_by_one(stack, tokens: list[int]) -> int:
-    """Waits until the index shows the prefix on exactly one prefill worker; its index."""
-    runs = _wait(lambda: (lambda r: r if sorted(r)[-1] >= 9 and sorted(r)[0] == 0 else None)(_holders(stack, tokens)))
-    return runs.index(max(runs))
-
-
-def _second_request_goes_to_the_holder(stack, k: int) -> None:
-    prefix = _prefix(k)
-    assert _complete(stack, prefix + [1]).status_code == 200
-    holder = _held_by_one(stack, prefix)
-    before = _queries(stack)
-    assert _complete(stack, prefix + [2, 3]).status_code == 200
-    after = _queries(stack)
-    grew = [b - a for a, b in zip(before, after)]
-    assert grew[holder] > 0 and sum(grew) == grew[holder], (k, holder, grew)
-
-
 def test_a_shared_prefix_goes_to_the_worker_holding_it(pair_stack):
     stack = pair_stack
-    _wait(lambda: gateway_metric(stack, 'splitserve_gateway_healthy_workers{kind="prefill"}') == 2)
+    wait_until(lambda: gateway_metric(stack, 'splitserve_gateway_healthy_workers{kind="prefill"}') == 2)
     hits = gateway_metric(stack, 'splitserve_router_decisions_total{kind="prefill",reason="prefix_hit"}')
     for k in range(3):      # load-only routing alternates between the two idle workers: 3 in a row is no luck
-        _second_request_goes_to_the_holder(stack, k)
+        second_request_goes_to_the_holders(stack, k, stack.base_url, stack.base_url)
     assert gateway_metric(stack, 'splitserve_router_decisions_total{kind="prefill",reason="prefix_hit"}') >= hits + 3
 
 
@@ -103,21 +49,21 @@ def test_killing_redis_routes_by_load_and_fails_no_request(pair_stack):
     load_only = gateway_metric(stack, "splitserve_router_load_only_total")
     stack.process("redis").kill()
     stack.process("redis").wait(10)
-    prompts = [_prefix(10 + i) + [i] for i in range(8)]
+    prompts = [prefix_tokens(10 + i) + [i] for i in range(8)]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        statuses = [r.status_code for r in pool.map(lambda p: _complete(stack, p), prompts)]
+        statuses = [r.status_code for r in pool.map(lambda p: complete(stack.base_url, p), prompts)]
     assert statuses == [200] * 8
     assert gateway_metric(stack, "splitserve_router_load_only_total") > load_only
     assert gateway_metric(stack, "splitserve_router_prefix_index_up") == 0
 
     stack.process("redis").start()          # empty (no persistence): the publishers resync their whole sets
-    _held_by_one(stack, _prefix(10))
-    _wait(lambda: gateway_metric(stack, "splitserve_router_prefix_index_up") == 1)
+    held_by_one(stack, prefix_tokens(10))
+    wait_until(lambda: gateway_metric(stack, "splitserve_router_prefix_index_up") == 1)
     # An empty registry read before the workers announced again drops them from the gateway until they are
     # found and admitted again (worker discovery, not the index): wait until both are routable.
     time.sleep(2)
-    _wait(lambda: gateway_metric(stack, 'splitserve_gateway_healthy_workers{kind="prefill"}') == 2)
-    _second_request_goes_to_the_holder(stack, 20)
+    wait_until(lambda: gateway_metric(stack, 'splitserve_gateway_healthy_workers{kind="prefill"}') == 2)
+    second_request_goes_to_the_holders(stack, 20, stack.base_url, stack.base_url)
 
 
 def test_predictions_the_workers_contradict_turn_prefix_routing_off_until_they_agree(pair_stack):
@@ -127,10 +73,10 @@ def test_predictions_the_workers_contradict_turn_prefix_routing_off_until_they_a
     with it gone they agree again and prefix routing resumes."""
     stack = pair_stack
     degraded = "splitserve_router_routing_degraded"
-    _wait(lambda: gateway_metric(stack, 'splitserve_gateway_healthy_workers{kind="prefill"}') == 2)
+    wait_until(lambda: gateway_metric(stack, 'splitserve_gateway_healthy_workers{kind="prefill"}') == 2)
     predicted = gateway_metric(stack, "splitserve_router_feedback_predicted_tokens_total")
     for k in range(30, 33):
-        _second_request_goes_to_the_holder(stack, k)
+        second_request_goes_to_the_holders(stack, k, stack.base_url, stack.base_url)
     assert gateway_metric(stack, "splitserve_router_feedback_predicted_tokens_total") > predicted
     assert gateway_metric(stack, "splitserve_router_prediction_agreement") >= 0.9
     assert gateway_metric(stack, degraded) == 0
@@ -139,16 +85,16 @@ def test_predictions_the_workers_contradict_turn_prefix_routing_off_until_they_a
     [info] = {(i.block_size, i.model_id) for i in map(PublisherInfo.from_json, client.hgetall(PUBLISHERS_KEY).values())
               if i.kind == "prefill"}
     client.close()
-    prompts = [_prefix(40 + i) + [1] for i in range(8)]
+    prompts = [prefix_tokens(40 + i) + [1] for i in range(8)]
     decoy = KVEventPublisher(stack.redis_url, PublisherInfo("kv-store", "10.255.0.1:1", MEDIUM_HOST_STORE, None, None))
     decoy.publish([BlockStored(tuple(h for p in prompts for h in chain_block_hashes(p, *info)), None, None,
                                MEDIUM_HOST_STORE)])
     decoy.start()
     try:
-        _wait(lambda: _store_run(stack, prompts[0], info) >= 10)
+        wait_until(lambda: _store_run(stack, prompts[0], info) >= 10)
         time.sleep(1.5)                                # the gateway's list of publishers now has the decoy
         for prompt in prompts:
-            assert _complete(stack, prompt).status_code == 200
+            assert complete(stack.base_url, prompt).status_code == 200
         assert gateway_metric(stack, degraded) == 1
         assert gateway_metric(stack, 'splitserve_router_routing_degradations_total{reason="prediction_mismatch"}') == 1
     finally:
@@ -158,7 +104,7 @@ def test_predictions_the_workers_contradict_turn_prefix_routing_off_until_they_a
 
     # Prompts sharing prefixes again, the index exact: a full window in agreement resumes prefix routing.
     for i in range(40):
-        assert _complete(stack, _prefix(50 + i % 3) + [i + 1]).status_code == 200
+        assert complete(stack.base_url, prefix_tokens(50 + i % 3) + [i + 1]).status_code == 200
         if gateway_metric(stack, degraded) == 0:
             break
     assert gateway_metric(stack, degraded) == 0

@@ -20,8 +20,11 @@ pytestmark = pytest.mark.timeout(300)
 def pair_stack(llama_ckpt, tmp_path_factory):
     # Restarts off: these tests are about the gateway routing around a worker that stays dead
     # (test_stack_processes.py covers the restart).
+    # Every prompt through a prefill worker (--prefill-decider threshold), which the prefill worker's death is
+    # about; the predicted choice would prefill some on the decode workers.
     with Stack(model=str(llama_ckpt), prefill_workers=2, decode_workers=2, torch_threads=1, num_kv_blocks=256,
-               log_dir=str(tmp_path_factory.mktemp("fault-logs")), grace_s=3, max_restarts=0) as running:
+               log_dir=str(tmp_path_factory.mktemp("fault-logs")), grace_s=3, max_restarts=0,
+               prefill_decider="threshold") as running:
         yield running
 
 

@@ -50,6 +50,8 @@ def test_the_container_config_validates(envoy_binary):
 def test_the_rendered_config_validates(envoy_binary, tmp_path):
     _validate(envoy_binary, write_envoy_config(tmp_path / "envoy.yaml", PORTS))
     _validate(envoy_binary, write_envoy_config(tmp_path / "with-admin.yaml", _with_admin(PORTS, 19902)))
+    _validate(envoy_binary, write_envoy_config(tmp_path / "two-gateways.yaml",
+                                               EnvoyPorts(**{**PORTS.__dict__, "more_gateways": ((18081, 18091),)})))
 
 
 def _with_admin(ports, admin_port):
@@ -86,6 +88,23 @@ def test_rendering_changes_only_listener_and_endpoint_addresses():
     with_admin = render_envoy_config(template, _with_admin(PORTS, 19902))
     assert with_admin["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 19902}
     assert _addresses_blanked(with_admin) == {**_addresses_blanked(template), "admin": with_admin["admin"]}
+
+
+def test_several_gateway_replicas_become_one_endpoint_each_with_the_template_settings():
+    template = load_template()
+    ports = EnvoyPorts(**{**PORTS.__dict__, "more_gateways": ((18081, 18091), (18082, 18092))})
+    rendered = render_envoy_config(template, ports)
+    for cluster, first in (("gateway_http", 18080), ("gateway_grpc", 18090)):
+        [cluster_config] = [c for c in rendered["static_resources"]["clusters"] if c["name"] == cluster]
+        assert cluster_config["lb_policy"] == "ROUND_ROBIN" and "health_checks" in cluster_config
+        [locality] = cluster_config["load_assignment"]["endpoints"]
+        assert [e["endpoint"]["address"]["socket_address"] for e in locality["lb_endpoints"]] == [
+            {"address": "127.0.0.1", "port_value": first + i} for i in range(3)]
+    # Apart from the added endpoints, the same file as for one gateway.
+    single = render_envoy_config(template, PORTS)
+    for cluster in rendered["static_resources"]["clusters"]:
+        del cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][1:]
+    assert rendered == single
 
 
 def test_rendering_a_config_without_the_expected_listener_fails_clearly():

@@ -134,6 +134,26 @@ def test_with_envoy_the_gateway_is_internal_and_envoy_checks_both_public_ports(t
     assert plan.base_url == "http://127.0.0.1:8000/v1" and plan.grpc_address == "127.0.0.1:50051"
 
 
+def test_gateway_replicas_each_get_their_own_ports_behind_envoy(tmp_path):
+    plan, specs = _plan(tmp_path, gateways=3, prefill_workers=2, local_prefill_threshold=32,
+                        prefill_decider="threshold")
+    gateways = [specs[f"gateway-{i}"] for i in range(3)]
+    assert "gateway" not in specs and [spec.name for spec in plan.tiers[2]] == [g.name for g in gateways]
+    ports = [(int(_flag(g.argv, "--port")), int(_flag(g.argv, "--grpc-port"))) for g in gateways]
+    assert plan.envoy_ports.gateway_ports == tuple(ports) and len({p for pair in ports for p in pair}) == 6
+    assert plan.addresses["gateway"] == [g.address for g in gateways] == [f"127.0.0.1:{grpc}" for _, grpc in ports]
+    assert plan.gateway_urls == [f"http://127.0.0.1:{http}/v1" for http, _ in ports]
+    # The same wiring for each: workers, Redis (the shared prefix index), secrets by env.
+    assert len({tuple(arg for arg in g.argv if not arg.isdigit()) for g in gateways}) == 1
+    assert _flag(gateways[1].argv, "--prefill-decider") == "threshold"
+    assert all(g.env == gateways[0].env and g.env["SPLITSERVE_REDIS_URL"] for g in gateways)
+    assert len({g.metrics_port for g in gateways}) == 3
+    with pytest.raises(ValueError, match="need Envoy"):
+        StackConfig(gateways=2, envoy=False)
+    with pytest.raises(ValueError, match="gateways must be >= 1"):
+        StackConfig(gateways=0)
+
+
 def test_without_envoy_the_gateway_takes_the_public_ports(tmp_path):
     plan, specs = _plan(tmp_path, envoy=False, port=8000, grpc_port=50051, host="127.0.0.2")
     gateway = specs["gateway"]

@@ -87,12 +87,17 @@ def test_off_by_default_nothing_is_installed_and_no_metadata_is_sent():
     assert not tracing.enabled()
     assert tracing.server_interceptors(starts_traces=True) == [] and tracing.client_interceptors("h:1") == []
     assert not hasattr(trace.get_tracer_provider(), "add_span_processor")  # the API's proxy, not an SDK provider
-    gateway = Gateway(GatewaySettings())
+
+    async def made_off():   # aio channels made inside a loop: an earlier test may have left none set
+        gateway = Gateway(GatewaySettings())
+        stores = StoreChannels()
+        stores.stub("127.0.0.1:1")
+        [(store_channel, _)] = stores._channels.values()
+        return gateway, [insecure_channel("127.0.0.1:1"), store_channel]
+
+    gateway, channels = asyncio.run(made_off())
     assert all(m.cls is not tracing._HttpTracing for m in gateway.app.user_middleware)
-    stores = StoreChannels()
-    stores.stub("127.0.0.1:1")
-    [(store_channel, _)] = stores._channels.values()
-    for channel in (insecure_channel("127.0.0.1:1"), store_channel):
+    for channel in channels:
         assert not channel._unary_unary_interceptors and not channel._unary_stream_interceptors
 
     async def go():

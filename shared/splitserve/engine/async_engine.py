@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Optional, TypeVar
@@ -21,11 +22,13 @@ from splitserve.engine.kv_connector import KVLoad, ReceivedKV
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.outputs import KVExport
 from splitserve.engine.sequence import Sequence
+from splitserve.rate_meter import RateMeter
 from splitserve.sampling_params import InvalidRequestError, SamplingParams
 
 log = logging.getLogger(__name__)
 
 _IDLE_RETRY_S = 0.05
+_MIN_PREFILL_STEP_TOKENS = 64
 T = TypeVar("T")
 
 
@@ -143,6 +146,11 @@ class AsyncEngine:
         self.dead: Optional[BaseException] = None
         # Written only by the loop thread, after each step: other threads read stats without racing the scheduler.
         self.stats_snapshot: dict[str, int] = engine.stats()
+        # Prompt tokens per second of the steps that computed a real prefill (decode tokens batched with it
+        # included: that is the rate a prompt sent here gets); announced to Redis for the gateway's choice of
+        # prefill path. Smaller steps (the tail of a prompt whose blocks came from the store, a recomputed token)
+        # are ignored: their time is the step's fixed cost, which would read as a rate ten times too low.
+        self.prefill_rate = RateMeter(min_amount=_MIN_PREFILL_STEP_TOKENS)
         self._kv_changes_sink: Optional[Callable[[list[tuple[bool, bytes]]], None]] = None
         # Exports lend their blocks (no copy on this loop's thread); a release wakes the loop to take them back.
         engine.lend_exports(lambda: self._submit(engine.reclaim_lent_blocks, None))
@@ -334,6 +342,8 @@ class AsyncEngine:
                 self._step_done()
                 continue
             steps_before = engine.num_steps
+            computed_before = engine.num_prompt_tokens_computed
+            started = time.perf_counter()
             try:
                 finished = engine.step()
             except Exception as exc:
@@ -343,6 +353,8 @@ class AsyncEngine:
                 if self._loop is not None:
                     self._loop.call_soon_threadsafe(self._fail_waiters, EngineDeadError(f"engine loop failed: {exc}"))
                 return
+            elapsed = time.perf_counter() - started
+            self.prefill_rate.observe(engine.num_prompt_tokens_computed - computed_before, elapsed)
             self._post(self._deltas(engine.last_step_sampled, finished))
             self._step_done()
             if engine.num_steps == steps_before:

@@ -377,6 +377,9 @@ class LLMEngine:
             "waiting": len(self.scheduler.waiting),
             "running_tokens": sum(s.num_tokens for s in self.scheduler.running),
             "waiting_tokens": sum(s.num_tokens for s in self.scheduler.waiting),
+            # Prompt tokens still to compute, waiting or mid chunked prefill: the queue a new prompt waits behind.
+            "queued_prompt_tokens": sum(max(0, s.num_prompt_tokens - s.num_computed_tokens)
+                                        for s in (*self.scheduler.waiting, *self.scheduler.running)),
             "steps": self.num_steps,
             "guided_sequences": self.num_guided_sequences,
             "guided_rejected_tokens": self.num_guided_rejected_tokens,

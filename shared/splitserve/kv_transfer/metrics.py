@@ -2,6 +2,8 @@
 
 from prometheus_client import Counter
 
+from splitserve.rate_meter import RateMeter
+
 KV_TRANSFER_BYTES = Counter("splitserve_kv_transfer_bytes_total", "KV bytes moved to/from a kv-store",
                             ["direction"])
 KV_TRANSFER_SECONDS = Counter("splitserve_kv_transfer_seconds_total", "Seconds spent moving KV blocks",
@@ -16,7 +18,15 @@ KV_TRANSPORT_FALLBACKS = Counter("splitserve_kv_transfer_fallbacks_total",
                                  "Transfers a UCX transport sent over gRPC streams instead, by reason", ["reason"])
 
 
+# Bytes/s of this process's block writes to a kv-store, announced to Redis: a prefill's write is on its request's
+# path to the first token, which the gateway weighs against prefilling on the decode worker. Writes only: a
+# mapped read is timed in two parts (its RPCs here, its copy in transport.py), so its rate here would be too high.
+KV_PUT_RATE = RateMeter()
+
+
 def record_transfer(direction: str, seconds: float, nbytes: int, nblocks: int) -> None:
+    if direction == "put":
+        KV_PUT_RATE.observe(nbytes, seconds)
     KV_TRANSFER_SECONDS.labels(direction).inc(seconds)
     KV_TRANSFER_BYTES.labels(direction).inc(nbytes)
     KV_TRANSFER_BLOCKS.labels(direction).inc(nblocks)

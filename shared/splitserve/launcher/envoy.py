@@ -1,9 +1,11 @@
-"""Envoy in front of the local gateway: finds the binary and renders the one shared envoy.yaml for local ports.
+"""Envoy in front of the local gateway replicas: finds the binary and renders the one shared envoy.yaml for local
+ports.
 
-envoy.yaml beside this file is written for the containers (the gateway is the DNS name `gateway`). Locally only
-the addresses change: each public listener's socket address, the readiness listener's port and each cluster's
-endpoints; an admin interface (loopback only) is added only when asked for. Everything else (timeouts,
-retries, health checks, limits) is the same file the containers run, so the two cannot drift apart.
+envoy.yaml beside this file is written for the containers (the gateway is the DNS name `gateway`, whose replicas
+STRICT_DNS finds). Locally only the addresses change: each public listener's socket address, the readiness
+listener's port and each cluster's endpoints, one per gateway replica (Envoy round-robins over them); an admin
+interface (loopback only) is added only when asked for. Everything else (timeouts, retries, health checks,
+limits) is the same file the containers run, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ class EnvoyPorts:
     gateway_grpc_port: int
     # Envoy's admin interface (config dump, /quitquitquit) on loopback; None: none at all.
     admin_port: Optional[int] = None
+    # (HTTP, gRPC) ports of further gateway replicas on gateway_host, beside the first one above.
+    more_gateways: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def gateway_ports(self) -> tuple[tuple[int, int], ...]:
+        """(HTTP, gRPC) ports of every gateway replica."""
+        return ((self.gateway_http_port, self.gateway_grpc_port), *self.more_gateways)
 
 
 def find_envoy() -> str:
@@ -81,11 +90,16 @@ def render_envoy_config(template: dict[str, Any], ports: EnvoyPorts) -> dict[str
     _set_socket(_named(resources["listeners"], HTTP_LISTENER, "listener"), ports.host, ports.http_port)
     _set_socket(_named(resources["listeners"], GRPC_LISTENER, "listener"), ports.host, ports.grpc_port)
     _set_socket(_named(resources["listeners"], READY_LISTENER, "listener"), LOOPBACK, ports.ready_port)
-    for cluster_name, port in ((HTTP_CLUSTER, ports.gateway_http_port), (GRPC_CLUSTER, ports.gateway_grpc_port)):
+    for cluster_name, protocol in ((HTTP_CLUSTER, 0), (GRPC_CLUSTER, 1)):
         cluster = _named(resources["clusters"], cluster_name, "cluster")
         for locality in cluster["load_assignment"]["endpoints"]:
-            for lb_endpoint in locality["lb_endpoints"]:
-                _set_socket(lb_endpoint["endpoint"], ports.gateway_host, port)
+            # The template's endpoint, once per replica: the same settings, each replica's port.
+            template_endpoint = locality["lb_endpoints"][0]
+            locality["lb_endpoints"] = []
+            for replica in ports.gateway_ports:
+                lb_endpoint = copy.deepcopy(template_endpoint)
+                _set_socket(lb_endpoint["endpoint"], ports.gateway_host, replica[protocol])
+                locality["lb_endpoints"].append(lb_endpoint)
     return config
 
 

@@ -56,6 +56,9 @@ class StackConfig(EngineConfig):
         "help": "secret the workers prove they hold before the gateway routes to them (default: a new random "
                 "one; pass it by env)"})
     envoy: bool = field(default=True, metadata={"help": "run Envoy in front of the gateway"})
+    gateways: int = field(default=1, metadata={
+        "help": "gateway replicas behind Envoy, which round-robins over them; they share the prefix index and the "
+                "worker registry through Redis (more than one needs Envoy)"})
     envoy_admin_port: Optional[int] = field(default=None, metadata={
         "help": "serve Envoy's admin interface on 127.0.0.1:PORT (default: none; it can dump the config and stop "
                 "Envoy)"})
@@ -68,6 +71,10 @@ class StackConfig(EngineConfig):
     tool_call_parser: Optional[str] = field(default=None, metadata={
         "help": "the gateway's tool-call parser for tool_choice auto, as vLLM's flag (hermes: Hermes / Qwen "
                 "<tool_call> blocks); default none: tool_choice auto is refused"})
+    prefill_decider: Optional[str] = field(default=None, metadata={
+        "help": "where longer prompts are prefilled: predicted (the gateway's default: on the decode worker or a "
+                "prefill worker, whichever is predicted to give the first token sooner) or threshold (always a "
+                "prefill worker)"})
     torch_threads: Optional[int] = field(default=None, metadata={
         "help": "torch threads per engine worker (default: one per core the worker is given)"})
     cpu_affinity: bool = field(default=True, metadata={
@@ -98,9 +105,11 @@ class StackConfig(EngineConfig):
         super().__post_init__()
         if self.kv_store_capacity_bytes is not None:
             self.kv_store_capacity_bytes = ByteSize(self.kv_store_capacity_bytes)
-        for name in ("decode_workers", "tokenizer_replicas"):
+        for name in ("decode_workers", "tokenizer_replicas", "gateways"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gateways > 1 and not self.envoy:
+            raise ValueError("several gateways need Envoy in front of them (one public port); drop --no-envoy")
         if self.prefill_workers < 0:
             raise ValueError(f"prefill_workers must be >= 0 (0: aggregated), got {self.prefill_workers}")
         for name in ("port", "grpc_port"):
@@ -140,6 +149,7 @@ class StackPlan:
     envoy_ports: Optional[EnvoyPorts]
     envoy_config_path: Optional[Path]
     redis_config_path: Optional[Path] = None
+    gateway_urls: list[str] = field(default_factory=list)   # each replica's own OpenAI API root (behind Envoy)
 
 
 # From this many cores on, one is kept for the gateway, tokenizer, kv-store, Redis and Envoy; below, it would be
@@ -174,9 +184,9 @@ def launcher_cpus() -> list[int]:
 
 
 def ports_needed(config: StackConfig) -> int:
-    """The free ports `plan_stack` may take (two per service, Redis, Envoy, the public ones), plus two spare so the
-    caller can drop any that equal the public ports."""
-    return 2 * (config.tokenizer_replicas + config.prefill_workers + config.decode_workers) + 11
+    """The free ports `plan_stack` may take (two per service, three per gateway, Redis, Envoy, the public ones), plus
+    two spare so the caller can drop any that equal the public ports."""
+    return 2 * (config.tokenizer_replicas + config.prefill_workers + config.decode_workers) + 3 * config.gateways + 8
 
 
 def flags(**values: object) -> list[str]:
@@ -259,32 +269,41 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
     addresses = {"tokenizer": [t.address for t in tokenizers], "kv-store": [kv_store.address],
                  **{role: [w.address for w in workers if w.role == role] for role in ENGINE_ROLES}}
     if config.envoy:
-        gateway_host, gateway_http, gateway_grpc = INTERNAL_HOST, next(ports), next(ports)
+        gateway_host = INTERNAL_HOST
+        gateway_ports = [(next(ports), next(ports)) for _ in range(config.gateways)]
     else:
-        gateway_host, gateway_http, gateway_grpc = config.host, public_http, public_grpc
+        gateway_host, gateway_ports = config.host, [(public_http, public_grpc)]
     # Secrets go by env, not argv, so they do not show in `ps`.
     gateway_env = {**cluster, **({"SPLITSERVE_API_KEY": config.api_key} if config.api_key else {})}
-    gateway = service("gateway", "gateway", gateway_http,
-                      *flags(grpc_port=gateway_grpc, tokenizer_addresses=addresses["tokenizer"],
-                             prefill_addresses=addresses["prefill"], decode_addresses=addresses["decode"],
-                             kv_store_address=kv_store.address, served_model_name=config.served_model_name or None,
-                             local_prefill_threshold=config.local_prefill_threshold,
-                             tool_call_parser=config.tool_call_parser),
-                      env=gateway_env, host=gateway_host)
-    gateway.address = host_port(connect_host(gateway_host), gateway_grpc)
-    gateway.probes = [("grpc", gateway.address),
-                      # every worker routable, not only one of each: the first requests spread over all of them
-                      ("http", f"http://{host_port(connect_host(gateway_host), gateway_http)}/health?all=true")]
-    addresses["gateway"] = [gateway.address]
-    tiers.append([gateway])
+    gateways, gateway_urls = [], []
+    for index, (gateway_http, gateway_grpc) in enumerate(gateway_ports):
+        gateway = service("gateway" if config.gateways == 1 else f"gateway-{index}", "gateway", gateway_http,
+                          *flags(grpc_port=gateway_grpc, tokenizer_addresses=addresses["tokenizer"],
+                                 prefill_addresses=addresses["prefill"], decode_addresses=addresses["decode"],
+                                 kv_store_address=kv_store.address,
+                                 served_model_name=config.served_model_name or None,
+                                 local_prefill_threshold=config.local_prefill_threshold,
+                                 prefill_decider=config.prefill_decider,
+                                 tool_call_parser=config.tool_call_parser),
+                          env=gateway_env, host=gateway_host)
+        gateway.address = host_port(connect_host(gateway_host), gateway_grpc)
+        http_root = f"http://{host_port(connect_host(gateway_host), gateway_http)}"
+        gateway.probes = [("grpc", gateway.address),
+                          # every worker routable, not only one of each: the first requests spread over all of them
+                          ("http", f"{http_root}/health?all=true")]
+        gateways.append(gateway)
+        gateway_urls.append(f"{http_root}/v1")
+    addresses["gateway"] = [gateway.address for gateway in gateways]
+    tiers.append(gateways)
 
     envoy_ports = envoy_config_path = None
     public_host = connect_host(config.host)
     if config.envoy:
         if envoy_binary is None:
             raise ValueError("plan_stack needs envoy_binary when Envoy is enabled")
-        envoy_ports = EnvoyPorts(config.host, public_http, public_grpc, next(ports), gateway_host, gateway_http,
-                                 gateway_grpc, admin_port=config.envoy_admin_port)
+        (first_http, first_grpc), *more_gateways = gateway_ports
+        envoy_ports = EnvoyPorts(config.host, public_http, public_grpc, next(ports), gateway_host, first_http,
+                                 first_grpc, admin_port=config.envoy_admin_port, more_gateways=tuple(more_gateways))
         envoy_config_path = Path(log_dir) / "envoy.yaml"
         # Ready only when a request goes THROUGH Envoy on both public ports.
         tiers.append([ServiceSpec("envoy", "envoy", envoy_argv(envoy_binary, envoy_config_path, config.log_level),
@@ -294,7 +313,7 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
     return StackPlan(tiers, base_url=f"http://{host_port(public_host, public_http)}/v1",
                      grpc_address=host_port(public_host, public_grpc), redis_url=redis, addresses=addresses,
                      envoy_ports=envoy_ports, envoy_config_path=envoy_config_path,
-                     redis_config_path=redis_config_path)
+                     redis_config_path=redis_config_path, gateway_urls=gateway_urls)
 
 
 def ucx_net_devices(config: StackConfig) -> str:

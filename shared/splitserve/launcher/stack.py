@@ -94,6 +94,11 @@ class Stack:
         return self._plan.base_url.removesuffix("/v1")
 
     @property
+    def gateway_urls(self) -> list[str]:
+        """Each gateway replica's own OpenAI API root (Envoy's base_url spreads requests over them)."""
+        return self._plan.gateway_urls
+
+    @property
     def grpc_address(self) -> str:
         """HOST:PORT of the public gRPC API (splitserve.v1.Gateway)."""
         return self._plan.grpc_address

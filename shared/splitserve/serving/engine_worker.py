@@ -141,11 +141,18 @@ def engine_stats_proto(async_engine, model_name: str) -> common_pb2.EngineStats:
 
 
 def load_report(async_engine) -> dict[str, int]:
-    """The load numbers a worker announces to Redis for the router."""
+    """The load numbers a worker announces to Redis for the router, and what the gateway predicts the time of a
+    prefill here from (its queue, its measured rates; 0 while not measured)."""
+    from splitserve.kv_transfer.metrics import KV_PUT_RATE
+
     s = async_engine.stats_snapshot
+    layout = async_engine.layout
     return {"num_running": s["running"], "num_waiting": s["waiting"], "running_tokens": s["running_tokens"],
             "waiting_tokens": s["waiting_tokens"], "kv_blocks_free": s["free_blocks"],
-            "kv_blocks_total": s["num_blocks"]}
+            "kv_blocks_total": s["num_blocks"], "queued_prompt_tokens": s["queued_prompt_tokens"],
+            "prefill_tokens_per_s": round(async_engine.prefill_rate.rate or 0),
+            "kv_put_bytes_per_s": round(KV_PUT_RATE.rate or 0),
+            "kv_bytes_per_token": layout.bytes_per_block // layout.block_size}
 
 
 class EngineMetricsCollector(Collector):

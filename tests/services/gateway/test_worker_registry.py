@@ -18,12 +18,15 @@ from .conftest import free_port
 def test_announced_worker_is_read_back_with_its_load(loop_thread, clean_redis):
     async def scenario():
         announcer = WorkerAnnouncer(clean_redis, "decode", "10.0.0.1:50060", "m", lambda: {
-            "num_running": 3, "num_waiting": 1, "kv_blocks_free": 90, "kv_blocks_total": 100}, interval_s=0.1)
+            "num_running": 3, "num_waiting": 1, "kv_blocks_free": 90, "kv_blocks_total": 100,
+            "queued_prompt_tokens": 700, "prefill_tokens_per_s": 2500, "kv_put_bytes_per_s": 10**9,
+            "kv_bytes_per_token": 4096}, interval_s=0.1)
         client = aioredis.from_url(clean_redis)
         try:
             await announcer.start()
             [info] = await read_workers(client, "decode")
-            assert info == WorkerInfo("10.0.0.1:50060", "decode", "m", info.updated, 3, 1, 90, 100)
+            assert info == WorkerInfo("10.0.0.1:50060", "decode", "m", info.updated, 3, 1, 90, 100, 700, 2500, 10**9,
+                                      4096)
             assert abs(info.updated - time.time()) < 5
             assert await read_workers(client, "prefill") == []
             first = info.updated
@@ -32,7 +35,8 @@ def test_announced_worker_is_read_back_with_its_load(loop_thread, clean_redis):
             assert again.updated > first                            # kept fresh
             raw = json.loads(await client.hget(registry_key("decode"), "10.0.0.1:50060"))
             assert set(raw) == {"address", "kind", "model", "updated", "num_running", "num_waiting",
-                                "kv_blocks_free", "kv_blocks_total"}
+                                "kv_blocks_free", "kv_blocks_total", "queued_prompt_tokens", "prefill_tokens_per_s",
+                                "kv_put_bytes_per_s", "kv_bytes_per_token"}
             await announcer.stop()
             assert await read_workers(client, "decode") == []       # removed on stop
         finally:

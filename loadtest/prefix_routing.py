@@ -1,0 +1,296 @@
+"""Prefix-aware routing against round-robin on a multi-tenant workload like llm-d's.
+
+K tenants each have a system prompt of 1,000-4,000 tokens; users send short questions after one of them (the
+tenant drawn uniformly), arriving as a Poisson process at a fixed rate; everything from one seed. Prompts are
+token ids, so prompt and cached token counts are exact. The model (built offline like the demo model, random
+weights) is big enough that prefill dominates: 8 layers x 1024 hidden, or 4 x 512 with --quick so that it ends
+within 5 minutes on a small CPU machine.
+
+The script starts its own stack (2 prefill and 2 decode workers, Redis, kv-store; no Envoy) and runs the workload
+under router policy `round-robin`, then `prefix`, against the same running workers, Redis and kv-store: the policy
+is a gateway flag, so between the two only the gateway is restarted (the launcher's supervisor starts it again on
+the same ports with the new flag). Each policy gets system prompts of its own (same lengths, arrivals and
+questions; other tokens), so neither finds the other's prefixes in a cache. Per policy it prints TTFT p50/p90,
+requests/s and output tokens/s, the prefix-cache hit rate (cached / prompt tokens, from each response's
+usage.prompt_tokens_details.cached_tokens), how much of it the prefill workers read from the kv-store rather than
+their own cache, and its share of the ideal hit rate (each system prompt computed once, every later request
+reusing its full blocks). The last line is `ttft_p50_prefix_vs_round_robin: X.XX` (prefix / round-robin).
+
+    python loadtest/prefix_routing.py [--quick] [--rate R] [--requests N] [--tenants K] [--model M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve_load import RequestResult, one_request, percentile
+
+POLICIES = ("round-robin", "prefix")
+# Random weights, built offline; max_position_embeddings leaves room for the longest prompt and its answer.
+MODELS = {
+    "full": dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+                 intermediate_size=2816, max_position_embeddings=8192),
+    "quick": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+                  intermediate_size=1408, max_position_embeddings=8192),
+}
+FIRST_TOKEN_ID = 16          # below: the demo tokenizer's special tokens, never in a prompt
+STORE_HITS = "splitserve_prefill_store_prefix_hit_tokens_total"
+DECISIONS = "splitserve_router_decisions_total"
+
+
+@dataclass(frozen=True)
+class Request:
+    arrival_s: float             # after the phase starts
+    tenant: int                  # whose system prompt comes first
+    question: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Workload:
+    system_lengths: tuple[int, ...]
+    requests: tuple[Request, ...]
+    seed: int
+    vocab_size: int
+
+
+def make_workload(seed: int, tenants: int, system_min: int, system_max: int, requests: int, question_min: int,
+                  question_max: int, rate: float, vocab_size: int) -> Workload:
+    rng = random.Random(seed)
+    lengths = tuple(rng.randint(system_min, system_max) for _ in range(tenants))
+    arrival, made = 0.0, []
+    for _ in range(requests):
+        arrival += rng.expovariate(rate)
+        question = tuple(rng.randrange(FIRST_TOKEN_ID, vocab_size)
+                         for _ in range(rng.randint(question_min, question_max)))
+        made.append(Request(arrival, rng.randrange(tenants), question))
+    return Workload(lengths, tuple(made), seed, vocab_size)
+
+
+def system_prompts(workload: Workload, phase: int) -> list[list[int]]:
+    """The tenants' system prompts for one phase: the workload's lengths, tokens of the phase's own."""
+    rng = random.Random(f"{workload.seed}/system/{phase}")
+    return [[rng.randrange(FIRST_TOKEN_ID, workload.vocab_size) for _ in range(n)] for n in workload.system_lengths]
+
+
+def prompts(workload: Workload, systems: Sequence[Sequence[int]]) -> list[list[int]]:
+    return [[*systems[r.tenant], *r.question] for r in workload.requests]
+
+
+def ideal_cached_tokens(workload: Workload, block_size: int) -> list[int]:
+    """Per request, what a perfect cache reuses: nothing for a tenant's first request (in arrival order), the
+    system prompt's full blocks for every later one (the block holding its end also holds the question)."""
+    seen: set[int] = set()
+    ideal = []
+    for request in workload.requests:
+        full_blocks = workload.system_lengths[request.tenant] // block_size * block_size
+        ideal.append(full_blocks if request.tenant in seen else 0)
+        seen.add(request.tenant)
+    return ideal
+
+
+@dataclass
+class PhaseResult:
+    policy: str
+    results: list[RequestResult]
+    elapsed_s: float
+    ideal_cached: list[int]
+    store_hit_tokens: float = 0.0            # read from the kv-store by the prefill workers
+    decisions: dict[str, float] = field(default_factory=dict)   # the gateway's prefill choices, by reason
+
+    @property
+    def ok(self) -> list[RequestResult]:
+        return [r for r in self.results if r.ok]
+
+    @property
+    def failed(self) -> int:
+        return len(self.results) - len(self.ok)
+
+    def ttft(self, q: float) -> float:
+        return percentile([r.ttft for r in self.ok], q)
+
+    @property
+    def req_per_s(self) -> float:
+        return len(self.ok) / self.elapsed_s
+
+    @property
+    def output_tok_per_s(self) -> float:
+        return sum(r.output_tokens for r in self.ok) / self.elapsed_s
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(r.prompt_tokens for r in self.ok)
+
+    @property
+    def hit_rate(self) -> float:
+        return sum(r.cached_tokens for r in self.ok) / self.prompt_tokens if self.prompt_tokens else float("nan")
+
+    @property
+    def ideal_hit_rate(self) -> float:
+        ideal = sum(i for r, i in zip(self.results, self.ideal_cached) if r.ok)
+        return ideal / self.prompt_tokens if self.prompt_tokens else float("nan")
+
+    @property
+    def share_of_ideal(self) -> float:
+        return self.hit_rate / self.ideal_hit_rate if self.ideal_hit_rate else float("nan")
+
+    @property
+    def store_share(self) -> float:
+        """Of the cached tokens, those the prefill workers read from the kv-store rather than their own cache."""
+        cached = sum(r.cached_tokens for r in self.ok)
+        return self.store_hit_tokens / cached if cached else float("nan")
+
+
+COLUMNS = ("policy", "requests", "failed", "ttft_p50_ms", "ttft_p90_ms", "req_per_s", "output_tok_per_s",
+           "hit_rate", "ideal_hit_rate", "share_of_ideal", "from_kv_store")
+
+
+def table(phases: Sequence[PhaseResult]) -> list[str]:
+    lines = [" | ".join(f"{c:>16}" for c in COLUMNS)]
+    for p in phases:
+        values = (p.policy, len(p.results), p.failed, 1e3 * p.ttft(0.5), 1e3 * p.ttft(0.9), p.req_per_s,
+                  p.output_tok_per_s, p.hit_rate, p.ideal_hit_rate, p.share_of_ideal, p.store_share)
+        lines.append(" | ".join(f"{v:>16.2f}" if isinstance(v, float) else f"{v:>16}" for v in values))
+    for p in phases:
+        reasons = ", ".join(f"{reason} {count:.0f}" for reason, count in sorted(p.decisions.items()))
+        lines.append(f"{p.policy}: prefill worker choices by reason: {reasons or 'none counted'}")
+        for error in sorted({r.error for r in p.results if not r.ok})[:3]:
+            lines.append(f"{p.policy}: error: {error}")
+    return lines
+
+
+def last_line(round_robin: PhaseResult, prefix: PhaseResult) -> str:
+    return f"ttft_p50_prefix_vs_round_robin: {prefix.ttft(0.5) / round_robin.ttft(0.5):.2f}"
+
+
+def sample_sum(metrics_text: str, sample: str, **labels: str) -> float:
+    """The sum of a Prometheus exposition's samples named `sample` whose labels include `labels`."""
+    return sum(s.value for family in text_string_to_metric_families(metrics_text) for s in family.samples
+               if s.name == sample and labels.items() <= s.labels.items())
+
+
+def decisions_by_reason(metrics_text: str, kind: str = "prefill") -> dict[str, float]:
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == DECISIONS and s.labels.get("kind") == kind and s.value:
+                counts[s.labels["reason"]] = counts.get(s.labels["reason"], 0.0) + s.value
+    return counts
+
+
+async def run_arrivals(url: str, schedule: Sequence[tuple[float, list[int]]], max_tokens: int
+                       ) -> tuple[list[RequestResult], float]:
+    """Sends each prompt at its arrival time (open loop: a slow server does not slow the arrivals)."""
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=None)) as client:
+        model = (await client.get(f"{url}/models")).json()["data"][0]["id"]
+        start = time.perf_counter()
+
+        async def send(at: float, prompt: list[int]) -> RequestResult:
+            await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
+            return await one_request(client, url, model, prompt, max_tokens, None)
+
+        results = await asyncio.gather(*(send(at, prompt) for at, prompt in schedule))
+        return list(results), time.perf_counter() - start
+
+
+def switch_router_policy(stack, policy: str, timeout_s: float = 120.0) -> None:
+    """Restarts only the gateway, with `policy`: the supervisor starts it again with its (updated) command line
+    on the same ports; returns once it routes to every worker again."""
+    gateway = stack.process("gateway")
+    gateway.argv[gateway.argv.index("--router-policy") + 1] = policy
+    old_pid = gateway.pid
+    gateway.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if gateway.pid != old_pid and gateway.alive:
+            try:
+                if httpx.get(f"{stack.http_url}/health?all=true", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the gateway did not come back with --router-policy {policy} in {timeout_s:.0f} s; "
+                               f"see {gateway.log_path}")
+        time.sleep(0.2)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a smaller model and workload: under 5 minutes")
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: built offline, see above)")
+    parser.add_argument("--tenants", type=int, default=None, help="system prompts (default 8; --quick 3)")
+    parser.add_argument("--requests", type=int, default=None, help="per policy (default 96; --quick 24)")
+    parser.add_argument("--rate", type=float, default=None, help="arrivals per second (default 0.5; --quick 0.5)")
+    parser.add_argument("--system-min", type=int, default=1000)
+    parser.add_argument("--system-max", type=int, default=4000)
+    parser.add_argument("--question-min", type=int, default=16)
+    parser.add_argument("--question-max", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--num-kv-blocks", type=int, default=None,
+                        help="KV cache blocks per worker (default: the engine's budget, which holds every system "
+                             "prompt on every worker; fewer, e.g. half the tenants' blocks, is llm-d's regime where "
+                             "round-robin evicts what it will need)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.tenants = args.tenants or (3 if quick else 8)
+    args.requests = args.requests or (24 if quick else 96)
+    args.rate = args.rate or 0.5
+    if args.tenants < 1 or args.requests < 1 or args.rate <= 0 or args.max_tokens < 1:
+        parser.error("--tenants, --requests and --max-tokens must be >= 1 and --rate > 0")
+    if not 1 <= args.system_min <= args.system_max or not 1 <= args.question_min <= args.question_max:
+        parser.error("need 1 <= --system-min <= --system-max and 1 <= --question-min <= --question-max")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from splitserve.config import EngineConfig
+    from splitserve.demo_model import cached_checkpoint
+    from splitserve.launcher.stack import Stack
+
+    model = args.model or str(cached_checkpoint("llama", **MODELS["quick" if args.quick else "full"]))
+    vocab_size = int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
+    workload = make_workload(args.seed, args.tenants, args.system_min, args.system_max, args.requests,
+                             args.question_min, args.question_max, args.rate, vocab_size)
+    ideal = ideal_cached_tokens(workload, EngineConfig.block_size)
+    print(f"model {model}; {args.tenants} system prompts of {sorted(workload.system_lengths)} tokens, "
+          f"{args.requests} requests per policy at {args.rate}/s (Poisson), {args.max_tokens} output tokens each; "
+          f"KV blocks per worker: {args.num_kv_blocks or 'the engine default'}")
+    phases = []
+    with Stack(model=model, prefill_workers=2, decode_workers=2, envoy=False, torch_threads=1,
+               num_kv_blocks=args.num_kv_blocks, extra_args={"gateway": ["--router-policy", POLICIES[0]]}) as stack:
+        prefill_metrics = [f"http://127.0.0.1:{port}/metrics" for port in stack.metrics_ports["prefill"]]
+        for index, policy in enumerate(POLICIES):
+            if index:
+                switch_router_policy(stack, policy)
+            # Warm-up (not measured): each worker's first steps, on tokens no phase uses.
+            warm = [[FIRST_TOKEN_ID + i % 7] * 64 for i in range(4)]
+            asyncio.run(run_arrivals(stack.base_url, [(0.0, p) for p in warm], 2))
+            store_before = sum(sample_sum(httpx.get(u, timeout=10).text, STORE_HITS) for u in prefill_metrics)
+            decisions_before = decisions_by_reason(httpx.get(f"{stack.http_url}/metrics", timeout=10).text)
+            schedule = [(r.arrival_s, p) for r, p in zip(workload.requests,
+                                                          prompts(workload, system_prompts(workload, index)))]
+            results, elapsed = asyncio.run(run_arrivals(stack.base_url, schedule, args.max_tokens))
+            store_after = sum(sample_sum(httpx.get(u, timeout=10).text, STORE_HITS) for u in prefill_metrics)
+            decisions = decisions_by_reason(httpx.get(f"{stack.http_url}/metrics", timeout=10).text)
+            phases.append(PhaseResult(policy, results, elapsed, ideal, store_after - store_before,
+                                      {r: n - decisions_before.get(r, 0.0) for r, n in decisions.items()}))
+    print("\n".join(table(phases)))
+    print(last_line(*phases))
+    return 0 if all(p.failed == 0 for p in phases) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Where one prompt is prefilled: on its decode worker (local) or on a prefill worker (remote, its KV then moved
+through the kv-store), whichever is predicted to give the first token sooner.
+
+Disaggregation is not free: a remote prefill writes the prompt's KV to the kv-store before its first token goes
+out, and an idle decode worker holding the prompt's prefix computes the rest faster than a prefill worker that
+holds nothing or has a queue (llm-d's P/D guide measured disaggregated TTFT 2.7x aggregated where it split every
+request). So for each prompt (deciders, the gateway's --prefill-decider):
+
+- `predicted` (default): estimate both times and take the faster path,
+      local  = (decode queue + prompt - decode's cached prefix) / decode's prefill rate
+      remote = (prefill queue + prompt - max(prefill's cached prefix, kv-store's)) / prefill's prefill rate
+               + prompt x KV bytes/token / prefill's write rate (each block is read from the store or written)
+  Queues are prompt tokens waiting on the worker: what it announced to Redis beyond what this gateway sent it
+  (as the router counts load), plus this gateway's own prompts still waiting for their first token. Rates are
+  what each worker measures itself and announces (engine steps and kv-store writes; see WorkerInfo), not what
+  the gateway times: a gateway sees only its own share of a worker's requests, and its timings of a prefill
+  hold the queue and the KV write, which the formula counts apart. A worker with no measured rate yet takes
+  the other one's (both run the same model); with neither measured (cold start) the prompt goes remote, the
+  deployment's design, which also measures the prefill workers; an unmeasured write rate costs nothing.
+  The decode worker's own read of the KV comes after the first token and is not counted.
+- `threshold`: remote always (the static rule of before: only the threshold below keeps prompts local).
+
+Either way prompts shorter than --local-prefill-threshold always stay local (an override, decided before this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from splitserve.services.gateway.prefix_index import PrefixHits
+from splitserve.services.gateway.workers import Worker
+
+DECIDERS = ("predicted", "threshold")
+LOCAL, REMOTE = "local", "remote"
+
+
+@dataclass(frozen=True)
+class PathChoice:
+    path: str                          # LOCAL or REMOTE
+    reason: str                        # the metric's label: predicted_faster, cold_start, threshold
+    local_s: Optional[float] = None    # the predicted times to the first token, when predicted
+    remote_s: Optional[float] = None
+
+    def describe(self) -> str:
+        if self.local_s is None or self.remote_s is None:
+            return f"{self.path} prefill ({self.reason})"
+        return (f"{self.path} prefill ({self.reason}: predicted first token local {self.local_s * 1000:.0f} ms, "
+                f"remote {self.remote_s * 1000:.0f} ms)")
+
+
+@dataclass(frozen=True)
+class PrefillCapacity:
+    """What predicting a prefill on one worker needs of it."""
+    queued_tokens: int
+    tokens_per_s: Optional[float]                  # None: not measured yet
+    put_bytes_per_s: Optional[float] = None
+    kv_bytes_per_token: int = 0
+
+
+def capacity(worker: Worker) -> PrefillCapacity:
+    """The worker's announced queue and rates, with this gateway's own prompts that have no first token yet."""
+    own = worker.prefill_tokens_in_flight
+    info = worker.reported
+    if info is None:
+        return PrefillCapacity(own, None)
+    return PrefillCapacity(own + max(0, info.queued_prompt_tokens - own), info.prefill_tokens_per_s or None,
+                           info.kv_put_bytes_per_s or None, info.kv_bytes_per_token)
+
+
+def predict_local_s(prompt_tokens: int, cached: int, decode: PrefillCapacity, rate: float) -> float:
+    computed = max(1, prompt_tokens - cached)   # the last token is always computed: its logits are the first token
+    return (decode.queued_tokens + computed) / rate
+
+
+def predict_remote_s(prompt_tokens: int, cached: int, store_cached: int, prefill: PrefillCapacity,
+                     rate: float) -> float:
+    computed = max(1, prompt_tokens - max(cached, store_cached))
+    transfer_s = 0.0
+    if prefill.put_bytes_per_s and prefill.kv_bytes_per_token:
+        # The store's part of the prefix is read from it and the rest written to it: every prompt token moves once.
+        transfer_s = prompt_tokens * prefill.kv_bytes_per_token / prefill.put_bytes_per_s
+    return (prefill.queued_tokens + computed) / rate + transfer_s
+
+
+class PrefillPathChooser:
+    def __init__(self, decider: str = "predicted"):
+        if decider not in DECIDERS:
+            raise ValueError(f"prefill decider must be one of {', '.join(DECIDERS)}, got {decider!r}")
+        self.decider = decider
+
+    def choose(self, prompt_tokens: int, decode: Worker, prefill: Worker, hits: Optional[PrefixHits]) -> PathChoice:
+        if self.decider == "threshold":
+            return PathChoice(REMOTE, "threshold")
+        local, remote = capacity(decode), capacity(prefill)
+        local_rate = local.tokens_per_s or remote.tokens_per_s
+        remote_rate = remote.tokens_per_s or local.tokens_per_s
+        if local_rate is None or remote_rate is None:
+            return PathChoice(REMOTE, "cold_start")
+        hits = hits or PrefixHits(prompt_tokens)
+        local_s = predict_local_s(prompt_tokens, hits.device_tokens(decode.kind, decode.address), local, local_rate)
+        remote_s = predict_remote_s(prompt_tokens, hits.device_tokens(prefill.kind, prefill.address),
+                                    hits.store_tokens, remote, remote_rate)
+        # Ties go remote: the split keeps the decode worker's batch free for the streams it is decoding.
+        path = LOCAL if local_s < remote_s else REMOTE
+        return PathChoice(path, "predicted_faster", local_s, remote_s)

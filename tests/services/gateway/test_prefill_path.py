@@ -1,0 +1,140 @@
+"""Selective disaggregation: the predicted time to the first token of local vs remote prefill, and the choice.
+
+Unit tests of the estimator (prefill_path.py), then the gateway against fake workers whose announced queues and
+rates (real Redis) make one path clearly faster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import pytest
+from prometheus_client import REGISTRY
+
+from splitserve.services.gateway.prefill_path import (LOCAL, REMOTE, PrefillCapacity, PrefillPathChooser, capacity,
+                                                      predict_local_s, predict_remote_s)
+from splitserve.services.gateway.prefix_index import PrefixHits
+from splitserve.services.gateway.workers import Worker
+from splitserve.worker_registry import WorkerAnnouncer, WorkerInfo
+
+
+def _worker(kind: str, address: str, **reported: int) -> Worker:
+    worker = Worker(address=address, kind=kind, static=True, channel=None)
+    if reported:
+        worker.reported = WorkerInfo(address, kind, "m", time.time(), **reported)
+    return worker
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# --- the estimator -------------------------------------------------------------------------------------------------
+
+def test_local_time_is_queue_plus_uncached_prompt_over_the_rate():
+    decode = PrefillCapacity(queued_tokens=500, tokens_per_s=1000.0)
+    assert predict_local_s(1000, cached=500, decode=decode, rate=1000.0) == pytest.approx(1.0)
+    # A fully cached prompt still computes its last token.
+    assert predict_local_s(1000, cached=1000, decode=PrefillCapacity(0, 1000.0), rate=1000.0) == pytest.approx(0.001)
+
+
+def test_remote_time_counts_the_better_of_its_cache_and_the_store_and_the_kv_write():
+    prefill = PrefillCapacity(queued_tokens=1000, tokens_per_s=2000.0, put_bytes_per_s=1e6, kv_bytes_per_token=1000)
+    # 1000 queued + (2000 - max(200, 1000)) computed at 2000 tok/s = 1 s, plus 2000 tokens x 1000 B at 1 MB/s = 2 s.
+    assert predict_remote_s(2000, cached=200, store_cached=1000, prefill=prefill, rate=2000.0) == pytest.approx(3.0)
+    # No write measured yet: the transfer costs nothing.
+    unmeasured = PrefillCapacity(queued_tokens=0, tokens_per_s=2000.0, kv_bytes_per_token=1000)
+    assert predict_remote_s(2000, cached=0, store_cached=0, prefill=unmeasured, rate=2000.0) == pytest.approx(1.0)
+
+
+def test_capacity_adds_what_this_gateway_sent_beyond_the_lagging_report():
+    worker = _worker("prefill", "p:1", queued_prompt_tokens=300, prefill_tokens_per_s=900, kv_put_bytes_per_s=5,
+                     kv_bytes_per_token=7)
+    assert capacity(worker) == PrefillCapacity(300, 900.0, 5.0, 7)
+    worker.prefill_tokens_in_flight = 200          # part of the reported 300: not counted twice
+    assert capacity(worker).queued_tokens == 300
+    worker.prefill_tokens_in_flight = 500          # sent after the report
+    assert capacity(worker).queued_tokens == 500
+    assert capacity(_worker("decode", "d:1")) == PrefillCapacity(0, None)   # nothing announced
+
+
+def test_cold_start_goes_remote_and_one_measured_side_stands_for_the_other():
+    chooser = PrefillPathChooser()
+    decode, prefill = _worker("decode", "d:1"), _worker("prefill", "p:1")
+    assert (chooser.choose(1000, decode, prefill, None).path, chooser.choose(1000, decode, prefill, None).reason) == \
+        (REMOTE, "cold_start")
+    # Only the prefill worker measured (the decode worker never prefilled): its rate stands for both, so a
+    # queue on it sends the prompt to the idle decode worker.
+    prefill = _worker("prefill", "p:1", queued_prompt_tokens=5000, prefill_tokens_per_s=1000)
+    choice = chooser.choose(1000, decode, prefill, None)
+    assert (choice.path, choice.reason) == (LOCAL, "predicted_faster")
+    assert choice.local_s == pytest.approx(1.0) and choice.remote_s == pytest.approx(6.0)
+
+
+def test_prefix_hits_decide_between_equal_workers():
+    chooser = PrefillPathChooser()
+    decode = _worker("decode", "d:1", prefill_tokens_per_s=1000)
+    prefill = _worker("prefill", "p:1", prefill_tokens_per_s=1000)
+    on_decode = PrefixHits(1000, {("decode", "d:1"): 960})
+    on_prefill = PrefixHits(1000, {("prefill", "p:1"): 960})
+    assert chooser.choose(1000, decode, prefill, on_decode).path == LOCAL
+    assert chooser.choose(1000, decode, prefill, on_prefill).path == REMOTE
+    assert chooser.choose(1000, decode, prefill, PrefixHits(1000)).path == REMOTE     # a tie stays split
+
+
+def test_a_slow_kv_write_keeps_the_prompt_local():
+    chooser = PrefillPathChooser()
+    decode = _worker("decode", "d:1", prefill_tokens_per_s=1000, queued_prompt_tokens=200)
+    fast = _worker("prefill", "p:1", prefill_tokens_per_s=1000, kv_put_bytes_per_s=10**9, kv_bytes_per_token=10**3)
+    slow = _worker("prefill", "p:2", prefill_tokens_per_s=1000, kv_put_bytes_per_s=10**5, kv_bytes_per_token=10**3)
+    assert chooser.choose(1000, decode, fast, None).path == REMOTE          # 1.0 s vs 1.2 s local
+    assert chooser.choose(1000, decode, slow, None).path == LOCAL           # 11 s: the write dominates
+
+
+def test_the_threshold_decider_always_splits_and_bad_deciders_are_refused():
+    decode = _worker("decode", "d:1", prefill_tokens_per_s=1000)
+    prefill = _worker("prefill", "p:1", prefill_tokens_per_s=1, queued_prompt_tokens=10**6)
+    choice = PrefillPathChooser("threshold").choose(1000, decode, prefill, None)
+    assert (choice.path, choice.reason) == (REMOTE, "threshold")
+    with pytest.raises(ValueError, match="predicted, threshold"):
+        PrefillPathChooser("fastest")
+
+
+# --- the gateway ---------------------------------------------------------------------------------------------------
+
+def _announcing_load(stack, redis_url: str, kind: str, server, **load: int) -> contextlib.AbstractContextManager:
+    announcer = WorkerAnnouncer(redis_url, kind, server.address, "fake-model", lambda: load, interval_s=0.2)
+
+    @contextlib.contextmanager
+    def running():
+        stack.loop.run(announcer.start())
+        try:
+            yield
+        finally:
+            stack.loop.run(announcer.stop())
+
+    return running()
+
+
+@pytest.mark.parametrize("queued_kind, expected_path", [("prefill", LOCAL), ("decode", REMOTE)])
+def test_a_queued_worker_pushes_prompts_to_the_other_path(make_stack, clean_redis, queued_kind, expected_path):
+    """Both workers measured at 1000 tokens/s; one has 100k prompt tokens queued (100 s), the other none: the
+    prompt goes where its first token comes sooner, counted by reason."""
+    stack = make_stack()
+    queues = {"prefill": 0, "decode": 0, queued_kind: 100_000}
+    prefill, decode = stack.prefill, stack.decode
+    before = _sample("splitserve_gateway_prefill_path_total", path=expected_path, reason="predicted_faster")
+    with _announcing_load(stack, clean_redis, "prefill", stack.prefills[0], prefill_tokens_per_s=1000,
+                          queued_prompt_tokens=queues["prefill"]), \
+            _announcing_load(stack, clean_redis, "decode", stack.decodes[0], prefill_tokens_per_s=1000,
+                             queued_prompt_tokens=queues["decode"]):
+        gateway = stack.start_gateway(redis_url=clean_redis)
+        assert all(w.reported is not None for kind in ("prefill", "decode") for w in gateway.gateway.pool.workers(kind))
+        for _ in range(3):
+            result = gateway.openai().completions.create(model="fake-model", prompt="x 10", max_tokens=3)
+            assert result.choices[0].text == " w11 w12 w13"                  # the same tokens either way
+    remote = [bool(r.produced_token_ids) for r in decode.requests]
+    assert remote == [expected_path == REMOTE] * 3
+    assert len(prefill.requests) == (3 if expected_path == REMOTE else 0)
+    assert _sample("splitserve_gateway_prefill_path_total", path=expected_path, reason="predicted_faster") == before + 3
