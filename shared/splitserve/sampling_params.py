@@ -11,6 +11,8 @@ SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
 TOP_K_MAX = 2**31 - 1
 LOGIT_BIAS_MAX = 100.0            # OpenAI's range
 _FLOAT_PARAMS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
+# These travel as proto float: a larger magnitude arrives at the worker as inf.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class InvalidRequestError(ValueError):
@@ -110,8 +112,8 @@ class SamplingParams:
             bad("n", f"n must be an integer >= 1, got {self.n!r}")
         for name in _FLOAT_PARAMS:   # NaN passes every range check below
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                bad(name, f"{name} must be a finite number, got {value!r}")
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+                bad(name, f"{name} must be a finite number of at most 3.4e38 in magnitude, got {value!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not SEED_MIN <= self.seed <= SEED_MAX):
             bad("seed", f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
