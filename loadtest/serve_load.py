@@ -10,6 +10,9 @@ Used two ways:
         every prompt, on every engine core), same workload, modes interleaved, medians at the end
 With --start it also reports each process's CPU seconds over the measured run and its share (CPU seconds from
 /proc/<pid>/stat per wall second, replicas summed): where the serving CPU goes.
+--guided json sends every request with a JSON schema (response_format, guided decoding); --guided compare runs
+the workload without and with it on the same stack, interleaved per round, and ends with
+`guided_itl_ratio: X.XX` (mean inter-token latency with the schema over without; the goal is <= 1.1).
 """
 
 from __future__ import annotations
@@ -52,16 +55,27 @@ def make_workload(num_requests: int, seed: int, min_in: int, max_in: int, min_ou
     return workload
 
 
+# A string that cannot end before max_tokens: guided outputs are as long as plain ones (both ignore EOS), so the
+# two runs interleave the same prefills and the ITL compares like with like.
+GUIDED_RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "load", "schema": {
+    "type": "object", "properties": {"text": {"type": "string", "minLength": 100000}}, "required": ["text"]}}}
+GUIDED_VARIANTS = {"off": [("", None)], "json": [("+json", GUIDED_RESPONSE_FORMAT)],
+                   "compare": [("", None), ("+json", GUIDED_RESPONSE_FORMAT)]}
+
+
 class RefusedError(Exception):
     """The server answered the request with an HTTP error instead of a stream."""
 
 
 async def completion_events(client: httpx.AsyncClient, url: str, model: str, prompt: str | list[int],
-                            max_tokens: int, api_key: str | None = None) -> AsyncIterator[dict]:
+                            max_tokens: int, api_key: str | None = None,
+                            response_format: dict | None = None) -> AsyncIterator[dict]:
     """The JSON events of one greedy streamed completion that ignores EOS (usage included at the end), `[DONE]`
     left out. Close it (contextlib.aclosing) to end the stream early."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
+    if response_format is not None:
+        body["response_format"] = response_format
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     async with client.stream("POST", f"{url}/completions", json=body, headers=headers) as response:
         if response.status_code != 200:
@@ -72,12 +86,13 @@ async def completion_events(client: httpx.AsyncClient, url: str, model: str, pro
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: str | list[int], max_tokens: int,
-                      api_key: str | None) -> RequestResult:
+                      api_key: str | None, response_format: dict | None = None) -> RequestResult:
     start = time.perf_counter()
     last = None
     result = RequestResult(ok=False)
     try:
-        async with contextlib.aclosing(completion_events(client, url, model, prompt, max_tokens, api_key)) as events:
+        async with contextlib.aclosing(completion_events(client, url, model, prompt, max_tokens, api_key,
+                                                         response_format)) as events:
             async for chunk in events:
                 if "error" in chunk:
                     result.error = chunk["error"].get("message", "error event")
@@ -105,7 +120,8 @@ async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: s
     return result
 
 
-async def run_load(url: str, model: str | None, workload, concurrency: int, api_key: str | None):
+async def run_load(url: str, model: str | None, workload, concurrency: int, api_key: str | None,
+                   response_format: dict | None = None):
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
         if model is None:
             headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -116,7 +132,7 @@ async def run_load(url: str, model: str | None, workload, concurrency: int, api_
         async def worker():
             while queue:
                 prompt, max_tokens = queue.pop(0)
-                results.append(await one_request(client, url, model, prompt, max_tokens, api_key))
+                results.append(await one_request(client, url, model, prompt, max_tokens, api_key, response_format))
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -166,7 +182,8 @@ def median_row(mode: str, rows: list[dict]) -> dict:
     row = {key: statistics.median(r[key] for r in rows) for key in rows[0] if isinstance(rows[0][key], float)}
     row.update(mode=f"{mode} median", requests=sum(r["requests"] for r in rows),
                failed=sum(r["failed"] for r in rows), errors=[])
-    row["cpu_s"] = {role: statistics.median(r["cpu_s"].get(role, 0.0) for r in rows) for role in rows[0]["cpu_s"]}
+    row["cpu_s"] = {role: statistics.median(r.get("cpu_s", {}).get(role, 0.0) for r in rows)
+                    for role in rows[0].get("cpu_s", {})}
     return row
 
 
@@ -206,15 +223,23 @@ def main(argv=None) -> int:
                         help="torch threads per engine worker (default: the launcher's, one per core it gives)")
     parser.add_argument("--rounds", type=int, default=1, help="with --start: run the modes this many times, "
                         "interleaved, and print each mode's median too")
+    parser.add_argument("--guided", choices=sorted(GUIDED_VARIANTS), default="off", help="json: every request "
+                        "with a JSON schema (response_format); compare: without and with, ending with "
+                        "guided_itl_ratio")
     args = parser.parse_args(argv)
     if not args.url and not args.start:
         parser.error("give --url of a running stack or --start MODE")
     workload = make_workload(args.num_requests, args.seed, args.min_input_words, args.max_input_words,
                              args.min_output, args.max_output)
     rows = []
+    variants = GUIDED_VARIANTS[args.guided]
     if args.url:
-        results, elapsed = asyncio.run(run_load(args.url, None, workload, args.concurrency, args.api_key))
-        rows.append(summarize("given-url", results, elapsed))
+        for _ in range(args.rounds):
+            for suffix, response_format in variants:
+                results, elapsed = asyncio.run(run_load(args.url, None, workload, args.concurrency, args.api_key,
+                                                        response_format))
+                rows.append(summarize("given-url" + suffix, results, elapsed))
+        modes = ["given-url"]
     else:
         from splitserve.launcher.stack import Stack
 
@@ -225,18 +250,27 @@ def main(argv=None) -> int:
                 shape = {"disagg": dict(local_prefill_threshold=0), "agg": dict(prefill_workers=0),
                          "split": dict(local_prefill_threshold=0, prefill_decider="threshold")}[mode]
                 with Stack(model=args.model, torch_threads=args.torch_threads, **shape) as stack:
-                    asyncio.run(run_load(stack.base_url, None, workload[:4], 2, None))  # warm-up, not measured
-                    cpu_before = cpu_seconds(stack)
-                    results, elapsed = asyncio.run(run_load(stack.base_url, None, workload, args.concurrency,
-                                                            None))
-                    cpu_after = cpu_seconds(stack)
-                row = summarize(mode, results, elapsed)
-                row["cpu_s"] = {role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after}
-                row["cpu_share"] = {role: seconds / elapsed for role, seconds in row["cpu_s"].items()}
-                rows.append(row)
-        if args.rounds > 1:
-            rows += [median_row(mode, [r for r in rows if r["mode"] == mode]) for mode in modes]
+                    for suffix, response_format in variants:    # warm-up (grammar compiled), not measured
+                        asyncio.run(run_load(stack.base_url, None, workload[:4], 2, None, response_format))
+                    for suffix, response_format in variants:
+                        cpu_before = cpu_seconds(stack)
+                        results, elapsed = asyncio.run(run_load(stack.base_url, None, workload, args.concurrency,
+                                                                None, response_format))
+                        cpu_after = cpu_seconds(stack)
+                        row = summarize(mode + suffix, results, elapsed)
+                        row["cpu_s"] = {role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after}
+                        row["cpu_share"] = {role: seconds / elapsed for role, seconds in row["cpu_s"].items()}
+                        rows.append(row)
+    names = [mode + suffix for mode in modes for suffix, _ in variants]
+    if args.rounds > 1:
+        rows += [median_row(name, [r for r in rows if r["mode"] == name]) for name in names]
     print_table(rows)
+    if args.guided == "compare":
+        for mode in modes:
+            plain, guided = (statistics.median(r["itl_mean_ms"] for r in rows if r["mode"] == name)
+                             for name in (mode, mode + "+json"))
+            print(f"{mode}: mean ITL {plain:.2f} ms without a JSON schema, {guided:.2f} ms with")
+        print(f"guided_itl_ratio: {guided / plain:.2f}")
     return 0 if all(r["failed"] == 0 for r in rows) else 1
 
 

@@ -1,7 +1,8 @@
 """The OpenAI request bodies the gateway accepts, and their translation into a GenerationRequest.
 
-Unknown fields are ignored, as OpenAI does; known OpenAI features this server does not implement (suffix,
-structured output) are refused with a 400 that says so rather than ignored. Tools: see tool_choice.py.
+Unknown fields are ignored, as OpenAI does; known OpenAI features this server does not implement (suffix)
+are refused with a 400 that says so rather than ignored. Tools: see tool_choice.py; structured output
+(response_format and vLLM's structured_outputs): structured_outputs.py.
 Sampling values are checked by SamplingParams, whose errors name the offending parameter.
 """
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from splitserve.sampling_params import InvalidRequestError, SamplingParams
 from splitserve.services.gateway.errors import UnsupportedFeatureError
 from splitserve.services.gateway.pipeline import GenerationRequest, Prompt
+from splitserve.services.gateway.structured_outputs import StructuredOutputFields
 from splitserve.services.gateway.tool_choice import ToolChoice, forced_tool_schema
 from splitserve.v1 import common_pb2
 
@@ -29,8 +31,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _GenerationBody(BaseModel):
-    """Fields both endpoints share, including vLLM's sampling extras."""
+class _GenerationBody(StructuredOutputFields):
+    """Fields both endpoints share, including vLLM's sampling extras and structured output."""
     model_config = ConfigDict(extra="ignore")
 
     model: Optional[str] = None
@@ -77,7 +79,8 @@ class _GenerationBody(BaseModel):
                      logprobs=logprobs, min_tokens=self.min_tokens, prompt_logprobs=max(wanted, default=None))
         values = {name: value for name, value in given.items() if value is not None}
         return SamplingParams(n=self.n, stop=self.stop, stop_token_ids=self.stop_token_ids,
-                              ignore_eos=self.ignore_eos, logit_bias=self._logit_bias(), **values)
+                              ignore_eos=self.ignore_eos, logit_bias=self._logit_bias(),
+                              structured_output=self.structured_output(), **values)
 
     def _logit_bias(self) -> Optional[dict[int, float]]:
         """OpenAI's JSON keys are strings: {"50256": -100}. The ids are checked against the vocabulary by the
@@ -173,11 +176,6 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: str
-
-
 class FunctionDefinition(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: str
@@ -217,7 +215,6 @@ class ChatCompletionRequest(_GenerationBody):
     tools: Optional[list[Tool]] = None
     tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = None
     parallel_tool_calls: Optional[bool] = None
-    response_format: Optional[ResponseFormat] = None
 
     def tool_choice_plan(self) -> ToolChoice:
         """The request's tools and tool_choice, checked (400 for tools that cannot be, an unknown function)."""
@@ -233,9 +230,6 @@ class ChatCompletionRequest(_GenerationBody):
         if not self.messages:
             raise InvalidRequestError("messages must hold at least one message", "messages")
         tools = self.tool_choice_plan()
-        if self.response_format is not None and self.response_format.type != "text":
-            raise UnsupportedFeatureError(f"response_format {self.response_format.type!r} is not supported",
-                                          "response_format")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")

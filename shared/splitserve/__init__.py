@@ -3,9 +3,9 @@
 `from splitserve import LLM, SamplingParams` is the offline API; the services run the same engine.
 """
 
-from splitserve.sampling_params import InvalidRequestError, SamplingParams
+from splitserve.sampling_params import InvalidRequestError, SamplingParams, StructuredOutput
 
-__all__ = ["LLM", "SamplingParams", "InvalidRequestError"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutput", "InvalidRequestError"]
 __version__ = "0.1.0"
 
 

@@ -11,7 +11,7 @@ from typing import Callable, Optional, Union
 
 from splitserve.kv_blocks.layout import KVLayout, UnknownDTypeError
 from splitserve.v1 import common_pb2
-from splitserve.sampling_params import InvalidRequestError, SamplingParams
+from splitserve.sampling_params import InvalidRequestError, SamplingParams, StructuredOutput
 
 _FINISH_TO_PROTO = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -37,6 +37,8 @@ def sampling_params_to_proto(params: SamplingParams) -> common_pb2.SamplingParam
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.structured_output is not None:
+        msg.structured_output.CopyFrom(structured_output_to_proto(params.structured_output))
     if params.prompt_logprobs is not None:
         msg.prompt_logprobs = params.prompt_logprobs
     return msg
@@ -48,12 +50,29 @@ def sampling_params_from_proto(msg: common_pb2.SamplingParams) -> SamplingParams
     values.update(min_p=msg.min_p, stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids),
                   ignore_eos=msg.ignore_eos, presence_penalty=msg.presence_penalty,
                   frequency_penalty=msg.frequency_penalty, min_tokens=msg.min_tokens,
-                  logit_bias={token: round(float(bias), 6) for token, bias in msg.logit_bias.items()})
+                  logit_bias={token: round(float(bias), 6) for token, bias in msg.logit_bias.items()},
+                  structured_output=structured_output_from_proto(msg.structured_output))
     # float32 on the wire: 0.9 arrives as 0.8999999761581421; round to what a user could have meant.
     for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
         if name in values:
             values[name] = round(float(values[name]), 6)
     return SamplingParams(**values)
+
+
+def structured_output_to_proto(spec: StructuredOutput) -> common_pb2.StructuredOutput:
+    if spec.choice is not None:
+        return common_pb2.StructuredOutput(choice=common_pb2.ChoiceList(choices=list(spec.choice)))
+    return common_pb2.StructuredOutput(**{spec.kind: getattr(spec, spec.kind)})
+
+
+def structured_output_from_proto(msg: common_pb2.StructuredOutput) -> Optional[StructuredOutput]:
+    """None when no constraint is set (the oneof is empty, or json_object is false)."""
+    kind = msg.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not msg.json_object):
+        return None
+    if kind == "choice":
+        return StructuredOutput(choice=tuple(msg.choice.choices))
+    return StructuredOutput(**{kind: getattr(msg, kind)})
 
 
 def finish_reason_to_proto(reason: Optional[str]) -> int:

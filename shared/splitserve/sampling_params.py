@@ -11,7 +11,7 @@ SEED_MIN, SEED_MAX = -2**63, 2**63 - 1
 TOP_K_MAX = 2**31 - 1
 LOGIT_BIAS_MAX = 100.0            # OpenAI's range
 _FLOAT_PARAMS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
-# They travel between services as 32-bit proto floats: a larger finite double would arrive as infinity.
+# These travel as proto float: a larger magnitude arrives at the worker as inf.
 FLOAT32_MAX = 3.4028234663852886e38
 
 
@@ -21,6 +21,42 @@ class InvalidRequestError(ValueError):
     def __init__(self, message: str, param: Optional[str] = None):
         super().__init__(message)
         self.param = param
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """The grammar a guided sequence's output must follow (exactly one field set), as the proto's oneof and vLLM's
+    `structured_outputs`. Frozen and hashable: the engine caches compiled grammars by it."""
+
+    json_schema: Optional[str] = None           # a JSON Schema document, as JSON text
+    json_object: bool = False                   # any JSON object
+    regex: Optional[str] = None
+    choice: Optional[tuple[str, ...]] = None    # the output is exactly one of these strings
+    grammar: Optional[str] = None               # EBNF (GBNF dialect, as xgrammar reads it)
+
+    def __post_init__(self) -> None:
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        self.validate()
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False))
+
+    def validate(self) -> None:
+        given = [name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidRequestError(f"structured output takes exactly one constraint, got {len(given)}"
+                                      + (f" ({', '.join(given)})" if given else ""), "structured_outputs")
+        if self.choice is not None and (not self.choice or any(not isinstance(c, str) or not c for c in self.choice)):
+            raise InvalidRequestError("choice must be a non-empty list of non-empty strings", "structured_outputs")
+        for name in ("json_schema", "regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise InvalidRequestError(f"{name} must be a non-empty string", "structured_outputs")
+
+
+_STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 
 
 @dataclass
@@ -49,6 +85,8 @@ class SamplingParams:
     n: int = 1
     # Leave special tokens out of the text (not out of the token ids), as tokenizer.decode does.
     skip_special_tokens: bool = True
+    # Guided decoding: every token is masked to what this grammar allows (engine/guided.py).
+    structured_output: Optional[StructuredOutput] = None
     # Extra EOS-like ids from the model's generation_config; filled by the engine, not by users.
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False)
 
@@ -75,7 +113,7 @@ class SamplingParams:
         for name in _FLOAT_PARAMS:   # NaN passes every range check below
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or abs(value) > FLOAT32_MAX:
-                bad(name, f"{name} must be a finite number (32-bit), got {value!r}")
+                bad(name, f"{name} must be a finite number of at most 3.4e38 in magnitude, got {value!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not SEED_MIN <= self.seed <= SEED_MAX):
             bad("seed", f"seed must be an integer in [-2**63, 2**63 - 1], got {self.seed!r}")
@@ -110,6 +148,14 @@ class SamplingParams:
             if (not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias)
                     or not -LOGIT_BIAS_MAX <= bias <= LOGIT_BIAS_MAX):
                 bad("logit_bias", f"logit_bias values must be numbers in [-100, 100], got {bias!r} for {token}")
+        if self.structured_output is not None:
+            if not isinstance(self.structured_output, StructuredOutput):
+                bad("structured_outputs", f"structured_output must be a StructuredOutput, got "
+                    f"{type(self.structured_output).__name__}")
+            # The grammar decides where a guided output ends; min_tokens could forbid its only way out (EOS).
+            if self.min_tokens:
+                bad("min_tokens", "min_tokens cannot be combined with structured output: the grammar decides "
+                    "where the output ends")
 
     @property
     def greedy(self) -> bool:

@@ -225,6 +225,9 @@ class AsyncEngine:
         if params.n != 1:
             # One stream per sequence keeps cancellation and usage per stream; callers fan out n themselves.
             raise InvalidRequestError("the serving engine takes n = 1 per request (the gateway fans out n)", "n")
+        if params.structured_output is not None:
+            # Compiling takes milliseconds to seconds: off the step loop, which then finds it in the cache.
+            await asyncio.to_thread(self.engine.grammars.compile, params.structured_output)
         load = None
         if kv_blocks is not None:
             loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ from splitserve.byte_size import format_bytes
 from splitserve.config import EngineConfig
 from splitserve.engine.block_io import CacheBlocks, export_blocks, import_runs
 from splitserve.engine.block_pool import BlockPool
+from splitserve.engine.guided import Grammars
 from splitserve.engine.kv_budget import default_cpu_budget, size_kv_cache
 from splitserve.engine.kv_connector import KVLoad, KVLoads
 from splitserve.engine.kv_cache_manager import KVCacheManager
@@ -93,12 +94,16 @@ class LLMEngine:
                                    config.enable_chunked_prefill)
         self.eos_token_ids = set(eos_token_ids(self.tokenizer, files.config, files.generation_config))
         self.stop_checker = StopChecker(self.eos_token_ids, self.max_model_len)
+        # A grammar's only way to end is one of these ids, so the engine's EOS set is the grammar's.
+        self.grammars = Grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
         # Each token's own text and bytes, for logprob entries (cached per id).
         self.token_pieces = TokenPieces(self.tokenizer)
         self.requests: dict[str, _Request] = {}
         self.num_prompt_tokens_computed = 0
         self.num_generation_tokens = 0
         self.num_steps = 0
+        self.num_guided_sequences = 0
+        self.num_guided_rejected_tokens = 0
         # Sequences that received a token in the last step (finished ones included): streaming reads these.
         self.last_step_sampled: list[Sequence] = []
         # lend_exports(): exports lend the cache blocks themselves instead of copying them. A release may come
@@ -148,6 +153,9 @@ class LLMEngine:
             self.validate_produced(produced, params)
             if kv_load is not None and params.n != 1:
                 raise InvalidRequestError("a request with received KV blocks must have n = 1", "n")
+            grammars = ([self.grammars.start(params.structured_output, produced) for _ in range(params.n)]
+                        if params.structured_output is not None else [None] * params.n)
+            self.num_guided_sequences += params.n if params.structured_output is not None else 0
         except BaseException:
             if kv_load is not None:
                 kv_load.on_done(None)
@@ -164,6 +172,7 @@ class LLMEngine:
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
             seq.output_token_ids.extend(produced)
+            seq.grammar = grammars[index]
             if params.logprobs is not None:  # streamed by the worker that produced them; kept parallel here
                 seq.logprobs.extend([float("nan")] * len(produced))
                 seq.top_logprobs.extend([] for _ in produced)
@@ -283,6 +292,7 @@ class LLMEngine:
             if seq.status != SequenceStatus.RUNNING:
                 continue
             seq.output_token_ids.append(out.token_ids[i])
+            refused = seq.grammar is not None and not seq.grammar.accept(out.token_ids[i])
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self.num_generation_tokens += 1
@@ -292,6 +302,13 @@ class LLMEngine:
             self.last_step_sampled.append(seq)
             seq.new_text = seq.output_text.push(seq.output_token_ids[-1])
             reason = self.stop_checker.check(seq)
+            if refused:
+                self.num_guided_rejected_tokens += 1
+                log.error("request %s: sampled token %d is outside its grammar's mask; ending the sequence",
+                          seq.request_id, out.token_ids[i])
+                reason = "error"
+            elif seq.grammar is not None and seq.grammar.terminated:
+                reason = "stop"    # the grammar is complete (also under ignore_eos, or at max_tokens)
             if reason is not None:
                 seq.end_text = seq.output_text.finish()
                 if seq.stop_reason is None and seq.output_text.stop_string is not None:
@@ -364,6 +381,8 @@ class LLMEngine:
             "queued_prompt_tokens": sum(max(0, s.num_prompt_tokens - s.num_computed_tokens)
                                         for s in (*self.scheduler.waiting, *self.scheduler.running)),
             "steps": self.num_steps,
+            "guided_sequences": self.num_guided_sequences,
+            "guided_rejected_tokens": self.num_guided_rejected_tokens,
         }
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from splitserve.engine.guided import GrammarMasks
 from splitserve.engine.prompt_logprobs import PromptLogprob, PromptLogprobRows
 from splitserve.engine.scheduler import ScheduledBatch
 from splitserve.engine.sequence import Sequence
@@ -41,6 +42,7 @@ class ModelRunner:
         self.layout = KVLayout(args.num_layers, block_size, args.num_kv_heads, args.head_dim, dtype)
         self.backend = select_backend(device, attention_backend)
         self.sampler = Sampler()
+        self.grammar_masks = GrammarMasks(args.vocab_size)
         self.kv_caches: list[torch.Tensor] = []
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -64,6 +66,7 @@ class ModelRunner:
         if not sampled:
             return StepResult([], SamplerOutput([], [], []), prompt_logprobs)
         logits = self.model.compute_logits(hidden[sample_rows]).float()
+        self.grammar_masks.apply(logits, [s.grammar for s in sampled])  # before the sampler: greedy obeys too
         rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids, s.generator) for s in sampled]
         return StepResult(sampled, self.sampler(logits, rows), prompt_logprobs)
 

@@ -13,6 +13,7 @@ from splitserve.kv_blocks.hashing import BlockHash
 from splitserve.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from splitserve.engine.guided import SequenceGrammar
     from splitserve.engine.output_text import OutputText
 
 
@@ -56,6 +57,9 @@ class Sequence:
     # released: held-back text that can no longer start a stop string, an incomplete character as U+FFFD.
     new_text: str = ""
     end_text: str = ""
+    # Guided decoding: the grammar's state after output_token_ids (None: unguided). Kept across preemption, since
+    # the tokens are; advanced only by the engine's step.
+    grammar: Optional["SequenceGrammar"] = None
 
     @property
     def token_ids(self) -> list[int]:

@@ -68,8 +68,8 @@ class Sampler:
         params = [r.params for r in rows]
         raw = logits.float()
 
-        # Logprobs are reported against the model's own distribution (what HF comparisons use), so
-        # take them before anything below reshapes the logits.
+        # Logprobs are reported against the model's own distribution (what HF comparisons use; for a guided row,
+        # the grammar's masked one, as vLLM's), so take them before anything below reshapes the logits.
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         lp = None
         if lp_rows:
@@ -122,7 +122,8 @@ class Sampler:
             for j, i in enumerate(lp_rows):
                 k = params[i].logprobs
                 logprobs[i] = chosen[j]
-                top_logprobs[i] = list(zip(top_i[j][:k], top_v[j][:k]))
+                # A grammar's mask (engine/guided.py) leaves -inf: those tokens were never candidates.
+                top_logprobs[i] = [(t, v) for t, v in zip(top_i[j][:k], top_v[j][:k]) if v != -math.inf]
         return SamplerOutput(token_ids, logprobs, top_logprobs)
 
     @staticmethod

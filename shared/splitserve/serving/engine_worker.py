@@ -195,6 +195,10 @@ class EngineMetricsCollector(Collector):
         yield counter("prompt_tokens_computed", "Prompt tokens run through the model", s["prompt_tokens_computed"])
         yield counter("generation_tokens", "Tokens generated", s["generation_tokens"])
         yield counter("engine_steps", "Engine steps run", s["steps"])
+        yield counter("guided_sequences", "Sequences started under a grammar (response_format, structured_outputs)",
+                      s["guided_sequences"])
+        yield counter("guided_rejected_tokens", "Sampled tokens outside their sequence's grammar (a masking fault): "
+                      "the sequence ended with finish_reason error", s["guided_rejected_tokens"])
 
 
 def register_engine_metrics(async_engine, role: str) -> None:

@@ -61,7 +61,8 @@ def test_engine_metrics_export_queued_tokens_for_autoscalers():
         stats_snapshot = {"running": 1, "waiting": 2, "waiting_tokens": 700, "used_blocks": 3, "num_blocks": 12,
                           "prefix_query_tokens": 0, "prefix_hit_tokens": 0, "preemptions": 0,
                           "kv_load_failures": 0, "attention_compile_fallbacks": 0,
-                          "prompt_tokens_computed": 0, "generation_tokens": 0, "steps": 0}
+                          "prompt_tokens_computed": 0, "generation_tokens": 0, "steps": 0, "guided_sequences": 0,
+                          "guided_rejected_tokens": 0}
 
     families = {f.name: f for f in EngineMetricsCollector(Engine(), "prefill").collect()}
     sample = families["splitserve_waiting_tokens"].samples[0]

@@ -71,6 +71,8 @@ def test_invalid_completion_requests_name_the_parameter(gateway, body, param):
      "messages[0].content"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools[0].function"),
     ({"messages": [{"role": "user", "content": "x"}], "top_k": 2**31}, "top_k"),    # over int32, its wire type
+    ({"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 3e215}, "repetition_penalty"),  # float32
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 1e39}, "temperature"),
 ])
 def test_invalid_chat_requests_name_the_parameter(gateway, body, param):
     with gateway.http_client() as http:
