@@ -239,3 +239,23 @@ def test_a_token_outside_the_grammar_ends_the_sequence_with_an_error_and_is_coun
     assert {out.request_id: out.outputs[0].finish_reason for out in finished} == {"unmasked": "error",
                                                                                     "plain": "length"}
     assert engine.stats()["guided_rejected_tokens"] == 1 and engine.stats()["guided_sequences"] == 1
+
+
+def test_xgrammar_is_loaded_only_by_the_first_guided_request(llama_ckpt):
+    """Engines that never see a guided request pay nothing for it at start: no import, no vocabulary tables."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from splitserve import LLM, SamplingParams; from splitserve.sampling_params import "
+        "StructuredOutput\n"
+        f"llm = LLM({str(llama_ckpt)!r}, device='cpu', dtype='float32', num_kv_blocks=64)\n"
+        "llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0.0))\n"
+        "before = 'xgrammar' in sys.modules\n"
+        "out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0.0, "
+        "structured_output=StructuredOutput(choice=['yes', 'no'])))\n"
+        "print(before, 'xgrammar' in sys.modules, out[0].outputs[0].text)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, after, text = result.stdout.split()
+    assert (before, after) == ("False", "True") and text in ("yes", "no")

@@ -14,15 +14,25 @@ matcher from the params and replays the tokens already produced: the state is a 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
-from typing import Optional, Sequence
+import threading
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
-import xgrammar as xgr
 
 from splitserve.sampling_params import InvalidRequestError, StructuredOutput
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
+
+
+def _xgrammar():
+    """xgrammar, imported at the first guided request: engines that never see one neither load it nor build its
+    tokenizer tables (a second or more for a 128k vocabulary at every start)."""
+    return importlib.import_module("xgrammar")
 
 # A compiled JSON schema over a 128k vocabulary is a few MiB; this keeps the few hundred most recent ones.
 _CACHE_LIMIT_BYTES = 256 * 2**20
@@ -37,27 +47,40 @@ class Grammars:
     grammars. compile() is safe from any thread: the serving engine compiles off its step loop."""
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: Sequence[int]):
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                  stop_token_ids=sorted(stop_token_ids))
-        threads = max(1, min(8, len(os.sched_getaffinity(0))))
-        self._compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=True,
-                                             cache_limit_bytes=_CACHE_LIMIT_BYTES)
+        self._tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self._json_tokens = _json_tokens(info, vocab_size, stop_token_ids)
+        self._stop_token_ids = sorted(stop_token_ids)
+        self._built = threading.Lock()
+        self._compiler: Optional["xgr.GrammarCompiler"] = None
+        self._json_tokens: Optional[torch.Tensor] = None
 
-    def compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
+    def _ready(self) -> "xgr.GrammarCompiler":
+        """The compiler, built on first use (by whichever thread compiles first)."""
+        with self._built:
+            if self._compiler is None:
+                xgr = _xgrammar()
+                info = xgr.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self.vocab_size,
+                                                          stop_token_ids=self._stop_token_ids)
+                threads = max(1, min(8, len(os.sched_getaffinity(0))))
+                self._json_tokens = _json_tokens(info, self.vocab_size, self._stop_token_ids)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=threads, cache_enabled=True,
+                                                     cache_limit_bytes=_CACHE_LIMIT_BYTES)
+            return self._compiler
+
+    def compile(self, spec: StructuredOutput) -> "xgr.CompiledGrammar":
         """Raises InvalidRequestError (the user's grammar) with xgrammar's reason."""
+        compiler = self._ready()
         try:
             if spec.json_schema is not None:
                 json.loads(spec.json_schema)   # a clear message for text that is not JSON at all
-                return self._compiler.compile_json_schema(spec.json_schema, any_whitespace=_ANY_WHITESPACE)
+                return compiler.compile_json_schema(spec.json_schema, any_whitespace=_ANY_WHITESPACE)
             if spec.json_object:
-                return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=_ANY_WHITESPACE)
+                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=_ANY_WHITESPACE)
             if spec.regex is not None:
-                return self._compiler.compile_regex(spec.regex)
+                return compiler.compile_regex(spec.regex)
             if spec.choice is not None:
-                return self._compiler.compile_grammar(choice_grammar(spec.choice))
-            return self._compiler.compile_grammar(spec.grammar)
+                return compiler.compile_grammar(choice_grammar(spec.choice))
+            return compiler.compile_grammar(spec.grammar)
         except json.JSONDecodeError as exc:
             raise InvalidRequestError(f"the JSON schema is not valid JSON: {exc}", "structured_outputs") from None
         except (RuntimeError, ValueError, TypeError) as exc:
@@ -69,8 +92,9 @@ class Grammars:
         """A new sequence's matcher, advanced over the tokens it already produced elsewhere."""
         # xgrammar 0.2.9 lets a JSON string with minLength/maxLength hold raw control characters, which JSON
         # forbids (mlc-ai/xgrammar#800): JSON outputs are also kept to the tokens without one.
+        compiled = self.compile(spec)
         also = self._json_tokens if spec.json_schema is not None or spec.json_object else None
-        grammar = SequenceGrammar(xgr.GrammarMatcher(self.compile(spec)), also)
+        grammar = SequenceGrammar(_xgrammar().GrammarMatcher(compiled), also)
         for i, token in enumerate(produced):
             if grammar.terminated or not grammar.accept(token):
                 raise InvalidRequestError(f"produced token {i} ({token}) does not follow the request's grammar",
@@ -78,10 +102,10 @@ class Grammars:
         return grammar
 
 
-def _json_tokens(info: xgr.TokenizerInfo, vocab_size: int, stop_token_ids: Sequence[int]) -> torch.Tensor:
+def _json_tokens(info: "xgr.TokenizerInfo", vocab_size: int, stop_token_ids: Sequence[int]) -> torch.Tensor:
     """A bitmask row (xgrammar's layout: bit j of word w is id 32w + j) of the ids that compact JSON text can hold:
     none with a raw control byte (U+0000-U+001F; with no free whitespace, JSON never has one), and the end ids."""
-    ok = torch.zeros(xgr.get_bitmask_shape(1, vocab_size)[1] * 32, dtype=torch.bool)
+    ok = torch.zeros(_xgrammar().get_bitmask_shape(1, vocab_size)[1] * 32, dtype=torch.bool)
     for token, data in enumerate(info.decoded_vocab[:vocab_size]):
         ok[token] = not any(byte < 0x20 for byte in data)
     ok[list(stop_token_ids)] = True
@@ -97,7 +121,7 @@ def choice_grammar(choices: Sequence[str]) -> str:
 class SequenceGrammar:
     """One sequence's position in its grammar."""
 
-    def __init__(self, matcher: xgr.GrammarMatcher, also: Optional[torch.Tensor] = None):
+    def __init__(self, matcher: "xgr.GrammarMatcher", also: Optional[torch.Tensor] = None):
         self._matcher = matcher
         self._also = also      # a bitmask row the tokens must also be in, or None
 
@@ -121,14 +145,15 @@ class GrammarMasks:
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
-        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        self._bitmask: Optional[torch.Tensor] = None   # allocated at the first guided batch
 
     def apply(self, logits: torch.Tensor, grammars: Sequence[Optional[SequenceGrammar]]) -> None:
         """In place on logits [B, V]: each guided row's disallowed tokens to -inf. Unguided batches cost one scan."""
         rows = [i for i, g in enumerate(grammars) if g is not None]
         if not rows:
             return
-        if self._bitmask.shape[0] < len(grammars):
+        xgr = _xgrammar()
+        if self._bitmask is None or self._bitmask.shape[0] < len(grammars):
             self._bitmask = xgr.allocate_token_bitmask(len(grammars), self.vocab_size)
         for i in rows:
             grammars[i].fill(self._bitmask, i)
