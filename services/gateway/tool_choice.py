@@ -14,16 +14,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from splitserve.sampling_params import InvalidRequestError, SamplingParams
-from splitserve.services.gateway.errors import UnsupportedFeatureError
+from splitserve.sampling_params import InvalidRequestError, SamplingParams, StructuredOutput
 from splitserve.services.gateway.tool_parsers import TOOL_PARSERS, ToolParser
 from splitserve.services.gateway.tool_parsers.forced import (NamedToolParser, RequiredToolParser, parameters_schema,
                                                              required_schema)
 
-try:
-    from splitserve.sampling_params import StructuredOutput
-except ImportError:   # an engine without guided decoding: required and named functions cannot be enforced
-    StructuredOutput = None
 
 # OpenAI's rule for function names.
 _NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -97,9 +92,6 @@ def forced_tool_schema(params: SamplingParams, tools: ToolChoice) -> SamplingPar
     if schema is None:
         return params
     choice = tools.choice if tools.named is None else tools.named
-    if StructuredOutput is None:
-        raise UnsupportedFeatureError(f'tool_choice "{choice}" needs guided decoding, which this server lacks; use '
-                                      f'"auto"', "tool_choice")
     if params.structured_output is not None:
         raise InvalidRequestError(f'tool_choice "{choice}" sets the output\'s format itself: it cannot be combined '
                                   f'with response_format or structured_outputs', "tool_choice")

@@ -4,13 +4,11 @@ official `openai` client, on a tiny chat model whose template renders tools the 
 The model's weights are random, so with tool_choice auto it writes no tool call of its own: the Hermes parser is
 tested on real Hermes text at unit level (tests/services/gateway/test_tool_parsers.py); here auto is checked to
 pass the tools to the template and to stream what it returns whole. tool_choice required and named functions are
-enforced by guided decoding, which makes even this model call the tools: the end-to-end check of tool calls, run
-once the engine has guided decoding (splitserve.engine.guided).
+enforced by guided decoding, which makes even this model call the tools: the end-to-end check of tool calls.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import httpx
@@ -24,8 +22,6 @@ from tool_chat_model import tool_turns, with_tool_template
 
 pytestmark = pytest.mark.timeout(300)
 
-GUIDED = importlib.util.find_spec("splitserve.engine.guided") is not None
-needs_guided = pytest.mark.skipif(not GUIDED, reason="the engine has no guided decoding (splitserve.engine.guided)")
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Today's weather in a city",
@@ -121,7 +117,6 @@ def _check_calls(calls: list[dict], allowed: list[dict]) -> None:
         jsonschema.validate(json.loads(call["arguments"]), schemas[call["name"]])
 
 
-@needs_guided
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_required_makes_the_model_call_a_tool(client, model_id, stack, temperature):
     create = dict(model=model_id, messages=MESSAGES, tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
@@ -134,7 +129,6 @@ def test_required_makes_the_model_call_a_tool(client, model_id, stack, temperatu
     assert wait_until_pools_whole(stack)[0]
 
 
-@needs_guided
 def test_a_named_function_is_called_with_valid_arguments(client, model_id):
     create = dict(model=model_id, messages=MESSAGES, tools=TOOLS, max_tokens=200, temperature=0.0,
                   tool_choice={"type": "function", "function": {"name": "get_time"}})
@@ -145,20 +139,6 @@ def test_a_named_function_is_called_with_valid_arguments(client, model_id):
     assert _streamed_message(client.chat.completions.create(**create, stream=True)) == whole
 
 
-@pytest.mark.skipif(GUIDED, reason="only while the engine has no guided decoding")
-def test_required_is_refused_without_guided_decoding(client, model_id):
-    with pytest.raises(openai.BadRequestError, match="guided decoding"):
-        client.chat.completions.create(model=model_id, messages=MESSAGES, tools=TOOLS, tool_choice="required")
-
-
-def _takes_structured_outputs() -> bool:
-    from splitserve.services.gateway.schemas import ChatCompletionRequest
-
-    return "structured_outputs" in ChatCompletionRequest.model_fields
-
-
-@pytest.mark.skipif(not (GUIDED and _takes_structured_outputs()),
-                    reason="needs guided decoding and the gateway's structured_outputs (regex)")
 def test_auto_parses_a_hermes_call_the_model_writes(client, model_id):
     """A regex holds the random model to a Hermes tool call (one city of three): the hermes parser turns it into
     a tool call, streamed deltas and the whole response alike."""

@@ -5,10 +5,8 @@ not, equal."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
-import openai
 import pytest
 
 from splitserve.sampling_params import SamplingParams
@@ -24,7 +22,6 @@ WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "the weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 PING = {"type": "function", "function": {"name": "ping"}}
-GUIDED = any(f.name == "structured_output" for f in dataclasses.fields(SamplingParams))
 
 
 def _error(response, status: int) -> dict:
@@ -94,10 +91,6 @@ def test_required_and_named_are_guided_by_their_json_schema(gateway, stack, tool
     client = gateway.openai()
     create = dict(model="fake-model", messages=MESSAGES, tools=[WEATHER, PING], tool_choice=tool_choice,
                   max_tokens=3)
-    if not GUIDED:   # before guided decoding exists, refused rather than left unconstrained
-        with pytest.raises(openai.BadRequestError, match="guided decoding"):
-            client.chat.completions.create(**create)
-        return
     client.chat.completions.create(**create)
     guided = stack.prefill.requests[-1].sampling_params.structured_output
     assert json.loads(guided.json_schema) == schema
@@ -140,7 +133,6 @@ def test_formatter_streams_tool_call_deltas_that_reassemble_to_the_response(fini
         assert [d["finish_reason"] for d in deltas] == [None] * (len(deltas) - 1) + [expected_finish]
 
 
-@pytest.mark.skipif(not GUIDED, reason="the engine has no guided decoding")
 def test_required_with_another_output_format_is_refused():
     from splitserve.sampling_params import InvalidRequestError, StructuredOutput
     from splitserve.services.gateway.tool_choice import ToolChoice, forced_tool_schema
