@@ -68,13 +68,24 @@ class TokenBytes:
                 if all(c in decoder for c in piece):
                     return bytes(decoder[c] for c in piece)
             elif self.scheme == "sentencepiece":
-                match = _BYTE_TOKEN.fullmatch(piece) if self._byte_fallback else None
-                if match:
-                    return bytes([int(match.group(1), 16)])
+                byte = self._fallback_byte(piece)
+                if byte is not None:
+                    return bytes([byte])
                 for old, new in self._replacements:
                     piece = piece.replace(old, new)
                 return piece.encode()
         return self._tokenizer.decode([token_id], skip_special_tokens=False).encode()
+
+    def fallback_byte(self, token_id: int) -> int | None:
+        """The byte a SentencePiece byte-fallback token (`<0xAB>`) stands for; None for any other token."""
+        if self.scheme != "sentencepiece" or token_id in self._added:
+            return None
+        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        return self._fallback_byte(piece) if isinstance(piece, str) else None
+
+    def _fallback_byte(self, piece: str) -> int | None:
+        match = _BYTE_TOKEN.fullmatch(piece) if self._byte_fallback else None
+        return int(match.group(1), 16) if match else None
 
 
 def _decoder_parts(tokenizer) -> list[dict[str, Any]]:
