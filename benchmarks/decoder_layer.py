@@ -3,7 +3,8 @@
 Shapes as in the offline benchmark (benchmark_checkpoint: hidden 512, 8 heads of 64, MLP 1376, float32), random
 weights, each decode row with `--ctx` tokens of context in a paged cache, eager torch attention (no compile, so
 the number is the layer's own). Linear layers packed for oneDNN as the engine packs them (`--linear-backend`).
-Prints microseconds per step (median of `--iters`) per batch size. It runs whatever `splitserve` is importable,
+Prints microseconds per step per batch size: the median wall time of `--iters`, and CPU time per step (steadier
+on a shared machine, where the wall time swings with other processes). It runs whatever `splitserve` is importable,
 so an A/B of two versions is the same command with another PYTHONPATH.
 """
 
@@ -71,12 +72,14 @@ def main() -> None:
 
             for _ in range(10):
                 step()
-            times = []
+            times, cpu_start = [], time.process_time()
             for _ in range(args.iters):
                 start = time.perf_counter()
                 step()
                 times.append(time.perf_counter() - start)
-            print(f"batch {rows:3d}: {statistics.median(times) * 1e6:8.1f} us/step")
+            cpu = (time.process_time() - cpu_start) / args.iters
+            print(f"batch {rows:3d}: {statistics.median(times) * 1e6:8.1f} us/step (median wall), "
+                  f"{cpu * 1e6:8.1f} CPU-us/step")
 
 
 if __name__ == "__main__":
