@@ -17,7 +17,7 @@ from __future__ import annotations
 import codecs
 import weakref
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from splitserve.token_bytes import TokenBytes
 
@@ -25,6 +25,7 @@ REPLACEMENT_CHAR = "\ufffd"
 
 # UTF-8's longest proper prefix of a character: a lead byte and two continuation bytes.
 _MAX_PENDING_BYTES = 3
+_LEAD_BYTES = (0xC2, 0xF4)  # the bytes a multi-byte character may start with
 
 _token_bytes: "weakref.WeakKeyDictionary[object, TokenBytes]" = weakref.WeakKeyDictionary()
 
@@ -48,27 +49,29 @@ class UnfinishedTail:
             else set()
 
     def tail(self, ids: Sequence[int], text: str) -> Tail:
-        kept = [i for i in ids if i not in self._skipped]
+        kept_from_end = (i for i in reversed(ids) if i not in self._skipped)
         if self._bytes.scheme == "byte_level":
-            return self._byte_level_tail(kept)
+            return self._byte_level_tail(kept_from_end)
         if self._bytes.scheme == "sentencepiece":
-            return self._byte_fallback_tail(kept)
+            return self._byte_fallback_tail(kept_from_end)
         if text.endswith(REPLACEMENT_CHAR):
             return Tail(held_chars=len(text), boundary=False)
         return FINAL
 
-    def _byte_level_tail(self, kept: list[int]) -> Tail:
+    def _byte_level_tail(self, kept_from_end: Iterator[int]) -> Tail:
         data = b""
-        for token_id in reversed(kept):
+        for token_id in kept_from_end:
             data = self._bytes(token_id) + data
             if len(data) >= _MAX_PENDING_BYTES:
                 break
-        pending = any(_is_character_prefix(data[-k:]) for k in range(1, min(len(data), _MAX_PENDING_BYTES) + 1))
+        # A pending character starts with a lead byte; most texts end without one, and are done here.
+        pending = any(_LEAD_BYTES[0] <= data[-k] <= _LEAD_BYTES[1] and _is_character_prefix(data[-k:])
+                      for k in range(1, min(len(data), _MAX_PENDING_BYTES) + 1))
         return Tail(held_chars=1, boundary=False) if pending else FINAL
 
-    def _byte_fallback_tail(self, kept: list[int]) -> Tail:
+    def _byte_fallback_tail(self, kept_from_end: Iterator[int]) -> Tail:
         run = bytearray()
-        for token_id in reversed(kept):
+        for token_id in kept_from_end:
             byte = self._bytes.fallback_byte(token_id)
             if byte is None:
                 break
