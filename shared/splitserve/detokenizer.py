@@ -4,8 +4,8 @@ Decoding ids one by one and concatenating is wrong: byte-level BPE spreads one c
 (each decodes alone to U+FFFD) and SentencePiece-style decoders strip a leading space that is only right at
 the start of the text. So each push decodes a short window of already-emitted tokens (the prefix) plus the new
 ones and emits only the difference (the prefix/read-offset technique of vLLM and Hugging Face's DecodeStream).
-A push costs O(window), not O(sequence). While the decoded tail ends in U+FFFD an incomplete character may be
-waiting for its last bytes, so the text is held back; the window then grows until the character completes.
+A push costs O(window), not O(sequence). Only the end of the text that later tokens can still change is held
+back (an incomplete character, an open byte-fallback run: see UnfinishedTail); the window grows until it is final.
 
 Deltas are decoded with `clean_up_tokenization_spaces=False`: that cleanup rewrites text across token
 boundaries (" ." -> "."), so it cannot be streamed; modern tokenizers leave it off.
@@ -13,9 +13,9 @@ boundaries (" ." -> "."), so it cannot be streamed; modern tokenizers leave it o
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
-REPLACEMENT_CHAR = "\ufffd"
+from splitserve.unfinished_tail import FINAL, UnfinishedTail
 
 # Prompt tokens decoded ahead of the first output token: enough for a tokenizer to see the word boundary and
 # the bytes of the last character, few enough to stay cheap.
@@ -36,40 +36,51 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: Sequence[int] = (), skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._tail = UnfinishedTail(tokenizer, skip_special_tokens)
         context = list(prompt_token_ids)[-PROMPT_CONTEXT_TOKENS:]
         self._ids: list[int] = context
-        # _ids[prefix:read] were emitted already and are decoded again for context; _ids[read:] are pending.
+        # _ids[prefix:read] were emitted already and are decoded again for context; _ids[read:] are pending, and
+        # the first `sent` characters of their text (the part before an unfinished tail) were emitted too.
         self._prefix = 0
         self._read = len(context)
+        self._sent = 0
+        self._prefix_text: Optional[str] = None
+        # A window may start at `read` only if no byte run goes on across it (see UnfinishedTail).
+        self._read_is_boundary = True
 
     def push(self, token_ids: Iterable[int]) -> str:
-        """Appends ids; returns the new text, empty while it ends inside an incomplete character."""
+        """Appends ids; returns the new text that later ids cannot change (often "")."""
         self._ids.extend(token_ids)
-        prefix_text, text = self._decode_window()
-        if len(text) <= len(prefix_text) or text.endswith(REPLACEMENT_CHAR):
-            # Nothing new yet (e.g. only skipped special tokens), or a character still waiting for its bytes.
-            return ""
-        return self._emit(prefix_text, text)
+        return self._release(final=False)
 
     def flush(self) -> str:
         """Returns whatever was held back, incomplete characters as U+FFFD: the sequence has ended."""
-        prefix_text, text = self._decode_window()
-        if len(text) <= len(prefix_text):
-            return ""
-        return self._emit(prefix_text, text)
+        return self._release(final=True)
 
-    def _decode_window(self) -> tuple[str, str]:
-        prefix_text = self._decode(self._ids[self._prefix:self._read])
+    def _release(self, final: bool) -> str:
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._ids[self._prefix:self._read])
         text = self._decode(self._ids[self._prefix:])
-        return prefix_text, text
-
-    def _emit(self, prefix_text: str, text: str) -> str:
-        self._prefix, self._read = self._read, len(self._ids)
+        if len(text) <= len(self._prefix_text):
+            # Nothing new yet (only skipped special tokens): the window keeps its start, whose text is the context
+            # a decoder needs (one that strips a leading space would strip the next word's).
+            return ""
+        tail = FINAL if final else self._tail.tail(self._ids[self._prefix:], text)
+        stable = len(text) - tail.held_chars
+        start = len(self._prefix_text) + self._sent
+        delta = text[start:stable] if stable > start else ""
+        if tail.held_chars:
+            self._sent += len(delta)
+            return delta
+        if self._read_is_boundary:
+            self._prefix = self._read
+        self._read, self._sent, self._prefix_text = len(self._ids), 0, None
+        self._read_is_boundary = tail.boundary
         if self._prefix > _TRIM_AFTER:
             del self._ids[:self._prefix]
             self._read -= self._prefix
             self._prefix = 0
-        return text[len(prefix_text):]
+        return delta
 
     def _decode(self, ids: list[int]) -> str:
         if not ids:

@@ -57,8 +57,17 @@ class TokenBytes:
             self._byte_fallback, self._replacements = True, [(_METASPACE, " ")]
         if self.scheme != "byte_level" and (self._byte_fallback or self._replacements):
             self.scheme = "sentencepiece"
+        # Per id, read once: the detokenizer asks about the last few tokens of every push. At most a vocabulary.
+        self._cache: dict[int, bytes] = {}
+        self._fallback_cache: dict[int, int | None] = {}
 
     def __call__(self, token_id: int) -> bytes:
+        found = self._cache.get(token_id)
+        if found is None:
+            found = self._cache[token_id] = self._read(token_id)
+        return found
+
+    def _read(self, token_id: int) -> bytes:
         if token_id in self._added:
             return self._added[token_id]
         piece = self._tokenizer.convert_ids_to_tokens(token_id)
@@ -68,13 +77,25 @@ class TokenBytes:
                 if all(c in decoder for c in piece):
                     return bytes(decoder[c] for c in piece)
             elif self.scheme == "sentencepiece":
-                match = _BYTE_TOKEN.fullmatch(piece) if self._byte_fallback else None
-                if match:
-                    return bytes([int(match.group(1), 16)])
+                byte = self._fallback_byte(piece)
+                if byte is not None:
+                    return bytes([byte])
                 for old, new in self._replacements:
                     piece = piece.replace(old, new)
                 return piece.encode()
         return self._tokenizer.decode([token_id], skip_special_tokens=False).encode()
+
+    def fallback_byte(self, token_id: int) -> int | None:
+        """The byte a SentencePiece byte-fallback token (`<0xAB>`) stands for; None for any other token."""
+        if token_id not in self._fallback_cache:
+            piece = None if self.scheme != "sentencepiece" or token_id in self._added \
+                else self._tokenizer.convert_ids_to_tokens(token_id)
+            self._fallback_cache[token_id] = self._fallback_byte(piece) if isinstance(piece, str) else None
+        return self._fallback_cache[token_id]
+
+    def _fallback_byte(self, piece: str) -> int | None:
+        match = _BYTE_TOKEN.fullmatch(piece) if self._byte_fallback else None
+        return int(match.group(1), 16) if match else None
 
 
 def _decoder_parts(tokenizer) -> list[dict[str, Any]]:

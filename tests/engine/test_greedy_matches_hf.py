@@ -64,3 +64,13 @@ def test_greedy_equals_transformers(arch, prefix_caching, chunked, preempt, tiny
         assert stats["prefix_hit_tokens"] > 0
     else:
         assert stats["prefix_hit_tokens"] == 0 and stats["cached_blocks"] == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_greedy_equals_transformers_with_torch_linear_layers(arch, tiny_ckpts, references):
+    # The fused q/k/v and gate/up projections without oneDNN packing: the GPU and half-precision path.
+    prompts, expected = references[arch]
+    llm = LLM(str(tiny_ckpts[arch]), dtype="float32", device="cpu", block_size=16, num_kv_blocks=256,
+              linear_backend="torch")
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+    assert [out.outputs[0].token_ids for out in outputs] == expected

@@ -1,7 +1,9 @@
 """The Llama family as plain torch modules over a flattened batch: Llama, Mistral, Qwen2, Qwen3, Granite.
 
-Parameter names mirror Hugging Face's, so a checkpoint's state dict loads without renaming. The variants differ
-only in a few switches (qkv bias, per-head q/k norm, Granite's multipliers), read from the HF config.
+Parameter names mirror Hugging Face's, so a checkpoint's state dict loads without renaming, except that q/k/v and
+gate/up are fused into one projection each (`checkpoint_slices` says where each checkpoint weight goes): a decode
+step then runs two GEMMs where it ran five (packed oneDNN, 4 rows: qkv 87 -> 51 us). The variants differ only
+in a few switches (qkv bias, per-head q/k norm, Granite's multipliers), read from the HF config.
 """
 
 from __future__ import annotations
@@ -62,10 +64,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         self.scale = args.attention_multiplier if args.attention_multiplier is not None else args.head_dim**-0.5
-        bias = args.qkv_bias
-        self.q_proj = nn.Linear(args.hidden_size, args.num_heads * args.head_dim, bias=bias)
-        self.k_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
-        self.v_proj = nn.Linear(args.hidden_size, args.num_kv_heads * args.head_dim, bias=bias)
+        self.q_size, self.kv_size = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
+        self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps)
@@ -75,9 +75,10 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, rotary: RotaryEmbedding, kv_cache, meta: AttentionMetadata, backend):
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
@@ -88,12 +89,12 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: LlamaArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -128,6 +129,23 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position)
+
+    def checkpoint_slices(self) -> dict[str, tuple[str, slice]]:
+        """Each weight a Hugging Face checkpoint holds -> (our parameter, its rows that weight fills)."""
+        a = self.args
+        q, kv, inter = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size
+        parts = {"qkv_proj": (("q_proj", 0, q), ("k_proj", q, q + kv), ("v_proj", q + kv, q + 2 * kv)),
+                 "gate_up_proj": (("gate_proj", 0, inter), ("up_proj", inter, 2 * inter))}
+        slices = {}
+        for name, _ in self.named_parameters():
+            module, _, kind = name.rpartition(".")
+            owner, _, leaf = module.rpartition(".")
+            if leaf in parts:
+                for part, start, stop in parts[leaf]:
+                    slices[f"{owner}.{part}.{kind}"] = (name, slice(start, stop))
+            else:
+                slices[name] = (name, slice(None))
+        return slices
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:

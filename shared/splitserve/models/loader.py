@@ -132,25 +132,27 @@ def load_model(files: ModelFiles, dtype: torch.dtype, device: torch.device) -> L
         model = LlamaForCausalLM(args)
     model = model.to(dtype).to_empty(device=device)
     params = dict(model.named_parameters())
+    slices = model.checkpoint_slices()
     loaded: set[str] = set()
     for file in safetensors_files(files.path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
-                if name not in params:
+                if name not in slices:
                     if "rotary_emb" in name:
                         continue
                     raise ModelLoadError(f"unexpected weight {name!r} in {file.name} for {files.config.get('model_type')}")
                 tensor = f.get_tensor(name)
-                param = params[name]
-                if tuple(tensor.shape) != tuple(param.shape):
-                    raise ModelLoadError(f"weight {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+                param_name, rows = slices[name]
+                target = params[param_name][rows]
+                if tuple(tensor.shape) != tuple(target.shape):
+                    raise ModelLoadError(f"weight {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
                 with torch.no_grad():
-                    param.copy_(tensor.to(dtype))
+                    target.copy_(tensor.to(dtype))
                 loaded.add(name)
     if args.tie_word_embeddings:
         loaded.add("lm_head.weight")
         model.tie_weights()
-    missing = sorted(set(params) - loaded)
+    missing = sorted(set(slices) - loaded)
     if missing:
         raise ModelLoadError(f"checkpoint is missing weights: {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
     model.rotary.build_cache(device, dtype)
