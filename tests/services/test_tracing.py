@@ -1,6 +1,6 @@
 """Tracing (splitserve.serving.tracing) in one process: off, nothing is installed and no call carries trace
 context; on, a real grpc.aio server and channel (the services' own GrpcService and insecure_channel) propagate
-W3C trace context and link client and server spans. The whole stack's trace is tests/e2e/test_tracing.py."""
+W3C trace context and link client and server spans. The whole stack's trace is tests/e2e/test_traces_across_services.py."""
 
 from __future__ import annotations
 
