@@ -90,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "splitserve's --kv-cache-memory-bytes")
     ap.add_argument("--vllm-threads-bind", default=None,
                     help="VLLM_CPU_OMP_THREADS_BIND (default: cores 0..threads-1, i.e. --threads threads)")
+    ap.add_argument("--splitserve-up-args", default="",
+                    help="more flags for `splitserve up`, e.g. '--prefill-workers 0' (aggregated)")
     ap.add_argument("--skip-offline", action="store_true")
     ap.add_argument("--skip-served", action="store_true")
     ap.add_argument("--start-timeout-s", type=float, default=900.0, help="limit on each engine's or server's start")
