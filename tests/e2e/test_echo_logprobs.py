@@ -25,6 +25,7 @@ SHORT = "blocks move"
 def stack(llama_ckpt, tmp_path_factory):
     with Stack(model=str(llama_ckpt), prefill_workers=1, decode_workers=1, api_key=API_KEY, torch_threads=1,
                num_kv_blocks=256, local_prefill_threshold=LOCAL_PREFILL_BELOW,
+               prefill_decider="threshold",   # the long prompt always to the prefill worker, the short one never
                log_dir=str(tmp_path_factory.mktemp("stack-logs"))) as running:
         yield running
 

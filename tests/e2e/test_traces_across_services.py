@@ -112,6 +112,9 @@ def traced_stack(llama_ckpt, collector, tmp_path_factory):
         with Stack(model=str(llama_ckpt), prefill_workers=1, decode_workers=1, tokenizer_replicas=1,
                    api_key=API_KEY, served_model_name=[MODEL], torch_threads=1, num_kv_blocks=256, grace_s=3,
                    otlp_traces_endpoint=collector.endpoint,
+                   # every prompt to the prefill worker: a request whose decode worker was predicted faster would
+                   # have no prefill or kv-store span, and the test checks one span per hop
+                   prefill_decider="threshold",
                    log_dir=str(tmp_path_factory.mktemp("trace-logs"))) as running:
             yield running
     finally:
