@@ -158,7 +158,7 @@ def start_splitserve(args, model: str, workdir: Path) -> ServedSide:
         proc = subprocess.Popen([str(Path(sys.executable).parent / "splitserve"), "up", "--model", model,
                                  "--port", "0", "--grpc-port", "0",
                                  "--kv-cache-memory-bytes", str(args.kv_gib * 2**30),
-                                 *shlex.split(getattr(args, "splitserve_up_args", ""))],
+                                 *shlex.split(args.splitserve_up_args)],
                                 stdout=subprocess.PIPE, stderr=f, text=True, start_new_session=True)
     return ServedSide("splitserve", proc, log, signal.SIGINT)  # Ctrl-C: what its user would press
 
