@@ -147,5 +147,5 @@ class DecodeServicer(EngineServicer, decode_pb2_grpc.DecodeServicer):
         log.warning("request %s: recomputing prompt KV locally (%s): %s", request_id, reason, detail)
 
     async def Stats(self, request, context):
-        return decode_pb2.DecodeStatsResponse(engine=engine_stats_proto(self.engine, self.identity.model),
+        return common_pb2.WorkerStatsResponse(engine=engine_stats_proto(self.engine, self.identity.model),
                                               membership=self.identity.answer(request.nonce))

@@ -15,7 +15,7 @@ from typing import Awaitable, Callable, Optional
 import grpc
 
 from splitserve.membership import is_member, new_nonce
-from splitserve.v1 import decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from splitserve.v1 import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,8 @@ class MembershipCheck:
             raise NotCheckable(f"the served model is unknown: {exc}") from exc
         nonce = new_nonce()
         try:
-            if kind == "prefill":
-                reply = await prefill_pb2_grpc.PrefillStub(channel).Stats(
-                    prefill_pb2.PrefillStatsRequest(nonce=nonce), timeout=self.timeout_s)
-            else:
-                reply = await decode_pb2_grpc.DecodeStub(channel).Stats(
-                    decode_pb2.DecodeStatsRequest(nonce=nonce), timeout=self.timeout_s)
+            stub = prefill_pb2_grpc.PrefillStub(channel) if kind == "prefill" else decode_pb2_grpc.DecodeStub(channel)
+            reply = await stub.Stats(common_pb2.WorkerStatsRequest(nonce=nonce), timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise Rejected("stats_failed", f"Stats failed: {exc.code().name} {exc.details() or ''}".strip()) from exc
         if reply.engine.model != model:

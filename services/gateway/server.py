@@ -10,12 +10,13 @@ import asyncio
 import contextlib
 import logging
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import redis.asyncio as redis
 import uvicorn
 
+from splitserve.setting import setting
 from splitserve.serving import tracing
 from splitserve.serving.grpc_service import GrpcService
 from splitserve.serving.logs import setup_logging
@@ -42,72 +43,68 @@ log = logging.getLogger(__name__)
 class GatewaySettings:
     """The gateway: OpenAI-compatible HTTP API and public gRPC API in front of the tokenizer, prefill and decode
     workers."""
-    host: str = field(default="127.0.0.1", metadata={"help": "address both servers listen on"})
-    port: int = field(default=8080, metadata={"help": "HTTP port (OpenAI API, /health, /metrics)"})
-    grpc_port: int = field(default=50070, metadata={"help": "port of the public gRPC Gateway service"})
-    metrics_port: Optional[int] = field(default=None, metadata={
-        "help": "extra Prometheus port (metrics are also at GET /metrics on the HTTP port)"})
-    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
-    grace_s: float = field(default=30.0, metadata={"help": "on SIGTERM, how long requests in flight may finish"})
-    served_model_name: list[str] = field(default_factory=list, metadata={
-        "help": "names clients use for the model, comma-separated; responses carry the first (default: the "
-                "model's hub id, or its checkpoint folder's name)"})
-    tokenizer_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1:50051"], metadata={
-        "help": "tokenizer replicas host:port, comma-separated (a failed call is retried on another)"})
-    prefill_addresses: list[str] = field(default_factory=list, metadata={
-        "help": "prefill workers host:port, comma-separated (more are discovered from Redis)"})
-    decode_addresses: list[str] = field(default_factory=list, metadata={
-        "help": "decode workers host:port, comma-separated (more are discovered from Redis)"})
-    redis_url: Optional[str] = field(default=None, metadata={
-        "help": "Redis for worker discovery and load, e.g. redis://splitserve:PASSWORD@127.0.0.1:6379/0 (pass "
-                "it by env when it holds a password)"})
-    cluster_token: Optional[str] = field(default=None, metadata={
-        "help": "shared secret workers must prove they hold before they get requests (pass it by env)"})
-    api_key: Optional[str] = field(default=None, metadata={
-        "help": "when set, requests need `Authorization: Bearer <key>`"})
-    kv_store_address: Optional[str] = field(default=None, metadata={
-        "help": "kv-store host:port that prefill workers write prompts' KV to"})
-    local_prefill_threshold: int = field(default=0, metadata={
-        "help": "prompts with fewer tokens are prefilled by the decode worker itself"})
-    prefill_decider: str = field(default="predicted", metadata={
-        "help": "where longer prompts are prefilled: predicted (on the decode worker or a prefill worker, whichever "
-                "is predicted to give the first token sooner) or threshold (always a prefill worker)"})
-    router_policy: str = field(default="prefix", metadata={
-        "help": "how workers are picked: prefix (cached prefix, kv-store and load scored together; needs "
-                "--redis-url, else load), load, round-robin or random"})
-    router_prefix_weight: float = field(default=2.0, metadata={
-        "help": "weight of the share of the prompt a worker's own KV cache holds"})
-    router_store_weight: float = field(default=0.5, metadata={
-        "help": "weight of the share of the prompt the kv-store holds beyond the worker's cache"})
-    router_load_weight: float = field(default=1.0, metadata={"help": "weight of 1 / (1 + sequences on the worker)"})
-    router_speculative_weight: float = field(default=1.5, metadata={
-        "help": "weight of the share of the prompt a worker was just sent a request for, not yet confirmed by its "
-                "KV events (a burst sharing a new prefix goes to one worker)"})
-    routing_accuracy_threshold: float = field(default=0.5, metadata={
-        "help": "below this agreement of predicted and reported cached tokens, route by load until it recovers"})
-    routing_accuracy_window: int = field(default=50, metadata={
-        "help": "requests with cache hits the agreement is measured over (the last N, judged once N are in)"})
-    routing_accuracy_probe_every: int = field(default=10, metadata={
-        "help": "while routing by load for disagreement, every Nth request is routed by prefix to keep measuring"})
-    prefix_index_timeout_s: float = field(default=0.1, metadata={
-        "help": "longest wait for one prefix index lookup in Redis; slower or failed lookups route by load"})
-    request_timeout_s: float = field(default=600.0, metadata={"help": "deadline of one request, end to end"})
-    health_check_interval_s: float = field(default=1.0, metadata={"help": "how often workers are health-checked"})
-    max_decode_migrations: int = field(default=1, metadata={
-        "help": "how many times one stream may move to another decode worker after its worker failed mid-stream "
-                "(0: the stream ends with an error instead)"})
-    max_in_flight: int = field(default=256, metadata={
-        "help": "requests served at once; more wait in the queue (4 decode workers' default max_num_seqs)"})
-    max_queued: int = field(default=256, metadata={
-        "help": "requests waiting for a slot; beyond, 429 with Retry-After (gRPC RESOURCE_EXHAUSTED)"})
-    max_body_bytes: int = field(default=8 * 2**20, metadata={
-        "help": "largest HTTP request body and gRPC request message; larger ones get 413 (RESOURCE_EXHAUSTED)"})
-    max_prompt_bytes: Optional[int] = field(default=None, metadata={
-        "help": "largest text prompt (chat: all contents) in UTF-8 bytes, refused with 413 before tokenizing "
-                "(default: 16 bytes per token of the model's context window)"})
-    tool_call_parser: Optional[str] = field(default=None, metadata={
-        "help": f"how tool calls are found in a chat's output for tool_choice auto, as vLLM's flag: "
-                f"{', '.join(TOOL_PARSERS)} (default: none, and tool_choice auto is refused with 400)"})
+    host: str = setting("127.0.0.1", "address both servers listen on")
+    port: int = setting(8080, "HTTP port (OpenAI API, /health, /metrics)")
+    grpc_port: int = setting(50070, "port of the public gRPC Gateway service")
+    metrics_port: Optional[int] = setting(None,
+        "extra Prometheus port (metrics are also at GET /metrics on the HTTP port)")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    grace_s: float = setting(30.0, "on SIGTERM, how long requests in flight may finish")
+    served_model_name: list[str] = setting([],
+        "names clients use for the model, comma-separated; responses carry the first (default: the model's hub id, or "
+        "its checkpoint folder's name)")
+    tokenizer_addresses: list[str] = setting(["127.0.0.1:50051"],
+        "tokenizer replicas host:port, comma-separated (a failed call is retried on another)")
+    prefill_addresses: list[str] = setting([],
+        "prefill workers host:port, comma-separated (more are discovered from Redis)")
+    decode_addresses: list[str] = setting([],
+        "decode workers host:port, comma-separated (more are discovered from Redis)")
+    redis_url: Optional[str] = setting(None,
+        "Redis for worker discovery and load, e.g. redis://splitserve:PASSWORD@127.0.0.1:6379/0 (pass it by env when "
+        "it holds a password)")
+    cluster_token: Optional[str] = setting(None,
+        "shared secret workers must prove they hold before they get requests (pass it by env)")
+    api_key: Optional[str] = setting(None, "when set, requests need `Authorization: Bearer <key>`")
+    kv_store_address: Optional[str] = setting(None, "kv-store host:port that prefill workers write prompts' KV to")
+    local_prefill_threshold: int = setting(0, "prompts with fewer tokens are prefilled by the decode worker itself")
+    prefill_decider: str = setting("predicted",
+        "where longer prompts are prefilled: predicted (on the decode worker or a prefill worker, whichever is "
+        "predicted to give the first token sooner) or threshold (always a prefill worker)")
+    router_policy: str = setting("prefix",
+        "how workers are picked: prefix (cached prefix, kv-store and load scored together; needs --redis-url, else "
+        "load), load, round-robin or random")
+    router_prefix_weight: float = setting(2.0, "weight of the share of the prompt a worker's own KV cache holds")
+    router_store_weight: float = setting(0.5,
+        "weight of the share of the prompt the kv-store holds beyond the worker's cache")
+    router_load_weight: float = setting(1.0, "weight of 1 / (1 + sequences on the worker)")
+    router_speculative_weight: float = setting(1.5,
+        "weight of the share of the prompt a worker was just sent a request for, not yet confirmed by its KV events (a "
+        "burst sharing a new prefix goes to one worker)")
+    routing_accuracy_threshold: float = setting(0.5,
+        "below this agreement of predicted and reported cached tokens, route by load until it recovers")
+    routing_accuracy_window: int = setting(50,
+        "requests with cache hits the agreement is measured over (the last N, judged once N are in)")
+    routing_accuracy_probe_every: int = setting(10,
+        "while routing by load for disagreement, every Nth request is routed by prefix to keep measuring")
+    prefix_index_timeout_s: float = setting(0.1,
+        "longest wait for one prefix index lookup in Redis; slower or failed lookups route by load")
+    request_timeout_s: float = setting(600.0, "deadline of one request, end to end")
+    health_check_interval_s: float = setting(1.0, "how often workers are health-checked")
+    max_decode_migrations: int = setting(1,
+        "how many times one stream may move to another decode worker after its worker failed mid-stream (0: the stream "
+        "ends with an error instead)")
+    max_in_flight: int = setting(256,
+        "requests served at once; more wait in the queue (4 decode workers' default max_num_seqs)")
+    max_queued: int = setting(256,
+        "requests waiting for a slot; beyond, 429 with Retry-After (gRPC RESOURCE_EXHAUSTED)")
+    max_body_bytes: int = setting(8 * 2**20,
+        "largest HTTP request body and gRPC request message; larger ones get 413 (RESOURCE_EXHAUSTED)")
+    max_prompt_bytes: Optional[int] = setting(None,
+        "largest text prompt (chat: all contents) in UTF-8 bytes, refused with 413 before tokenizing (default: 16 "
+        "bytes per token of the model's context window)")
+    tool_call_parser: Optional[str] = setting(None,
+        f"how tool calls are found in a chat's output for tool_choice auto, as vLLM's flag: "
+        f"{', '.join(TOOL_PARSERS)} (default: none, and tool_choice auto is refused with 400)")
     otlp_traces_endpoint: Optional[str] = tracing.endpoint_field()
 
     def __post_init__(self) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
+from splitserve.setting import setting
 from splitserve.byte_size import ByteSize
 from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.v1 import kv_store_pb2, kv_store_pb2_grpc
@@ -33,21 +34,20 @@ PUBLISH_INTERVAL_S = 0.05  # KV events: a batch per interval, like an engine's p
 class KVStoreSettings:
     """Host-RAM pool of KV blocks shared by prefill and decode workers."""
 
-    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
-    port: int = field(default=50060, metadata={"help": "gRPC port"})
-    metrics_port: Optional[int] = field(default=None, metadata={"help": "Prometheus /metrics port (none if unset)"})
-    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
-    grace_s: float = field(default=30.0, metadata={"help": "seconds running transfers get to finish on SIGTERM"})
-    capacity_bytes: ByteSize = field(default=ByteSize(1 << 30), metadata={
-        "help": "host RAM for KV blocks, e.g. 1GiB, 512MiB or bytes (pages are taken as blocks are first stored)"})
-    default_lease_ms: int = field(default=30000, metadata={"help": "lease of pins and reservations that ask for 0"})
-    kv_transport: str = field(default="ucx", metadata={"help": "data plane: ucx (also serves grpc) or grpc/tcp"})
-    kv_checksum: bool = field(default=False, metadata={
-        "help": "verify each written block against its writer's crc32 (and compute missing ones); costs CPU"})
-    redis_url: Optional[str] = field(default=None, metadata={
-        "help": "publish which blocks the store holds to the prefix index in this Redis (pass it by env)"})
-    advertise_address: Optional[str] = field(default=None, metadata={
-        "help": "address the store's KV events name it by (default host:port)"})
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(50060, "gRPC port")
+    metrics_port: Optional[int] = setting(None, "Prometheus /metrics port (none if unset)")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    grace_s: float = setting(30.0, "seconds running transfers get to finish on SIGTERM")
+    capacity_bytes: ByteSize = setting(ByteSize(1 << 30),
+        "host RAM for KV blocks, e.g. 1GiB, 512MiB or bytes (pages are taken as blocks are first stored)")
+    default_lease_ms: int = setting(30000, "lease of pins and reservations that ask for 0")
+    kv_transport: str = setting("ucx", "data plane: ucx (also serves grpc) or grpc/tcp")
+    kv_checksum: bool = setting(False,
+        "verify each written block against its writer's crc32 (and compute missing ones); costs CPU")
+    redis_url: Optional[str] = setting(None,
+        "publish which blocks the store holds to the prefix index in this Redis (pass it by env)")
+    advertise_address: Optional[str] = setting(None, "address the store's KV events name it by (default host:port)")
     otlp_traces_endpoint: Optional[str] = tracing.endpoint_field()
 
     def __post_init__(self):

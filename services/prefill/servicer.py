@@ -168,5 +168,5 @@ class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
             hashes=export.block_hashes), layout=layout)
 
     async def Stats(self, request, context):
-        return prefill_pb2.PrefillStatsResponse(engine=engine_stats_proto(self.engine, self.identity.model),
+        return common_pb2.WorkerStatsResponse(engine=engine_stats_proto(self.engine, self.identity.model),
                                                 membership=self.identity.answer(request.nonce))

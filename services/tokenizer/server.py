@@ -9,9 +9,10 @@ import asyncio
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from splitserve.setting import setting
 from splitserve.v1 import tokenizer_pb2_grpc
 from splitserve.serving import tracing
 from splitserve.serving.grpc_service import GrpcService
@@ -29,13 +30,13 @@ SERVICE_NAME = "splitserve.v1.Tokenizer"
 class TokenizerSettings:
     """Serves tokenize/detokenize/chat templates for one model over gRPC."""
 
-    model: Optional[str] = field(default=None, metadata={
-        "help": "hub id or checkpoint folder whose tokenizer to serve (default: the tiny offline demo model)"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
-    port: int = field(default=50051, metadata={"help": "gRPC port (0: any free port)"})
-    metrics_port: Optional[int] = field(default=None, metadata={"help": "Prometheus /metrics port (unset: none)"})
-    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
-    grace_s: float = field(default=30.0, metadata={"help": "seconds in-flight calls get to finish on SIGTERM"})
+    model: Optional[str] = setting(None,
+        "hub id or checkpoint folder whose tokenizer to serve (default: the tiny offline demo model)")
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(50051, "gRPC port (0: any free port)")
+    metrics_port: Optional[int] = setting(None, "Prometheus /metrics port (unset: none)")
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR")
+    grace_s: float = setting(30.0, "seconds in-flight calls get to finish on SIGTERM")
     otlp_traces_endpoint: Optional[str] = tracing.endpoint_field()
 
 

@@ -6,9 +6,10 @@ Torch-free: the launcher reads it without loading torch; the engine resolves "au
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
+from splitserve.setting import setting
 from splitserve.byte_size import ByteSize
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -16,31 +17,28 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 @dataclass
 class EngineConfig:
-    model: Optional[str] = field(default=None, metadata={
-        "help": "hub id or checkpoint folder (the services default to the tiny offline demo model)"})
-    tokenizer: Optional[str] = field(default=None, metadata={"help": "tokenizer folder (default: the model's)"})
-    dtype: str = field(default="auto", metadata={
-        "help": "engine dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16"})
-    device: str = field(default="auto", metadata={"help": "engine device: auto, cpu, cuda, cuda:1 ..."})
-    block_size: int = field(default=16, metadata={"help": "tokens per KV block (a power of two)"})
-    num_kv_blocks: Optional[int] = field(default=None, metadata={
-        "help": "KV cache blocks (default: from the memory budget)"})
-    kv_cache_memory_bytes: Optional[ByteSize] = field(default=None, metadata={
-        "help": "KV cache budget per engine, e.g. 2GiB, 512MiB, 1.5GB or bytes (default on CPU: 2 GiB, ~32k tokens "
-                "of a 1B Llama in float32, or a quarter of available memory if less; on GPU: what "
-                "gpu_memory_utilization leaves). Pages are taken as blocks are first written, so an idle engine "
-                "holds little of it"})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "share of GPU memory the engine may use"})
-    max_num_seqs: int = field(default=64, metadata={"help": "max running sequences"})
-    max_num_batched_tokens: int = field(default=2048, metadata={"help": "token budget per engine step"})
-    max_model_len: Optional[int] = field(default=None, metadata={"help": "context length (default: the model's)"})
+    model: Optional[str] = setting(None,
+        "hub id or checkpoint folder (the services default to the tiny offline demo model)")
+    tokenizer: Optional[str] = setting(None, "tokenizer folder (default: the model's)")
+    dtype: str = setting("auto", "engine dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, float16, bfloat16")
+    device: str = setting("auto", "engine device: auto, cpu, cuda, cuda:1 ...")
+    block_size: int = setting(16, "tokens per KV block (a power of two)")
+    num_kv_blocks: Optional[int] = setting(None, "KV cache blocks (default: from the memory budget)")
+    kv_cache_memory_bytes: Optional[ByteSize] = setting(None,
+        "KV cache budget per engine, e.g. 2GiB, 512MiB, 1.5GB or bytes (default on CPU: 2 GiB, ~32k tokens of a 1B "
+        "Llama in float32, or a quarter of available memory if less; on GPU: what gpu_memory_utilization leaves). "
+        "Pages are taken as blocks are first written, so an idle engine holds little of it")
+    gpu_memory_utilization: float = setting(0.9, "share of GPU memory the engine may use")
+    max_num_seqs: int = setting(64, "max running sequences")
+    max_num_batched_tokens: int = setting(2048, "token budget per engine step")
+    max_model_len: Optional[int] = setting(None, "context length (default: the model's)")
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    attention_backend: str = field(default="auto", metadata={
-        "help": "attention kernels: auto, torch, torch-compile (CPU decode compiled by Inductor), triton"})
-    linear_backend: str = field(default="auto", metadata={
-        "help": "linear layers: auto (weights packed for oneDNN on a float32 CPU engine), packed, torch"})
-    seed: int = field(default=0, metadata={"help": "seed of the engine's default random generator"})
+    attention_backend: str = setting("auto",
+        "attention kernels: auto, torch, torch-compile (CPU decode compiled by Inductor), triton")
+    linear_backend: str = setting("auto",
+        "linear layers: auto (weights packed for oneDNN on a float32 CPU engine), packed, torch")
+    seed: int = setting(0, "seed of the engine's default random generator")
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from splitserve.launcher.stack import Stack
-from splitserve.v1 import decode_pb2, decode_pb2_grpc, kv_store_pb2, kv_store_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from splitserve.v1 import common_pb2, decode_pb2_grpc, kv_store_pb2, kv_store_pb2_grpc, prefill_pb2_grpc
 
 API_KEY = "test-key"
 
@@ -62,10 +62,10 @@ def engine_stats(stack, exclude: frozenset = frozenset()) -> list:
     for address in stack.addresses["prefill"]:
         if address not in exclude:
             stats.append(_call(address, prefill_pb2_grpc.PrefillStub, "Stats",
-                               prefill_pb2.PrefillStatsRequest()).engine)
+                               common_pb2.WorkerStatsRequest()).engine)
     for address in stack.addresses["decode"]:
         if address not in exclude:
-            stats.append(_call(address, decode_pb2_grpc.DecodeStub, "Stats", decode_pb2.DecodeStatsRequest()).engine)
+            stats.append(_call(address, decode_pb2_grpc.DecodeStub, "Stats", common_pb2.WorkerStatsRequest()).engine)
     return stats
 
 
@@ -154,8 +154,8 @@ def wait_until(condition, timeout_s: float = 30.0):
 
 def prefix_queries(stack, kind: str) -> list[int]:
     """Prompt tokens each worker of `kind` looked up in its prefix cache so far: one request adds to one worker."""
-    stub, request = ((prefill_pb2_grpc.PrefillStub, prefill_pb2.PrefillStatsRequest()) if kind == "prefill" else
-                     (decode_pb2_grpc.DecodeStub, decode_pb2.DecodeStatsRequest()))
+    stub = prefill_pb2_grpc.PrefillStub if kind == "prefill" else decode_pb2_grpc.DecodeStub
+    request = common_pb2.WorkerStatsRequest()
     return [_call(a, stub, "Stats", request).engine.prefix_cache_queries for a in stack.addresses[kind]]
 
 

@@ -41,11 +41,11 @@ def _complete(stack, prompt, max_tokens=8):
 def _busy_decode_index(stack) -> int:
     """Which decode worker runs something now (from their Stats RPCs)."""
     from e2e_stack import _call
-    from splitserve.v1 import decode_pb2, decode_pb2_grpc
+    from splitserve.v1 import common_pb2, decode_pb2_grpc
 
     for _ in range(100):
         for i, address in enumerate(stack.addresses["decode"]):
-            stats = _call(address, decode_pb2_grpc.DecodeStub, "Stats", decode_pb2.DecodeStatsRequest()).engine
+            stats = _call(address, decode_pb2_grpc.DecodeStub, "Stats", common_pb2.WorkerStatsRequest()).engine
             if stats.num_running:
                 return i
         time.sleep(0.05)
@@ -54,10 +54,10 @@ def _busy_decode_index(stack) -> int:
 
 def _decode_running(stack, index: int) -> int:
     from e2e_stack import _call
-    from splitserve.v1 import decode_pb2, decode_pb2_grpc
+    from splitserve.v1 import common_pb2, decode_pb2_grpc
 
     return _call(stack.addresses["decode"][index], decode_pb2_grpc.DecodeStub, "Stats",
-                 decode_pb2.DecodeStatsRequest()).engine.num_running
+                 common_pb2.WorkerStatsRequest()).engine.num_running
 
 
 def test_killing_a_decode_worker_mid_stream_moves_its_streams(pair_stack, llama_ckpt):
@@ -131,10 +131,10 @@ def test_killing_a_decode_worker_mid_stream_moves_its_streams(pair_stack, llama_
 
 def _prefill_queries(stack, index):
     from e2e_stack import _call
-    from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
+    from splitserve.v1 import common_pb2, prefill_pb2_grpc
 
     return _call(stack.addresses["prefill"][index], prefill_pb2_grpc.PrefillStub, "Stats",
-                 prefill_pb2.PrefillStatsRequest()).engine.prefix_cache_queries
+                 common_pb2.WorkerStatsRequest()).engine.prefix_cache_queries
 
 
 def test_killing_a_prefill_worker_keeps_the_stack_serving(pair_stack):

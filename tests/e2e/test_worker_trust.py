@@ -32,7 +32,7 @@ class ImpostorDecode(decode_pb2_grpc.DecodeServicer):
 
     def Stats(self, request, context):
         self.stats_calls += 1
-        return decode_pb2.DecodeStatsResponse(engine=common_pb2.EngineStats(model=self.model))
+        return common_pb2.WorkerStatsResponse(engine=common_pb2.EngineStats(model=self.model))
 
     def Generate(self, request, context):
         self.generate_calls += 1

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
 
+from splitserve.setting import setting
 from splitserve.byte_size import ByteSize
 from splitserve.config import EngineConfig
 from splitserve.cpus import allowed_cpus, format_cpu_list, usable_cores
@@ -38,67 +39,60 @@ class StackConfig(EngineConfig):
     gateway, Envoy) and prints its URL once every part is ready."""
 
     # The engine settings (EngineConfig: model, dtype, device, num_kv_blocks, ...) go to every engine worker.
-    host: str = field(default="127.0.0.1", metadata={"help": "address the public HTTP and gRPC APIs listen on"})
-    port: int = field(default=8000, metadata={"help": "public OpenAI HTTP API port (0: any free port)"})
-    grpc_port: int = field(default=50051, metadata={"help": "public gRPC API port (0: any free port)"})
-    prefill_workers: int = field(default=1, metadata={
-        "help": "number of prefill worker processes (0: aggregated, the decode workers prefill every prompt "
-                "themselves and get every engine core)"})
-    decode_workers: int = field(default=1, metadata={"help": "number of decode worker processes"})
+    host: str = setting("127.0.0.1", "address the public HTTP and gRPC APIs listen on")
+    port: int = setting(8000, "public OpenAI HTTP API port (0: any free port)")
+    grpc_port: int = setting(50051, "public gRPC API port (0: any free port)")
+    prefill_workers: int = setting(1,
+        "number of prefill worker processes (0: aggregated, the decode workers prefill every prompt themselves and get "
+        "every engine core)")
+    decode_workers: int = setting(1, "number of decode worker processes")
     # Two by default: a tokenizer costs one light process, and with a second one a crash costs no request (the
     # gateway retries on the other) instead of every request failing until the restart has loaded the tokenizer.
-    tokenizer_replicas: int = field(default=2, metadata={
-        "help": "number of tokenizer processes (the gateway spreads calls over them and retries on another)"})
-    redis_url: Optional[str] = field(default=None, metadata={
-        "help": "use this Redis instead of starting redis-server (with its password in the URL: "
-                "redis://USER:PASSWORD@HOST:PORT/DB; pass it by env)"})
-    cluster_token: Optional[str] = field(default=None, metadata={
-        "help": "secret the workers prove they hold before the gateway routes to them (default: a new random "
-                "one; pass it by env)"})
-    envoy: bool = field(default=True, metadata={"help": "run Envoy in front of the gateway"})
-    gateways: int = field(default=1, metadata={
-        "help": "gateway replicas behind Envoy, which round-robins over them; they share the prefix index and the "
-                "worker registry through Redis (more than one needs Envoy)"})
-    envoy_admin_port: Optional[int] = field(default=None, metadata={
-        "help": "serve Envoy's admin interface on 127.0.0.1:PORT (default: none; it can dump the config and stop "
-                "Envoy)"})
-    api_key: Optional[str] = field(default=None, metadata={"help": "require this API key at the gateway"})
-    served_model_name: list[str] = field(default_factory=list, metadata={
-        "help": "names the API accepts for the model, comma-separated; responses carry the first (default: the hub "
-                "id, or the checkpoint folder's name)"})
-    local_prefill_threshold: Optional[int] = field(default=None, metadata={
-        "help": "prompts up to this many tokens are prefilled by the decode worker itself"})
-    tool_call_parser: Optional[str] = field(default=None, metadata={
-        "help": "the gateway's tool-call parser for tool_choice auto, as vLLM's flag (hermes: Hermes / Qwen "
-                "<tool_call> blocks); default none: tool_choice auto is refused"})
-    prefill_decider: Optional[str] = field(default=None, metadata={
-        "help": "where longer prompts are prefilled: predicted (the gateway's default: on the decode worker or a "
-                "prefill worker, whichever is predicted to give the first token sooner) or threshold (always a "
-                "prefill worker)"})
-    torch_threads: Optional[int] = field(default=None, metadata={
-        "help": "torch threads per engine worker (default: one per core the worker is given)"})
-    cpu_affinity: bool = field(default=True, metadata={
-        "help": "pin each engine worker to cores of its own: the launcher's cores less one for the other "
-                "services (when there are 4 or more), split evenly, the remainder to decode workers"})
-    kv_store_capacity_bytes: Optional[ByteSize] = field(default=None, metadata={
-        "help": "kv-store block pool size, e.g. 4GiB (default: the kv-store's)"})
-    kv_transport: Optional[str] = field(default=None, metadata={
-        "help": "KV data plane of prefill and decode: ucx (default) or tcp"})
-    kv_checksum: bool = field(default=False, metadata={
-        "help": "crc32 every KV block: writers send, the kv-store and readers verify"})
-    log_dir: Optional[str] = field(default=None, metadata={
-        "help": "folder for one log file per process (default: a new temporary folder)"})
-    startup_timeout_s: float = field(default=300.0, metadata={"help": "give up if not ready after this long"})
-    grace_s: float = field(default=10.0, metadata={
-        "help": "each service's drain time on stop; the launcher kills what is left 5 s later"})
-    log_level: str = field(default="INFO", metadata={"help": "log level of the launcher and every service"})
-    max_restarts: int = field(default=5, metadata={
-        "help": "a process that exits is restarted, at most this many times within --restart-window-s "
-                "(0: never restart)"})
-    restart_window_s: float = field(default=300.0, metadata={"help": "the window --max-restarts counts in"})
-    ucx_net_devices: Optional[str] = field(default=None, metadata={
-        "help": "network devices the KV data plane (UCX) may use and listen on (default: UCX_NET_DEVICES from the "
-                "environment, else loopback only)"})
+    tokenizer_replicas: int = setting(2,
+        "number of tokenizer processes (the gateway spreads calls over them and retries on another)")
+    redis_url: Optional[str] = setting(None,
+        "use this Redis instead of starting redis-server (with its password in the URL: "
+        "redis://USER:PASSWORD@HOST:PORT/DB; pass it by env)")
+    cluster_token: Optional[str] = setting(None,
+        "secret the workers prove they hold before the gateway routes to them (default: a new random one; pass it by "
+        "env)")
+    envoy: bool = setting(True, "run Envoy in front of the gateway")
+    gateways: int = setting(1,
+        "gateway replicas behind Envoy, which round-robins over them; they share the prefix index and the worker "
+        "registry through Redis (more than one needs Envoy)")
+    envoy_admin_port: Optional[int] = setting(None,
+        "serve Envoy's admin interface on 127.0.0.1:PORT (default: none; it can dump the config and stop Envoy)")
+    api_key: Optional[str] = setting(None, "require this API key at the gateway")
+    served_model_name: list[str] = setting([],
+        "names the API accepts for the model, comma-separated; responses carry the first (default: the hub id, or the "
+        "checkpoint folder's name)")
+    local_prefill_threshold: Optional[int] = setting(None,
+        "prompts up to this many tokens are prefilled by the decode worker itself")
+    tool_call_parser: Optional[str] = setting(None,
+        "the gateway's tool-call parser for tool_choice auto, as vLLM's flag (hermes: Hermes / Qwen <tool_call> "
+        "blocks); default none: tool_choice auto is refused")
+    prefill_decider: Optional[str] = setting(None,
+        "where longer prompts are prefilled: predicted (the gateway's default: on the decode worker or a prefill "
+        "worker, whichever is predicted to give the first token sooner) or threshold (always a prefill worker)")
+    torch_threads: Optional[int] = setting(None,
+        "torch threads per engine worker (default: one per core the worker is given)")
+    cpu_affinity: bool = setting(True,
+        "pin each engine worker to cores of its own: the launcher's cores less one for the other services (when there "
+        "are 4 or more), split evenly, the remainder to decode workers")
+    kv_store_capacity_bytes: Optional[ByteSize] = setting(None,
+        "kv-store block pool size, e.g. 4GiB (default: the kv-store's)")
+    kv_transport: Optional[str] = setting(None, "KV data plane of prefill and decode: ucx (default) or tcp")
+    kv_checksum: bool = setting(False, "crc32 every KV block: writers send, the kv-store and readers verify")
+    log_dir: Optional[str] = setting(None, "folder for one log file per process (default: a new temporary folder)")
+    startup_timeout_s: float = setting(300.0, "give up if not ready after this long")
+    grace_s: float = setting(10.0, "each service's drain time on stop; the launcher kills what is left 5 s later")
+    log_level: str = setting("INFO", "log level of the launcher and every service")
+    max_restarts: int = setting(5,
+        "a process that exits is restarted, at most this many times within --restart-window-s (0: never restart)")
+    restart_window_s: float = setting(300.0, "the window --max-restarts counts in")
+    ucx_net_devices: Optional[str] = setting(None,
+        "network devices the KV data plane (UCX) may use and listen on (default: UCX_NET_DEVICES from the environment, "
+        "else loopback only)")
     otlp_traces_endpoint: Optional[str] = tracing.endpoint_field()
 
     def __post_init__(self) -> None:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
+from splitserve.setting import setting
 from splitserve.config import EngineConfig
 from splitserve.cpus import allowed_cpus, format_cpu_list, parse_cpu_list, pin_process, usable_cores
 from splitserve.kv_transfer import KV_TRANSPORTS
@@ -36,29 +37,26 @@ class EngineWorkerSettings(EngineConfig):
     port: int = 50061
     metrics_port: Optional[int] = None
     log_level: str = "INFO"
-    grace_s: float = field(default=30.0, metadata={"help": "seconds to finish in-flight work on SIGTERM"})
-    advertise_address: Optional[str] = field(
-        default=None, metadata={"help": "address announced to Redis and in KV handles (default host:port; with a "
-                                        "wildcard host, this host's own IP:port)"})
-    health_port: int = field(default=0, metadata={
-        "help": "port of a health-only gRPC server on its own thread, answered even while the event loop is "
-                "busy; gateways learn it from the worker (0: any free port, -1: none)"})
-    kv_store_address: Optional[str] = field(default=None, metadata={"help": "kv-store gRPC address"})
-    kv_transport: str = field(default="ucx", metadata={
-        "help": "KV data plane: ucx (UCX, gRPC for control) or tcp (gRPC streams only; alias grpc)"})
-    kv_checksum: bool = field(default=False, metadata={
-        "help": "send a crc32 with every KV block written and verify every block read"})
-    kv_timeout_s: float = field(default=30.0, metadata={"help": "deadline of one KV transfer"})
-    redis_url: Optional[str] = field(default=None, metadata={
-        "help": "announce this worker and its load to Redis (credentials in the URL: pass it by env)"})
-    cluster_token: Optional[str] = field(default=None, metadata={
-        "help": "shared secret this worker proves it holds to gateways (the gateway's --cluster-token; pass it by "
-                "env)"})
-    cpus: Optional[str] = field(default=None, metadata={
-        "help": "cores this worker runs on, e.g. 0-3,8 (default: those it was started with)"})
-    torch_threads: Optional[int] = field(default=None, metadata={
-        "help": "torch intra-op threads on CPU (default: OMP_NUM_THREADS if set, else one per core this worker "
-                "may use: --cpus or its affinity, fewer under a cgroup CPU limit)"})
+    grace_s: float = setting(30.0, "seconds to finish in-flight work on SIGTERM")
+    advertise_address: Optional[str] = setting(None,
+        "address announced to Redis and in KV handles (default host:port; with a wildcard host, this host's own "
+        "IP:port)")
+    health_port: int = setting(0,
+        "port of a health-only gRPC server on its own thread, answered even while the event loop is busy; gateways "
+        "learn it from the worker (0: any free port, -1: none)")
+    kv_store_address: Optional[str] = setting(None, "kv-store gRPC address")
+    kv_transport: str = setting("ucx",
+        "KV data plane: ucx (UCX, gRPC for control) or tcp (gRPC streams only; alias grpc)")
+    kv_checksum: bool = setting(False, "send a crc32 with every KV block written and verify every block read")
+    kv_timeout_s: float = setting(30.0, "deadline of one KV transfer")
+    redis_url: Optional[str] = setting(None,
+        "announce this worker and its load to Redis (credentials in the URL: pass it by env)")
+    cluster_token: Optional[str] = setting(None,
+        "shared secret this worker proves it holds to gateways (the gateway's --cluster-token; pass it by env)")
+    cpus: Optional[str] = setting(None, "cores this worker runs on, e.g. 0-3,8 (default: those it was started with)")
+    torch_threads: Optional[int] = setting(None,
+        "torch intra-op threads on CPU (default: OMP_NUM_THREADS if set, else one per core this worker may use: --cpus "
+        "or its affinity, fewer under a cgroup CPU limit)")
     otlp_traces_endpoint: Optional[str] = tracing.endpoint_field()
 
     def __post_init__(self) -> None:

@@ -20,7 +20,6 @@ import inspect
 import logging
 import os
 import time
-from dataclasses import field
 from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 from urllib.parse import urlsplit
 
@@ -31,6 +30,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import Counter
 
+from splitserve.setting import setting
 from splitserve.kv_transfer import REQUEST_ID_METADATA_KEY
 
 log = logging.getLogger(__name__)
@@ -52,9 +52,9 @@ _provider = None                                 # the SDK's TracerProvider whil
 
 def endpoint_field() -> Any:
     """The `otlp_traces_endpoint` setting every service (and `splitserve up`) has, with one help text."""
-    return field(default=None, metadata={
-        "help": f"send traces to this OTLP/HTTP collector, e.g. http://127.0.0.1:4318{TRACES_PATH} (a URL without "
-                f"a path gets {TRACES_PATH}; unset: {ENDPOINT_ENV}, else no tracing)"})
+    return setting(None,
+        f"send traces to this OTLP/HTTP collector, e.g. http://127.0.0.1:4318{TRACES_PATH} (a URL without "
+                f"a path gets {TRACES_PATH}; unset: {ENDPOINT_ENV}, else no tracing)")
 
 
 def resolve_endpoint(configured: Optional[str]) -> Optional[str]:

@@ -212,3 +212,17 @@ class MembershipProof(_message.Message):
     mac: bytes
     health_address: str
     def __init__(self, address: _Optional[str] = ..., mac: _Optional[bytes] = ..., health_address: _Optional[str] = ...) -> None: ...
+
+class WorkerStatsRequest(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: bytes
+    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
+
+class WorkerStatsResponse(_message.Message):
+    __slots__ = ("engine", "membership")
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
+    engine: EngineStats
+    membership: MembershipProof
+    def __init__(self, engine: _Optional[_Union[EngineStats, _Mapping]] = ..., membership: _Optional[_Union[MembershipProof, _Mapping]] = ...) -> None: ...

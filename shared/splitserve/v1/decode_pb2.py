@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/decode.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\x88\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x1a\n\x12produced_token_ids\x18\x07 \x03(\r\x12*\n\tkv_handle\x18\x06 \x01(\x0b\x32\x17.splitserve.v1.KVHandleJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06R\x0e\x66irst_token_idR\x13\x66irst_token_logprobR\x16prior_output_token_ids\"\xb5\x02\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12-\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t\x12.\n\x0bstop_reason\x18\x08 \x01(\x0b\x32\x19.splitserve.v1.StopReason\x12\x34\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprobJ\x04\x08\x05\x10\x06\"#\n\x12\x44\x65\x63odeStatsRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"u\n\x13\x44\x65\x63odeStatsResponse\x12*\n\x06\x65ngine\x18\x01 \x01(\x0b\x32\x1a.splitserve.v1.EngineStats\x12\x32\n\nmembership\x18\x02 \x01(\x0b\x32\x1e.splitserve.v1.MembershipProof2\xa4\x01\n\x06\x44\x65\x63ode\x12J\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1c.splitserve.v1.GenerateChunk0\x01\x12N\n\x05Stats\x12!.splitserve.v1.DecodeStatsRequest\x1a\".splitserve.v1.DecodeStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/decode.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\x88\x02\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x1a\n\x12produced_token_ids\x18\x07 \x03(\r\x12*\n\tkv_handle\x18\x06 \x01(\x0b\x32\x17.splitserve.v1.KVHandleJ\x04\x08\x04\x10\x05J\x04\x08\x05\x10\x06R\x0e\x66irst_token_idR\x13\x66irst_token_logprobR\x16prior_output_token_ids\"\xb5\x02\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12-\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12#\n\x05usage\x18\x04 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x0c\n\x04text\x18\x07 \x01(\t\x12.\n\x0bstop_reason\x18\x08 \x01(\x0b\x32\x19.splitserve.v1.StopReason\x12\x34\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprobJ\x04\x08\x05\x10\x06\x32\xa4\x01\n\x06\x44\x65\x63ode\x12J\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1c.splitserve.v1.GenerateChunk0\x01\x12N\n\x05Stats\x12!.splitserve.v1.WorkerStatsRequest\x1a\".splitserve.v1.WorkerStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=338
   _globals['_GENERATECHUNK']._serialized_start=341
   _globals['_GENERATECHUNK']._serialized_end=650
-  _globals['_DECODESTATSREQUEST']._serialized_start=652
-  _globals['_DECODESTATSREQUEST']._serialized_end=687
-  _globals['_DECODESTATSRESPONSE']._serialized_start=689
-  _globals['_DECODESTATSRESPONSE']._serialized_end=806
-  _globals['_DECODE']._serialized_start=809
-  _globals['_DECODE']._serialized_end=973
+  _globals['_DECODE']._serialized_start=653
+  _globals['_DECODE']._serialized_end=817
 # @@protoc_insertion_point(module_scope)

@@ -40,17 +40,3 @@ class GenerateChunk(_message.Message):
     stop_reason: _common_pb2.StopReason
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., message: _Optional[str] = ..., text: _Optional[str] = ..., stop_reason: _Optional[_Union[_common_pb2.StopReason, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
-
-class DecodeStatsRequest(_message.Message):
-    __slots__ = ("nonce",)
-    NONCE_FIELD_NUMBER: _ClassVar[int]
-    nonce: bytes
-    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
-
-class DecodeStatsResponse(_message.Message):
-    __slots__ = ("engine", "membership")
-    ENGINE_FIELD_NUMBER: _ClassVar[int]
-    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
-    engine: _common_pb2.EngineStats
-    membership: _common_pb2.MembershipProof
-    def __init__(self, engine: _Optional[_Union[_common_pb2.EngineStats, _Mapping]] = ..., membership: _Optional[_Union[_common_pb2.MembershipProof, _Mapping]] = ...) -> None: ...

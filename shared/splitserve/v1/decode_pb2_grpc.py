@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 from splitserve.v1 import decode_pb2 as splitserve_dot_v1_dot_decode__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
@@ -41,8 +42,8 @@ class DecodeStub:
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/splitserve.v1.Decode/Stats',
-                request_serializer=splitserve_dot_v1_dot_decode__pb2.DecodeStatsRequest.SerializeToString,
-                response_deserializer=splitserve_dot_v1_dot_decode__pb2.DecodeStatsResponse.FromString,
+                request_serializer=splitserve_dot_v1_dot_common__pb2.WorkerStatsRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_common__pb2.WorkerStatsResponse.FromString,
                 _registered_method=True)
 
 
@@ -72,8 +73,8 @@ def add_DecodeServicer_to_server(servicer, server):
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=splitserve_dot_v1_dot_decode__pb2.DecodeStatsRequest.FromString,
-                    response_serializer=splitserve_dot_v1_dot_decode__pb2.DecodeStatsResponse.SerializeToString,
+                    request_deserializer=splitserve_dot_v1_dot_common__pb2.WorkerStatsRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_common__pb2.WorkerStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -128,8 +129,8 @@ class Decode:
             request,
             target,
             '/splitserve.v1.Decode/Stats',
-            splitserve_dot_v1_dot_decode__pb2.DecodeStatsRequest.SerializeToString,
-            splitserve_dot_v1_dot_decode__pb2.DecodeStatsResponse.FromString,
+            splitserve_dot_v1_dot_common__pb2.WorkerStatsRequest.SerializeToString,
+            splitserve_dot_v1_dot_common__pb2.WorkerStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,17 +46,3 @@ class PrefillResponse(_message.Message):
     stop_reason: _common_pb2.StopReason
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
     def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_token_logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., kv_handle: _Optional[_Union[_common_pb2.KVHandle, _Mapping]] = ..., cached_tokens: _Optional[int] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., first_text: _Optional[str] = ..., stop_reason: _Optional[_Union[_common_pb2.StopReason, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
-
-class PrefillStatsRequest(_message.Message):
-    __slots__ = ("nonce",)
-    NONCE_FIELD_NUMBER: _ClassVar[int]
-    nonce: bytes
-    def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
-
-class PrefillStatsResponse(_message.Message):
-    __slots__ = ("engine", "membership")
-    ENGINE_FIELD_NUMBER: _ClassVar[int]
-    MEMBERSHIP_FIELD_NUMBER: _ClassVar[int]
-    engine: _common_pb2.EngineStats
-    membership: _common_pb2.MembershipProof
-    def __init__(self, engine: _Optional[_Union[_common_pb2.EngineStats, _Mapping]] = ..., membership: _Optional[_Union[_common_pb2.MembershipProof, _Mapping]] = ...) -> None: ...

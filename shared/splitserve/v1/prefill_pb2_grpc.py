@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 from splitserve.v1 import prefill_pb2 as splitserve_dot_v1_dot_prefill__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
@@ -41,8 +42,8 @@ class PrefillStub:
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/splitserve.v1.Prefill/Stats',
-                request_serializer=splitserve_dot_v1_dot_prefill__pb2.PrefillStatsRequest.SerializeToString,
-                response_deserializer=splitserve_dot_v1_dot_prefill__pb2.PrefillStatsResponse.FromString,
+                request_serializer=splitserve_dot_v1_dot_common__pb2.WorkerStatsRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_common__pb2.WorkerStatsResponse.FromString,
                 _registered_method=True)
 
 
@@ -71,8 +72,8 @@ def add_PrefillServicer_to_server(servicer, server):
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=splitserve_dot_v1_dot_prefill__pb2.PrefillStatsRequest.FromString,
-                    response_serializer=splitserve_dot_v1_dot_prefill__pb2.PrefillStatsResponse.SerializeToString,
+                    request_deserializer=splitserve_dot_v1_dot_common__pb2.WorkerStatsRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_common__pb2.WorkerStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -127,8 +128,8 @@ class Prefill:
             request,
             target,
             '/splitserve.v1.Prefill/Stats',
-            splitserve_dot_v1_dot_prefill__pb2.PrefillStatsRequest.SerializeToString,
-            splitserve_dot_v1_dot_prefill__pb2.PrefillStatsResponse.FromString,
+            splitserve_dot_v1_dot_common__pb2.WorkerStatsRequest.SerializeToString,
+            splitserve_dot_v1_dot_common__pb2.WorkerStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -177,7 +177,7 @@ class FakeWorker:
 @dataclass
 class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServicer):
     KIND = "prefill"
-    STATS_RESPONSE = prefill_pb2.PrefillStatsResponse
+    STATS_RESPONSE = common_pb2.WorkerStatsResponse
     cached_tokens: int = 3
 
     async def Prefill(self, request, context):
@@ -212,7 +212,7 @@ class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServicer):
 @dataclass
 class FakeDecode(FakeWorker, decode_pb2_grpc.DecodeServicer):
     KIND = "decode"
-    STATS_RESPONSE = decode_pb2.DecodeStatsResponse
+    STATS_RESPONSE = common_pb2.WorkerStatsResponse
     token_delay_s: float = 0.0
     chunk_tokens: int = 1
     cached_tokens: int = 0

@@ -9,7 +9,7 @@ from grpc_health.v1 import health_pb2
 from prometheus_client import REGISTRY
 
 from splitserve.membership import is_member, membership_mac, new_nonce
-from splitserve.v1 import decode_pb2, decode_pb2_grpc
+from splitserve.v1 import common_pb2, decode_pb2_grpc
 from splitserve.worker_registry import WorkerAnnouncer
 
 from . import fakes
@@ -166,4 +166,4 @@ def test_a_real_workers_stats_answer_is_checked_like_the_fakes(token):
     if token:
         assert is_member(TOKEN, nonce, "decode", "10.0.0.9:5", "m", proof.mac, "10.0.0.9:6")
     assert identity.answer(b"").mac == b""                          # no challenge, no proof
-    assert decode_pb2.DecodeStatsResponse(membership=proof).membership.address == "10.0.0.9:5"
+    assert common_pb2.WorkerStatsResponse(membership=proof).membership.address == "10.0.0.9:5"
