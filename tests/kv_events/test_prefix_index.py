@@ -71,6 +71,20 @@ def publishers(redis_server):
         publisher.stop()
 
 
+@pytest.fixture
+def indexed(client, publishers):
+    """A started publisher whose first `blocks` blocks of CHAIN the index already shows: (its info, it)."""
+    def start(blocks: int, **kwargs) -> tuple[PublisherInfo, KVEventPublisher]:
+        info = _info()
+        publisher = publishers(info, **kwargs)
+        publisher.start()
+        publisher.publish([_stored(CHAIN[:blocks])])
+        _eventually(lambda: _runs(client, [info]) == [blocks])
+        return info, publisher
+
+    return start
+
+
 def test_lookup_gives_each_publisher_its_leading_run(client, publishers):
     a, b = _info("10.0.0.1:1"), _info("10.0.0.2:1")
     pa, pb = publishers(a), publishers(b)
@@ -115,12 +129,8 @@ def test_a_gap_in_sequence_numbers_is_refused_and_a_snapshot_repairs_it(client, 
     _eventually(lambda: _runs(client, [info]) == [20])
 
 
-def test_a_gap_seen_by_the_index_triggers_a_resync(client, publishers):
-    info = _info()
-    publisher = publishers(info)
-    publisher.start()
-    publisher.publish([_stored(CHAIN[:4])])
-    _eventually(lambda: _runs(client, [info]) == [4])
+def test_a_gap_seen_by_the_index_triggers_a_resync(client, indexed):
+    info, publisher = indexed(4)
     before = _sample("splitserve_kv_events_resyncs_total", kind="prefill", reason="gap")
     with publisher._lock:          # a batch the index never saw: the next delta does not follow
         publisher._seq += 1
@@ -130,12 +140,8 @@ def test_a_gap_seen_by_the_index_triggers_a_resync(client, publishers):
     assert _sample("splitserve_kv_events_resyncs_total", kind="prefill", reason="gap") == before + 1
 
 
-def test_a_restarted_publisher_replaces_its_old_entries(client, publishers):
-    info = _info()
-    old = publishers(info)
-    old.start()
-    old.publish([_stored(CHAIN[:30])])
-    _eventually(lambda: _runs(client, [info]) == [30])
+def test_a_restarted_publisher_replaces_its_old_entries(client, publishers, indexed):
+    info, old = indexed(30)
     old._stopping.set()            # dies without cleaning up
     old._thread.join()
     new = publishers(info)         # the same worker restarted: a new epoch, an empty cache
@@ -146,23 +152,15 @@ def test_a_restarted_publisher_replaces_its_old_entries(client, publishers):
     _eventually(lambda: _runs(client, [info]) == [2])
 
 
-def test_entries_of_a_publisher_that_stops_announcing_expire(client, publishers):
-    info = _info()
-    publisher = publishers(info, ttl_s=0.5)
-    publisher.start()
-    publisher.publish([_stored(CHAIN[:10])])
-    _eventually(lambda: _runs(client, [info]) == [10])
+def test_entries_of_a_publisher_that_stops_announcing_expire(client, indexed):
+    info, publisher = indexed(10, ttl_s=0.5)
     publisher._stopping.set()      # hangs or dies: no more heartbeats
     publisher._thread.join()
     _eventually(lambda: _runs(client, [info]) == [0], timeout_s=5)
 
 
-def test_a_redis_restart_is_repaired_by_the_next_heartbeat(client, publishers, redis_server):
-    info = _info()
-    publisher = publishers(info)
-    publisher.start()
-    publisher.publish([_stored(CHAIN[:12])])
-    _eventually(lambda: _runs(client, [info]) == [12])
+def test_a_redis_restart_is_repaired_by_the_next_heartbeat(client, indexed, redis_server):
+    info, publisher = indexed(12)
     redis_server.stop()
     redis_server.start()           # empty: persistence is off
     _eventually(lambda: _retrying(lambda: _runs(client, [info])) == [12])
