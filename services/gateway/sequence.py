@@ -29,7 +29,7 @@ from splitserve.sampling_params import SamplingParams
 from splitserve.serving import tracing
 from splitserve.services.gateway import metrics, overhead
 from splitserve.services.gateway.errors import NoHealthyWorkerError, UpstreamError
-from splitserve.services.gateway.prefill_path import LOCAL, PrefillPathChooser
+from splitserve.services.gateway.prefill_path import LOCAL, PrefillPathChooser, computed_tokens
 from splitserve.services.gateway.prefix_index import PrefixHits
 from splitserve.services.gateway.router import Router
 from splitserve.services.gateway.rpc_errors import WORKER_DOWN_CODES, translate_rpc_error
@@ -82,7 +82,7 @@ class SequenceRunner:
             # A local prefill is in the decode worker's queue until its first token (what the next choice weighs).
             queued_here = contextlib.ExitStack()
             if prefilled is None:
-                queued_here.enter_context(self.pool.prefilling(decode, len(prompt)))
+                queued_here.enter_context(self.pool.prefilling(decode, computed_tokens(len(prompt), decode, hits)))
             reservation.enter_context(queued_here)
             request = decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
                                                  sampling_params=sampling_params_to_proto(params))
@@ -162,23 +162,27 @@ class SequenceRunner:
                       self.local_prefill_threshold)
             return None
         with tracing.span("route prefill") as route:
-            worker = self.router.pick_optional("prefill", len(prompt), hits)
-            if worker is not None:
-                _log_choice(request_id, worker, hits, route)
-        if worker is None:
+            # Proposed, not yet counted: the prefill worker gets the prompt only if the remote path wins.
+            proposal = self.router.propose_optional("prefill", hits)
+            if proposal is not None:
+                _log_choice(request_id, proposal.worker, hits, route)
+        if proposal is None:
             self._local_without_prefill_worker(request_id)
             return None
+        worker = proposal.worker
         choice = self.path_chooser.choose(len(prompt), decode, worker, hits)
         _count_path(choice.path, choice.reason)
         log.debug("request %s: %s", request_id, choice.describe())
         if choice.path == LOCAL:
             return None
+        self.router.commit(proposal)
         request = prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
                                              sampling_params=sampling_params_to_proto(params))
         if self.kv_store_address:
             request.kv_target.store_address = self.kv_store_address
         try:
-            with self.pool.track(worker, len(prompt)), self.pool.prefilling(worker, len(prompt)), overhead.waiting():
+            with self.pool.track(worker, len(prompt)), \
+                    self.pool.prefilling(worker, computed_tokens(len(prompt), worker, hits)), overhead.waiting():
                 reply = await prefill_pb2_grpc.PrefillStub(worker.channel).Prefill(request,
                                                                                    timeout=time_left(deadline))
             self.pool.note_progress(worker)
