@@ -14,7 +14,10 @@ tenant's requests meet its cached prompt; round-robin sends every tenant to ever
 evicts what it will need again. The kv-store (host tier) holds every block the prefill workers wrote, beyond
 any worker's cache: a prefill worker lacking a prefix reads it from there instead of computing it, so it gives
 round-robin hits too (at the cost of the transfer), while a decode worker that prefills a prompt itself computes
-what its own cache lacks. The `from_kv_store` column says which share of each policy's hits came from there.
+what its own cache lacks. Under round-robin the gateway does not consult the prefix index, so its path choice
+sees no cached prefix: a prompt goes to a prefill worker (and can meet the kv-store's copy) only when the decode
+worker's queue makes that sooner. The `from_kv_store` column says which share of each policy's hits came from
+the kv-store.
 
 The script starts its own stack (2 prefill and 2 decode workers, Redis, kv-store; no Envoy) and runs the workload
 under router policy `round-robin`, then `prefix`, against the same running workers, Redis and kv-store: the policy
