@@ -70,6 +70,7 @@ FIRST_TOKEN_ID = 16          # below: the demo tokenizer's special tokens, never
 STORE_HITS = "splitserve_prefill_store_prefix_hit_tokens_total"
 DECISIONS = "splitserve_router_decisions_total"
 PATHS = "splitserve_gateway_prefill_path_total"
+PATH_TTFT_RATIO = "splitserve_gateway_prefill_path_ttft_ratio"
 PREFILL_WORKERS, DECODE_WORKERS = 2, 2
 
 
@@ -153,6 +154,8 @@ class PhaseResult:
     store_hit_tokens: float = 0.0            # read from the kv-store by the prefill workers
     decisions: dict[str, float] = field(default_factory=dict)   # the gateway's prefill choices, by reason
     paths: dict[str, float] = field(default_factory=dict)       # where prompts were prefilled: "path reason"
+    # Per path: the mean of each first token's measured time over the time predicted for it (1: exact).
+    prediction_ratios: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> list[RequestResult]:
@@ -209,7 +212,9 @@ def table(phases: Sequence[PhaseResult]) -> list[str]:
         lines.append(" | ".join(f"{v:>16.2f}" if isinstance(v, float) else f"{v:>16}" for v in values))
     for p in phases:
         paths = ", ".join(f"{path} {count:.0f}" for path, count in sorted(p.paths.items()) if count)
-        lines.append(f"{p.policy}: prefill paths: {paths or 'none counted'}")
+        ratios = ", ".join(f"{path} {ratio:.2f}" for path, ratio in sorted(p.prediction_ratios.items()))
+        lines.append(f"{p.policy}: prefill paths: {paths or 'none counted'}"
+                     + (f"; first token measured / predicted, mean: {ratios}" if ratios else ""))
         reasons = ", ".join(f"{reason} {count:.0f}" for reason, count in sorted(p.decisions.items()) if count)
         lines.append(f"{p.policy}: prefill worker choices by reason: {reasons or 'none counted'}")
         for error in sorted({r.error for r in p.results if not r.ok})[:3]:
@@ -253,6 +258,15 @@ def paths_by_reason(metrics_text: str) -> dict[str, float]:
 
 def since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {key: n - before.get(key, 0.0) for key, n in after.items() if n - before.get(key, 0.0)}
+
+
+def prediction_ratios(before: str, after: str) -> dict[str, float]:
+    """Per path, the mean measured / predicted time to the first token between two expositions."""
+    sums = since(counts_by(before, PATH_TTFT_RATIO + "_sum", ("path",)),
+                 counts_by(after, PATH_TTFT_RATIO + "_sum", ("path",)))
+    counts = since(counts_by(before, PATH_TTFT_RATIO + "_count", ("path",)),
+                   counts_by(after, PATH_TTFT_RATIO + "_count", ("path",)))
+    return {path: sums.get(path, 0.0) / n for path, n in counts.items()}
 
 
 async def run_arrivals(url: str, schedule: Sequence[tuple[float, list[int]]], max_tokens: int
@@ -344,7 +358,8 @@ def run_phase(stack, label: str, workload: Workload, systems: Sequence[Sequence[
     store_after, metrics_after = store_hits(), gateway_metrics()
     return PhaseResult(label, results, elapsed, ideal, store_after - store_before,
                        since(decisions_by_reason(metrics_before), decisions_by_reason(metrics_after)),
-                       since(paths_by_reason(metrics_before), paths_by_reason(metrics_after)))
+                       since(paths_by_reason(metrics_before), paths_by_reason(metrics_after)),
+                       prediction_ratios(metrics_before, metrics_after))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

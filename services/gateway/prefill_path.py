@@ -43,6 +43,11 @@ class PathChoice:
     local_s: Optional[float] = None    # the predicted times to the first token, when predicted
     remote_s: Optional[float] = None
 
+    @property
+    def predicted_s(self) -> Optional[float]:
+        """The predicted time to the first token of the chosen path (None: not predicted)."""
+        return self.local_s if self.path == LOCAL else self.remote_s
+
     def describe(self) -> str:
         if self.local_s is None or self.remote_s is None:
             return f"{self.path} prefill ({self.reason})"

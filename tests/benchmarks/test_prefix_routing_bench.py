@@ -97,7 +97,7 @@ def test_hit_rates_throughput_and_the_last_line():
     prefix = prefix_routing.PhaseResult(
         "prefix", [_result(1000, 0, 2.0), _result(1000, 992, 0.2), _result(0, 0, 0.0, ok=False)], 2.0,
         ideal_cached=[0, 992, 992], decisions={"prefix_hit": 1, "least_loaded": 1},
-        paths={"local predicted_faster": 1, "remote predicted_faster": 1})
+        paths={"local predicted_faster": 1, "remote predicted_faster": 1}, prediction_ratios={"local": 1.5})
     assert prefix.failed == 1 and prefix.share_of_ideal == pytest.approx(1.0)
     # p50 as serve_load takes it (the nearest rank, the lower of two): 0.2 s against 2.0 s.
     assert prefix_routing.last_line(round_robin, prefix) == "ttft_p50_prefix_vs_round_robin: 0.10"
@@ -105,7 +105,8 @@ def test_hit_rates_throughput_and_the_last_line():
     assert [c.strip() for c in lines[0].split(" | ")] == list(prefix_routing.COLUMNS)
     assert [c.strip() for c in lines[1].split(" | ")][:5] == ["round-robin", "3", "0", "2000.00", "3000.00"]
     assert "prefix: prefill worker choices by reason: least_loaded 1, prefix_hit 1" in lines
-    assert "prefix: prefill paths: local predicted_faster 1, remote predicted_faster 1" in lines
+    assert ("prefix: prefill paths: local predicted_faster 1, remote predicted_faster 1; first token measured / "
+            "predicted, mean: local 1.50") in lines
     assert "round-robin: prefill paths: none counted" in lines
     assert "prefix: error: HTTP 503" in lines
     aggregated = prefix_routing.PhaseResult("prefix, aggregated", [_result(1000, 992, 0.4)], 1.0, ideal_cached=[992])
@@ -128,6 +129,11 @@ def test_metrics_are_read_from_the_exposition():
     assert paths == {"local predicted_faster": 3.0, "remote cold_start": 1.0}
     assert prefix_routing.since({"local predicted_faster": 1.0}, paths) == {"local predicted_faster": 2.0,
                                                                              "remote cold_start": 1.0}
+    ratios = ('# TYPE splitserve_gateway_prefill_path_ttft_ratio histogram\n'
+              'splitserve_gateway_prefill_path_ttft_ratio_sum{path="local"} %s\n'
+              'splitserve_gateway_prefill_path_ttft_ratio_count{path="local"} %s\n')
+    # Two more first tokens since, measured at 1.5x and 2.5x their predictions: a mean of 2.
+    assert prefix_routing.prediction_ratios(ratios % (1.0, 1.0), ratios % (5.0, 3.0)) == {"local": 2.0}
     assert prefix_routing.sample_sum(text, prefix_routing.STORE_HITS) == 320.0
     assert prefix_routing.sample_sum(text, prefix_routing.DECISIONS, reason="prefix_hit") == 12.0
 

@@ -128,6 +128,7 @@ def test_a_queued_worker_pushes_prompts_to_the_other_path(make_stack, clean_redi
     queues = {"prefill": 0, "decode": 0, queued_kind: 100_000}
     prefill, decode = stack.prefill, stack.decode
     before = _sample("splitserve_gateway_prefill_path_total", path=expected_path, reason="predicted_faster")
+    checked = _sample("splitserve_gateway_prefill_path_ttft_ratio_count", path=expected_path)
     with _announcing_load(stack, clean_redis, "prefill", stack.prefills[0], prefill_tokens_per_s=1000,
                           queued_prompt_tokens=queues["prefill"]), \
             _announcing_load(stack, clean_redis, "decode", stack.decodes[0], prefill_tokens_per_s=1000,
@@ -141,6 +142,8 @@ def test_a_queued_worker_pushes_prompts_to_the_other_path(make_stack, clean_redi
     assert remote == [expected_path == REMOTE] * 3
     assert len(prefill.requests) == (3 if expected_path == REMOTE else 0)
     assert _sample("splitserve_gateway_prefill_path_total", path=expected_path, reason="predicted_faster") == before + 3
+    # Each first token was checked against the time predicted for its path.
+    assert _sample("splitserve_gateway_prefill_path_ttft_ratio_count", path=expected_path) == checked + 3
 
 
 def test_a_local_prefill_of_a_cached_prefix_queues_only_its_uncached_tokens(make_stack, clean_redis):
