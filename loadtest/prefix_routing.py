@@ -28,7 +28,9 @@ requests/s and output tokens/s, the prefix-cache hit rate (cached / prompt token
 usage.prompt_tokens_details.cached_tokens), how much of it the prefill workers read from the kv-store rather than
 their own cache, and its share of the ideal hit rate (each system prompt computed once, every later request
 reusing its full blocks); then where prompts were prefilled (the gateway's path choices: local on the decode
-worker, or remote on a prefill worker, by reason) and the prefill workers the router chose.
+worker, or remote on a prefill worker, by reason), each path's mean measured over predicted time to the first
+token, and the prefill workers the router chose. The full workload's 0.5/s is more than a 2-core machine shared
+with other jobs sustains (queues grow to minutes); there, e.g. --requests 40 --rate 0.2.
 
 --compare-aggregated then starts a second stack without prefill workers (the decode workers prefill every prompt,
 `splitserve up --prefill-workers 0`), same decode workers, KV blocks and workload as the `prefix` run, and prints
