@@ -6,6 +6,19 @@ token ids, so prompt and cached token counts are exact. The model (built offline
 weights) is big enough that prefill dominates: 8 layers x 1024 hidden, or 4 x 512 with --quick so that it ends
 within 5 minutes on a small CPU machine.
 
+The regime is llm-d's, where routing matters: the tenants' system prompts together need more KV blocks than one
+worker's cache holds, but fit in the decode workers' caches together. By default each worker's cache is sized
+from the workload to the tenants' blocks split over the decode workers plus a quarter (for an uneven split and
+the running requests' own blocks), printed at the start; --num-kv-blocks overrides it. Routed by prefix, each
+tenant's requests meet its cached prompt; round-robin sends every tenant to every worker, whose cache then
+evicts what it will need again. The kv-store (host tier) holds every block the prefill workers wrote, beyond
+any worker's cache: a prefill worker lacking a prefix reads it from there instead of computing it, so it gives
+round-robin hits too (at the cost of the transfer), while a decode worker that prefills a prompt itself computes
+what its own cache lacks. Under round-robin the gateway does not consult the prefix index, so its path choice
+sees no cached prefix: a prompt goes to a prefill worker (and can meet the kv-store's copy) only when the decode
+worker's queue makes that sooner. The `from_kv_store` column says which share of each policy's hits came from
+the kv-store.
+
 The script starts its own stack (2 prefill and 2 decode workers, Redis, kv-store; no Envoy) and runs the workload
 under router policy `round-robin`, then `prefix`, against the same running workers, Redis and kv-store: the policy
 is a gateway flag, so between the two only the gateway is restarted (the launcher's supervisor starts it again on
@@ -14,9 +27,18 @@ questions; other tokens), so neither finds the other's prefixes in a cache. Per 
 requests/s and output tokens/s, the prefix-cache hit rate (cached / prompt tokens, from each response's
 usage.prompt_tokens_details.cached_tokens), how much of it the prefill workers read from the kv-store rather than
 their own cache, and its share of the ideal hit rate (each system prompt computed once, every later request
-reusing its full blocks). The last line is `ttft_p50_prefix_vs_round_robin: X.XX` (prefix / round-robin).
+reusing its full blocks); then where prompts were prefilled (the gateway's path choices: local on the decode
+worker, or remote on a prefill worker, by reason), each path's mean measured over predicted time to the first
+token, and the prefill workers the router chose. The full workload's 0.5/s is more than a 2-core machine shared
+with other jobs sustains (queues grow to minutes); there, e.g. --requests 40 --rate 0.2.
 
-    python loadtest/prefix_routing.py [--quick] [--rate R] [--requests N] [--tenants K] [--model M]
+--compare-aggregated then starts a second stack without prefill workers (the decode workers prefill every prompt,
+`splitserve up --prefill-workers 0`), same decode workers, KV blocks and workload as the `prefix` run, and prints
+`ttft_p50_disagg_vs_aggregated: X.XX` (disaggregated with the predicted-TTFT path choice / aggregated; the goal is
+<= 1). The last line is `ttft_p50_prefix_vs_round_robin: X.XX` (prefix / round-robin).
+
+    python loadtest/prefix_routing.py [--quick] [--compare-aggregated] [--rate R] [--requests N] [--tenants K]
+                                      [--num-kv-blocks B] [--model M]
 """
 
 from __future__ import annotations
@@ -24,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
 import signal
 import sys
@@ -48,6 +71,9 @@ MODELS = {
 FIRST_TOKEN_ID = 16          # below: the demo tokenizer's special tokens, never in a prompt
 STORE_HITS = "splitserve_prefill_store_prefix_hit_tokens_total"
 DECISIONS = "splitserve_router_decisions_total"
+PATHS = "splitserve_gateway_prefill_path_total"
+PATH_TTFT_RATIO = "splitserve_gateway_prefill_path_ttft_ratio"
+PREFILL_WORKERS, DECODE_WORKERS = 2, 2
 
 
 @dataclass(frozen=True)
@@ -100,6 +126,27 @@ def ideal_cached_tokens(workload: Workload, block_size: int) -> list[int]:
     return ideal
 
 
+def system_blocks(workload: Workload, block_size: int) -> int:
+    """KV blocks the tenants' system prompts take, all of them cached at once."""
+    return sum(math.ceil(n / block_size) for n in workload.system_lengths)
+
+
+def default_kv_blocks(workload: Workload, block_size: int, workers: int = DECODE_WORKERS) -> int:
+    """Per worker: the system prompts' blocks split over the workers, plus a quarter for an uneven split (tenants
+    are placed whole) and the running requests' own blocks; never less than the longest prompt needs."""
+    longest = math.ceil((max(workload.system_lengths) + max(len(r.question) for r in workload.requests))
+                        / block_size) + 1
+    return max(math.ceil(system_blocks(workload, block_size) * 5 / (4 * workers)), longest)
+
+
+def sizing(workload: Workload, block_size: int, num_kv_blocks: int, workers: int = DECODE_WORKERS) -> str:
+    """The regime in one line: how the system prompts compare with one worker's cache and with all of theirs."""
+    needed = system_blocks(workload, block_size)
+    return (f"KV cache per worker: {num_kv_blocks} blocks of {block_size} tokens; the {len(workload.system_lengths)} "
+            f"system prompts take {needed} blocks: {needed / num_kv_blocks:.2f}x one worker's cache, "
+            f"{needed / (workers * num_kv_blocks):.2f}x the {workers} decode workers' caches together")
+
+
 @dataclass
 class PhaseResult:
     policy: str
@@ -108,6 +155,9 @@ class PhaseResult:
     ideal_cached: list[int]
     store_hit_tokens: float = 0.0            # read from the kv-store by the prefill workers
     decisions: dict[str, float] = field(default_factory=dict)   # the gateway's prefill choices, by reason
+    paths: dict[str, float] = field(default_factory=dict)       # where prompts were prefilled: "path reason"
+    # Per path: the mean of each first token's measured time over the time predicted for it (1: exact).
+    prediction_ratios: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> list[RequestResult]:
@@ -163,7 +213,11 @@ def table(phases: Sequence[PhaseResult]) -> list[str]:
                   p.output_tok_per_s, p.hit_rate, p.ideal_hit_rate, p.share_of_ideal, p.store_share)
         lines.append(" | ".join(f"{v:>16.2f}" if isinstance(v, float) else f"{v:>16}" for v in values))
     for p in phases:
-        reasons = ", ".join(f"{reason} {count:.0f}" for reason, count in sorted(p.decisions.items()))
+        paths = ", ".join(f"{path} {count:.0f}" for path, count in sorted(p.paths.items()) if count)
+        ratios = ", ".join(f"{path} {ratio:.2f}" for path, ratio in sorted(p.prediction_ratios.items()))
+        lines.append(f"{p.policy}: prefill paths: {paths or 'none counted'}"
+                     + (f"; first token measured / predicted, mean: {ratios}" if ratios else ""))
+        reasons = ", ".join(f"{reason} {count:.0f}" for reason, count in sorted(p.decisions.items()) if count)
         lines.append(f"{p.policy}: prefill worker choices by reason: {reasons or 'none counted'}")
         for error in sorted({r.error for r in p.results if not r.ok})[:3]:
             lines.append(f"{p.policy}: error: {error}")
@@ -174,19 +228,47 @@ def last_line(round_robin: PhaseResult, prefix: PhaseResult) -> str:
     return f"ttft_p50_prefix_vs_round_robin: {prefix.ttft(0.5) / round_robin.ttft(0.5):.2f}"
 
 
+def aggregated_line(disaggregated: PhaseResult, aggregated: PhaseResult) -> str:
+    return f"ttft_p50_disagg_vs_aggregated: {disaggregated.ttft(0.5) / aggregated.ttft(0.5):.2f}"
+
+
 def sample_sum(metrics_text: str, sample: str, **labels: str) -> float:
     """The sum of a Prometheus exposition's samples named `sample` whose labels include `labels`."""
     return sum(s.value for family in text_string_to_metric_families(metrics_text) for s in family.samples
                if s.name == sample and labels.items() <= s.labels.items())
 
 
-def decisions_by_reason(metrics_text: str, kind: str = "prefill") -> dict[str, float]:
+def counts_by(metrics_text: str, sample: str, keys: Sequence[str], **labels: str) -> dict[str, float]:
+    """A counter's samples whose labels include `labels`, summed by the values of the labels `keys` (joined by a
+    space)."""
     counts: dict[str, float] = {}
     for family in text_string_to_metric_families(metrics_text):
         for s in family.samples:
-            if s.name == DECISIONS and s.labels.get("kind") == kind and s.value:
-                counts[s.labels["reason"]] = counts.get(s.labels["reason"], 0.0) + s.value
+            if s.name == sample and labels.items() <= s.labels.items() and s.value:
+                key = " ".join(s.labels.get(k, "") for k in keys)
+                counts[key] = counts.get(key, 0.0) + s.value
     return counts
+
+
+def decisions_by_reason(metrics_text: str, kind: str = "prefill") -> dict[str, float]:
+    return counts_by(metrics_text, DECISIONS, ("reason",), kind=kind)
+
+
+def paths_by_reason(metrics_text: str) -> dict[str, float]:
+    return counts_by(metrics_text, PATHS, ("path", "reason"))
+
+
+def since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {key: n - before.get(key, 0.0) for key, n in after.items() if n - before.get(key, 0.0)}
+
+
+def prediction_ratios(before: str, after: str) -> dict[str, float]:
+    """Per path, the mean measured / predicted time to the first token between two expositions."""
+    sums = since(counts_by(before, PATH_TTFT_RATIO + "_sum", ("path",)),
+                 counts_by(after, PATH_TTFT_RATIO + "_sum", ("path",)))
+    counts = since(counts_by(before, PATH_TTFT_RATIO + "_count", ("path",)),
+                   counts_by(after, PATH_TTFT_RATIO + "_count", ("path",)))
+    return {path: sums.get(path, 0.0) / n for path, n in counts.items()}
 
 
 async def run_arrivals(url: str, schedule: Sequence[tuple[float, list[int]]], max_tokens: int
@@ -238,9 +320,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--question-max", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--num-kv-blocks", type=int, default=None,
-                        help="KV cache blocks per worker (default: the engine's budget, which holds every system "
-                             "prompt on every worker; fewer, e.g. half the tenants' blocks, is llm-d's regime where "
-                             "round-robin evicts what it will need)")
+                        help="KV cache blocks per worker (default: from the workload, the system prompts' blocks "
+                             "over the decode workers plus a quarter: more than one worker holds, less than all "
+                             "together; see above)")
+    parser.add_argument("--compare-aggregated", action="store_true",
+                        help="also run `prefix` on a stack without prefill workers (see above)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quick = args.quick
@@ -249,9 +333,35 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.rate = args.rate or 0.5
     if args.tenants < 1 or args.requests < 1 or args.rate <= 0 or args.max_tokens < 1:
         parser.error("--tenants, --requests and --max-tokens must be >= 1 and --rate > 0")
+    if args.num_kv_blocks is not None and args.num_kv_blocks < 1:
+        parser.error("--num-kv-blocks must be >= 1")
     if not 1 <= args.system_min <= args.system_max or not 1 <= args.question_min <= args.question_max:
         parser.error("need 1 <= --system-min <= --system-max and 1 <= --question-min <= --question-max")
     return args
+
+
+def run_phase(stack, label: str, workload: Workload, systems: Sequence[Sequence[int]], ideal: list[int],
+              max_tokens: int) -> PhaseResult:
+    """Warms the stack up, then runs the workload on it and reads what its metrics say about the run."""
+    prefill_metrics = [f"http://127.0.0.1:{port}/metrics" for port in stack.metrics_ports.get("prefill", [])]
+
+    def store_hits() -> float:
+        return sum(sample_sum(httpx.get(u, timeout=10).text, STORE_HITS) for u in prefill_metrics)
+
+    def gateway_metrics() -> str:
+        return httpx.get(f"{stack.http_url}/metrics", timeout=10).text
+
+    # Warm-up (not measured): each worker's first steps, on tokens no phase uses.
+    warm = [[FIRST_TOKEN_ID + i % 7] * 64 for i in range(4)]
+    asyncio.run(run_arrivals(stack.base_url, [(0.0, p) for p in warm], 2))
+    store_before, metrics_before = store_hits(), gateway_metrics()
+    schedule = [(r.arrival_s, p) for r, p in zip(workload.requests, prompts(workload, systems))]
+    results, elapsed = asyncio.run(run_arrivals(stack.base_url, schedule, max_tokens))
+    store_after, metrics_after = store_hits(), gateway_metrics()
+    return PhaseResult(label, results, elapsed, ideal, store_after - store_before,
+                       since(decisions_by_reason(metrics_before), decisions_by_reason(metrics_after)),
+                       since(paths_by_reason(metrics_before), paths_by_reason(metrics_after)),
+                       prediction_ratios(metrics_before, metrics_after))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -264,32 +374,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     vocab_size = int(json.loads((Path(model) / "config.json").read_text())["vocab_size"])
     workload = make_workload(args.seed, args.tenants, args.system_min, args.system_max, args.requests,
                              args.question_min, args.question_max, args.rate, vocab_size)
-    ideal = ideal_cached_tokens(workload, EngineConfig.block_size)
+    block_size = EngineConfig.block_size
+    ideal = ideal_cached_tokens(workload, block_size)
+    num_kv_blocks = args.num_kv_blocks or default_kv_blocks(workload, block_size)
     print(f"model {model}; {args.tenants} system prompts of {sorted(workload.system_lengths)} tokens, "
-          f"{args.requests} requests per policy at {args.rate}/s (Poisson), {args.max_tokens} output tokens each; "
-          f"KV blocks per worker: {args.num_kv_blocks or 'the engine default'}")
-    phases = []
-    with Stack(model=model, prefill_workers=2, decode_workers=2, envoy=False, torch_threads=1,
-               num_kv_blocks=args.num_kv_blocks, extra_args={"gateway": ["--router-policy", POLICIES[0]]}) as stack:
-        prefill_metrics = [f"http://127.0.0.1:{port}/metrics" for port in stack.metrics_ports["prefill"]]
+          f"{args.requests} requests per policy at {args.rate}/s (Poisson), {args.max_tokens} output tokens each")
+    print(sizing(workload, block_size, num_kv_blocks), flush=True)
+    phases, aggregated = [], None
+    common = dict(model=model, decode_workers=DECODE_WORKERS, envoy=False, torch_threads=1,
+                  num_kv_blocks=num_kv_blocks)
+    with Stack(prefill_workers=PREFILL_WORKERS, extra_args={"gateway": ["--router-policy", POLICIES[0]]},
+               **common) as stack:
+        print(f"logs: {stack.log_dir}", flush=True)
         for index, policy in enumerate(POLICIES):
             if index:
                 switch_router_policy(stack, policy)
-            # Warm-up (not measured): each worker's first steps, on tokens no phase uses.
-            warm = [[FIRST_TOKEN_ID + i % 7] * 64 for i in range(4)]
-            asyncio.run(run_arrivals(stack.base_url, [(0.0, p) for p in warm], 2))
-            store_before = sum(sample_sum(httpx.get(u, timeout=10).text, STORE_HITS) for u in prefill_metrics)
-            decisions_before = decisions_by_reason(httpx.get(f"{stack.http_url}/metrics", timeout=10).text)
-            schedule = [(r.arrival_s, p) for r, p in zip(workload.requests,
-                                                          prompts(workload, system_prompts(workload, index)))]
-            results, elapsed = asyncio.run(run_arrivals(stack.base_url, schedule, args.max_tokens))
-            store_after = sum(sample_sum(httpx.get(u, timeout=10).text, STORE_HITS) for u in prefill_metrics)
-            decisions = decisions_by_reason(httpx.get(f"{stack.http_url}/metrics", timeout=10).text)
-            phases.append(PhaseResult(policy, results, elapsed, ideal, store_after - store_before,
-                                      {r: n - decisions_before.get(r, 0.0) for r, n in decisions.items()}))
-    print("\n".join(table(phases)))
+            phases.append(run_phase(stack, policy, workload, system_prompts(workload, index), ideal, args.max_tokens))
+    if args.compare_aggregated:
+        # The prefix run's own prompts, on fresh caches: the same workload the disaggregated stack served.
+        with Stack(prefill_workers=0, extra_args={"gateway": ["--router-policy", "prefix"]}, **common) as stack:
+            print(f"logs (aggregated): {stack.log_dir}", flush=True)
+            aggregated = run_phase(stack, "prefix, aggregated", workload,
+                                   system_prompts(workload, POLICIES.index("prefix")), ideal, args.max_tokens)
+    print("\n".join(table(phases + ([aggregated] if aggregated else []))))
+    if aggregated is not None:
+        print(aggregated_line(phases[1], aggregated))
     print(last_line(*phases))
-    return 0 if all(p.failed == 0 for p in phases) else 1
+    return 0 if all(p.failed == 0 for p in phases + ([aggregated] if aggregated else [])) else 1
 
 
 if __name__ == "__main__":

@@ -57,6 +57,11 @@ PREFILL_PATH = Counter("splitserve_gateway_prefill_path_total",
                        "Where prompts were prefilled (local: the decode worker; remote: a prefill worker), by why: "
                        "predicted_faster, cold_start, threshold, below_threshold, no_prefill_worker, prefill_failed",
                        ["path", "reason"])
+PREFILL_PATH_TTFT_RATIO = Histogram(
+    "splitserve_gateway_prefill_path_ttft_ratio",
+    "Per predicted path choice: the chosen path's measured time to the first token over the time predicted for it "
+    "(1: exact; far from 1: the queues or rates the choice weighed mislead it)", ["path"],
+    buckets=(0.1, 0.25, 0.5, 0.8, 1.25, 2.0, 4.0, 10.0))
 WORKER_FAILURES = Counter("splitserve_gateway_worker_failures_total",
                           "Calls to a worker that failed, by worker kind and gRPC code", ["kind", "code"])
 TOKENIZER_RETRIES = Counter("splitserve_gateway_tokenizer_retries_total",

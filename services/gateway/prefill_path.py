@@ -10,8 +10,9 @@ request). So for each prompt (deciders, the gateway's --prefill-decider):
       local  = (decode queue + prompt - decode's cached prefix) / decode's prefill rate
       remote = (prefill queue + prompt - max(prefill's cached prefix, kv-store's)) / prefill's prefill rate
                + prompt x KV bytes/token / prefill's write rate (each block is read from the store or written)
-  Queues are prompt tokens waiting on the worker: what it announced to Redis beyond what this gateway sent it
-  (as the router counts load), plus this gateway's own prompts still waiting for their first token. Rates are
+  Queues are prompt tokens waiting on the worker to be computed: what it announced to Redis beyond what this
+  gateway sent it (as the router counts load), plus what this gateway's own prompts still waiting for their
+  first token will compute there (their uncached part, as the worker counts them). Rates are
   what each worker measures itself and announces (engine steps and kv-store writes; see WorkerInfo), not what
   the gateway times: a gateway sees only its own share of a worker's requests, and its timings of a prefill
   hold the queue and the KV write, which the formula counts apart. A worker with no measured rate yet takes
@@ -42,6 +43,11 @@ class PathChoice:
     local_s: Optional[float] = None    # the predicted times to the first token, when predicted
     remote_s: Optional[float] = None
 
+    @property
+    def predicted_s(self) -> Optional[float]:
+        """The predicted time to the first token of the chosen path (None: not predicted)."""
+        return self.local_s if self.path == LOCAL else self.remote_s
+
     def describe(self) -> str:
         if self.local_s is None or self.remote_s is None:
             return f"{self.path} prefill ({self.reason})"
@@ -56,6 +62,14 @@ class PrefillCapacity:
     tokens_per_s: Optional[float]                  # None: not measured yet
     put_bytes_per_s: Optional[float] = None
     kv_bytes_per_token: int = 0
+
+
+def computed_tokens(prompt_tokens: int, worker: Worker, hits: Optional[PrefixHits]) -> int:
+    """The prompt tokens `worker` is predicted to compute, what it counts in its announced queue: a prompt whose
+    prefix it reuses adds only the rest (counting the whole prompt made a worker busy with cached prompts look
+    queued for seconds, and sent the next prompt the other way)."""
+    reused = hits.reusable_tokens(worker.kind, worker.address) if hits is not None else 0
+    return max(1, prompt_tokens - reused)   # the last token is always computed: its logits are the first token
 
 
 def capacity(worker: Worker) -> PrefillCapacity:

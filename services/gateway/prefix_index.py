@@ -50,6 +50,12 @@ class PrefixHits:
     def speculative_tokens(self, kind: str, address: str) -> int:
         return self.speculative.get((kind, address), 0)
 
+    def reusable_tokens(self, kind: str, address: str) -> int:
+        """The leading tokens the worker would not compute: those its cache holds, and for a prefill worker those
+        the kv-store holds beyond that (it reads what its own cache lacks from there; a decode worker does not)."""
+        device = self.device_tokens(kind, address)
+        return max(device, self.store_tokens) if kind == "prefill" else device
+
 
 class PrefixIndexReader:
     def __init__(self, redis_client: redis.Redis, timeout_s: float = 0.1, retry_s: float = 1.0,

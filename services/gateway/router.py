@@ -14,7 +14,8 @@ Policies (the gateway's --router-policy):
   break ties, and remaining ties rotate, so idle workers share the work. For equal requests from one gateway
   this keeps any two workers within one sequence of each other (tested with 16 streams on 2 workers).
 - `round-robin`, `random`: for comparison (benchmarks) and for deployments that want no state.
-Each decision is counted by reason in splitserve_router_decisions_total.
+Each decision is counted by reason in splitserve_router_decisions_total, once the worker gets the request: a
+prefill worker proposed for a prompt the decode worker then prefills itself (prefill_path.py) is not counted.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ def worker_load(worker: Worker) -> tuple[int, int]:
         reported = worker.reported.num_running + worker.reported.num_waiting
         sequences += max(0, reported - worker.in_flight_requests)
     return sequences, worker.in_flight_tokens
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """A worker the router chose, before the choice is counted (Router.commit)."""
+    worker: Worker
+    reason: str                       # the decision metric's label
+    hits: Optional[PrefixHits]
+    candidates: int                   # healthy workers it was chosen among
 
 
 @dataclass(frozen=True)
@@ -96,33 +106,45 @@ class Router:
         """The cached tokens `worker` reported for the prompt it computed, against what the index predicted."""
         if hits is None:
             return
-        predicted = hits.device_tokens(worker.kind, worker.address)
-        if worker.kind == "prefill":          # it also pulls from the kv-store what its own cache lacks
-            predicted = max(predicted, hits.store_tokens)
-        self.accuracy.observe(worker.kind, worker.address, predicted, cached_tokens)
+        self.accuracy.observe(worker.kind, worker.address, hits.reusable_tokens(worker.kind, worker.address),
+                              cached_tokens)
 
     def pick(self, kind: str, prompt_len: int, exclude: Iterable[Worker] = (),
              hits: Optional[PrefixHits] = None) -> Worker:
         """A healthy worker of `kind` not in `exclude`; NoHealthyWorkerError if there is none. `hits`: what the
         prefix index said about this prompt (None: unknown)."""
+        return self.commit(self.propose(kind, exclude, hits))
+
+    def propose(self, kind: str, exclude: Iterable[Worker] = (), hits: Optional[PrefixHits] = None) -> Proposal:
+        """The worker pick() would choose, not yet counted or claimed: for a choice that may not use it (a
+        prefill worker before the prefill path is chosen). NoHealthyWorkerError if there is none."""
         excluded = set(map(id, exclude))
         candidates = [w for w in self.pool.healthy(kind) if id(w) not in excluded]
         if not candidates:
             metrics.ROUTER_DECISIONS.labels(kind, "no_healthy_worker").inc()
             raise NoHealthyWorkerError(kind)
         chosen, reason = self._choose(kind, candidates, hits)
-        metrics.ROUTER_DECISIONS.labels(kind, reason).inc()
+        return Proposal(chosen, reason, hits, len(candidates))
+
+    def commit(self, proposal: Proposal) -> Worker:
+        """The proposed worker gets the request: the decision is counted and, when its known prefix is short,
+        the prompt is claimed for it (so the next request sharing the prefix follows it)."""
+        chosen, hits, kind = proposal.worker, proposal.hits, proposal.worker.kind
+        metrics.ROUTER_DECISIONS.labels(kind, proposal.reason).inc()
         if hits is not None:
             metrics.PREDICTED_CACHED_TOKENS.labels(kind).inc(hits.device_tokens(kind, chosen.address))
             known = hits.device_tokens(kind, chosen.address) + hits.speculative_tokens(kind, chosen.address)
-            if hits.route and self.index is not None and len(candidates) > 1 and 2 * known < hits.prompt_tokens:
+            if hits.route and self.index is not None and proposal.candidates > 1 and 2 * known < hits.prompt_tokens:
                 self.index.claim_later(hits, kind, chosen.address)
         return chosen
 
-    def pick_optional(self, kind: str, prompt_len: int, hits: Optional[PrefixHits] = None) -> Optional[Worker]:
-        """Like pick, but None when no worker of `kind` is healthy (for optional stages such as prefill)."""
+    def propose_optional(self, kind: str, hits: Optional[PrefixHits] = None) -> Optional[Proposal]:
+        """Like propose, but None when no worker of `kind` is healthy (for optional stages such as prefill); one
+        the deployment has none of (aggregated: no prefill workers) is no decision, so none is counted."""
+        if not self.pool.workers(kind):
+            return None
         try:
-            return self.pick(kind, prompt_len, hits=hits)
+            return self.propose(kind, hits=hits)
         except NoHealthyWorkerError:
             return None
 

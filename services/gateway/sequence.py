@@ -29,7 +29,7 @@ from splitserve.sampling_params import SamplingParams
 from splitserve.serving import tracing
 from splitserve.services.gateway import metrics, overhead
 from splitserve.services.gateway.errors import NoHealthyWorkerError, UpstreamError
-from splitserve.services.gateway.prefill_path import LOCAL, PrefillPathChooser
+from splitserve.services.gateway.prefill_path import LOCAL, PathChoice, PrefillPathChooser, computed_tokens
 from splitserve.services.gateway.prefix_index import PrefixHits
 from splitserve.services.gateway.router import Router
 from splitserve.services.gateway.rpc_errors import WORKER_DOWN_CODES, translate_rpc_error
@@ -78,11 +78,12 @@ class SequenceRunner:
             # The decode worker's load counts from the pick, not from after the prefill: otherwise every request
             # arriving during a prefill sees the same idle worker (one worker took 15 of 16 streams).
             reservation.enter_context(self.pool.track(decode, decode_load))
-            prefilled = await self._prefill(request_id, prompt, params, deadline, hits, decode)
+            prefilled, choice = await self._prefill(request_id, prompt, params, deadline, hits, decode)
+            local_started = asyncio.get_running_loop().time() if prefilled is None else None
             # A local prefill is in the decode worker's queue until its first token (what the next choice weighs).
             queued_here = contextlib.ExitStack()
             if prefilled is None:
-                queued_here.enter_context(self.pool.prefilling(decode, len(prompt)))
+                queued_here.enter_context(self.pool.prefilling(decode, computed_tokens(len(prompt), decode, hits)))
             reservation.enter_context(queued_here)
             request = decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt,
                                                  sampling_params=sampling_params_to_proto(params))
@@ -110,6 +111,9 @@ class SequenceRunner:
                     try:
                         async for chunk in overhead.WaitedStream(call):
                             self.pool.note_progress(decode)
+                            if local_started is not None and chunk.token_ids:
+                                _check_prediction(request_id, choice, local_started)
+                                local_started = None
                             queued_here.close()
                             produced_here = produced_here or bool(chunk.token_ids)
                             batch = _batch_from_chunk(chunk, first_from_prefill=prefilled is not None)
@@ -154,43 +158,51 @@ class SequenceRunner:
                                     decode.address)
 
     async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: float,
-                       hits: Optional[PrefixHits], decode: Worker) -> Optional[prefill_pb2.PrefillResponse]:
-        """The prefill worker's reply, or None when the decode worker is to prefill the prompt itself."""
+                       hits: Optional[PrefixHits], decode: Worker
+                       ) -> tuple[Optional[prefill_pb2.PrefillResponse], Optional[PathChoice]]:
+        """The prefill worker's reply, or None when the decode worker is to prefill the prompt itself; and the
+        path choice, when one was made."""
         if len(prompt) < self.local_prefill_threshold:
             _count_path(LOCAL, "below_threshold")
             log.debug("request %s: %d prompt tokens < %d, prefilling on decode", request_id, len(prompt),
                       self.local_prefill_threshold)
-            return None
+            return None, None
         with tracing.span("route prefill") as route:
-            worker = self.router.pick_optional("prefill", len(prompt), hits)
-            if worker is not None:
-                _log_choice(request_id, worker, hits, route)
-        if worker is None:
+            # Proposed, not yet counted: the prefill worker gets the prompt only if the remote path wins.
+            proposal = self.router.propose_optional("prefill", hits)
+            if proposal is not None:
+                _log_choice(request_id, proposal.worker, hits, route)
+        if proposal is None:
             self._local_without_prefill_worker(request_id)
-            return None
+            return None, None
+        worker = proposal.worker
         choice = self.path_chooser.choose(len(prompt), decode, worker, hits)
         _count_path(choice.path, choice.reason)
         log.debug("request %s: %s", request_id, choice.describe())
         if choice.path == LOCAL:
-            return None
+            return None, choice
+        self.router.commit(proposal)
         request = prefill_pb2.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
                                              sampling_params=sampling_params_to_proto(params))
         if self.kv_store_address:
             request.kv_target.store_address = self.kv_store_address
+        started = asyncio.get_running_loop().time()
         try:
-            with self.pool.track(worker, len(prompt)), self.pool.prefilling(worker, len(prompt)), overhead.waiting():
+            with self.pool.track(worker, len(prompt)), \
+                    self.pool.prefilling(worker, computed_tokens(len(prompt), worker, hits)), overhead.waiting():
                 reply = await prefill_pb2_grpc.PrefillStub(worker.channel).Prefill(request,
                                                                                    timeout=time_left(deadline))
             self.pool.note_progress(worker)
             self.router.feedback(worker, _measurable(hits, params), reply.cached_tokens)
-            return reply
+            _check_prediction(request_id, choice, started)
+            return reply, choice
         except grpc.aio.AioRpcError as exc:
             error = self._failed(worker, "prefill", exc)
             if not isinstance(error, UpstreamError):
                 raise error from exc
             _count_path(LOCAL, "prefill_failed")
             log.warning("request %s: %s; prefilling on the decode worker instead", request_id, error)
-            return None
+            return None, None
 
     def _local_without_prefill_worker(self, request_id: str) -> None:
         _count_path(LOCAL, "no_prefill_worker")
@@ -223,6 +235,18 @@ def _count_path(path: str, reason: str) -> None:
     metrics.PREFILL_PATH.labels(path, reason).inc()
     if path == LOCAL:
         metrics.LOCAL_PREFILL.labels(reason).inc()
+
+
+def _check_prediction(request_id: str, choice: Optional[PathChoice], started: float) -> None:
+    """The chosen path's first token is here: its measured time against the predicted one (metric and log), so
+    estimates that mislead the choice show (e.g. a disaggregated stack slower than an aggregated one)."""
+    predicted = choice.predicted_s if choice is not None else None
+    if not predicted:
+        return
+    measured = asyncio.get_running_loop().time() - started
+    metrics.PREFILL_PATH_TTFT_RATIO.labels(choice.path).observe(measured / predicted)
+    log.debug("request %s: first token after %.0f ms on the %s path (predicted %.0f ms)", request_id,
+              measured * 1000, choice.path, predicted * 1000)
 
 
 def _log_choice(request_id: str, worker: Worker, hits: Optional[PrefixHits], route: tracing.Span) -> None:

@@ -44,7 +44,7 @@ class Worker:
     why_unhealthy: str = "not checked yet"
     in_flight_requests: int = 0
     in_flight_tokens: int = 0
-    prefill_tokens_in_flight: int = 0              # prompt tokens this gateway sent it that have no first token yet
+    prefill_tokens_in_flight: int = 0              # prompt tokens to compute, sent by this gateway, no first token yet
     reported: Optional[WorkerInfo] = None          # the worker's own load, from the registry
     admitted: bool = False                         # proved it belongs since it was last seen down
     health_channel: Optional[grpc.aio.Channel] = field(default=None, repr=False)  # to its own health thread
@@ -125,7 +125,7 @@ class WorkerPool:
 
     @contextlib.contextmanager
     def prefilling(self, worker: Worker, tokens: int) -> Iterator[Worker]:
-        """While the worker prefills `tokens` of this gateway's prompt tokens (until the first token is back)."""
+        """While the worker computes `tokens` of a prompt this gateway sent it (until the first token is back)."""
         worker.prefill_tokens_in_flight += tokens
         try:
             yield worker

@@ -6,6 +6,7 @@ rates (real Redis) make one path clearly faster.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import time
 
@@ -17,6 +18,8 @@ from splitserve.services.gateway.prefill_path import (LOCAL, REMOTE, PrefillCapa
 from splitserve.services.gateway.prefix_index import PrefixHits
 from splitserve.services.gateway.workers import Worker
 from splitserve.worker_registry import WorkerAnnouncer, WorkerInfo
+
+from .test_prefix_routing import BLOCK, PROMPT, _publish, _wait
 
 
 def _worker(kind: str, address: str, **reported: int) -> Worker:
@@ -125,6 +128,7 @@ def test_a_queued_worker_pushes_prompts_to_the_other_path(make_stack, clean_redi
     queues = {"prefill": 0, "decode": 0, queued_kind: 100_000}
     prefill, decode = stack.prefill, stack.decode
     before = _sample("splitserve_gateway_prefill_path_total", path=expected_path, reason="predicted_faster")
+    checked = _sample("splitserve_gateway_prefill_path_ttft_ratio_count", path=expected_path)
     with _announcing_load(stack, clean_redis, "prefill", stack.prefills[0], prefill_tokens_per_s=1000,
                           queued_prompt_tokens=queues["prefill"]), \
             _announcing_load(stack, clean_redis, "decode", stack.decodes[0], prefill_tokens_per_s=1000,
@@ -138,3 +142,49 @@ def test_a_queued_worker_pushes_prompts_to_the_other_path(make_stack, clean_redi
     assert remote == [expected_path == REMOTE] * 3
     assert len(prefill.requests) == (3 if expected_path == REMOTE else 0)
     assert _sample("splitserve_gateway_prefill_path_total", path=expected_path, reason="predicted_faster") == before + 3
+    # Each first token was checked against the time predicted for its path.
+    assert _sample("splitserve_gateway_prefill_path_ttft_ratio_count", path=expected_path) == checked + 3
+
+
+def test_a_local_prefill_of_a_cached_prefix_queues_only_its_uncached_tokens(make_stack, clean_redis):
+    """The decode worker holds 10 of the prompt's 12 full blocks: the prompt stays local, and until its first
+    token the gateway counts in the decode worker's queue only the 37 tokens it computes (the worker counts its
+    own queue so: the whole prompt would make it look busy for the next choice). The prefill worker proposed for
+    the comparison does not get the prompt, and no prefill decision is counted for it."""
+    stack = make_stack(decode={"token_delay_s": 1.0})
+    publisher = _publish(clean_redis, "decode", stack.decodes[0].address, PROMPT[:10 * BLOCK])
+    decisions = sum(_sample("splitserve_router_decisions_total", kind="prefill", reason=reason)
+                    for reason in ("only_candidate", "prefix_hit", "least_loaded", "tie", "speculative_hit"))
+    try:
+        with _announcing_load(stack, clean_redis, "prefill", stack.prefills[0], prefill_tokens_per_s=1000), \
+                _announcing_load(stack, clean_redis, "decode", stack.decodes[0], prefill_tokens_per_s=1000):
+            gateway = stack.start_gateway(redis_url=clean_redis, prefix_index_timeout_s=2.0)
+            index = gateway.gateway.prefix_index
+            _wait(lambda: (stack.loop.run(index.refresh()), len(index.publishers))[1] == 1)
+            decode = gateway.gateway.pool.workers("decode")[0]
+            queued = []
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                reply = pool.submit(gateway.openai().completions.create, model="fake-model", prompt=PROMPT,
+                                    max_tokens=2)
+                _wait(lambda: stack.decode.active == 1)
+                queued.append(decode.prefill_tokens_in_flight)
+                assert reply.result().choices[0].text
+    finally:
+        publisher.stop()
+    assert queued == [len(PROMPT) - 10 * BLOCK]
+    assert decode.prefill_tokens_in_flight == 0
+    assert not stack.prefill.requests and not stack.decode.requests[0].produced_token_ids     # local
+    assert sum(_sample("splitserve_router_decisions_total", kind="prefill", reason=reason)
+               for reason in ("only_candidate", "prefix_hit", "least_loaded", "tie", "speculative_hit")) == decisions
+
+
+def test_a_deployment_without_prefill_workers_counts_no_prefill_decision(make_stack):
+    """Aggregated (no prefill worker configured): every prompt is prefilled locally as planned, which is no
+    router decision (counting it as no_healthy_worker read as an outage)."""
+    stack = make_stack(num_prefill=0)
+    gateway = stack.start_gateway()
+    before = _sample("splitserve_router_decisions_total", kind="prefill", reason="no_healthy_worker")
+    local = _sample("splitserve_gateway_prefill_path_total", path=LOCAL, reason="no_prefill_worker")
+    assert gateway.openai().completions.create(model="fake-model", prompt="x 10", max_tokens=2).choices[0].text
+    assert _sample("splitserve_router_decisions_total", kind="prefill", reason="no_healthy_worker") == before
+    assert _sample("splitserve_gateway_prefill_path_total", path=LOCAL, reason="no_prefill_worker") == local + 1
