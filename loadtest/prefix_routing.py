@@ -29,8 +29,8 @@ usage.prompt_tokens_details.cached_tokens), how much of it the prefill workers r
 their own cache, and its share of the ideal hit rate (each system prompt computed once, every later request
 reusing its full blocks); then where prompts were prefilled (the gateway's path choices: local on the decode
 worker, or remote on a prefill worker, by reason), each path's mean measured over predicted time to the first
-token, and the prefill workers the router chose. The full workload's 0.5/s is more than a 2-core machine shared
-with other jobs sustains (queues grow to minutes); there, e.g. --requests 40 --rate 0.2.
+token, and the prefill workers the router chose. The full workload arrives at 0.2/s: a 2-core machine prefills
+the 8 x 1024 model at ~230 tokens/s per core, and at 0.5/s round-robin's queues grew to minutes.
 
 --compare-aggregated then starts a second stack without prefill workers (the decode workers prefill every prompt,
 `splitserve up --prefill-workers 0`), same decode workers, KV blocks and workload as the `prefix` run, and prints
@@ -312,8 +312,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smaller model and workload: under 5 minutes")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: built offline, see above)")
     parser.add_argument("--tenants", type=int, default=None, help="system prompts (default 8; --quick 3)")
-    parser.add_argument("--requests", type=int, default=None, help="per policy (default 96; --quick 24)")
-    parser.add_argument("--rate", type=float, default=None, help="arrivals per second (default 0.5; --quick 0.5)")
+    parser.add_argument("--requests", type=int, default=None, help="per policy (default 40; --quick 24)")
+    parser.add_argument("--rate", type=float, default=None, help="arrivals per second (default 0.2; --quick 0.5)")
     parser.add_argument("--system-min", type=int, default=1000)
     parser.add_argument("--system-max", type=int, default=4000)
     parser.add_argument("--question-min", type=int, default=16)
@@ -329,8 +329,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = args.quick
     args.tenants = args.tenants or (3 if quick else 8)
-    args.requests = args.requests or (24 if quick else 96)
-    args.rate = args.rate or 0.5
+    args.requests = args.requests or (24 if quick else 40)
+    args.rate = args.rate or (0.5 if quick else 0.2)
     if args.tenants < 1 or args.requests < 1 or args.rate <= 0 or args.max_tokens < 1:
         parser.error("--tenants, --requests and --max-tokens must be >= 1 and --rate > 0")
     if args.num_kv_blocks is not None and args.num_kv_blocks < 1:

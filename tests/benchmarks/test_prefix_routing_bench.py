@@ -142,7 +142,8 @@ def test_quick_sizes_and_bad_arguments(capsys):
     quick = prefix_routing.parse_args(["--quick"])
     assert (quick.tenants, quick.requests, quick.rate, quick.system_min, quick.system_max) == (3, 24, 0.5, 1000, 4000)
     full = prefix_routing.parse_args([])
-    assert (full.tenants, full.requests, full.num_kv_blocks, full.compare_aggregated) == (8, 96, None, False)
+    assert (full.tenants, full.requests, full.rate, full.num_kv_blocks, full.compare_aggregated) == (8, 40, 0.2, None,
+                                                                                                 False)
     assert prefix_routing.parse_args(["--num-kv-blocks", "320", "--compare-aggregated"]).compare_aggregated
     assert prefix_routing.MODELS["full"]["num_hidden_layers"] == 8 and prefix_routing.MODELS["full"]["hidden_size"] == 1024
     with pytest.raises(SystemExit):
