@@ -28,7 +28,7 @@ from proc_tree import stat_cpu_seconds
 
 from idle_rss import process_name, process_tree  # on the path proc_tree sets
 
-KEYS = ["ttft_p50_ms", "ttft_p90_ms", "itl_tok_p50_ms", "output_tok_per_s", "decode_batch", "decode_prefill_tok"]
+KEYS = ["ttft_p50_ms", "ttft_p90_ms", "itl_tok_p50_ms", "itl_p90_ms", "output_tok_per_s", "decode_batch", "decode_prefill_tok"]
 
 
 def role_cpu_seconds(root: int) -> dict[str, float]:

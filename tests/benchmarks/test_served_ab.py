@@ -17,7 +17,7 @@ def test_leading_assignments_are_the_variants_environment():
 
 def test_report_gives_medians_and_cpu_per_token_by_service():
     def run(tok_s, decode_ms):
-        return {"ttft_p50_ms": 100.0, "ttft_p90_ms": 200.0, "itl_tok_p50_ms": 20.0, "output_tok_per_s": tok_s,
+        return {"ttft_p50_ms": 100.0, "ttft_p90_ms": 200.0, "itl_tok_p50_ms": 20.0, "itl_p90_ms": 40.0, "output_tok_per_s": tok_s,
                 "decode_batch": 4.0, "decode_prefill_tok": 0.0, "failed": 0,
                 "cpu_ms_per_tok": {"decode": decode_ms, "gateway": 0.3, "redis-server": 0.01}}
 
