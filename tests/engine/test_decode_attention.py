@@ -75,17 +75,32 @@ def test_paged_decode_equals_reference(hq, hkv):
                                **TOL)
 
 
-@pytest.mark.parametrize("slack", [1.25, float("inf")], ids=["grouped", "one-group"])
-def test_compiled_paged_decode_equals_reference(slack):
-    """The torch-compile backend's path: compiled once with dynamic shapes, then called at other batch sizes and
-    lengths (one row, one block included) without changing its results."""
-    backend = TorchAttentionBackend(compile_decode=True, slack=slack)
+@pytest.mark.parametrize("slack,split", [(1.25, float("inf")), (float("inf"), float("inf")), (float("inf"), 0.0)],
+                         ids=["grouped", "one-group", "split-by-block"])
+def test_compiled_paged_decode_equals_reference(slack, split):
+    """The torch-compile backend's paths: compiled once with dynamic shapes, then called at other batch sizes and
+    lengths (one row, one block included) without changing its results. split 0: every step of two rows or more
+    runs split by block (layers/block_decode.py); inf: never."""
+    backend = TorchAttentionBackend(compile_decode=True, slack=slack, split_padding=split)
     for lens, hq, hkv in [(LENS, 8, 2), (LENS[:3], 8, 2), ([700, 5, 64, 65, 2], 8, 2), ([9], 8, 2), ([3, 16], 8, 2)]:
         q, k_cache, v_cache, tables, lens_t, ks, vs = _paged_case(lens, hq, hkv, 32, seed=len(lens),
                                                                   fill=float("nan"))
         empty = torch.zeros(0, hkv, 32)
         out = backend.forward(q, empty, empty, k_cache, v_cache, _meta(tables, lens_t), 0.2)
         torch.testing.assert_close(out, _reference(q, ks, vs, 0.2), **TOL)
+
+
+def test_ragged_rows_run_split_by_block_and_even_ones_in_one_pass():
+    """The default choice: rows whose padded blocks far outnumber their own (the offline benchmark's 33-768 tokens)
+    read only their own blocks; rows of about one length keep the one-pass kernel."""
+    backend = TorchAttentionBackend(compile_decode=True)
+    for lens, split in [(LENS, True), ([200, 190, 201, 195], False)]:
+        q, k_cache, v_cache, tables, lens_t, ks, vs = _paged_case(lens, 8, 2, 32, seed=9, fill=float("nan"))
+        meta = _meta(tables, lens_t)
+        empty = torch.zeros(0, 2, 32)
+        out = backend.forward(q, empty, empty, k_cache, v_cache, meta, 0.2)
+        torch.testing.assert_close(out, _reference(q, ks, vs, 0.2), **TOL)
+        assert (meta.decode_blocks is not None) == split
 
 
 def test_failed_compile_falls_back_to_eager_and_is_counted(caplog):

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from splitserve.layers.block_decode import BlockPlan, block_decode, block_plan, compiled_block_decode
+
 log = logging.getLogger(__name__)
 
 
@@ -28,6 +30,7 @@ class AttentionMetadata:
     context_lens_list: list[int]
     block_size: int
     decode_groups: Optional[list] = None  # the torch backend's decode plan: made by the first layer, reused
+    decode_blocks: Optional[BlockPlan] = None  # ... or, compiled over ragged rows, its per-block plan
 
     @property
     def max_context_len(self) -> int:
@@ -48,8 +51,12 @@ class TorchAttentionBackend:
 
     name = "torch"
 
-    def __init__(self, compile_decode: bool = False, slack: Optional[float] = None, compile_required: bool = True):
+    def __init__(self, compile_decode: bool = False, slack: Optional[float] = None, compile_required: bool = True,
+                 split_padding: Optional[float] = None):
         self._compiled = _compiled_paged_decode() if compile_decode else None
+        self._block_stages = compiled_block_decode() if compile_decode else None
+        # Compiled: rows whose padded blocks outnumber their real ones by this factor run split by block instead.
+        self.split_padding = _SPLIT_PADDING if split_padding is None else split_padding
         # Eager pays for padding with copies, compiled only with reads of masked slots: each its own slack.
         self.slack = slack if slack is not None else (_COMPILED_SLACK if compile_decode else _EAGER_SLACK)
         self._compile_required = compile_required
@@ -69,12 +76,14 @@ class TorchAttentionBackend:
                 tables = torch.zeros(rows, num_blocks, dtype=torch.int32, **kw)
                 lens = torch.ones(rows, dtype=torch.int32, **kw)
                 self._compiled(q, k_cache, v_cache, tables, lens, 1.0)
+                plan = block_plan(tables, lens, k_cache.shape[1])
+                block_decode(q, k_cache, v_cache, plan, 1.0, self._block_stages)
         except Exception as exc:  # Inductor fails in many ways (compiler, headers, codegen); all mean "run eager"
             if self._compile_required:
                 raise
             log.warning("compiling decode attention failed, running it eager (several times slower): %s: %s",
                         type(exc).__name__, exc)
-            self._compiled, self.slack = None, _EAGER_SLACK
+            self._compiled, self._block_stages, self.slack = None, None, _EAGER_SLACK
             self.compile_fallbacks += 1
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -96,6 +105,8 @@ class TorchAttentionBackend:
         return out
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if self._compiled is not None and _split_by_block(meta, self.split_padding):
+            return block_decode(q, k_cache, v_cache, meta.decode_blocks, scale, self._block_stages)
         groups = _decode_groups(meta, self.slack)
         rows_fn = self._decode_rows if self._compiled is None else self._compiled_rows
         if len(groups) == 1:
@@ -157,6 +168,23 @@ def prefill_sdpa(q, k, v, scale: float, mask: Optional[torch.Tensor] = None) -> 
 
 
 _EAGER_SLACK = 1.25
+# Measured (64 rows, 2 AVX2 cores): split by block wins from about this much padding on; below it the one-pass
+# kernel's single call is cheaper.
+_SPLIT_PADDING = 1.3
+_SPLIT_MIN_ROWS = 2  # block_plan's graph needs n >= 2
+
+
+def _split_by_block(meta: AttentionMetadata, split_padding: float) -> bool:
+    """Whether this step's decode rows run split by block (and if so, their plan in meta.decode_blocks); decided
+    once per step, by the first layer."""
+    if meta.decode_blocks is None and meta.decode_groups is None:
+        nd = meta.num_decodes
+        lens = meta.context_lens_list[:nd]
+        owned = [-(-n // meta.block_size) for n in lens]
+        if nd >= _SPLIT_MIN_ROWS and nd * max(owned) > split_padding * sum(owned):
+            tables = meta.block_tables[:nd, :max(owned)]
+            meta.decode_blocks = block_plan(tables, meta.context_lens[:nd], meta.block_size)
+    return meta.decode_blocks is not None
 _COMPILED_SLACK = float("inf")  # measured: one group is fastest compiled
 
 
