@@ -9,13 +9,18 @@ blocks' partials. Reads are the real KV plus the last block's tail.
 Two compiled calls, not one: in a single graph Inductor recomputes the scores inside each reduction that uses them
 (max, sum, weighted values) and reads K three times; materialising the scores (P x block_size x heads floats, 1/64
 of K at head_dim 64) keeps it to one read of K and one of V (measured at 64 rows of 33-768 tokens: 8.1 -> 4.9 ms).
+Only the sizes that change from step to step are dynamic (rows, items, blocks per row, cache blocks); block size,
+heads and head_dim stay static, so Inductor unrolls and vectorises the inner loops for them (measured: 22 % faster
+than all-dynamic at 16-64 rows).
 """
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 
 import torch
+import torch._dynamo
 
 
 @dataclass
@@ -57,13 +62,13 @@ def block_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_siz
         combine=combine)
 
 
-def block_scores(q, k_cache, blocks, rows, scale: float) -> torch.Tensor:
-    """[P, block_size, Hkv, G]: each item's query (q [n, Hq, D]) against its block's keys, times scale."""
+def block_scores(q, k_cache, blocks, rows) -> torch.Tensor:
+    """[P, block_size, Hkv, G]: each item's query (q [n, Hq, D], already scaled) against its block's keys."""
     _, hq, d = q.shape
     hkv = k_cache.shape[2]
     queries = q.float()[rows].view(-1, 1, hkv, hq // hkv, d)
     keys = k_cache[blocks].float().unsqueeze(-2)  # [P, bs, Hkv, 1, D]
-    return (keys * queries).sum(-1) * scale
+    return (keys * queries).sum(-1)
 
 
 def combine_blocks(scores, v_cache, blocks, lens, combine) -> torch.Tensor:
@@ -87,20 +92,40 @@ def combine_blocks(scores, v_cache, blocks, lens, combine) -> torch.Tensor:
     return out.reshape(n, hkv * g, -1)
 
 
-_COMPILED = None
+_COMPILED: dict[tuple, tuple] = {}
 
 
-def compiled_block_decode():
-    """The two stages compiled once per process (engines made one after another share their graphs)."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = (torch.compile(block_scores, dynamic=True), torch.compile(combine_blocks, dynamic=True))
-    return _COMPILED
+def compiled_block_decode(k_cache: torch.Tensor, num_heads: int) -> tuple:
+    """The two stages compiled for one cache shape (block size, heads, head_dim, dtype), static but for the
+    dimensions `block_decode` marks dynamic; kept per process, so engines made one after another share them.
+
+    Each shape gets code objects of its own: Dynamo keeps a function's graphs per code object, up to 8, and a process
+    that serves several models (the tests) would otherwise run out and fall back to eager."""
+    key = (*k_cache.shape[1:], num_heads, k_cache.dtype)
+    if key not in _COMPILED:
+        tag = "_".join(str(k).replace("torch.", "") for k in key)
+        _COMPILED[key] = tuple(torch.compile(_own_code(fn, tag), dynamic=False)
+                               for fn in (block_scores, combine_blocks))
+    return _COMPILED[key]
+
+
+def _own_code(fn, tag: str):
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{tag}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
 
 
 def block_decode(q, k_cache, v_cache, plan: BlockPlan, scale: float, stages=None) -> torch.Tensor:
     """q [n, Hq, D] (n >= 2) over the rows' real blocks; `stages` (scores, combine): compiled by default, the plain
-    functions for a reference."""
-    scores_fn, combine_fn = stages or compiled_block_decode()
-    scores = scores_fn(q, k_cache, plan.blocks, plan.rows, scale)
+    functions for a reference. The scale goes into q here, not into the graph, where a float would be a guard."""
+    scores_fn, combine_fn = stages or compiled_block_decode(k_cache, q.shape[1])
+    queries = q.float() * scale
+    _dynamic(queries, k_cache, v_cache, plan.blocks, plan.rows, plan.lens, plan.combine)
+    torch._dynamo.mark_dynamic(plan.combine, 1)
+    scores = scores_fn(queries, k_cache, plan.blocks, plan.rows)
+    _dynamic(scores)
     return combine_fn(scores, v_cache, plan.blocks, plan.lens, plan.combine).to(q.dtype)
+
+
+def _dynamic(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        torch._dynamo.mark_dynamic(t, 0)
