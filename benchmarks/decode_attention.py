@@ -1,5 +1,6 @@
 """Decode attention alone, one layer: the torch backend's eager gather + SDPA vs the compiled in-place
-`paged_decode`, each with its rows grouped by length (slack) or not.
+`paged_decode`, each with its rows grouped by length (slack) or not, and the compiled split by block
+(layers/block_decode.py, the default for ragged rows).
 
 Shapes as in the offline benchmark's steady state (demo model: 8 heads of 64, 16-token blocks, float32): rows of
 ragged context lengths whose blocks are scattered over the cache. Prints milliseconds per call (median of
@@ -49,18 +50,19 @@ def main() -> None:
     q, k_cache, v_cache, meta = case(args.rows, args.max_ctx, args.heads, args.kv_heads, 64, 16, seed=0)
     empty = torch.zeros(0, args.kv_heads, 64)
     inf = float("inf")
-    variants = [("eager, slack 1.25", False, 1.25), ("eager, one group", False, inf),
-                ("compiled, slack 1.25", True, 1.25), ("compiled, slack 2", True, 2.0),
-                ("compiled, one group", True, inf)]
+    variants = [("eager, slack 1.25", False, 1.25, inf), ("eager, one group", False, inf, inf),
+                ("compiled, slack 1.25", True, 1.25, inf), ("compiled, slack 2", True, 2.0, inf),
+                ("compiled, one group", True, inf, inf), ("compiled, split", True, inf, 0.0)]
     kv_mib = sum(meta.context_lens_list) * args.kv_heads * 64 * 4 * 2 / 2**20
     print(f"rows {args.rows}, KV read {kv_mib:.1f} MiB, threads {torch.get_num_threads()}")
     reference = None
     with torch.inference_mode():
-        for name, compiled, slack in variants:
-            backend = TorchAttentionBackend(compile_decode=compiled, slack=slack)
+        for name, compiled, slack, split in variants:
+            backend = TorchAttentionBackend(compile_decode=compiled, slack=slack, split_padding=split)
 
             def run():
-                meta.decode_groups = None  # a new step: the plan is rebuilt, as the runner's fresh metadata is
+                # A new step: the plan is rebuilt, as the runner's fresh metadata is.
+                meta.decode_groups = meta.decode_blocks = None
                 return backend.forward(q, empty, empty, k_cache, v_cache, meta, 0.125)
 
             start = time.perf_counter()

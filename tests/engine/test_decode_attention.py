@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from splitserve.layers import attention
 from splitserve.layers.attention import AttentionMetadata, TorchAttentionBackend, paged_decode
 
 BLOCK_SIZE = 16
@@ -75,17 +76,33 @@ def test_paged_decode_equals_reference(hq, hkv):
                                **TOL)
 
 
-@pytest.mark.parametrize("slack", [1.25, float("inf")], ids=["grouped", "one-group"])
-def test_compiled_paged_decode_equals_reference(slack):
-    """The torch-compile backend's path: compiled once with dynamic shapes, then called at other batch sizes and
-    lengths (one row, one block included) without changing its results."""
-    backend = TorchAttentionBackend(compile_decode=True, slack=slack)
+@pytest.mark.parametrize("slack,split", [(1.25, float("inf")), (float("inf"), float("inf")), (float("inf"), 0.0)],
+                         ids=["grouped", "one-group", "split-by-block"])
+def test_compiled_paged_decode_equals_reference(slack, split, monkeypatch):
+    """The torch-compile backend's paths: compiled once with dynamic shapes, then called at other batch sizes and
+    lengths (one row, one block included) without changing its results. split 0: every step of two rows or more
+    runs split by block (layers/block_decode.py); inf: never."""
+    backend = TorchAttentionBackend(compile_decode=True, slack=slack, split_padding=split)
+    monkeypatch.setattr(attention, "_SPLIT_MIN_ROWS", 2)
     for lens, hq, hkv in [(LENS, 8, 2), (LENS[:3], 8, 2), ([700, 5, 64, 65, 2], 8, 2), ([9], 8, 2), ([3, 16], 8, 2)]:
         q, k_cache, v_cache, tables, lens_t, ks, vs = _paged_case(lens, hq, hkv, 32, seed=len(lens),
                                                                   fill=float("nan"))
         empty = torch.zeros(0, hkv, 32)
         out = backend.forward(q, empty, empty, k_cache, v_cache, _meta(tables, lens_t), 0.2)
         torch.testing.assert_close(out, _reference(q, ks, vs, 0.2), **TOL)
+
+
+def test_ragged_rows_run_split_by_block_and_even_ones_in_one_pass():
+    """The default choice: rows whose padded blocks far outnumber their own (the offline benchmark's 33-768 tokens)
+    read only their own blocks; rows of about one length, or a few rows, keep the one-pass kernel."""
+    backend = TorchAttentionBackend(compile_decode=True)
+    for lens, split in [(LENS, True), ([200, 190, 201, 195, 180, 199, 170, 203], False), (LENS[3:6], False)]:
+        q, k_cache, v_cache, tables, lens_t, ks, vs = _paged_case(lens, 8, 2, 32, seed=9, fill=float("nan"))
+        meta = _meta(tables, lens_t)
+        empty = torch.zeros(0, 2, 32)
+        out = backend.forward(q, empty, empty, k_cache, v_cache, meta, 0.2)
+        torch.testing.assert_close(out, _reference(q, ks, vs, 0.2), **TOL)
+        assert (meta.decode_blocks is not None) == split
 
 
 def test_failed_compile_falls_back_to_eager_and_is_counted(caplog):
@@ -110,7 +127,7 @@ def test_failed_compile_falls_back_to_eager_and_is_counted(caplog):
 
 
 def test_engine_decodes_without_recompiling(llama_ckpt):
-    """The engine's warm-up compiles the one graph every later step uses (one row or many, one block or many):
+    """The engine's warm-up compiles the graphs every later step uses (one row or many, one block or many):
     a recompile inside a request would stall it for seconds."""
     import torch._dynamo
 
@@ -122,4 +139,6 @@ def test_engine_decodes_without_recompiling(llama_ckpt):
     with torch._dynamo.config.patch(error_on_recompile=True):
         llm.generate([[7, 8, 9]], params)
         outs = llm.generate([[5 + i % 40 for i in range(n)] for n in (1, 3, 20, 40, 90)], params)
-    assert [len(o.outputs[0].token_ids) for o in outs] == [24] * 5
+        # Ten ragged rows: split by block (layers/block_decode.py), also compiled at warm-up.
+        ragged = llm.generate([[5 + i % 40 for i in range(n)] for n in (1, 3, 20, 40, 90, 2, 7, 130, 11, 60)], params)
+    assert [len(o.outputs[0].token_ids) for o in outs + ragged] == [24] * 15
