@@ -170,6 +170,7 @@ def prefill_sdpa(q, k, v, scale: float, mask: Optional[torch.Tensor] = None) -> 
 
 
 _EAGER_SLACK = 1.25
+_COMPILED_SLACK = float("inf")  # measured: one group is fastest compiled
 # Split by block from this much padding (padded blocks / real ones) and this many rows on. Measured (one thread,
 # rows of 33-500 tokens, padding about 2x): split 2.0 vs 2.9 ms at 16 rows, 0.91 vs 1.13 at 8, but 0.56 vs 0.45 at
 # 4, where its second call and plan cost more than the padding. block_plan's graphs also need n >= 2.
@@ -187,7 +188,6 @@ def _split_by_block(meta: AttentionMetadata, split_padding: float) -> bool:
             tables = meta.block_tables[:nd, :max(owned)]
             meta.decode_blocks = block_plan(tables, meta.context_lens[:nd], meta.block_size)
     return meta.decode_blocks is not None
-_COMPILED_SLACK = float("inf")  # measured: one group is fastest compiled
 
 
 def _decode_groups(meta: AttentionMetadata, slack: float) -> list[tuple[Optional[torch.Tensor], torch.Tensor,
