@@ -55,7 +55,8 @@ LOCAL_PREFILL = Counter("splitserve_gateway_local_prefill_total",
                         "Requests prefilled by their decode worker instead of a prefill worker", ["reason"])
 PREFILL_PATH = Counter("splitserve_gateway_prefill_path_total",
                        "Where prompts were prefilled (local: the decode worker; remote: a prefill worker), by why: "
-                       "predicted_faster, cold_start, threshold, below_threshold, no_prefill_worker, prefill_failed",
+                       "predicted_faster, probe (a close slower path taken to re-measure its worker), cold_start, "
+                       "threshold, below_threshold, no_prefill_worker, prefill_failed",
                        ["path", "reason"])
 PREFILL_PATH_TTFT_RATIO = Histogram(
     "splitserve_gateway_prefill_path_ttft_ratio",

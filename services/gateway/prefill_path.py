@@ -7,9 +7,11 @@ holds nothing or has a queue (llm-d's P/D guide measured disaggregated TTFT 2.7x
 request). So for each prompt (deciders, the gateway's --prefill-decider):
 
 - `predicted` (default): estimate both times and take the faster path,
-      local  = (decode queue + prompt - decode's cached prefix) / decode's prefill rate
-      remote = (prefill queue + prompt - max(prefill's cached prefix, kv-store's)) / prefill's prefill rate
+      local  = decode's step + (decode queue + prompt - decode's cached prefix) / decode's prefill rate
+      remote = prefill's step + (prefill queue + prompt - max(prefill's cached prefix, kv-store's)) / its rate
                + prompt x KV bytes/token / prefill's write rate (each block is read from the store or written)
+  A worker's step is the time of one of its decode-only steps while it runs a batch (0 when idle): a prompt
+  joins a step of the running batch, a fixed cost a cache hit's few tokens over the rate miss.
   Queues are prompt tokens waiting on the worker to be computed: what it announced to Redis beyond what this
   gateway sent it (as the router counts load), plus what this gateway's own prompts still waiting for their
   first token will compute there (their uncached part, as the worker counts them). Rates are
@@ -19,6 +21,9 @@ request). So for each prompt (deciders, the gateway's --prefill-decider):
   the other one's (both run the same model); with neither measured (cold start) the prompt goes remote, the
   deployment's design, which also measures the prefill workers; an unmeasured write rate costs nothing.
   The decode worker's own read of the KV comes after the first token and is not counted.
+  A path that keeps losing never re-measures its worker's rates, so an estimate too slow would stand forever:
+  each `probe_every`-th close choice (the slower path predicted within `probe_gap` of the faster) passing over
+  the same worker takes the slower path instead, counted with reason `probe`.
 - `threshold`: remote always (the static rule of before: only the threshold below keeps prompts local).
 
 Either way prompts shorter than --local-prefill-threshold always stay local (an override, decided before this).
@@ -39,7 +44,7 @@ LOCAL, REMOTE = "local", "remote"
 @dataclass(frozen=True)
 class PathChoice:
     path: str                          # LOCAL or REMOTE
-    reason: str                        # the metric's label: predicted_faster, cold_start, threshold
+    reason: str                        # the metric's label: predicted_faster, probe, cold_start, threshold
     local_s: Optional[float] = None    # the predicted times to the first token, when predicted
     remote_s: Optional[float] = None
 
@@ -62,6 +67,7 @@ class PrefillCapacity:
     tokens_per_s: Optional[float]                  # None: not measured yet
     put_bytes_per_s: Optional[float] = None
     kv_bytes_per_token: int = 0
+    step_s: float = 0.0                            # a step of the batch it runs, which a prompt there joins
 
 
 def computed_tokens(prompt_tokens: int, worker: Worker, hits: Optional[PrefixHits]) -> int:
@@ -78,13 +84,19 @@ def capacity(worker: Worker) -> PrefillCapacity:
     info = worker.reported
     if info is None:
         return PrefillCapacity(own, None)
+    step_s = info.decode_step_us / 1e6 if info.num_running else 0.0
     return PrefillCapacity(own + max(0, info.queued_prompt_tokens - own), info.prefill_tokens_per_s or None,
-                           info.kv_put_bytes_per_s or None, info.kv_bytes_per_token)
+                           info.kv_put_bytes_per_s or None, info.kv_bytes_per_token, step_s)
+
+
+def _prefill_s(computed: int, worker: PrefillCapacity, rate: float) -> float:
+    """Its queue and `computed` tokens at `rate`, after one step of the batch the worker runs."""
+    return worker.step_s + (worker.queued_tokens + computed) / rate
 
 
 def predict_local_s(prompt_tokens: int, cached: int, decode: PrefillCapacity, rate: float) -> float:
     computed = max(1, prompt_tokens - cached)   # the last token is always computed: its logits are the first token
-    return (decode.queued_tokens + computed) / rate
+    return _prefill_s(computed, decode, rate)
 
 
 def predict_remote_s(prompt_tokens: int, cached: int, store_cached: int, prefill: PrefillCapacity,
@@ -94,14 +106,19 @@ def predict_remote_s(prompt_tokens: int, cached: int, store_cached: int, prefill
     if prefill.put_bytes_per_s and prefill.kv_bytes_per_token:
         # The store's part of the prefix is read from it and the rest written to it: every prompt token moves once.
         transfer_s = prompt_tokens * prefill.kv_bytes_per_token / prefill.put_bytes_per_s
-    return (prefill.queued_tokens + computed) / rate + transfer_s
+    return _prefill_s(computed, prefill, rate) + transfer_s
 
 
 class PrefillPathChooser:
-    def __init__(self, decider: str = "predicted"):
+    def __init__(self, decider: str = "predicted", probe_every: int = 16, probe_gap: float = 2.0):
+        """A probe costs at most `probe_gap` times the faster path's predicted time, once in `probe_every` close
+        choices per worker passed over."""
         if decider not in DECIDERS:
             raise ValueError(f"prefill decider must be one of {', '.join(DECIDERS)}, got {decider!r}")
         self.decider = decider
+        self.probe_every = probe_every
+        self.probe_gap = probe_gap
+        self._passed_over: dict[tuple[str, str], int] = {}   # (kind, address) -> close choices since it was taken
 
     def choose(self, prompt_tokens: int, decode: Worker, prefill: Worker, hits: Optional[PrefixHits]) -> PathChoice:
         if self.decider == "threshold":
@@ -117,4 +134,16 @@ class PrefillPathChooser:
                                     hits.store_tokens, remote, remote_rate)
         # Ties go remote: the split keeps the decode worker's batch free for the streams it is decoding.
         path = LOCAL if local_s < remote_s else REMOTE
-        return PathChoice(path, "predicted_faster", local_s, remote_s)
+        reason = "predicted_faster"
+        if max(local_s, remote_s) <= self.probe_gap * min(local_s, remote_s) and self._probe(
+                prefill if path == LOCAL else decode):
+            path, reason = (REMOTE if path == LOCAL else LOCAL), "probe"
+        taken = decode if path == LOCAL else prefill
+        self._passed_over.pop((taken.kind, taken.address), None)
+        return PathChoice(path, reason, local_s, remote_s)
+
+    def _probe(self, passed_over: Worker) -> bool:
+        """Whether this close choice, which would pass over `passed_over` again, is its turn to be re-measured."""
+        key = (passed_over.kind, passed_over.address)
+        self._passed_over[key] = self._passed_over.get(key, 0) + 1
+        return self._passed_over[key] >= self.probe_every

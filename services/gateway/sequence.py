@@ -178,7 +178,9 @@ class SequenceRunner:
         worker = proposal.worker
         choice = self.path_chooser.choose(len(prompt), decode, worker, hits)
         _count_path(choice.path, choice.reason)
-        log.debug("request %s: %s", request_id, choice.describe())
+        # A probe takes the path predicted slower on purpose: logged where it is seen, with both predictions.
+        log.log(logging.INFO if choice.reason == "probe" else logging.DEBUG, "request %s: %s", request_id,
+                choice.describe())
         if choice.path == LOCAL:
             return None, choice
         self.router.commit(proposal)

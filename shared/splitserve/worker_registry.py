@@ -56,6 +56,7 @@ class WorkerInfo:
     prefill_tokens_per_s: int = 0         # measured over its recent prefill steps
     kv_put_bytes_per_s: int = 0           # measured over its recent KV writes to the kv-store
     kv_bytes_per_token: int = 0           # KV of one token, all layers
+    decode_step_us: int = 0               # measured over its recent steps that only decoded
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -68,7 +69,7 @@ class WorkerInfo:
 
 
 _LOAD_FIELDS = ("num_running", "num_waiting", "kv_blocks_free", "kv_blocks_total", "queued_prompt_tokens",
-                "prefill_tokens_per_s", "kv_put_bytes_per_s", "kv_bytes_per_token")
+                "prefill_tokens_per_s", "kv_put_bytes_per_s", "kv_bytes_per_token", "decode_step_us")
 
 
 class _RateLimitedLog:

@@ -42,11 +42,12 @@ def _paths(stack) -> dict[str, float]:
 
 def test_cold_start_goes_remote_then_a_held_prefix_is_prefilled_locally(predicted_stack):
     stack = predicted_stack
-    prompt = [3 + (11 * i) % 250 for i in range(200)]            # 12 full blocks of 16, and 8 tokens
+    # 18 full blocks of 16, and 12 tokens: a KV write long enough to measure the write rate (16 blocks or more).
+    prompt = [3 + (11 * i) % 250 for i in range(300)]
     first = complete(stack.base_url, prompt, max_tokens=4)
     assert first.status_code == 200, first.text
     assert _paths(stack) == {"remote/cold_start": 1, "remote/predicted_faster": 0, "local/predicted_faster": 0}
-    # The prefill worker measured its prefill (200 tokens in one step) and its KV write, and announced them.
+    # The prefill worker measured its prefill (300 tokens in one step) and its KV write, and announced them.
     prefill = wait_until(lambda: (lambda info: info if info.prefill_tokens_per_s and info.kv_put_bytes_per_s
                                   else None)(_announced(stack, "prefill")))
     assert prefill.kv_bytes_per_token > 0 and prefill.queued_prompt_tokens == 0
@@ -55,4 +56,4 @@ def test_cold_start_goes_remote_then_a_held_prefix_is_prefilled_locally(predicte
     assert second.status_code == 200, second.text
     assert _paths(stack) == {"remote/cold_start": 1, "remote/predicted_faster": 0, "local/predicted_faster": 1}
     assert second.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
-    assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 12 * 16
+    assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 18 * 16

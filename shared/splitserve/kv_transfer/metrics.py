@@ -21,11 +21,15 @@ KV_TRANSPORT_FALLBACKS = Counter("splitserve_kv_transfer_fallbacks_total",
 # Bytes/s of this process's block writes to a kv-store, announced to Redis: a prefill's write is on its request's
 # path to the first token, which the gateway weighs against prefilling on the decode worker. Writes only: a
 # mapped read is timed in two parts (its RPCs here, its copy in transport.py), so its rate here would be too high.
+# Writes of fewer blocks than a long prompt's are not observed: their time is the write's fixed cost (RPCs, a first
+# write's connection setup), and a prefill worker's announced rate measured from warm-up writes of 4 blocks read
+# 9 MB/s, which kept every prompt off it and so was never corrected.
+MIN_MEASURED_PUT_BLOCKS = 16
 KV_PUT_RATE = RateMeter()
 
 
 def record_transfer(direction: str, seconds: float, nbytes: int, nblocks: int) -> None:
-    if direction == "put":
+    if direction == "put" and nblocks >= MIN_MEASURED_PUT_BLOCKS:
         KV_PUT_RATE.observe(nbytes, seconds)
     KV_TRANSFER_SECONDS.labels(direction).inc(seconds)
     KV_TRANSFER_BYTES.labels(direction).inc(nbytes)

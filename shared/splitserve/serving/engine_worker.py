@@ -145,11 +145,13 @@ def load_report(async_engine) -> dict[str, int]:
 
     s = async_engine.stats_snapshot
     layout = async_engine.layout
+    decode_steps_per_s = async_engine.decode_step_rate.rate
     return {"num_running": s["running"], "num_waiting": s["waiting"], "running_tokens": s["running_tokens"],
             "waiting_tokens": s["waiting_tokens"], "kv_blocks_free": s["free_blocks"],
             "kv_blocks_total": s["num_blocks"], "queued_prompt_tokens": s["queued_prompt_tokens"],
             "prefill_tokens_per_s": round(async_engine.prefill_rate.rate or 0),
             "kv_put_bytes_per_s": round(KV_PUT_RATE.rate or 0),
+            "decode_step_us": round(1e6 / decode_steps_per_s) if decode_steps_per_s else 0,
             "kv_bytes_per_token": layout.bytes_per_block // layout.block_size}
 
 

@@ -1,5 +1,6 @@
 """What a worker announces to Redis for the gateway's prefill choice: its queued prompt tokens, the prefill rate
-its engine measured on real prefill steps, its KV write rate and the KV bytes of one token."""
+its engine measured on real prefill steps, its KV write rate (of writes big enough to measure one), the time of a
+step that only decoded, and the KV bytes of one token."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 
 from splitserve import LLM, SamplingParams
 from splitserve.engine.async_engine import AsyncEngine
-from splitserve.kv_transfer.metrics import record_transfer
+from splitserve.kv_transfer.metrics import KV_PUT_RATE, MIN_MEASURED_PUT_BLOCKS, record_transfer
 from splitserve.serving.engine_worker import load_report
 
 
@@ -25,14 +26,21 @@ def test_the_report_carries_measured_rates_and_the_queue(llama_ckpt):
             assert runner.prefill_rate.rate is None
             async for _ in runner.generate("long", list(range(1, 200)), one):
                 pass
+            assert runner.decode_step_rate.rate is None                       # no step only decoded yet
+            async for _ in runner.generate("decoded", list(range(1, 20)), SamplingParams(max_tokens=4)):
+                pass
         finally:
             await runner.stop()
 
     asyncio.run(main())
-    record_transfer("put", 0.5, 10**6, 4)
+    before = KV_PUT_RATE.rate
+    record_transfer("put", 10.0, 4 * 4096, 4)       # a warm-up-sized write: its time is fixed cost, not bandwidth
+    assert KV_PUT_RATE.rate == before
+    record_transfer("put", 0.5, 10**6, MIN_MEASURED_PUT_BLOCKS)
     report = load_report(runner)
     assert report["prefill_tokens_per_s"] > 0
     assert report["kv_put_bytes_per_s"] > 0
+    assert report["decode_step_us"] > 0
     layout = engine.layout
     assert report["kv_bytes_per_token"] == layout.bytes_per_block // layout.block_size > 0
     assert report["queued_prompt_tokens"] == 0

@@ -62,6 +62,34 @@ def test_capacity_adds_what_this_gateway_sent_beyond_the_lagging_report():
     assert capacity(_worker("decode", "d:1")) == PrefillCapacity(0, None)   # nothing announced
 
 
+def test_a_cache_hit_waits_for_one_step_of_the_running_batch():
+    """A local prefill joins a step of the decode batch: a fully cached prompt's first token takes that step, not
+    one token over the prefill rate (predicted 20 ms, measured 35-100 ms before the step was counted)."""
+    busy = _worker("decode", "d:1", num_running=8, prefill_tokens_per_s=1000, decode_step_us=40_000)
+    assert capacity(busy).step_s == pytest.approx(0.04)
+    assert predict_local_s(1000, cached=990, decode=capacity(busy), rate=1000.0) == pytest.approx(0.05)
+    # An idle worker has no batch to wait for; a prefill worker (no decode-only steps) announces no step.
+    idle = _worker("decode", "d:1", num_running=0, prefill_tokens_per_s=1000, decode_step_us=40_000)
+    assert capacity(idle).step_s == 0.0
+    prefill = capacity(_worker("prefill", "p:1", num_running=1, prefill_tokens_per_s=1000, decode_step_us=40_000))
+    assert predict_remote_s(1000, cached=0, store_cached=0, prefill=prefill, rate=1000.0) == pytest.approx(1.04)
+
+
+def test_a_path_passed_over_by_close_choices_is_probed_to_re_measure_it():
+    """A prefill worker whose announced rate is stale-slow (remote predicted 1.5x local) never gets a prompt, so
+    it would never re-measure: every probe_every-th close choice takes it anyway, counted as a probe."""
+    chooser = PrefillPathChooser(probe_every=4)
+    decode = _worker("decode", "d:1", prefill_tokens_per_s=1000)
+    stale = _worker("prefill", "p:1", prefill_tokens_per_s=1000, kv_put_bytes_per_s=10**6, kv_bytes_per_token=500)
+    choices = [chooser.choose(1000, decode, stale, None) for _ in range(8)]
+    assert [(c.path, c.reason) for c in choices] == [(LOCAL, "predicted_faster")] * 3 + [(REMOTE, "probe")] + \
+        [(LOCAL, "predicted_faster")] * 3 + [(REMOTE, "probe")]
+    assert choices[3].predicted_s == pytest.approx(1.5)         # the probe is checked against the slower estimate
+    # Far slower (11 s vs 1 s) is no estimate worth the risk: never probed.
+    slow = _worker("prefill", "p:2", prefill_tokens_per_s=1000, kv_put_bytes_per_s=10**5, kv_bytes_per_token=10**3)
+    assert {chooser.choose(1000, decode, slow, None).reason for _ in range(8)} == {"predicted_faster"}
+
+
 def test_cold_start_goes_remote_and_one_measured_side_stands_for_the_other():
     chooser = PrefillPathChooser()
     decode, prefill = _worker("decode", "d:1"), _worker("prefill", "p:1")

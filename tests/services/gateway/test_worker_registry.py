@@ -36,7 +36,7 @@ def test_announced_worker_is_read_back_with_its_load(loop_thread, clean_redis):
             raw = json.loads(await client.hget(registry_key("decode"), "10.0.0.1:50060"))
             assert set(raw) == {"address", "kind", "model", "updated", "num_running", "num_waiting",
                                 "kv_blocks_free", "kv_blocks_total", "queued_prompt_tokens", "prefill_tokens_per_s",
-                                "kv_put_bytes_per_s", "kv_bytes_per_token"}
+                                "kv_put_bytes_per_s", "kv_bytes_per_token", "decode_step_us"}
             await announcer.stop()
             assert await read_workers(client, "decode") == []       # removed on stop
         finally:
