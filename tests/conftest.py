@@ -3,8 +3,16 @@
 import os
 
 import pytest
+import torch
 
-from splitserve.demo_model import build_checkpoint
+# Triton kernels run under the interpreter where there is no GPU. Set before any test module is imported: triton
+# reads it when it is first imported, and collecting a module that compiles with torch (Inductor) can import
+# triton long before tests/kernels is collected (its standard library is then compiled-only, and every
+# interpreted kernel fails with "Cannot call @triton.jit'd outside of the scope of a kernel").
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from splitserve.demo_model import build_checkpoint  # noqa: E402
 from store_process import StoreProcess
 
 # Larger init than HF's 0.02 so greedy tokens from two implementations are not

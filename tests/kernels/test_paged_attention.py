@@ -5,9 +5,7 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # the interpreter where there is no GPU; must precede triton
-
+# Without a GPU, tests/conftest.py has set TRITON_INTERPRET=1 before anything imported triton.
 pytest.importorskip("triton")
 
 from splitserve.kernels.paged_attention import (  # noqa: E402

@@ -82,8 +82,8 @@ def _stats(workers, kind):
     async def go():
         async with grpc.aio.insecure_channel(workers[kind]) as channel:
             if kind == "prefill":
-                return (await prefill_pb2_grpc.PrefillStub(channel).Stats(prefill_pb2.PrefillStatsRequest())).engine
-            return (await decode_pb2_grpc.DecodeStub(channel).Stats(decode_pb2.DecodeStatsRequest())).engine
+                return (await prefill_pb2_grpc.PrefillStub(channel).Stats(common_pb2.WorkerStatsRequest())).engine
+            return (await decode_pb2_grpc.DecodeStub(channel).Stats(common_pb2.WorkerStatsRequest())).engine
     return asyncio.run(go())
 
 
