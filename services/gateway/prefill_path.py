@@ -70,12 +70,15 @@ class PrefillCapacity:
     step_s: float = 0.0                            # a step of the batch it runs, which a prompt there joins
 
 
+def _uncached(prompt_tokens: int, reused: int) -> int:
+    return max(1, prompt_tokens - reused)   # the last token is always computed: its logits are the first token
+
+
 def computed_tokens(prompt_tokens: int, worker: Worker, hits: Optional[PrefixHits]) -> int:
     """The prompt tokens `worker` is predicted to compute, what it counts in its announced queue: a prompt whose
     prefix it reuses adds only the rest (counting the whole prompt made a worker busy with cached prompts look
     queued for seconds, and sent the next prompt the other way)."""
-    reused = hits.reusable_tokens(worker.kind, worker.address) if hits is not None else 0
-    return max(1, prompt_tokens - reused)   # the last token is always computed: its logits are the first token
+    return _uncached(prompt_tokens, hits.reusable_tokens(worker.kind, worker.address) if hits is not None else 0)
 
 
 def capacity(worker: Worker) -> PrefillCapacity:
@@ -95,13 +98,12 @@ def _prefill_s(computed: int, worker: PrefillCapacity, rate: float) -> float:
 
 
 def predict_local_s(prompt_tokens: int, cached: int, decode: PrefillCapacity, rate: float) -> float:
-    computed = max(1, prompt_tokens - cached)   # the last token is always computed: its logits are the first token
-    return _prefill_s(computed, decode, rate)
+    return _prefill_s(_uncached(prompt_tokens, cached), decode, rate)
 
 
 def predict_remote_s(prompt_tokens: int, cached: int, store_cached: int, prefill: PrefillCapacity,
                      rate: float) -> float:
-    computed = max(1, prompt_tokens - max(cached, store_cached))
+    computed = _uncached(prompt_tokens, max(cached, store_cached))
     transfer_s = 0.0
     if prefill.put_bytes_per_s and prefill.kv_bytes_per_token:
         # The store's part of the prefix is read from it and the rest written to it: every prompt token moves once.
