@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Awaitable, Optional, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -29,6 +29,7 @@ from splitserve.services.gateway.outputs import SequenceEvent
 from splitserve.services.gateway.pipeline import GenerationRequest, Pipeline, Prompt, internal_request_id
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ENDPOINT = "grpc_generate"
 SERVICE_NAME = "splitserve.v1.Gateway"
@@ -64,27 +65,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GatewayGenerateChunk]:
         timer = overhead.start_request()
         ticket: Optional[Ticket] = None
-        stopper: Optional[asyncio.Task] = None
         code = grpc.StatusCode.CANCELLED   # until the stream reaches its end
         try:
             metadata = {key: value for key, value in (context.invocation_metadata() or ())}
             check_api_key(metadata.get("authorization"), self.api_key)
             generation = generation_request(request)
             ticket = await self.admission.admit()
-            stopper = _cancel_when_set(ticket.aborted, asyncio.current_task())
-            prepared = await self.pipeline.prepare(generation)
+            prepared = await _unless_set(self.pipeline.prepare(generation), ticket.aborted)
             # The client's own id comes back as sent; the workers see a unique one (internal_request_id).
             reply_id = request.request_id or prepared.request_id
             async with contextlib.aclosing(self.pipeline.generate(prepared)) as events:
-                async for event in events:
+                while True:
+                    try:
+                        event = await _unless_set(anext(events), ticket.aborted)
+                    except StopAsyncIteration:
+                        break
                     yield chunk_from_event(event, reply_id)
             code = grpc.StatusCode.OK
             timer.finish()
-        except asyncio.CancelledError:
-            if ticket is None or not ticket.aborted.is_set():
-                raise   # the client cancelled: nobody to tell
-            code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, str(ShutdownError()))
         except Exception as exc:
             code = status_of(exc)
             if code == grpc.StatusCode.INTERNAL and not isinstance(exc, UpstreamError):
@@ -97,21 +95,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 else "internal error; see the gateway's log"
             await context.abort(code, message)
         finally:
-            if stopper is not None:
-                stopper.cancel()
             metrics.REQUESTS.labels(ENDPOINT, code.name).inc()
             if ticket is not None:
                 ticket.release()
 
 
-def _cancel_when_set(event: asyncio.Event, task: asyncio.Task) -> asyncio.Task:
-    """The gateway gave up on the request (drain grace over): interrupt its handler so that it can end the
-    call with UNAVAILABLE rather than be cut off."""
-    async def watch() -> None:
-        await event.wait()
-        task.cancel()
-
-    return asyncio.create_task(watch())
+async def _unless_set(work: Awaitable[T], aborted: asyncio.Event) -> T:
+    """`work`'s result, or ShutdownError once the gateway gave up on the request (drain grace over). The race
+    is explicit rather than a cancel of the handler's task: a cancel that lands while gRPC is writing a chunk
+    is taken by gRPC's own write, and the call then runs on without ending (seen as a flaky drain test)."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(aborted.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, stopper, return_exceptions=True)
+    if task.cancelled():
+        raise ShutdownError()
+    return task.result()
 
 
 class UndecodableRequest:
