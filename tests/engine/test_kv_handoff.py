@@ -118,6 +118,24 @@ def test_prefill_then_decode_equals_one_engine(engines, prompt_len):
     _assert_pool_whole(decode)
 
 
+def test_a_seeded_sample_continued_in_another_engine_equals_one_engine(engines):
+    """The decode engine's generator starts past the draw the prefill engine made for the first token, so a
+    seeded request samples the same tokens whichever path it takes (local or remote prefill)."""
+    prefill, decode, offline = engines
+    prompt = mixed_prompts(VOCAB, [40], seed=6)[0]
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    [reference] = offline.generate([prompt], seeded)
+    first = _run(prefill, "p-seeded", prompt, seeded.replace(max_tokens=1), export_kv=True)
+    first_token = first.outputs[0].token_ids[0]
+    assert first_token == reference.outputs[0].token_ids[0]
+    export = first.kv_export
+    out = _run(decode, "d-seeded", prompt, seeded, produced_token_ids=[first_token],
+               kv_load=KVLoad(export.block_hashes, export.blocks, lambda error: None))
+    assert out.outputs[0].token_ids == reference.outputs[0].token_ids
+    _assert_pool_whole(prefill)
+    _assert_pool_whole(decode)
+
+
 class _CountingRows(RowsInMemory):
     def __init__(self, rows):
         super().__init__(rows)

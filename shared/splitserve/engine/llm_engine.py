@@ -26,6 +26,7 @@ from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence, SequenceStatus
 from splitserve.engine.stop_checker import StopChecker
 from splitserve.kv_blocks.hashing import chain_block_hashes
+from splitserve.layers.sampler import skip_draws
 from splitserve.stop_tokens import eos_token_ids
 from splitserve.token_bytes import TokenPieces
 from splitserve.models.fingerprint import model_fingerprint
@@ -171,6 +172,8 @@ class LLMEngine:
             seq = Sequence(request_id, index, token_ids, params, now)
             if params.seed is not None:
                 seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
+                if not params.greedy:
+                    skip_draws(seq.generator, len(produced), self.vocab_size)
             seq.output_token_ids.extend(produced)
             seq.grammar = grammars[index]
             if params.logprobs is not None:  # streamed by the worker that produced them; kept parallel here

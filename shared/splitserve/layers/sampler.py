@@ -243,6 +243,14 @@ class Sampler:
         return probs.div_(noise.log_().neg_()).argmax(dim=-1)
 
 
+def skip_draws(generator: torch.Generator, draws: int, vocab_size: int) -> None:
+    """Moves `generator` past the draws `draws` sampled tokens took (one [vocab_size] uniform draw each, as
+    `_sample` makes): a seeded request continued in another worker (disaggregation, migration) then samples
+    the same tokens as one worker doing everything."""
+    for _ in range(draws):
+        torch.empty(vocab_size, device=generator.device).uniform_(generator=generator)
+
+
 def _min_tokens_held(rows: list[SamplingRow], vocab_size: int,
                      device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     """(row, token) coordinates of the ids that must not be sampled yet: a row below its min_tokens cannot pick
