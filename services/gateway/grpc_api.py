@@ -7,10 +7,9 @@ UTF-8); a full admission queue is RESOURCE_EXHAUSTED; messages over max_body_byt
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from typing import AsyncIterator, Awaitable, Optional, TypeVar
+from typing import AsyncIterator, Optional
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -27,9 +26,9 @@ from splitserve.services.gateway.errors import (AuthenticationError, DrainingErr
                                                 ShutdownError, UpstreamError)
 from splitserve.services.gateway.outputs import SequenceEvent
 from splitserve.services.gateway.pipeline import GenerationRequest, Pipeline, Prompt, internal_request_id
+from splitserve.services.gateway.race import unless_set
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 ENDPOINT = "grpc_generate"
 SERVICE_NAME = "splitserve.v1.Gateway"
@@ -71,13 +70,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             check_api_key(metadata.get("authorization"), self.api_key)
             generation = generation_request(request)
             ticket = await self.admission.admit()
-            prepared = await _unless_set(self.pipeline.prepare(generation), ticket.aborted)
+            # Each step races the drain's abort rather than being cancelled by it: a cancel landing while gRPC
+            # writes a chunk is taken by gRPC's own write, and the call then ran on without ending.
+            prepared = await unless_set(self.pipeline.prepare(generation), ticket.aborted)
             # The client's own id comes back as sent; the workers see a unique one (internal_request_id).
             reply_id = request.request_id or prepared.request_id
             async with contextlib.aclosing(self.pipeline.generate(prepared)) as events:
                 while True:
                     try:
-                        event = await _unless_set(anext(events), ticket.aborted)
+                        event = await unless_set(anext(events), ticket.aborted)
                     except StopAsyncIteration:
                         break
                     yield chunk_from_event(event, reply_id)
@@ -98,24 +99,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             metrics.REQUESTS.labels(ENDPOINT, code.name).inc()
             if ticket is not None:
                 ticket.release()
-
-
-async def _unless_set(work: Awaitable[T], aborted: asyncio.Event) -> T:
-    """`work`'s result, or ShutdownError once the gateway gave up on the request (drain grace over). The race
-    is explicit rather than a cancel of the handler's task: a cancel that lands while gRPC is writing a chunk
-    is taken by gRPC's own write, and the call then runs on without ending (seen as a flaky drain test)."""
-    task = asyncio.ensure_future(work)
-    stopper = asyncio.ensure_future(aborted.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(task, stopper, return_exceptions=True)
-    if task.cancelled():
-        raise ShutdownError()
-    return task.result()
 
 
 class UndecodableRequest:

@@ -16,6 +16,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from splitserve.services.gateway.errors import ShutdownError
+from splitserve.services.gateway.race import first_of
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -37,17 +38,10 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 
 
 async def _race(task: asyncio.Future, receive: Receive, abort: asyncio.Event) -> bool:
-    """Waits until `task` ends, the client disconnects or `abort` is set, whichever comes first; then cancels
-    the rest and waits for them, so `task` is done (cancelled unless it ended first) however this returns.
-    Returns whether the client went away."""
+    """Waits until `task` ends, the client disconnects or `abort` is set (race.first_of: `task` is done however this
+    returns). Returns whether the client went away."""
     watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
-    stopper = asyncio.ensure_future(abort.wait())
-    try:
-        await asyncio.wait({task, watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for other in (task, watcher, stopper):
-            other.cancel()
-        await asyncio.gather(task, watcher, stopper, return_exceptions=True)
+    await first_of(task, watcher, asyncio.ensure_future(abort.wait()))
     return watcher.done() and not watcher.cancelled()
 
 
