@@ -103,8 +103,7 @@ class TorchAttentionBackend:
             if q_len == ctx:  # a whole prompt in one go: its K/V are this step's, no need to read the cache
                 out[rows] = prefill_sdpa(q[rows], k[rows], v[rows], scale)
             else:
-                out[rows] = self._prefill_one(q[rows], k_cache, v_cache, meta.block_tables[b], q_len, ctx,
-                                              meta.block_size, scale)
+                out[rows] = self._prefill_one(q[rows], k_cache, v_cache, meta.block_tables[b], q_len, ctx, scale)
             start += q_len
         return out
 
@@ -152,22 +151,25 @@ class TorchAttentionBackend:
     @staticmethod
     def _decode_one_row(q, k_cache, v_cache, block_table, ctx: int, scale: float) -> torch.Tensor:
         """One decode row (c=1): its own slots gathered, exactly `ctx` of them, so there is nothing to mask."""
-        blocks = block_table[: -(-ctx // k_cache.shape[1])]
-        keys = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)  # [Hkv, ctx, D]
-        values = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx].transpose(0, 1)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, scale=scale, enable_gqa=True)
+        keys, values = _own_slots(k_cache, v_cache, block_table, ctx)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1),
+                                             scale=scale, enable_gqa=True)
         return out.transpose(0, 1)  # [Hq, 1, D] -> [1, Hq, D]
 
     @staticmethod
-    def _prefill_one(q, k_cache, v_cache, block_table, q_len: int, ctx: int, block_size: int, scale: float):
-        blocks = block_table[: -(-ctx // block_size)]
-        keys = k_cache.index_select(0, blocks).flatten(0, 1)[:ctx]  # [ctx, Hkv, D]
-        values = v_cache.index_select(0, blocks).flatten(0, 1)[:ctx]
+    def _prefill_one(q, k_cache, v_cache, block_table, q_len: int, ctx: int, scale: float):
+        keys, values = _own_slots(k_cache, v_cache, block_table, ctx)
         if q_len == ctx:
             return prefill_sdpa(q, keys, values, scale)
         q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
         mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
         return prefill_sdpa(q, keys, values, scale, mask)
+
+
+def _own_slots(k_cache, v_cache, block_table, ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's first `ctx` keys and values, gathered from its blocks: [ctx, Hkv, D] each."""
+    blocks = block_table[: -(-ctx // k_cache.shape[1])]
+    return (k_cache.index_select(0, blocks).flatten(0, 1)[:ctx], v_cache.index_select(0, blocks).flatten(0, 1)[:ctx])
 
 
 def prefill_sdpa(q, k, v, scale: float, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
