@@ -199,23 +199,37 @@ def wait_ready(side: ServedSide, timeout_s: float) -> None:
         time.sleep(2.0)
 
 
-def served_workloads(args) -> dict[int, list]:
-    """serve_load.py's workload per concurrency; --quick: shorter prompts and outputs."""
-    sys.path.insert(0, str(HERE.parent / "loadtest"))
-    import serve_load
+class ServedWorkloads:
+    """serve_load.py's workloads, new prompts for every run (--quick: shorter prompts and outputs). Both sides of
+    a round get the same prompts, but no run repeats an earlier run's: a repeated prompt is a prefix-cache hit, so
+    rounds that repeated one workload measured cached prefills, and the c=1 workload (the first prompts of the
+    c=8 one) measured nothing else."""
 
-    words, out = ((20, 100), (16, 48)) if args.quick else ((20, 300), (16, 64))
-    return {c: serve_load.make_workload(n, args.seed, *words, *out)
-            for c, n in ((8, args.c8_requests), (1, args.c1_requests))}
+    def __init__(self, args):
+        sys.path.insert(0, str(HERE.parent / "loadtest"))
+        self.seed, self.requests = args.seed, {8: args.c8_requests, 1: args.c1_requests}
+        self.words, self.out = ((20, 100), (16, 48)) if args.quick else ((20, 300), (16, 64))
+
+    def _make(self, num_requests: int, index: int) -> list:
+        import serve_load
+
+        return serve_load.make_workload(num_requests, self.seed * 1000 + index, *self.words, *self.out)
+
+    def warm_up(self) -> list:
+        return self._make(4, 0)
+
+    def round(self, rnd: int) -> dict[int, list]:
+        """The c=8 and c=1 workloads of round `rnd` (from 0)."""
+        return {c: self._make(n, 1 + 2 * rnd + (c == 1)) for c, n in self.requests.items()}
 
 
-def wait_served(args, sides: list[ServedSide], workloads: dict[int, list]) -> None:
+def wait_served(args, sides: list[ServedSide], workloads: ServedWorkloads) -> None:
     """Ready, warmed up (a first request compiles), then idle memory."""
     import serve_load
 
     for side in sides:
         wait_ready(side, args.start_timeout_s)
-        results, _ = asyncio.run(serve_load.run_load(side.url, None, workloads[8][:4], 2, None))
+        results, _ = asyncio.run(serve_load.run_load(side.url, None, workloads.warm_up(), 2, None))
         failed = [r.error for r in results if not r.ok]
         if failed:
             raise BenchmarkError(f"served {side.name}: warm-up requests failed: {failed[:2]}; log {side.log}")
@@ -228,11 +242,11 @@ def wait_served(args, sides: list[ServedSide], workloads: dict[int, list]) -> No
         side.idle_rss_bytes, side.idle_pss_bytes = sum(m.rss for m in memory), sum(m.pss for m in memory)
 
 
-def measure_served(args, sides: list[ServedSide], workloads: dict[int, list]) -> None:
+def measure_served(args, sides: list[ServedSide], workloads: ServedWorkloads) -> None:
     import serve_load
 
     for rnd in range(args.rounds):
-        for c, workload in workloads.items():
+        for c, workload in workloads.round(rnd).items():
             for side in sides if rnd % 2 == 0 else sides[::-1]:
                 results, elapsed = asyncio.run(serve_load.run_load(side.url, None, workload, c, None))
                 row = serve_load.summarize(side.name, results, elapsed)

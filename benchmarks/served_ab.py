@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ab_sides import (BenchmarkError, ServedSide, served_workloads, start_splitserve, stop_served, wait_served)
+from ab_sides import (BenchmarkError, ServedSide, ServedWorkloads, start_splitserve, stop_served, wait_served)
 from ab_stats import format_table, itl_per_token_ms, median
 from proc_tree import stat_cpu_seconds
 
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="served-ab-"))
     print(f"model {model}; logs in {workdir}; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
           flush=True)
-    workloads = served_workloads(args)
+    workloads = ServedWorkloads(args)
     sides: list[ServedSide] = []
     try:
         for spec in args.variant:
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         for side, spec in zip(sides, args.variant):
             side.name = spec.partition("=")[0]
         for rnd in range(args.rounds):
-            for c, workload in workloads.items():
+            for c, workload in workloads.round(rnd).items():
                 order = sides[rnd % len(sides):] + sides[:rnd % len(sides)]
                 for side in order if rnd % 2 == 0 else order[::-1]:
                     side.rounds.setdefault(c, []).append(measure(side, workload, c))

@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ab_sides import (BenchmarkError, OfflineSide, ServedSide, measure_offline, measure_served, served_workloads,
+from ab_sides import (BenchmarkError, OfflineSide, ServedSide, ServedWorkloads, measure_offline, measure_served,
                       start_offline, start_splitserve, start_vllm, stop_offline, stop_served, wait_offline,
                       wait_served)
 from ab_stats import agreement, format_table, median, median_ratio, per_1k
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         # Everything starts (and compiles) at once, and nothing is measured before all of it is ready and warm:
         # starting is most of --quick's time, and a side still compiling would steal CPU from a measured run.
         if not args.skip_served:
-            workloads = served_workloads(args)
+            workloads = ServedWorkloads(args)
             served_sides = [start_splitserve(args, model, workdir), start_vllm(args, model, workdir)]
         if not args.skip_offline:
             offline_sides, out_lens = start_offline(args, model, workdir)

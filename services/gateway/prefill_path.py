@@ -1,17 +1,29 @@
 """Where one prompt is prefilled: on its decode worker (local) or on a prefill worker (remote, its KV then moved
-through the kv-store), whichever is predicted to give the first token sooner.
+through the kv-store), whichever adds the least waiting: its own first token's, and a local prefill's hold on
+the streams the decode worker is decoding.
 
 Disaggregation is not free: a remote prefill writes the prompt's KV to the kv-store before its first token goes
 out, and an idle decode worker holding the prompt's prefix computes the rest faster than a prefill worker that
 holds nothing or has a queue (llm-d's P/D guide measured disaggregated TTFT 2.7x aggregated where it split every
-request). So for each prompt (deciders, the gateway's --prefill-decider):
+request). Nor is a local prefill free: while the decode worker computes the prompt, every stream it decodes waits
+for its next token. Choosing by the first token alone sent the decode worker 78 % of the prompt tokens at c=8 on
+2 cores, which then ran it at full load while the prefill worker idled 80 % of the time. So for each prompt
+(deciders, the gateway's --prefill-decider):
 
-- `predicted` (default): estimate both times and take the faster path,
+- `predicted` (default): estimate both first-token times, and the hold,
       local  = decode's step + (decode queue + prompt - decode's cached prefix) / decode's prefill rate
+      hold   = streams decoding there x (prompt - decode's cached prefix) / decode's prefill rate
       remote = prefill's step + (prefill queue + prompt - max(prefill's cached prefix, kv-store's)) / its rate
                + prompt x KV bytes/token / prefill's write rate (each block is read from the store or written)
+  and take local when local + w x hold < remote, w the hold weight (--prefill-hold-weight). An idle decode
+  worker holds nobody up (the choice is the faster first token, as at c=1); a busy one takes a prompt only
+  when the remote path is slower by more than w x the time its streams would wait. w trades the first token
+  against the streams' tokens (2 cores, c=8, new prompts, benchmarks/served_ab.py, medians of 3 rounds: w=0
+  TTFT p50 263 ms, ITL/token 43 ms, 163 tok/s; w=0.25 275 ms, 29 ms, 213 tok/s; w=0.5 358 ms, 27 ms, 211;
+  w=1 595 ms, 22 ms, 208): 0.25, the default, keeps the first token as fast and holds the streams a third less.
   A worker's step is the time of one of its decode-only steps while it runs a batch (0 when idle): a prompt
   joins a step of the running batch, a fixed cost a cache hit's few tokens over the rate miss.
+  Its streams are the most of what it announced running and what this gateway has on it besides this prompt.
   Queues are prompt tokens waiting on the worker to be computed: what it announced to Redis beyond what this
   gateway sent it (as the router counts load), plus what this gateway's own prompts still waiting for their
   first token will compute there (their uncached part, as the worker counts them). Rates are
@@ -22,7 +34,7 @@ request). So for each prompt (deciders, the gateway's --prefill-decider):
   deployment's design, which also measures the prefill workers; an unmeasured write rate costs nothing.
   The decode worker's own read of the KV comes after the first token and is not counted.
   A path that keeps losing never re-measures its worker's rates, so an estimate too slow would stand forever:
-  each `probe_every`-th close choice (the slower path predicted within `probe_gap` of the faster) passing over
+  each `probe_every`-th close choice (the slower path's cost within `probe_gap` of the faster's) passing over
   the same worker takes the slower path instead, counted with reason `probe`.
 - `threshold`: remote always (the static rule of before: only the threshold below keeps prompts local).
 
@@ -38,6 +50,7 @@ from splitserve.services.gateway.prefix_index import PrefixHits
 from splitserve.services.gateway.workers import Worker
 
 DECIDERS = ("predicted", "threshold")
+DEFAULT_HOLD_WEIGHT = 0.25
 LOCAL, REMOTE = "local", "remote"
 
 
@@ -47,6 +60,7 @@ class PathChoice:
     reason: str                        # the metric's label: predicted_faster, probe, cold_start, threshold
     local_s: Optional[float] = None    # the predicted times to the first token, when predicted
     remote_s: Optional[float] = None
+    hold_s: float = 0.0                # predicted: the decode worker's streams' total wait for a local prefill
 
     @property
     def predicted_s(self) -> Optional[float]:
@@ -56,8 +70,8 @@ class PathChoice:
     def describe(self) -> str:
         if self.local_s is None or self.remote_s is None:
             return f"{self.path} prefill ({self.reason})"
-        return (f"{self.path} prefill ({self.reason}: predicted first token local {self.local_s * 1000:.0f} ms, "
-                f"remote {self.remote_s * 1000:.0f} ms)")
+        return (f"{self.path} prefill ({self.reason}: predicted first token local {self.local_s * 1000:.0f} ms "
+                f"holding its decode streams {self.hold_s * 1000:.0f} ms in all, remote {self.remote_s * 1000:.0f} ms)")
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,7 @@ class PrefillCapacity:
     put_bytes_per_s: Optional[float] = None
     kv_bytes_per_token: int = 0
     step_s: float = 0.0                            # a step of the batch it runs, which a prompt there joins
+    streams: int = 0                               # sequences it decodes, each held up by a prompt it computes
 
 
 def _uncached(prompt_tokens: int, reused: int) -> int:
@@ -81,15 +96,19 @@ def computed_tokens(prompt_tokens: int, worker: Worker, hits: Optional[PrefixHit
     return _uncached(prompt_tokens, hits.reusable_tokens(worker.kind, worker.address) if hits is not None else 0)
 
 
-def capacity(worker: Worker) -> PrefillCapacity:
-    """The worker's announced queue and rates, with this gateway's own prompts that have no first token yet."""
+def capacity(worker: Worker, choosing_for: int = 0) -> PrefillCapacity:
+    """The worker's announced queue and rates, with this gateway's own prompts that have no first token yet, and
+    its streams: of what it announced and what this gateway has on it besides the `choosing_for` requests being
+    placed (a decode worker counts the request from its pick), the more."""
     own = worker.prefill_tokens_in_flight
     info = worker.reported
+    ours = max(0, worker.in_flight_requests - choosing_for) if worker.kind == "decode" else 0
     if info is None:
-        return PrefillCapacity(own, None)
+        return PrefillCapacity(own, None, streams=ours)
     step_s = info.decode_step_us / 1e6 if info.num_running else 0.0
+    streams = max(ours, info.num_running) if worker.kind == "decode" else 0
     return PrefillCapacity(own + max(0, info.queued_prompt_tokens - own), info.prefill_tokens_per_s or None,
-                           info.kv_put_bytes_per_s or None, info.kv_bytes_per_token, step_s)
+                           info.kv_put_bytes_per_s or None, info.kv_bytes_per_token, step_s, streams)
 
 
 def _prefill_s(computed: int, worker: PrefillCapacity, rate: float) -> float:
@@ -99,6 +118,11 @@ def _prefill_s(computed: int, worker: PrefillCapacity, rate: float) -> float:
 
 def predict_local_s(prompt_tokens: int, cached: int, decode: PrefillCapacity, rate: float) -> float:
     return _prefill_s(_uncached(prompt_tokens, cached), decode, rate)
+
+
+def predict_hold_s(prompt_tokens: int, cached: int, decode: PrefillCapacity, rate: float) -> float:
+    """The streams' total wait while the decode worker computes the prompt: each one's next token is that late."""
+    return decode.streams * _uncached(prompt_tokens, cached) / rate
 
 
 def predict_remote_s(prompt_tokens: int, cached: int, store_cached: int, prefill: PrefillCapacity,
@@ -112,12 +136,17 @@ def predict_remote_s(prompt_tokens: int, cached: int, store_cached: int, prefill
 
 
 class PrefillPathChooser:
-    def __init__(self, decider: str = "predicted", probe_every: int = 16, probe_gap: float = 2.0):
-        """A probe costs at most `probe_gap` times the faster path's predicted time, once in `probe_every` close
-        choices per worker passed over."""
+    def __init__(self, decider: str = "predicted", probe_every: int = 16, probe_gap: float = 2.0,
+                 hold_weight: float = DEFAULT_HOLD_WEIGHT):
+        """A probe costs at most `probe_gap` times the faster path's predicted cost, once in `probe_every` close
+        choices per worker passed over. `hold_weight`: what a second of a decoding stream's wait counts for
+        against a second of the new prompt's first token (0: the first token alone)."""
         if decider not in DECIDERS:
             raise ValueError(f"prefill decider must be one of {', '.join(DECIDERS)}, got {decider!r}")
+        if not hold_weight >= 0:
+            raise ValueError(f"prefill hold weight must be >= 0, got {hold_weight!r}")
         self.decider = decider
+        self.hold_weight = hold_weight
         self.probe_every = probe_every
         self.probe_gap = probe_gap
         self._passed_over: dict[tuple[str, str], int] = {}   # (kind, address) -> close choices since it was taken
@@ -125,24 +154,27 @@ class PrefillPathChooser:
     def choose(self, prompt_tokens: int, decode: Worker, prefill: Worker, hits: Optional[PrefixHits]) -> PathChoice:
         if self.decider == "threshold":
             return PathChoice(REMOTE, "threshold")
-        local, remote = capacity(decode), capacity(prefill)
+        local, remote = capacity(decode, choosing_for=1), capacity(prefill)
         local_rate = local.tokens_per_s or remote.tokens_per_s
         remote_rate = remote.tokens_per_s or local.tokens_per_s
         if local_rate is None or remote_rate is None:
             return PathChoice(REMOTE, "cold_start")
         hits = hits or PrefixHits(prompt_tokens)
-        local_s = predict_local_s(prompt_tokens, hits.device_tokens(decode.kind, decode.address), local, local_rate)
+        on_decode = hits.device_tokens(decode.kind, decode.address)
+        local_s = predict_local_s(prompt_tokens, on_decode, local, local_rate)
+        hold_s = predict_hold_s(prompt_tokens, on_decode, local, local_rate)
         remote_s = predict_remote_s(prompt_tokens, hits.device_tokens(prefill.kind, prefill.address),
                                     hits.store_tokens, remote, remote_rate)
+        local_cost = local_s + self.hold_weight * hold_s
         # Ties go remote: the split keeps the decode worker's batch free for the streams it is decoding.
-        path = LOCAL if local_s < remote_s else REMOTE
+        path = LOCAL if local_cost < remote_s else REMOTE
         reason = "predicted_faster"
-        if max(local_s, remote_s) <= self.probe_gap * min(local_s, remote_s) and self._probe(
+        if max(local_cost, remote_s) <= self.probe_gap * min(local_cost, remote_s) and self._probe(
                 prefill if path == LOCAL else decode):
             path, reason = (REMOTE if path == LOCAL else LOCAL), "probe"
         taken = decode if path == LOCAL else prefill
         self._passed_over.pop((taken.kind, taken.address), None)
-        return PathChoice(path, reason, local_s, remote_s)
+        return PathChoice(path, reason, local_s, remote_s, hold_s)
 
     def _probe(self, passed_over: Worker) -> bool:
         """Whether this close choice, which would pass over `passed_over` again, is its turn to be re-measured."""

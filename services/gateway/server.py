@@ -27,7 +27,7 @@ from splitserve.services.gateway.grpc_api import GatewayServicer
 from splitserve.services.gateway.membership_check import MembershipCheck
 from splitserve.services.gateway.openai_api import ApiState, build_app
 from splitserve.services.gateway.pipeline import Pipeline
-from splitserve.services.gateway.prefill_path import DECIDERS, PrefillPathChooser
+from splitserve.services.gateway.prefill_path import DECIDERS, DEFAULT_HOLD_WEIGHT, PrefillPathChooser
 from splitserve.services.gateway.prefix_index import PrefixIndexReader
 from splitserve.services.gateway.router import POLICIES, Router, RouterWeights
 from splitserve.services.gateway.routing_accuracy import RoutingAccuracy
@@ -70,6 +70,10 @@ class GatewaySettings:
     prefill_decider: str = setting("predicted",
         "where longer prompts are prefilled: predicted (on the decode worker or a prefill worker, whichever is "
         "predicted to give the first token sooner) or threshold (always a prefill worker)")
+    prefill_hold_weight: float = setting(DEFAULT_HOLD_WEIGHT,
+        "predicted decider: what a second that the decode worker's streams wait during a local prefill counts for "
+        "against a second of the prompt's first token (0: the first token alone; higher: faster tokens for the "
+        "streams, slower first tokens)")
     router_policy: str = setting("prefix",
         "how workers are picked: prefix (cached prefix, kv-store and load scored together; needs --redis-url, else "
         "load), load, round-robin or random")
@@ -120,6 +124,8 @@ class GatewaySettings:
             raise ValueError("max_in_flight must be >= 1 and max_queued >= 0")
         if self.prefill_decider not in DECIDERS:
             raise ValueError(f"prefill_decider must be one of {', '.join(DECIDERS)}")
+        if not self.prefill_hold_weight >= 0:
+            raise ValueError("prefill_hold_weight must be >= 0")
         if self.router_policy not in POLICIES:
             raise ValueError(f"router_policy must be one of {', '.join(POLICIES)}")
         if min(self.router_prefix_weight, self.router_store_weight, self.router_load_weight,
@@ -166,8 +172,9 @@ class Gateway:
                              RoutingAccuracy(settings.routing_accuracy_threshold, settings.routing_accuracy_window,
                                              settings.routing_accuracy_probe_every))
         self.tokenizer = TokenizerClient(self.pool)
+        path_chooser = PrefillPathChooser(settings.prefill_decider, hold_weight=settings.prefill_hold_weight)
         runner = SequenceRunner(self.router, self.pool, settings.kv_store_address, settings.local_prefill_threshold,
-                                settings.max_decode_migrations, PrefillPathChooser(settings.prefill_decider))
+                                settings.max_decode_migrations, path_chooser)
         self.pipeline = Pipeline(self.tokenizer, runner, settings.served_model_name, settings.request_timeout_s,
                                  settings.max_prompt_bytes)
         self.admission = Admission(settings.max_in_flight, settings.max_queued)

@@ -27,3 +27,15 @@ def test_report_gives_medians_and_cpu_per_token_by_service():
     assert "100 300 200" in text and "200.00" in text          # per round, and the median
     assert "c=8 agg: total 5.3; decode 5.00, gateway 0.30" in text
     assert "redis-server" not in text                           # under 0.05 ms per token: left out
+
+
+def test_no_served_run_repeats_a_prompt_an_earlier_run_sent():
+    """A repeated prompt is a prefix-cache hit: rounds must measure new prompts, the same for both sides."""
+    import ab_sides
+
+    args = SimpleNamespace(seed=0, quick=True, c8_requests=8, c1_requests=3)
+    workloads = ab_sides.ServedWorkloads(args)
+    runs = [workloads.warm_up()] + [w for rnd in range(3) for w in workloads.round(rnd).values()]
+    prompts = [prompt for run in runs for prompt, _ in run]
+    assert len(set(prompts)) == len(prompts) == 4 + 3 * (8 + 3)
+    assert ab_sides.ServedWorkloads(args).round(1) == workloads.round(1)   # every side gets the same round

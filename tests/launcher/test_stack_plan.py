@@ -136,7 +136,7 @@ def test_with_envoy_the_gateway_is_internal_and_envoy_checks_both_public_ports(t
 
 def test_gateway_replicas_each_get_their_own_ports_behind_envoy(tmp_path):
     plan, specs = _plan(tmp_path, gateways=3, prefill_workers=2, local_prefill_threshold=32,
-                        prefill_decider="threshold")
+                        prefill_decider="threshold", prefill_hold_weight=0.5)
     gateways = [specs[f"gateway-{i}"] for i in range(3)]
     assert "gateway" not in specs and [spec.name for spec in plan.tiers[2]] == [g.name for g in gateways]
     ports = [(int(_flag(g.argv, "--port")), int(_flag(g.argv, "--grpc-port"))) for g in gateways]
@@ -146,6 +146,7 @@ def test_gateway_replicas_each_get_their_own_ports_behind_envoy(tmp_path):
     # The same wiring for each: workers, Redis (the shared prefix index), secrets by env.
     assert len({tuple(arg for arg in g.argv if not arg.isdigit()) for g in gateways}) == 1
     assert _flag(gateways[1].argv, "--prefill-decider") == "threshold"
+    assert _flag(gateways[1].argv, "--prefill-hold-weight") == "0.5"
     assert all(g.env == gateways[0].env and g.env["SPLITSERVE_REDIS_URL"] for g in gateways)
     assert len({g.metrics_port for g in gateways}) == 3
     with pytest.raises(ValueError, match="need Envoy"):

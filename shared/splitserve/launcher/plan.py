@@ -74,6 +74,9 @@ class StackConfig(EngineConfig):
     prefill_decider: Optional[str] = setting(None,
         "where longer prompts are prefilled: predicted (the gateway's default: on the decode worker or a prefill "
         "worker, whichever is predicted to give the first token sooner) or threshold (always a prefill worker)")
+    prefill_hold_weight: Optional[float] = setting(None,
+        "what a second that decode streams wait during a local prefill counts for against a second of the prompt's "
+        "first token (default: the gateway's)")
     torch_threads: Optional[int] = setting(None,
         "torch threads per engine worker (default: one per core the worker is given)")
     cpu_affinity: bool = setting(True,
@@ -278,6 +281,7 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
                                  served_model_name=config.served_model_name or None,
                                  local_prefill_threshold=config.local_prefill_threshold,
                                  prefill_decider=config.prefill_decider,
+                                 prefill_hold_weight=config.prefill_hold_weight,
                                  tool_call_parser=config.tool_call_parser),
                           env=gateway_env, host=gateway_host)
         gateway.address = host_port(connect_host(gateway_host), gateway_grpc)

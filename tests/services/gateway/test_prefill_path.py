@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from splitserve.services.gateway.prefill_path import (LOCAL, REMOTE, PrefillCapacity, PrefillPathChooser, capacity,
-                                                      predict_local_s, predict_remote_s)
+                                                      predict_hold_s, predict_local_s, predict_remote_s)
 from splitserve.services.gateway.prefix_index import PrefixHits
 from splitserve.services.gateway.workers import Worker
 from splitserve.worker_registry import WorkerAnnouncer, WorkerInfo
@@ -73,6 +73,50 @@ def test_a_cache_hit_waits_for_one_step_of_the_running_batch():
     assert capacity(idle).step_s == 0.0
     prefill = capacity(_worker("prefill", "p:1", num_running=1, prefill_tokens_per_s=1000, decode_step_us=40_000))
     assert predict_remote_s(1000, cached=0, store_cached=0, prefill=prefill, rate=1000.0) == pytest.approx(1.04)
+
+
+def test_a_local_prefill_holds_every_stream_the_decode_worker_decodes():
+    """Each stream decoding there waits while the prompt's uncached tokens are computed."""
+    decode = PrefillCapacity(queued_tokens=0, tokens_per_s=1000.0, streams=7)
+    assert predict_hold_s(1000, cached=500, decode=decode, rate=1000.0) == pytest.approx(3.5)
+    assert predict_hold_s(1000, cached=0, decode=PrefillCapacity(0, 1000.0), rate=1000.0) == 0.0
+
+
+def test_capacity_counts_a_decode_workers_streams_from_its_report_and_this_gateway():
+    worker = _worker("decode", "d:1", num_running=3, prefill_tokens_per_s=1000)
+    worker.in_flight_requests = 6                  # this gateway's, the request being placed among them
+    assert capacity(worker, choosing_for=1).streams == 5
+    worker.in_flight_requests = 2                  # other gateways' streams are in the report only
+    assert capacity(worker, choosing_for=1).streams == 3
+    prefill = _worker("prefill", "p:1", num_running=3, prefill_tokens_per_s=1000)
+    prefill.in_flight_requests = 4
+    assert capacity(prefill).streams == 0          # a prefill worker decodes nothing: no stream waits there
+    unreported = _worker("decode", "d:2")
+    unreported.in_flight_requests = 3
+    assert capacity(unreported, choosing_for=1).streams == 2
+
+
+def test_a_busy_decode_worker_takes_a_prompt_only_when_remote_is_slower_by_its_streams_wait():
+    """Equal rates, the prefill worker 0.5 s of queue behind: an idle decode worker takes the prompt (its first
+    token comes sooner, and nobody waits for it); with 7 streams decoding, the 7 s they would wait in all
+    outweigh the 0.5 s this first token gains, so the prompt goes remote; with a queue longer than that, local."""
+    chooser = PrefillPathChooser(hold_weight=1.0)
+    decode = _worker("decode", "d:1", prefill_tokens_per_s=1000)
+    decode.in_flight_requests = 1                  # the request being placed
+    prefill = _worker("prefill", "p:1", prefill_tokens_per_s=1000, queued_prompt_tokens=500)
+    assert chooser.choose(1000, decode, prefill, None).path == LOCAL
+    decode.in_flight_requests = 8
+    choice = chooser.choose(1000, decode, prefill, None)
+    assert (choice.path, choice.reason) == (REMOTE, "predicted_faster")
+    assert (choice.local_s, choice.hold_s, choice.remote_s) == pytest.approx((1.0, 7.0, 1.5))
+    assert "holding its decode streams 7000 ms" in choice.describe()
+    backed_up = _worker("prefill", "p:1", prefill_tokens_per_s=1000, queued_prompt_tokens=9000)
+    assert chooser.choose(1000, decode, backed_up, None).path == LOCAL        # 10 s vs 1 s + 7 s held
+    # The hold weighs what it is told: at 0.25 the 7 s count 1.75 s, still more than the 0.5 s gained.
+    assert PrefillPathChooser(hold_weight=0.25).choose(1000, decode, prefill, None).path == REMOTE
+    assert PrefillPathChooser(hold_weight=0.0).choose(1000, decode, prefill, None).path == LOCAL
+    with pytest.raises(ValueError, match="hold weight"):
+        PrefillPathChooser(hold_weight=-1)
 
 
 def test_a_path_passed_over_by_close_choices_is_probed_to_re_measure_it():
