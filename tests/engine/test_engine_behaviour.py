@@ -264,3 +264,15 @@ def test_kv_blocks_from_a_memory_budget(llama_ckpt):
     assert capped.num_blocks == 2 * (64 // 16) + 1
     with pytest.raises(RuntimeError, match="no memory left"):
         LLM(str(llama_ckpt), dtype="float32", device="cpu", kv_cache_memory_bytes=per_block // 2)
+
+
+def test_the_step_hook_hears_each_steps_prompt_tokens_before_the_model_runs(llama_ckpt):
+    """What a serving worker sizes the step's threads from (serving/core_borrowing.py): prompt tokens computed,
+    chunks of a prompt split by the token budget included; 0 for a decode step."""
+    engine = LLM(str(llama_ckpt), dtype="float32", device="cpu", num_kv_blocks=64, max_num_batched_tokens=32).engine
+    heard = []
+    engine.before_model_run = lambda prompt_tokens: heard.append((prompt_tokens, engine.num_prompt_tokens_computed))
+    engine.add_request("r", list(range(3, 53)), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert heard == [(32, 0), (18, 32), (0, 50), (0, 50)]

@@ -72,3 +72,30 @@ def test_the_workers_parse_the_cores_they_are_given():
     assert parse_settings(DecodeSettings, argv[argv.index("decode") + 1:]).cpus == "8-15"
     with pytest.raises(ValueError, match="not a core list"):
         DecodeSettings(cpus="8-")
+
+
+def test_on_two_cores_each_engine_worker_may_borrow_the_others_core_with_a_bounded_spin():
+    specs = _specs([0, 1])
+    for name, own, other in (("prefill-0", "0", "1"), ("decode-0", "1", "0")):
+        argv, env = specs[name].argv, specs[name].env
+        assert (_flag(argv, "--cpus"), _flag(argv, "--borrow-cpus")) == (own, other)
+        assert (env["OMP_WAIT_POLICY"], env["GOMP_SPINCOUNT"]) == ("ACTIVE", "10000")
+    # Turned off, without affinity, or with no other engine worker: nothing to borrow, no spin.
+    for fields in ({"borrow_idle_cores": False}, {"cpu_affinity": False}, {"prefill_workers": 0}):
+        decode = _specs([0, 1], **fields)["decode-0"]
+        assert "--borrow-cpus" not in decode.argv and "OMP_WAIT_POLICY" not in decode.env
+
+
+def test_a_worker_of_several_cores_borrows_with_sleeping_threads():
+    decode = _specs(range(16))["decode-0"]
+    assert _flag(decode.argv, "--borrow-cpus") == "1-7" and "OMP_WAIT_POLICY" not in decode.env
+
+
+def test_borrowed_cores_need_the_workers_own_and_must_not_overlap_them():
+    from splitserve.services.decode.server import DecodeSettings
+
+    assert DecodeSettings(cpus="1", borrow_cpus="0").borrow_cpus == "0"
+    with pytest.raises(ValueError, match="needs cpus"):
+        DecodeSettings(borrow_cpus="0")
+    with pytest.raises(ValueError, match="must not overlap"):
+        DecodeSettings(cpus="0-1", borrow_cpus="1")

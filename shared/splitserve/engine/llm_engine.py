@@ -107,6 +107,8 @@ class LLMEngine:
         self.num_guided_rejected_tokens = 0
         # Sequences that received a token in the last step (finished ones included): streaming reads these.
         self.last_step_sampled: list[Sequence] = []
+        # Told each step's prompt tokens before the model runs it (a serving worker borrows idle cores with it).
+        self.before_model_run: Optional[Callable[[int], None]] = None
         # lend_exports(): exports lend the cache blocks themselves instead of copying them. A release may come
         # from any thread; the ids wait here (deque appends are atomic) for this engine's thread to take them.
         self._on_lent_return: Optional[Callable[[], None]] = None
@@ -280,10 +282,13 @@ class LLMEngine:
             return []
         self._load_received_blocks()
         self.num_steps += 1
+        prompt_tokens = sum(max(0, min(seq.num_computed_tokens + n, seq.num_prompt_tokens) - seq.num_computed_tokens)
+                            for seq, n in zip(batch.seqs, batch.num_new_tokens))
+        if self.before_model_run is not None:
+            self.before_model_run(prompt_tokens)
         result = self.runner.execute(batch)
+        self.num_prompt_tokens_computed += prompt_tokens
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            self.num_prompt_tokens_computed += max(0, min(seq.num_computed_tokens + n, seq.num_prompt_tokens)
-                                                   - seq.num_computed_tokens)
             seq.num_computed_tokens += n
             self.kv.commit_computed(seq)
         for seq, entries in result.prompt_logprobs:

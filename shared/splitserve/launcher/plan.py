@@ -77,6 +77,9 @@ class StackConfig(EngineConfig):
     prefill_hold_weight: Optional[float] = setting(None,
         "what a second that decode streams wait during a local prefill counts for against a second of the prompt's "
         "first token (default: the gateway's)")
+    borrow_idle_cores: bool = setting(True,
+        "with --cpu-affinity, an engine worker runs its steps of 64 or more prompt tokens on the other engine "
+        "workers' cores too while those are idle (a prompt at low load gets the whole machine)")
     torch_threads: Optional[int] = setting(None,
         "torch threads per engine worker (default: one per core the worker is given)")
     cpu_affinity: bool = setting(True,
@@ -250,17 +253,27 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
                                                                   kv_checksum=config.kv_checksum or None),
                        env={**ucx_env, "SPLITSERVE_REDIS_URL": redis})
     workers = []
-    for role, count in (("prefill", config.prefill_workers), ("decode", config.decode_workers)):
-        for index in range(count):
-            worker_cpus = next(cpu_sets)
-            threads = config.torch_threads or len(worker_cpus)
-            workers.append(service(
-                f"{role}-{index}", role, next(ports),
-                *flags(**{**config.changed_engine_values(), "model": model}, kv_store_address=kv_store.address,
-                       cpus=format_cpu_list(worker_cpus) if config.cpu_affinity else None,
-                       torch_threads=threads, kv_transport=config.kv_transport,
-                       kv_checksum=config.kv_checksum or None),
-                omp_threads=threads, env={**ucx_env, **cluster}))
+    roles = [(role, index) for role, count in (("prefill", config.prefill_workers), ("decode", config.decode_workers))
+             for index in range(count)]
+    worker_cpu_sets = [next(cpu_sets) for _ in roles]
+    all_engine_cpus = {cpu for cpus in worker_cpu_sets for cpu in cpus}
+    for (role, index), worker_cpus in zip(roles, worker_cpu_sets):
+        threads = config.torch_threads or len(worker_cpus)
+        borrowed = sorted(all_engine_cpus - set(worker_cpus))
+        borrow = config.cpu_affinity and config.borrow_idle_cores and bool(borrowed)
+        # A borrowed step's threads spin briefly at each op's barrier (sleeping ones wake too slowly for this
+        # model's small ops: 441 prompt tokens on 2 threads, 137 ms passive vs 85-89 spinning, 152 on one). Only
+        # for a worker of one core, whose other steps have no team to spin: a larger home team keeps sleeping
+        # threads (spinning was measured to lose wherever another process takes one of the team's cores).
+        spin = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000"} if borrow and threads == 1 else {}
+        workers.append(service(
+            f"{role}-{index}", role, next(ports),
+            *flags(**{**config.changed_engine_values(), "model": model}, kv_store_address=kv_store.address,
+                   cpus=format_cpu_list(worker_cpus) if config.cpu_affinity else None,
+                   borrow_cpus=format_cpu_list(borrowed) if borrow else None,
+                   torch_threads=threads, kv_transport=config.kv_transport,
+                   kv_checksum=config.kv_checksum or None),
+            omp_threads=threads, env={**ucx_env, **cluster, **spin}))
     tiers.append([*tokenizers, kv_store, *workers])
 
     addresses = {"tokenizer": [t.address for t in tokenizers], "kv-store": [kv_store.address],

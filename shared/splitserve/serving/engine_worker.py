@@ -22,6 +22,7 @@ from splitserve.kv_transfer import KV_TRANSPORTS
 from splitserve.membership import membership_mac
 from splitserve.proto_convert import layout_to_proto
 from splitserve.serving.addresses import AdvertiseAddressError, advertised_address
+from splitserve.serving.core_borrowing import borrowing_for
 from splitserve.serving import tracing
 from splitserve.serving.logs import setup_logging
 from splitserve.serving.settings import log_settings, parse_settings
@@ -54,6 +55,9 @@ class EngineWorkerSettings(EngineConfig):
     cluster_token: Optional[str] = setting(None,
         "shared secret this worker proves it holds to gateways (the gateway's --cluster-token; pass it by env)")
     cpus: Optional[str] = setting(None, "cores this worker runs on, e.g. 0-3,8 (default: those it was started with)")
+    borrow_cpus: Optional[str] = setting(None,
+        "other workers' cores this one also runs steps of 64 or more prompt tokens on while those cores are idle "
+        "(needs --cpus; the launcher gives each engine worker the others' cores)")
     torch_threads: Optional[int] = setting(None,
         "torch intra-op threads on CPU (default: OMP_NUM_THREADS if set, else one per core this worker may use: --cpus "
         "or its affinity, fewer under a cgroup CPU limit)")
@@ -63,6 +67,11 @@ class EngineWorkerSettings(EngineConfig):
         super().__post_init__()
         if self.cpus is not None:
             parse_cpu_list(self.cpus)  # a bad list fails here, with the flag's name, not at engine start
+        if self.borrow_cpus is not None:
+            if self.cpus is None:
+                raise ValueError("borrow_cpus needs cpus (the worker's own cores)")
+            if set(parse_cpu_list(self.borrow_cpus)) & set(parse_cpu_list(self.cpus)):
+                raise ValueError(f"borrow_cpus {self.borrow_cpus} must not overlap cpus {self.cpus}")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1, got {self.torch_threads}")
 
@@ -95,8 +104,10 @@ def use_cores(settings: EngineWorkerSettings) -> int:
     import torch
 
     if settings.cpus is not None:
-        pin_process(parse_cpu_list(settings.cpus))
-    threads = settings.torch_threads or _omp_num_threads() or usable_cores()
+        # The process may run on the borrowed cores too; the engine thread is pinned to its own when it starts.
+        pin_process(parse_cpu_list(settings.cpus) + parse_cpu_list(settings.borrow_cpus or settings.cpus))
+    own_cores = min(len(parse_cpu_list(settings.cpus)), usable_cores()) if settings.cpus is not None else usable_cores()
+    threads = settings.torch_threads or _omp_num_threads() or own_cores
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     log.info("torch threads: %d on cores %s", threads, format_cpu_list(allowed_cpus()))
@@ -122,7 +133,10 @@ def build_engine(settings: EngineWorkerSettings):
 
         model = str(demo_checkpoint())
         log.warning("no --model given: serving the tiny offline demo model (random weights, random text)")
-    return AsyncEngine(LLMEngine(settings.engine_config(model=model)))
+    engine = LLMEngine(settings.engine_config(model=model))
+    if settings.borrow_cpus is not None and engine.device.type == "cpu":
+        engine.before_model_run = borrowing_for(parse_cpu_list(settings.cpus), parse_cpu_list(settings.borrow_cpus))
+    return AsyncEngine(engine)
 
 
 def layout_proto(async_engine) -> common_pb2.KVLayout:

@@ -1,0 +1,110 @@
+"""Borrowing a neighbour's idle cores for prompt steps: the decision (fake clock and counters), the real pinning of
+torch's threads (a subprocess), and /proc/stat's reading."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from splitserve.serving.core_borrowing import CoreBorrower, busy_seconds
+
+
+class _Clock:
+    def __init__(self):
+        self.now, self.busy, self.own = 0.0, 0.0, 0.0
+
+    def borrower(self, **kwargs) -> CoreBorrower:
+        return CoreBorrower([1], [0], busy=lambda cpus: self.busy, own_other_threads=lambda: self.own,
+                            clock=lambda: self.now, **kwargs)
+
+    def advance(self, seconds: float, busy: float = 0.0, own: float = 0.0):
+        self.now += seconds
+        self.busy += busy
+        self.own += own
+
+
+def test_a_prompt_step_borrows_an_idle_neighbour_and_leaves_a_busy_one_alone():
+    clock = _Clock()
+    borrower = clock.borrower(min_prompt_tokens=64, idle_below=0.25, window_s=0.1)
+    assert borrower.threads_for(500) == 2                   # first step: nothing seen busy
+    clock.advance(0.2, busy=0.02)
+    assert borrower.threads_for(500) == 2                   # 10 % busy
+    clock.advance(0.2, busy=0.1)
+    assert borrower.threads_for(500) == 1                   # 50 % busy: the neighbour works
+    clock.advance(0.2, busy=0.2)
+    assert borrower.threads_for(63) == 1                    # a decode step never borrows
+
+
+def test_this_processs_own_threads_on_the_borrowed_core_do_not_count_as_the_neighbour():
+    clock = _Clock()
+    borrower = clock.borrower()
+    borrower.threads_for(500)
+    clock.advance(0.2, busy=0.18, own=0.17)                 # the core was busy with our own borrowed thread
+    assert borrower.threads_for(500) == 2
+    clock.advance(0.2, busy=0.18, own=0.0)                  # the same busy time, none of it ours
+    assert borrower.threads_for(500) == 1
+
+
+def test_the_share_is_taken_over_at_least_the_window():
+    """Steps 10 ms apart: the share spans the newest sample at least window_s old, not the last 10 ms."""
+    clock = _Clock()
+    borrower = clock.borrower(window_s=0.1)
+    borrower.threads_for(0)
+    clock.advance(0.1, busy=0.09)                           # 90 % busy for 100 ms
+    borrower.threads_for(0)
+    clock.advance(0.01)                                     # then idle for 10 ms
+    assert borrower.threads_for(500) == 1                   # (0.09) / 0.11 s: still busy
+
+
+def test_home_and_borrowed_cores_must_be_given_and_apart():
+    with pytest.raises(ValueError, match="apart"):
+        CoreBorrower([0], [0])
+    with pytest.raises(ValueError, match="apart"):
+        CoreBorrower([0], [])
+
+
+def test_busy_seconds_reads_the_cores_non_idle_ticks(tmp_path):
+    stat = tmp_path / "stat"
+    hz = os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    stat.write_text(f"cpu  9 9 9 9 9 9 9 9 0 0\ncpu0 {hz} 0 {hz} 500 70 0 0 0 0 0\ncpu1 0 0 {2 * hz} 9 9 0 0 0 0 0\n")
+    assert busy_seconds([0], stat) == pytest.approx(2.0)
+    assert busy_seconds([0, 1], stat) == pytest.approx(4.0)
+    assert busy_seconds([0]) > 0                            # the real /proc/stat
+
+
+_PROBE = """
+import json, os, sys, threading, torch
+from splitserve.serving.core_borrowing import CoreBorrower
+home, borrowed = json.loads(sys.argv[1])
+out = {}
+def engine_thread():
+    torch.set_num_threads(1)
+    borrower = CoreBorrower([home], [borrowed], busy=lambda cpus: 0.0)
+    borrower(1000)
+    out["prompt_threads"] = torch.get_num_threads()
+    out["engine_affinity"] = sorted(os.sched_getaffinity(0))
+    a = torch.randn(512, 512)
+    for _ in range(20):
+        a = torch.tanh(a @ a)
+    borrower(1)
+    out["decode_threads"] = torch.get_num_threads()
+    out["task_affinities"] = sorted(sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task"))
+thread = threading.Thread(target=engine_thread)
+thread.start(); thread.join()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two cores")
+def test_the_engine_thread_stays_home_and_the_borrowed_thread_runs_on_the_borrowed_core():
+    home, borrowed = sorted(os.sched_getaffinity(0))[:2]
+    out = subprocess.run([sys.executable, "-c", _PROBE, json.dumps([home, borrowed])], check=True,
+                         capture_output=True, text=True, timeout=120)
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["prompt_threads"] == 2 and seen["decode_threads"] == 1
+    assert seen["engine_affinity"] == [home]
+    assert [borrowed] in seen["task_affinities"]            # torch's second thread, pinned there
