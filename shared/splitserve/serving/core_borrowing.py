@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 BORROWED_STEPS = Counter("splitserve_engine_core_borrowing_steps_total",
                          "Engine steps that computed enough prompt tokens to borrow idle cores, by outcome: borrowed "
                          "(ran on the borrowed cores too) or neighbour_busy (they were working)", ["outcome"])
+for _outcome in ("borrowed", "neighbour_busy"):
+    BORROWED_STEPS.labels(_outcome)       # exported as 0 from the start, not from the first such step
 
 PROC_STAT = Path("/proc/stat")
 
