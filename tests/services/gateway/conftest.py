@@ -150,7 +150,21 @@ class Stack:
         values.update(overrides)
         running = self.loop.run(_start_gateway(GatewaySettings(**values)))
         self.gateways.append(running)
+        if static_workers:
+            self._settle(running)
         return running
+
+    def _settle(self, running: RunningGateway, timeout: float = 2.0) -> None:
+        """Gives the gateway's pool up to `timeout` to see this stack's workers healthy: a first health check that
+        found one not yet reachable (seen once in CI: connection refused) is redone 0.2 s later, and a test that
+        sends at once would get UNAVAILABLE meanwhile. Tests that take a worker down on purpose wait no longer
+        than that."""
+        ours = {s.address for s in self.prefills + self.decodes}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not all(
+                w.healthy for kind in ("prefill", "decode") for w in running.gateway.pool.workers(kind)
+                if w.address in ours):
+            time.sleep(0.02)
 
     def start_server(self, factory: Callable[..., fakes.FakeServer], **kwargs: Any) -> fakes.FakeServer:
         server = self.loop.run(factory(**kwargs).start())
