@@ -102,11 +102,12 @@ def capacity(worker: Worker, choosing_for: int = 0) -> PrefillCapacity:
     placed (a decode worker counts the request from its pick), the more."""
     own = worker.prefill_tokens_in_flight
     info = worker.reported
-    ours = max(0, worker.in_flight_requests - choosing_for) if worker.kind == "decode" else 0
+    streams = 0
+    if worker.kind == "decode":   # a prefill worker decodes nothing: no stream waits there
+        streams = max(worker.in_flight_requests - choosing_for, info.num_running if info is not None else 0, 0)
     if info is None:
-        return PrefillCapacity(own, None, streams=ours)
+        return PrefillCapacity(own, None, streams=streams)
     step_s = info.decode_step_us / 1e6 if info.num_running else 0.0
-    streams = max(ours, info.num_running) if worker.kind == "decode" else 0
     return PrefillCapacity(own + max(0, info.queued_prompt_tokens - own), info.prefill_tokens_per_s or None,
                            info.kv_put_bytes_per_s or None, info.kv_bytes_per_token, step_s, streams)
 

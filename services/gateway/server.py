@@ -69,7 +69,8 @@ class GatewaySettings:
     local_prefill_threshold: int = setting(0, "prompts with fewer tokens are prefilled by the decode worker itself")
     prefill_decider: str = setting("predicted",
         "where longer prompts are prefilled: predicted (on the decode worker or a prefill worker, whichever is "
-        "predicted to give the first token sooner) or threshold (always a prefill worker)")
+        "predicted to add the least waiting: the first token's, and --prefill-hold-weight x the decode worker's "
+        "streams' while it computes the prompt) or threshold (always a prefill worker)")
     prefill_hold_weight: float = setting(DEFAULT_HOLD_WEIGHT,
         "predicted decider: what a second that the decode worker's streams wait during a local prefill counts for "
         "against a second of the prompt's first token (0: the first token alone; higher: faster tokens for the "

@@ -73,7 +73,8 @@ class StackConfig(EngineConfig):
         "blocks); default none: tool_choice auto is refused")
     prefill_decider: Optional[str] = setting(None,
         "where longer prompts are prefilled: predicted (the gateway's default: on the decode worker or a prefill "
-        "worker, whichever is predicted to give the first token sooner) or threshold (always a prefill worker)")
+        "worker, whichever is predicted to add the least waiting, --prefill-hold-weight weighing the decode "
+        "worker's streams) or threshold (always a prefill worker)")
     prefill_hold_weight: Optional[float] = setting(None,
         "what a second that decode streams wait during a local prefill counts for against a second of the prompt's "
         "first token (default: the gateway's)")

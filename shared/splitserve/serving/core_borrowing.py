@@ -49,8 +49,9 @@ def busy_seconds(cpus: Sequence[int], proc_stat: Path = PROC_STAT) -> float:
 
 
 def _own_other_threads_s() -> float:
-    """CPU seconds of this process's threads other than the calling one: on the borrowed cores, its own borrowed
-    threads (which must not count as the neighbour being busy)."""
+    """CPU seconds of this process's threads other than the calling one: its borrowed threads, which must not count
+    as the neighbour being busy, and its light serving threads, wherever they ran (so the neighbour's share is, if
+    anything, read a little low)."""
     return time.process_time() - time.thread_time()
 
 
@@ -82,10 +83,14 @@ class CoreBorrower:
             self._set_threads(wanted)
 
     def threads_for(self, prompt_tokens: int) -> int:
-        """The threads a step computing `prompt_tokens` prompt tokens runs on (counted when it could borrow)."""
-        now = self._sample()
+        """The threads a step computing `prompt_tokens` prompt tokens runs on (counted when it could borrow).
+        A step too small to borrow only keeps the samples recent, at most twice per window: it does not read
+        /proc/stat at every decode step."""
         if prompt_tokens < self.min_prompt_tokens:
+            if not self._samples or self._clock() - self._samples[-1][0] >= self.window_s / 2:
+                self._sample()
             return len(self.home)
+        now = self._sample()
         if self.neighbour_busy_share(now) >= self.idle_below:
             BORROWED_STEPS.labels("neighbour_busy").inc()
             return len(self.home)
@@ -139,8 +144,7 @@ def _thread_ids() -> set[int]:
 
 
 def borrowing_for(home: Sequence[int], borrowed: Sequence[int]) -> Optional[CoreBorrower]:
-    """A borrower where borrowing is possible (Linux, cores to borrow), else None."""
-    borrowed = sorted(set(borrowed) - set(home))
-    if not borrowed or not home or not hasattr(os, "sched_setaffinity") or not PROC_STAT.exists():
+    """A borrower where the platform allows one (Linux: thread affinity and /proc/stat), else None."""
+    if not hasattr(os, "sched_setaffinity") or not PROC_STAT.exists():
         return None
     return CoreBorrower(home, borrowed)

@@ -103,10 +103,12 @@ def use_cores(settings: EngineWorkerSettings) -> int:
     first op, which starts torch's OpenMP threads."""
     import torch
 
+    own_cores = usable_cores()
     if settings.cpus is not None:
+        own = parse_cpu_list(settings.cpus)
         # The process may run on the borrowed cores too; the engine thread is pinned to its own when it starts.
-        pin_process(parse_cpu_list(settings.cpus) + parse_cpu_list(settings.borrow_cpus or settings.cpus))
-    own_cores = min(len(parse_cpu_list(settings.cpus)), usable_cores()) if settings.cpus is not None else usable_cores()
+        pin_process(own + (parse_cpu_list(settings.borrow_cpus) if settings.borrow_cpus is not None else []))
+        own_cores = min(len(own), usable_cores())
     threads = settings.torch_threads or _omp_num_threads() or own_cores
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))

@@ -58,6 +58,19 @@ def test_the_share_is_taken_over_at_least_the_window():
     assert borrower.threads_for(500) == 1                   # (0.09) / 0.11 s: still busy
 
 
+def test_decode_steps_read_the_counters_at_most_twice_per_window():
+    clock = _Clock()
+    reads = []
+    borrower = CoreBorrower([1], [0], busy=lambda cpus: reads.append(clock.now) or 0.0, own_other_threads=lambda: 0.0,
+                            clock=lambda: clock.now, window_s=0.1)
+    for _ in range(10):                                     # decode steps 10 ms apart
+        borrower.threads_for(1)
+        clock.advance(0.01)
+    assert reads == pytest.approx([0.0, 0.05])
+    borrower.threads_for(500)                               # a prompt step always takes a fresh sample
+    assert len(reads) == 3
+
+
 def test_home_and_borrowed_cores_must_be_given_and_apart():
     with pytest.raises(ValueError, match="apart"):
         CoreBorrower([0], [0])
