@@ -91,7 +91,9 @@ def test_killing_a_decode_worker_mid_stream_moves_its_streams(pair_stack, llama_
             # Kill once the workers run every stream (their own Stats, not the clients' events: the gateway's
             # streams can lag the workers on a loaded machine, and a worker could be done already).
             on_killed = on_other = 0
+            deadline = time.monotonic() + 60   # a stream that never shows as running ends the test, not hangs it
             while on_killed + on_other < len(prompts):   # every stream is running on one of the two
+                assert time.monotonic() < deadline, f"streams running on the decode workers: {on_killed}+{on_other}"
                 await asyncio.sleep(0.01)
                 on_killed = await asyncio.to_thread(_decode_running, stack, 0)
                 on_other = await asyncio.to_thread(_decode_running, stack, 1)
