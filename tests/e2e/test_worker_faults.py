@@ -52,12 +52,24 @@ def _busy_decode_index(stack) -> int:
     raise AssertionError("no decode worker is running the request")
 
 
-def _decode_running(stack, index: int) -> int:
+def _decode_holding(stack, index: int) -> int:
+    """Streams a decode worker holds: running, or waiting in its queue (admission or preemption)."""
     from e2e_stack import _call
     from splitserve.v1 import common_pb2, decode_pb2_grpc
 
-    return _call(stack.addresses["decode"][index], decode_pb2_grpc.DecodeStub, "Stats",
-                 common_pb2.WorkerStatsRequest()).engine.num_running
+    engine = _call(stack.addresses["decode"][index], decode_pb2_grpc.DecodeStub, "Stats",
+                   common_pb2.WorkerStatsRequest()).engine
+    return engine.num_running + engine.num_waiting
+
+
+def _ended_early(tasks, events, ended) -> str:
+    """Why the kill never came: streams that ended before every stream ran (their error, or their last event)."""
+    reasons = []
+    for i in ended:
+        error = tasks[i].exception()
+        last = events[i][-1][1] if events[i] else None
+        reasons.append(f"stream {i}: {error!r}" if error else f"stream {i} ended after {len(events[i])} events: {last}")
+    return "streams ended before the kill: " + "; ".join(reasons)
 
 
 def test_killing_a_decode_worker_mid_stream_moves_its_streams(pair_stack, llama_ckpt):
@@ -88,15 +100,17 @@ def test_killing_a_decode_worker_mid_stream_moves_its_streams(pair_stack, llama_
         events = [[] for _ in prompts]
         async with httpx.AsyncClient(timeout=120) as http:
             tasks = [asyncio.create_task(stream(http, p, e)) for p, e in zip(prompts, events)]
-            # Kill once the workers run every stream (their own Stats, not the clients' events: the gateway's
+            # Kill once the workers hold every stream (their own Stats, not the clients' events: the gateway's
             # streams can lag the workers on a loaded machine, and a worker could be done already).
             on_killed = on_other = 0
             deadline = time.monotonic() + 60   # a stream that never shows as running ends the test, not hangs it
-            while on_killed + on_other < len(prompts):   # every stream is running on one of the two
-                assert time.monotonic() < deadline, f"streams running on the decode workers: {on_killed}+{on_other}"
+            while on_killed + on_other < len(prompts):   # every stream is on one of the two
+                assert time.monotonic() < deadline, f"streams on the decode workers: {on_killed}+{on_other}"
+                ended = [i for i, task in enumerate(tasks) if task.done()]
+                assert not ended, _ended_early(tasks, events, ended)
                 await asyncio.sleep(0.01)
-                on_killed = await asyncio.to_thread(_decode_running, stack, 0)
-                on_other = await asyncio.to_thread(_decode_running, stack, 1)
+                on_killed = await asyncio.to_thread(_decode_holding, stack, 0)
+                on_other = await asyncio.to_thread(_decode_holding, stack, 1)
             stack.process("decode", 0).kill()
             switch = time.monotonic()
             await asyncio.wait_for(asyncio.gather(*tasks), 120)
