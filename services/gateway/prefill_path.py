@@ -2,8 +2,8 @@
 through the kv-store), whichever adds the least waiting: its own first token's, and a local prefill's hold on
 the streams the decode worker is decoding.
 
-Disaggregation is not free: a remote prefill writes the prompt's KV to the kv-store before its first token goes
-out, and an idle decode worker holding the prompt's prefix computes the rest faster than a prefill worker that
+Disaggregation is not free: a remote prefill writes the prompt's KV to the kv-store before decode can go on
+(the first token leaves before the write; the stream's second token waits for it), and an idle decode worker holding the prompt's prefix computes the rest faster than a prefill worker that
 holds nothing or has a queue (llm-d's P/D guide measured disaggregated TTFT 2.7x aggregated where it split every
 request). Nor is a local prefill free: while the decode worker computes the prompt, every stream it decodes waits
 for its next token. Choosing by the first token alone sent the decode worker 78 % of the prompt tokens at c=8 on
@@ -14,7 +14,8 @@ for its next token. Choosing by the first token alone sent the decode worker 78 
       local  = decode's step + (decode queue + prompt - decode's cached prefix) / decode's prefill rate
       hold   = streams decoding there x (prompt - decode's cached prefix) / decode's prefill rate
       remote = prefill's step + (prefill queue + prompt - max(prefill's cached prefix, kv-store's)) / its rate
-               + prompt x KV bytes/token / prefill's write rate (each block is read from the store or written)
+               + prompt x KV bytes/token / prefill's write rate (each block is read from the store or written;
+                 the write delays the stream's second token rather than its first, a cost of the path all the same)
   and take local when local + w x hold < remote, w the hold weight (--prefill-hold-weight). An idle decode
   worker holds nobody up (the choice is the faster first token, as at c=1); a busy one takes a prompt only
   when the remote path is slower by more than w x the time its streams would wait. w trades the first token

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncIterator, Callable, Optional, Union
 
 import grpc
 
@@ -89,15 +89,19 @@ class SequenceRunner:
                                                  sampling_params=sampling_params_to_proto(params))
             produced: list[int] = []               # every token this sequence has yielded, the prefill's included
             if prefilled is not None:
-                finish = finish_reason_from_proto(prefilled.finish_reason)
-                logprobs = [prefilled.first_token_logprob] if params.logprobs is not None else []
-                yield TokenBatch([prefilled.first_token_id], logprobs, finish, cached_tokens=prefilled.cached_tokens,
-                                 text=prefilled.first_text, stop_reason=stop_reason_from_proto(prefilled.stop_reason),
-                                 prompt_logprobs=list(prefilled.prompt_logprobs))
+                first = prefilled.first
+                reservation.callback(prefilled.call.cancel)   # a client gone before the handoff ends it there
+                finish = finish_reason_from_proto(first.finish_reason)
+                logprobs = [first.first_token_logprob] if params.logprobs is not None else []
+                yield TokenBatch([first.first_token_id], logprobs, finish, cached_tokens=first.cached_tokens,
+                                 text=first.first_text, stop_reason=stop_reason_from_proto(first.stop_reason),
+                                 prompt_logprobs=list(first.prompt_logprobs))
                 if finish is not None:
                     return
-                produced.append(prefilled.first_token_id)
-                request.kv_handle.CopyFrom(prefilled.kv_handle)
+                produced.append(first.first_token_id)
+                handle = await prefilled.kv_handle(request_id)
+                if handle is not None:
+                    request.kv_handle.CopyFrom(handle)
             tried: list[Worker] = []
             migrations = 0
             while True:
@@ -159,9 +163,9 @@ class SequenceRunner:
 
     async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams, deadline: float,
                        hits: Optional[PrefixHits], decode: Worker
-                       ) -> tuple[Optional[prefill_pb2.PrefillResponse], Optional[PathChoice]]:
-        """The prefill worker's reply, or None when the decode worker is to prefill the prompt itself; and the
-        path choice, when one was made."""
+                       ) -> tuple[Optional["RemotePrefill"], Optional[PathChoice]]:
+        """The prefill worker's first token (its KV handle to follow), or None when the decode worker is to
+        prefill the prompt itself; and the path choice, when one was made."""
         if len(prompt) < self.local_prefill_threshold:
             _count_path(LOCAL, "below_threshold")
             log.debug("request %s: %d prompt tokens < %d, prefilling on decode", request_id, len(prompt),
@@ -189,16 +193,21 @@ class SequenceRunner:
         if self.kv_store_address:
             request.kv_target.store_address = self.kv_store_address
         started = asyncio.get_running_loop().time()
+        call = prefill_pb2_grpc.PrefillStub(worker.channel).Prefill(request, timeout=time_left(deadline))
         try:
             with self.pool.track(worker, len(prompt)), \
                     self.pool.prefilling(worker, computed_tokens(len(prompt), worker, hits)), overhead.waiting():
-                reply = await prefill_pb2_grpc.PrefillStub(worker.channel).Prefill(request,
-                                                                                   timeout=time_left(deadline))
+                first = await call.read()
+            if first is grpc.aio.EOF:
+                call.cancel()
+                raise UpstreamError(f"prefill worker {worker.address} ended its reply without a first token",
+                                    retryable=False)
             self.pool.note_progress(worker)
-            self.router.feedback(worker, _measurable(hits, params), reply.cached_tokens)
+            self.router.feedback(worker, _measurable(hits, params), first.cached_tokens)
             _check_prediction(request_id, choice, started)
-            return reply, choice
+            return RemotePrefill(first, call, lambda exc: self._failed(worker, "prefill", exc)), choice
         except grpc.aio.AioRpcError as exc:
+            call.cancel()
             error = self._failed(worker, "prefill", exc)
             if not isinstance(error, UpstreamError):
                 raise error from exc
@@ -225,6 +234,29 @@ class SequenceRunner:
         if code in WORKER_DOWN_CODES:
             self.pool.mark_failed(worker, f"{code.name}: {exc.details()}")
         return translate_rpc_error(f"{kind} worker {worker.address}", exc)
+
+
+class RemotePrefill:
+    """A prefill worker's streamed reply: the first token at once, the KV handle once the blocks are stored."""
+
+    def __init__(self, first: prefill_pb2.PrefillResponse, call,
+                 failed: Callable[[grpc.aio.AioRpcError], Exception]):
+        self.first, self.call, self._failed = first, call, failed
+
+    async def kv_handle(self, request_id: str) -> Optional[common_pb2.KVHandle]:
+        """The handle, or None: the worker stored nothing (it counted and logged why) or failed after the first
+        token (counted here as a prefill worker failure); either way the decode worker computes the prompt."""
+        try:
+            with overhead.waiting():
+                handoff = await self.call.read()
+        except grpc.aio.AioRpcError as exc:
+            error = self._failed(exc)
+            log.warning("request %s: %s after the first token; the decode worker computes the prompt", request_id,
+                        error)
+            return None
+        if handoff is grpc.aio.EOF or not handoff.HasField("kv_handle"):
+            return None
+        return handoff.kv_handle
 
 
 def _measurable(hits: Optional[PrefixHits], params: SamplingParams) -> Optional[PrefixHits]:

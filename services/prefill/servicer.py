@@ -104,16 +104,20 @@ class PrefillServicer(EngineServicer, prefill_pb2_grpc.PrefillServicer):
             if prompt_logprobs is not None:
                 response.prompt_logprobs.extend(prompt_logprobs_to_proto(prompt, prompt_logprobs,
                                                                           self.engine.token_pieces))
-            if finish is None and last.kv_export is not None and last.kv_export.block_hashes:
-                handle = await self._store_blocks(store, last.kv_export, request_id, already_stored)
-                if handle is not None:
-                    response.kv_handle.CopyFrom(handle)
+            # The first token leaves now; the blocks are stored after it (the handle follows in a second message).
+            yield response
+            if finish is None:
+                handoff = prefill_pb2.PrefillResponse(request_id=request_id)
+                if last.kv_export is not None and last.kv_export.block_hashes:
+                    handle = await self._store_blocks(store, last.kv_export, request_id, already_stored)
+                    if handle is not None:
+                        handoff.kv_handle.CopyFrom(handle)
+                yield handoff
         finally:
             if last is not None and last.kv_export is not None:
                 last.kv_export.release()  # the engine lent the blocks for the handoff: it is over
         PREFILL_REQUESTS.labels("ok").inc()
         PREFILL_SECONDS.observe(time.monotonic() - started)
-        return response
 
     def _finish_reason(self, engine_reason: str, max_tokens: int, prompt_len: int):
         if engine_reason == "stop":

@@ -276,3 +276,36 @@ def test_the_step_hook_hears_each_steps_prompt_tokens_before_the_model_runs(llam
     while engine.has_unfinished_requests():
         engine.step()
     assert heard == [(32, 0), (18, 32), (0, 50), (0, 50)]
+
+
+def test_the_async_loop_says_when_the_engine_runs_out_of_work(llama_ckpt):
+    """What a serving worker tells its neighbours (serving/core_activity.py): idle once at start, busy steps while
+    a request runs, idle again once it ended, and nothing said while steps run."""
+    import asyncio
+
+    from splitserve.engine.async_engine import AsyncEngine
+
+    engine = LLM(str(llama_ckpt), dtype="float32", device="cpu", num_kv_blocks=64).engine
+    heard = []
+    engine.before_model_run = lambda prompt_tokens: heard.append("step")
+    loop_engine = AsyncEngine(engine)
+    loop_engine.on_idle = lambda: heard.append("idle")
+
+    async def main():
+        loop_engine.start()
+        try:
+            await asyncio.sleep(0.2)
+            params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+            async for _ in loop_engine.generate("r", list(range(3, 40)), params):
+                pass
+            for _ in range(100):                 # the loop thread says idle after it posted the last token
+                if heard[-1] == "idle":
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            await loop_engine.stop()
+
+    asyncio.run(main())
+    assert heard[0] == "idle" and heard[-1] == "idle"
+    steps = [i for i, said in enumerate(heard) if said == "step"]
+    assert len(steps) == 3 and "idle" not in heard[steps[0]:steps[-1]]

@@ -80,10 +80,14 @@ def test_on_two_cores_each_engine_worker_may_borrow_the_others_core_with_a_bound
         argv, env = specs[name].argv, specs[name].env
         assert (_flag(argv, "--cpus"), _flag(argv, "--borrow-cpus")) == (own, other)
         assert (env["OMP_WAIT_POLICY"], env["GOMP_SPINCOUNT"]) == ("ACTIVE", "10000")
+    # Both say on one shared board whether they have work.
+    boards = {_flag(specs[name].argv, "--core-activity-file") for name in ("prefill-0", "decode-0")}
+    assert len(boards) == 1 and boards.pop().endswith("/core-activity")
     # Turned off, without affinity, or with no other engine worker: nothing to borrow, no spin.
     for fields in ({"borrow_idle_cores": False}, {"cpu_affinity": False}, {"prefill_workers": 0}):
         decode = _specs([0, 1], **fields)["decode-0"]
         assert "--borrow-cpus" not in decode.argv and "OMP_WAIT_POLICY" not in decode.env
+        assert "--core-activity-file" not in decode.argv
 
 
 def test_a_worker_of_several_cores_borrows_with_sleeping_threads():

@@ -156,6 +156,9 @@ class AsyncEngine:
         # rate miss (the gateway predicted cache hits at 20 ms that took 35-100 ms). Announced as a step's time.
         self.decode_step_rate = RateMeter()
         self._kv_changes_sink: Optional[Callable[[list[tuple[bool, bytes]]], None]] = None
+        # Called on the loop thread when the engine has run out of work and the loop is about to sleep (a serving
+        # worker tells its neighbours that its cores may be borrowed).
+        self.on_idle: Optional[Callable[[], None]] = None
         # Exports lend their blocks (no copy on this loop's thread); a release wakes the loop to take them back.
         engine.lend_exports(lambda: self._submit(engine.reclaim_lent_blocks, None))
 
@@ -334,6 +337,8 @@ class AsyncEngine:
         engine = self.engine
         while True:
             with self._wake:
+                if self.on_idle is not None and not self._commands and not engine.has_unfinished_requests():
+                    self.on_idle()
                 while not self._commands and not engine.has_unfinished_requests() and not self._stopping:
                     self._wake.wait()
                 if self._stopping:

@@ -205,6 +205,10 @@ def flags(**values: object) -> list[str]:
     return out
 
 
+# The engine workers' shared word on which of them has work (serving/core_activity.py), in the log folder.
+CORE_ACTIVITY_FILE = "core-activity"
+
+
 def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[int], *,
                redis_binary: Optional[str] = None, envoy_binary: Optional[str] = None,
                service_command: Sequence[str] = SERVICE_COMMAND,
@@ -272,6 +276,7 @@ def plan_stack(config: StackConfig, model: str, log_dir: Path, ports: Iterator[i
             *flags(**{**config.changed_engine_values(), "model": model}, kv_store_address=kv_store.address,
                    cpus=format_cpu_list(worker_cpus) if config.cpu_affinity else None,
                    borrow_cpus=format_cpu_list(borrowed) if borrow else None,
+                   core_activity_file=str(Path(log_dir) / CORE_ACTIVITY_FILE) if borrow else None,
                    torch_threads=threads, kv_transport=config.kv_transport,
                    kv_checksum=config.kv_checksum or None),
             omp_threads=threads, env={**ucx_env, **cluster, **spin}))

@@ -7,7 +7,9 @@ spin, vLLM's layout, which runs every step on every core). A step that computes 
 prompt tokens runs with one more thread per borrowed core when those cores were idle over the last `window_s`
 (busy under `idle_below` of the time, this process's own threads there not counted); every other step keeps the
 home cores' threads only, so a neighbour that is working is never slowed by more than one step that began while
-it was idle.
+it was idle. Where the workers share a core activity board (core_activity.py: the launcher gives them one), the
+neighbour's own word decides instead: its cores are borrowed while its engine has no work, and never while it has
+some; /proc/stat then only judges cores no engine has marked.
 
 The borrowed threads are torch's own OpenMP threads: the engine thread is pinned to the home cores, the team is
 grown once to its full size, and the threads that creates are pinned to the borrowed cores; torch.set_num_threads
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from prometheus_client import Counter
+
+from splitserve.serving.core_activity import CoreActivityBoard, CoreState
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +61,14 @@ def _own_other_threads_s() -> float:
 
 class CoreBorrower:
     """Call it on the engine thread before each step with the prompt tokens the step computes; it sets torch's
-    thread count for that step. The first call pins the engine thread and the borrowed threads."""
+    thread count for that step. The first call pins the engine thread and the borrowed threads. `busy()` and
+    `idle()` say whether the engine has work (on the board, if there is one)."""
 
     def __init__(self, home: Sequence[int], borrowed: Sequence[int], min_prompt_tokens: int = 64,
                  idle_below: float = 0.25, window_s: float = 0.1,
                  busy: Callable[[Sequence[int]], float] = busy_seconds,
                  own_other_threads: Callable[[], float] = _own_other_threads_s,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, board: Optional[CoreActivityBoard] = None):
         if not home or not borrowed or set(home) & set(borrowed):
             raise ValueError(f"home cores {list(home)} and borrowed cores {list(borrowed)} must be non-empty and apart")
         self.home, self.borrowed = sorted(home), sorted(borrowed)
@@ -74,10 +79,13 @@ class CoreBorrower:
         self._samples: deque[tuple[float, float, float]] = deque(maxlen=64)   # (time, busy s, own other threads s)
         self._pinned = False
         self.threads = len(self.home)
+        self.board = board
+        self._marked: Optional[CoreState] = None    # what this worker last wrote for its home cores
 
     def __call__(self, prompt_tokens: int) -> None:
         if not self._pinned:
             self._pin_threads()
+        self.busy()
         wanted = self.threads_for(prompt_tokens)
         if wanted != self.threads:
             self._set_threads(wanted)
@@ -91,11 +99,25 @@ class CoreBorrower:
                 self._sample()
             return len(self.home)
         now = self._sample()
-        if self.neighbour_busy_share(now) >= self.idle_below:
+        told = self.board.states(self.borrowed) if self.board is not None else None
+        if told is CoreState.BUSY or (told is None and self.neighbour_busy_share(now) >= self.idle_below):
             BORROWED_STEPS.labels("neighbour_busy").inc()
             return len(self.home)
         BORROWED_STEPS.labels("borrowed").inc()
         return len(self.home) + len(self.borrowed)
+
+    def busy(self) -> None:
+        """The engine runs a step: its cores are not to be borrowed."""
+        self._mark(CoreState.BUSY)
+
+    def idle(self) -> None:
+        """The engine has no work: its cores may be borrowed until its next step."""
+        self._mark(CoreState.IDLE)
+
+    def _mark(self, state: CoreState) -> None:
+        if self.board is not None and self._marked is not state:
+            self.board.mark(self.home, state)
+            self._marked = state
 
     def neighbour_busy_share(self, now: tuple[float, float, float]) -> float:
         """The borrowed cores' busy share, less this process's own threads, since the newest sample at least
@@ -143,8 +165,9 @@ def _thread_ids() -> set[int]:
     return {int(tid) for tid in os.listdir("/proc/self/task")}
 
 
-def borrowing_for(home: Sequence[int], borrowed: Sequence[int]) -> Optional[CoreBorrower]:
+def borrowing_for(home: Sequence[int], borrowed: Sequence[int],
+                  board_path: Optional[str] = None) -> Optional[CoreBorrower]:
     """A borrower where the platform allows one (Linux: thread affinity and /proc/stat), else None."""
     if not hasattr(os, "sched_setaffinity") or not PROC_STAT.exists():
         return None
-    return CoreBorrower(home, borrowed)
+    return CoreBorrower(home, borrowed, board=CoreActivityBoard(board_path) if board_path else None)

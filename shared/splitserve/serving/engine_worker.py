@@ -58,6 +58,9 @@ class EngineWorkerSettings(EngineConfig):
     borrow_cpus: Optional[str] = setting(None,
         "other workers' cores this one also runs steps of 64 or more prompt tokens on while those cores are idle "
         "(needs --cpus; the launcher gives each engine worker the others' cores)")
+    core_activity_file: Optional[str] = setting(None,
+        "with --borrow-cpus: a file the engine workers of this machine share, each saying whether its engine has work "
+        "(cores are borrowed exactly while their worker has none; without it, a core's recent busy share decides)")
     torch_threads: Optional[int] = setting(None,
         "torch intra-op threads on CPU (default: OMP_NUM_THREADS if set, else one per core this worker may use: --cpus "
         "or its affinity, fewer under a cgroup CPU limit)")
@@ -136,9 +139,15 @@ def build_engine(settings: EngineWorkerSettings):
         model = str(demo_checkpoint())
         log.warning("no --model given: serving the tiny offline demo model (random weights, random text)")
     engine = LLMEngine(settings.engine_config(model=model))
+    borrower = None
     if settings.borrow_cpus is not None and engine.device.type == "cpu":
-        engine.before_model_run = borrowing_for(parse_cpu_list(settings.cpus), parse_cpu_list(settings.borrow_cpus))
-    return AsyncEngine(engine)
+        borrower = borrowing_for(parse_cpu_list(settings.cpus), parse_cpu_list(settings.borrow_cpus),
+                                 settings.core_activity_file)
+    async_engine = AsyncEngine(engine)
+    if borrower is not None:
+        engine.before_model_run = borrower
+        async_engine.on_idle = borrower.idle
+    return async_engine
 
 
 def layout_proto(async_engine) -> common_pb2.KVLayout:

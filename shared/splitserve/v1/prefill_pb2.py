@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitserve/v1/prefill.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\'\n\x08KVTarget\x12\x15\n\rstore_address\x18\x01 \x01(\tJ\x04\x08\x02\x10\x03\"\xa2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12*\n\tkv_target\x18\x04 \x01(\x0b\x32\x17.splitserve.v1.KVTarget\"\xe8\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x38\n\x13\x66irst_token_logprob\x18\x03 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12*\n\tkv_handle\x18\x04 \x01(\x0b\x32\x17.splitserve.v1.KVHandle\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12\x32\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x12\n\nfirst_text\x18\x07 \x01(\t\x12.\n\x0bstop_reason\x18\x08 \x01(\x0b\x32\x19.splitserve.v1.StopReason\x12\x34\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob2\xa3\x01\n\x07Prefill\x12H\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse\x12N\n\x05Stats\x12!.splitserve.v1.WorkerStatsRequest\x1a\".splitserve.v1.WorkerStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitserve/v1/prefill.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\'\n\x08KVTarget\x12\x15\n\rstore_address\x18\x01 \x01(\tJ\x04\x08\x02\x10\x03\"\xa2\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x36\n\x0fsampling_params\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12*\n\tkv_target\x18\x04 \x01(\x0b\x32\x17.splitserve.v1.KVTarget\"\xe8\x02\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x38\n\x13\x66irst_token_logprob\x18\x03 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12*\n\tkv_handle\x18\x04 \x01(\x0b\x32\x17.splitserve.v1.KVHandle\x12\x15\n\rcached_tokens\x18\x05 \x01(\r\x12\x32\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x12\n\nfirst_text\x18\x07 \x01(\t\x12.\n\x0bstop_reason\x18\x08 \x01(\x0b\x32\x19.splitserve.v1.StopReason\x12\x34\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob2\xa5\x01\n\x07Prefill\x12J\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse0\x01\x12N\n\x05Stats\x12!.splitserve.v1.WorkerStatsRequest\x1a\".splitserve.v1.WorkerStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,5 +39,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLRESPONSE']._serialized_start=281
   _globals['_PREFILLRESPONSE']._serialized_end=641
   _globals['_PREFILL']._serialized_start=644
-  _globals['_PREFILL']._serialized_end=807
+  _globals['_PREFILL']._serialized_end=809
 # @@protoc_insertion_point(module_scope)

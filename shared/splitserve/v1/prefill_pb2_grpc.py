@@ -35,7 +35,7 @@ class PrefillStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.unary_unary(
+        self.Prefill = channel.unary_stream(
                 '/splitserve.v1.Prefill/Prefill',
                 request_serializer=splitserve_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
@@ -51,7 +51,11 @@ class PrefillServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Prefill(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The first message carries the first token (every field but kv_handle) as soon as it is sampled, so the
+        client's first token does not wait for the KV handoff. When decode is to go on (finish_reason unset), a
+        second and last message carries only kv_handle, once the prompt's blocks are in the store; it comes without
+        one when storing failed (the decode worker then computes the prompt itself).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -65,7 +69,7 @@ class PrefillServicer:
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.unary_unary_rpc_method_handler(
+            'Prefill': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=splitserve_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
@@ -97,7 +101,7 @@ class Prefill:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/splitserve.v1.Prefill/Prefill',

@@ -1,5 +1,5 @@
-"""Borrowing a neighbour's idle cores for prompt steps: the decision (fake clock and counters), the real pinning of
-torch's threads (a subprocess), and /proc/stat's reading."""
+"""Borrowing a neighbour's idle cores for prompt steps: the decision (fake clock and counters, and the shared
+activity board), the real pinning of torch's threads (a subprocess), and /proc/stat's reading."""
 
 import json
 import os
@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from splitserve.serving.core_activity import CoreActivityBoard, CoreState
 from splitserve.serving.core_borrowing import CoreBorrower, busy_seconds
 
 
@@ -69,6 +70,51 @@ def test_decode_steps_read_the_counters_at_most_twice_per_window():
     assert reads == pytest.approx([0.0, 0.05])
     borrower.threads_for(500)                               # a prompt step always takes a fresh sample
     assert len(reads) == 3
+
+
+def test_the_board_says_what_each_workers_cores_are_doing_across_processes(tmp_path):
+    path = str(tmp_path / "core-activity")
+    prefill, decode = CoreActivityBoard(path), CoreActivityBoard(path)     # two openers, as two workers
+    assert decode.states([0]) is None                                      # nobody wrote core 0 yet
+    prefill.mark([0], CoreState.BUSY)
+    assert decode.state(0) is CoreState.BUSY and decode.states([0]) is CoreState.BUSY
+    prefill.mark([0], CoreState.IDLE)
+    assert decode.states([0]) is CoreState.IDLE
+    decode.mark([1, 2], CoreState.IDLE)
+    prefill.mark([3], CoreState.BUSY)
+    assert prefill.states([1, 2]) is CoreState.IDLE
+    assert prefill.states([1, 2, 3]) is CoreState.BUSY                     # any busy core: busy
+    assert prefill.states([1, 2, 4]) is None                               # one never marked: unknown
+    out = subprocess.run([sys.executable, "-c", "import sys; from splitserve.serving.core_activity import "
+                          "CoreActivityBoard; print(int(CoreActivityBoard(sys.argv[1]).state(3)))", path],
+                         check=True, capture_output=True, text=True, timeout=60)
+    assert int(out.stdout) == CoreState.BUSY                               # another process reads the same slot
+    with pytest.raises(ValueError, match="core id"):
+        prefill.mark([-1], CoreState.IDLE)
+
+
+def test_with_a_board_the_neighbours_own_word_decides_and_the_window_only_judges_unmarked_cores(tmp_path):
+    """At c=1 the prefill worker's last /proc/stat sample was a request ago, so its window spanned the decode of the
+    previous request and read the idle decode worker as busy; the board says it has no work."""
+    path = str(tmp_path / "core-activity")
+    clock = _Clock()
+    prefill = CoreBorrower([0], [1], busy=lambda cpus: clock.busy, own_other_threads=lambda: 0.0,
+                           clock=lambda: clock.now, board=CoreActivityBoard(path))
+    decode = CoreBorrower([1], [0], busy=lambda cpus: 0.0, own_other_threads=lambda: 0.0, clock=lambda: clock.now,
+                          board=CoreActivityBoard(path))
+    prefill.threads_for(500)
+    clock.advance(1.0, busy=0.95)                           # the decode worker decoded for most of the last second
+    assert prefill.threads_for(500) == 1                    # no word from it yet: the busy window decides
+    decode.busy()                                           # a decode step runs (the engine calls the borrower)...
+    clock.advance(1.0, busy=0.0)
+    assert prefill.threads_for(500) == 1                    # ...busy by its word, however idle the counters
+    decode.idle()                                           # it ran out of work
+    assert prefill.threads_for(500) == 2                    # borrowed at once, the busy window notwithstanding
+    assert decode.board.state(0) is CoreState.UNKNOWN       # threads_for() alone marks nothing
+    prefill.busy()                                          # a step: the prefill worker's own core is busy now
+    assert decode.board.state(0) is CoreState.BUSY and decode.threads_for(500) == 1
+    prefill.idle()
+    assert decode.threads_for(500) == 2
 
 
 def test_home_and_borrowed_cores_must_be_given_and_apart():

@@ -12,6 +12,7 @@ import struct
 
 import grpc
 import pytest
+from prefill_reply import prefill_reply
 from service_process import start_service
 
 from splitserve import LLM, SamplingParams
@@ -61,7 +62,7 @@ def _generate(prefill: str, decode: str, prompt: list[int], request_id: str) -> 
     async def go():
         params = sampling_params_to_proto(GREEDY)
         async with grpc.aio.insecure_channel(prefill) as channel:
-            first = await prefill_pb2_grpc.PrefillStub(channel).Prefill(prefill_pb2.PrefillRequest(
+            first = await prefill_reply(prefill_pb2_grpc.PrefillStub(channel), prefill_pb2.PrefillRequest(
                 request_id=request_id, prompt_token_ids=prompt, sampling_params=params), timeout=60)
         request = decode_pb2.GenerateRequest(request_id=request_id, prompt_token_ids=prompt, sampling_params=params,
                                              produced_token_ids=[first.first_token_id])

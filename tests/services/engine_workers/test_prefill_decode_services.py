@@ -11,6 +11,7 @@ import urllib.request
 
 import grpc
 import pytest
+from prefill_reply import prefill_reply
 from service_process import start_service
 
 from splitserve import LLM, SamplingParams
@@ -59,7 +60,7 @@ def reference(llama_ckpt):
 def _prefill(workers, prompt, params, request_id, worker="prefill"):
     async def go():
         async with grpc.aio.insecure_channel(workers[worker]) as channel:
-            return await prefill_pb2_grpc.PrefillStub(channel).Prefill(prefill_pb2.PrefillRequest(
+            return await prefill_reply(prefill_pb2_grpc.PrefillStub(channel), prefill_pb2.PrefillRequest(
                 request_id=request_id, prompt_token_ids=prompt, sampling_params=sampling_params_to_proto(params)),
                 timeout=60)
     return asyncio.run(go())
@@ -266,7 +267,7 @@ def test_invalid_requests_are_refused_with_the_param(workers):
     async def go(kind):
         async with grpc.aio.insecure_channel(workers[kind]) as channel:
             if kind == "prefill":
-                await prefill_pb2_grpc.PrefillStub(channel).Prefill(prefill_pb2.PrefillRequest(
+                await prefill_reply(prefill_pb2_grpc.PrefillStub(channel), prefill_pb2.PrefillRequest(
                     request_id="bad", prompt_token_ids=[1, 2], sampling_params=params), timeout=10)
             else:
                 async for _ in decode_pb2_grpc.DecodeStub(channel).Generate(decode_pb2.GenerateRequest(

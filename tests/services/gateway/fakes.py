@@ -179,6 +179,8 @@ class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServicer):
     KIND = "prefill"
     STATS_RESPONSE = common_pb2.WorkerStatsResponse
     cached_tokens: int = 3
+    handoff_delay_s: float = 0.0                   # between the first token and the KV handle
+    handoff_error: Optional[grpc.StatusCode] = None  # fail the call after the first token, instead of the handle
 
     async def Prefill(self, request, context):
         self.requests.append(request)
@@ -201,12 +203,18 @@ class FakePrefill(FakeWorker, prefill_pb2_grpc.PrefillServicer):
             first_text += text.finish()
         reply = prefill_pb2.PrefillResponse(first_text=first_text,
             request_id=request.request_id, first_token_id=first, cached_tokens=self.cached_tokens,
-            finish_reason=finish, kv_handle=common_pb2.KVHandle(store_address=request.kv_target.store_address))
+            finish_reason=finish)
         if stop_reason is not None:
             reply.stop_reason.CopyFrom(stop_reason_to_proto(stop_reason))
         if params.HasField("logprobs"):
             reply.first_token_logprob.CopyFrom(fake_logprob(first, params.logprobs))
-        return reply
+        yield reply                                 # the first token, then (decode to go on) the KV handle
+        if finish == common_pb2.FINISH_REASON_UNSPECIFIED:
+            await asyncio.sleep(self.handoff_delay_s)
+            if self.handoff_error is not None:
+                await context.abort(self.handoff_error, "the prefill worker failed storing the blocks")
+            yield prefill_pb2.PrefillResponse(request_id=request.request_id, kv_handle=common_pb2.KVHandle(
+                store_address=request.kv_target.store_address))
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import grpc
 import httpx
@@ -203,3 +204,34 @@ def test_health_all_waits_for_every_known_worker(make_stack):
         assert http.get("/health").status_code == 200
         partial = http.get("/health", params={"all": "true"})
         assert partial.status_code == 503 and stack.decodes[1].address in partial.json()["reason"]
+
+
+def test_the_first_token_streams_before_the_kv_handoff(make_stack):
+    """The prefill worker's first token reaches the client at once; the decode call waits for the KV handle."""
+    stack = make_stack(prefill={"handoff_delay_s": 1.0})
+    gateway = stack.start_gateway()
+    with gateway.http_client() as http:
+        started = time.monotonic()
+        first_at = None
+        with http.stream("POST", "/v1/completions", json={"prompt": "x 10", "max_tokens": 3,
+                                                          "stream": True}) as response:
+            for line in response.iter_lines():
+                if first_at is None and line.startswith("data: {"):
+                    first_at = time.monotonic() - started
+        ended_at = time.monotonic() - started
+    assert stack.prefill.requests and first_at is not None
+    assert first_at < 0.8 <= 1.0 <= ended_at, (first_at, ended_at)
+    assert stack.decode.requests[-1].HasField("kv_handle")       # decode got the handle that came later
+
+
+def test_a_prefill_worker_failing_after_the_first_token_leaves_the_prompt_to_decode(make_stack):
+    """The stream goes on: the decode worker computes the prompt itself (no handle), and the failure is counted."""
+    stack = make_stack(prefill={"handoff_error": grpc.StatusCode.UNAVAILABLE})
+    gateway = stack.start_gateway()
+    labels = {"kind": "prefill", "code": "UNAVAILABLE"}
+    before = REGISTRY.get_sample_value("splitserve_gateway_worker_failures_total", labels) or 0
+    result = gateway.openai().completions.create(model="fake-model", prompt="x 10", max_tokens=3)
+    assert result.choices[0].text == " w11 w12 w13" and result.choices[0].finish_reason == "length"
+    decode_request = stack.decode.requests[-1]
+    assert not decode_request.HasField("kv_handle") and list(decode_request.produced_token_ids) == [11]
+    assert REGISTRY.get_sample_value("splitserve_gateway_worker_failures_total", labels) == before + 1
