@@ -3,12 +3,13 @@ through the kv-store), whichever adds the least waiting: its own first token's, 
 the streams the decode worker is decoding.
 
 Disaggregation is not free: a remote prefill writes the prompt's KV to the kv-store before decode can go on
-(the first token leaves before the write; the stream's second token waits for it), and an idle decode worker holding the prompt's prefix computes the rest faster than a prefill worker that
-holds nothing or has a queue (llm-d's P/D guide measured disaggregated TTFT 2.7x aggregated where it split every
-request). Nor is a local prefill free: while the decode worker computes the prompt, every stream it decodes waits
-for its next token. Choosing by the first token alone sent the decode worker 78 % of the prompt tokens at c=8 on
-2 cores, which then ran it at full load while the prefill worker idled 80 % of the time. So for each prompt
-(deciders, the gateway's --prefill-decider):
+(the first token leaves before the write; the stream's second token waits for it), and an idle decode worker
+holding the prompt's prefix computes the rest faster than a prefill worker that holds nothing or has a queue
+(llm-d's P/D guide measured disaggregated TTFT 2.7x aggregated where it split every request). Nor is a local
+prefill free: while the decode worker computes the prompt, every stream it decodes waits for its next token.
+Choosing by the first token alone sent the decode worker 78 % of the prompt tokens at c=8 on 2 cores, which then
+ran it at full load while the prefill worker idled 80 % of the time. So for each prompt (deciders, the gateway's
+--prefill-decider):
 
 - `predicted` (default): estimate both first-token times, and the hold,
       local  = decode's step + (decode queue + prompt - decode's cached prefix) / decode's prefill rate

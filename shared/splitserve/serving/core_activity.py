@@ -6,9 +6,8 @@ steps rarely (a prefill worker at concurrency 1) has no recent sample: its windo
 the previous request, so the decode worker, idle for the last few milliseconds, read as busy and 7 of 8 prompts at
 c=1 ran on one core. An engine knows when it runs out of work; it says so here.
 
-One 16-byte slot per core id: the state (0 never written, 1 busy, 2 idle) and since when (time.monotonic, which
-is one clock for every process of the machine). A reader may see a slot mid-write; the state word is written
-last and alone decides, so a torn read at worst misjudges one step.
+One 8-byte slot per core id holding its state (0 never written, 1 busy, 2 idle); a reader that races a write
+sees the old or the new state, either of which is true within a step.
 """
 
 from __future__ import annotations
@@ -16,11 +15,10 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-import time
 from enum import IntEnum
 from typing import Optional, Sequence
 
-_SLOT = struct.Struct("<dq")      # since (monotonic seconds), state
+_SLOT = struct.Struct("<q")
 MAX_CORES = 4096
 
 
@@ -38,23 +36,18 @@ class CoreActivityBoard:
         try:
             size = MAX_CORES * _SLOT.size
             if os.fstat(fd).st_size < size:
-                os.ftruncate(fd, size)     # zeros: every slot UNKNOWN; a second opener's truncate to the same size is a no-op
+                os.ftruncate(fd, size)     # zeros: every slot UNKNOWN (a later opener finds the size and keeps it)
             self._map = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        self.path = path
 
     def mark(self, cores: Sequence[int], state: CoreState) -> None:
-        now = time.monotonic()
         for core in cores:
-            offset = _offset(core)
-            self._map[offset:offset + 8] = struct.pack("<d", now)
-            self._map[offset + 8:offset + 16] = struct.pack("<q", int(state))
+            _SLOT.pack_into(self._map, _offset(core), int(state))
 
     def state(self, core: int) -> CoreState:
-        offset = _offset(core)
-        value = struct.unpack_from("<q", self._map, offset + 8)[0]
-        return CoreState(value) if value in (1, 2) else CoreState.UNKNOWN
+        value = _SLOT.unpack_from(self._map, _offset(core))[0]
+        return CoreState(value) if value in (CoreState.BUSY, CoreState.IDLE) else CoreState.UNKNOWN
 
     def states(self, cores: Sequence[int]) -> Optional[CoreState]:
         """BUSY if any of the cores is busy, IDLE if all are idle, None (unknown) otherwise."""
@@ -64,9 +57,6 @@ class CoreActivityBoard:
         if seen == {CoreState.IDLE}:
             return CoreState.IDLE
         return None
-
-    def close(self) -> None:
-        self._map.close()
 
 
 def _offset(core: int) -> int:

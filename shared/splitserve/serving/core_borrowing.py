@@ -98,9 +98,8 @@ class CoreBorrower:
             if not self._samples or self._clock() - self._samples[-1][0] >= self.window_s / 2:
                 self._sample()
             return len(self.home)
-        now = self._sample()
         told = self.board.states(self.borrowed) if self.board is not None else None
-        if told is CoreState.BUSY or (told is None and self.neighbour_busy_share(now) >= self.idle_below):
+        if told is CoreState.BUSY or (told is None and self.neighbour_busy_share(self._sample()) >= self.idle_below):
             BORROWED_STEPS.labels("neighbour_busy").inc()
             return len(self.home)
         BORROWED_STEPS.labels("borrowed").inc()
