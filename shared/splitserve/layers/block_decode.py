@@ -12,7 +12,7 @@ of K at head_dim 64) keeps it to one read of K and one of V (measured at 64 rows
 Between the two the scores are transposed (eager, a copy of 1/64 of K's bytes) so that block_size is their last
 dimension: Inductor vectorises a kernel along its last dimension, and with heads last (8 here, under one AVX-512
 vector of 16 floats) the softmax ran as scalar tail loops and did not scale to two threads (64 rows, 2 threads:
-11.1 -> 7.6 ms per layer; offline throughput +25 %, benchmarks/decode_attention.py and vs_vllm.py).
+11.1 -> 7.6 ms per layer, benchmarks/decode_attention.py; offline throughput +25 % in an interleaved A/B).
 Only the sizes that change from step to step are dynamic (rows, items, blocks per row, cache blocks); block size,
 heads and head_dim stay static, so Inductor unrolls and vectorises the inner loops for them (measured: 22 % faster
 than all-dynamic at 16-64 rows).
