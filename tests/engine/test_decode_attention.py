@@ -11,6 +11,7 @@ import torch
 
 from splitserve.layers import attention
 from splitserve.layers.attention import AttentionMetadata, TorchAttentionBackend, paged_decode
+from splitserve.layers.block_decode import block_plan
 
 BLOCK_SIZE = 16
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -94,15 +95,28 @@ def test_compiled_paged_decode_equals_reference(slack, split, monkeypatch):
 
 def test_ragged_rows_run_split_by_block_and_even_ones_in_one_pass():
     """The default choice: rows whose padded blocks far outnumber their own (the offline benchmark's 33-768 tokens)
-    read only their own blocks; rows of about one length, or a few rows, keep the one-pass kernel."""
+    read only their own blocks; rows of about one length, a few rows, or rows with under two full blocks among them
+    (the split graph would specialise on 0 or 1 of them and recompile) keep the one-pass kernel."""
     backend = TorchAttentionBackend(compile_decode=True)
-    for lens, split in [(LENS, True), ([200, 190, 201, 195, 180, 199, 170, 203], False), (LENS[3:6], False)]:
+    for lens, split in [(LENS, True), ([200, 190, 201, 195, 180, 199, 170, 203], False), (LENS[3:6], False),
+                        ([17, 1, 2, 3, 4, 5, 6, 7], False)]:
         q, k_cache, v_cache, tables, lens_t, ks, vs = _paged_case(lens, 8, 2, 32, seed=9, fill=float("nan"))
         meta = _meta(tables, lens_t)
         empty = torch.zeros(0, 2, 32)
         out = backend.forward(q, empty, empty, k_cache, v_cache, meta, 0.2)
         torch.testing.assert_close(out, _reference(q, ks, vs, 0.2), **TOL)
         assert (meta.decode_blocks is not None) == split
+
+
+def test_block_plan_lists_full_blocks_first_then_each_rows_last():
+    """Only a row's last block can hold unwritten slots: the plan puts those n items last, so only they are masked,
+    and `combine` still finds every row's blocks in order."""
+    tables = torch.tensor([[5, 6, 7], [8, 0, 0], [9, 10, 0]], dtype=torch.int32)
+    plan = block_plan(tables, torch.tensor([40, 3, 32], dtype=torch.int32), 16)
+    assert plan.blocks.tolist() == [5, 6, 9, 7, 8, 10]
+    assert plan.rows.tolist() == [0, 0, 2, 0, 1, 2]
+    assert plan.lens.tolist() == [16, 16, 16, 8, 3, 16]
+    assert plan.combine.tolist() == [[0, 1, 3], [4, 6, 6], [2, 5, 6]]
 
 
 def test_failed_compile_falls_back_to_eager_and_is_counted(caplog):

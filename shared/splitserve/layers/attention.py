@@ -81,7 +81,10 @@ class TorchAttentionBackend:
                 lens = torch.ones(rows, dtype=torch.int32, **kw)
                 self._compiled(q, k_cache, v_cache, tables, lens, 1.0)
                 self._block_stages = compiled_block_decode(k_cache, num_heads)
-                block_decode(q, k_cache, v_cache, block_plan(tables, lens, k_cache.shape[1]), 1.0, self._block_stages)
+                # Rows of 3, 2 and 1 blocks: 3 full blocks, as a split step has (_MIN_FULL_BLOCKS).
+                block_lens = torch.tensor([2, 1, 0], dtype=torch.int32, **kw) * k_cache.shape[1] + 1
+                block_decode(q, k_cache, v_cache, block_plan(tables, block_lens, k_cache.shape[1]), 1.0,
+                             self._block_stages)
         except Exception as exc:  # Inductor fails in many ways (compiler, headers, codegen); all mean "run eager"
             if self._compile_required:
                 raise
@@ -191,6 +194,8 @@ _COMPILED_SLACK = float("inf")  # measured: one group is fastest compiled
 # 4, where its second call and plan cost more than the padding. block_plan's graphs also need n >= 2.
 _SPLIT_PADDING = 1.3
 _SPLIT_MIN_ROWS = 8
+# And only with this many full blocks (all but each row's last): block_decode's graph would specialise on 0 or 1.
+_MIN_FULL_BLOCKS = 2
 
 
 def _split_by_block(meta: AttentionMetadata, split_padding: float) -> bool:
@@ -199,7 +204,7 @@ def _split_by_block(meta: AttentionMetadata, split_padding: float) -> bool:
     nd = meta.num_decodes
     if meta.decode_blocks is None and meta.decode_groups is None and nd >= _SPLIT_MIN_ROWS:
         owned = [-(-n // meta.block_size) for n in meta.context_lens_list[:nd]]
-        if nd * max(owned) > split_padding * sum(owned):
+        if nd * max(owned) > split_padding * sum(owned) and sum(owned) - nd >= _MIN_FULL_BLOCKS:
             tables = meta.block_tables[:nd, :max(owned)]
             meta.decode_blocks = block_plan(tables, meta.context_lens[:nd], meta.block_size)
     return meta.decode_blocks is not None

@@ -31,9 +31,10 @@ import torch._dynamo
 class BlockPlan:
     """A step's real blocks, built once from the block tables and reused by every layer.
 
-    blocks [P]: cache block of each item; rows [P]: its decode row; lens [P]: tokens of it the row has written
-    (block_size but for each row's last block); combine [n, max_blocks]: item index of each row's j-th block, P
-    (no item) past the row's last block.
+    blocks [P]: cache block of each item; rows [P]: its decode row; lens [P]: tokens of it the row has written;
+    combine [n, max_blocks]: item index of each row's j-th block, P (no item) past the row's last block. The items
+    are every row's full blocks first (lens = block_size), then each row's last block, in row order: only those
+    last n can hold unwritten slots, so only they pay for masking them.
     """
 
     blocks: torch.Tensor
@@ -52,17 +53,22 @@ def block_plan(block_tables: torch.Tensor, context_lens: torch.Tensor, block_siz
     Dynamo specialises sizes of 1: callers keep n >= 2 (so there are >= 2 items); max_blocks is padded to >= 2 here,
     so that one compiled graph serves every step."""
     n, max_blocks = block_tables.shape
+    device = block_tables.device
     lens = context_lens.long()
     owned = -(-lens // block_size)
-    col = torch.arange(max(max_blocks, 2), device=block_tables.device)
-    mask = col[None, :] < owned[:, None]
-    real = mask[:, :max_blocks]
-    num_items = int(owned.sum())
-    combine = torch.where(mask, torch.cumsum(mask.reshape(-1), 0).view(mask.shape) - 1, num_items)
+    col = torch.arange(max(max_blocks, 2), device=device)
+    last = col[None, :] == (owned - 1)[:, None]
+    full = col[None, :] < (owned - 1)[:, None]
+    num_full = int(full.sum())
+    row = torch.arange(n, device=device)
+    combine = torch.where(full, torch.cumsum(full.reshape(-1), 0).view(full.shape) - 1,
+                          torch.where(last, num_full + row[:, None], num_full + n))
+    tables = block_tables.long()
+    full = full[:, :max_blocks]
     return BlockPlan(
-        blocks=block_tables.long()[real],
-        rows=torch.arange(n, device=block_tables.device)[:, None].expand(n, max_blocks)[real],
-        lens=(lens[:, None] - col[None, :max_blocks] * block_size).clamp(max=block_size)[real],
+        blocks=torch.cat([tables[full], tables[row, owned - 1]]),
+        rows=torch.cat([row[:, None].expand(n, max_blocks)[full], row]),
+        lens=torch.cat([torch.full((num_full,), block_size, device=device), lens - (owned - 1) * block_size]),
         combine=combine)
 
 
@@ -78,17 +84,19 @@ def block_scores(q, k_cache, blocks, rows) -> torch.Tensor:
 def combine_blocks(scores, v_cache, blocks, lens, combine) -> torch.Tensor:
     """`scores` [P, Hkv, G, block_size]: softmax within each block (slots past `lens` excluded, so unwritten slots,
     even NaN, add nothing), weighted values per block, then each row's blocks rescaled to their common max and
-    summed: [n, Hq, D] in float32."""
+    summed: [n, Hq, D] in float32. The last n items (each row's last block) are the only ones masked."""
     num_items, hkv, g, bs = scores.shape
     n = combine.shape[0]
+    full = num_items - n
     valid = torch.arange(bs, device=scores.device) < lens.view(-1, 1, 1, 1)
     scores = torch.where(valid, scores, float("-inf"))
     block_max = scores.amax(-1)  # [P, Hkv, G]
     weights = torch.where(valid, torch.exp(scores - block_max.unsqueeze(-1)), 0.0)
     block_sum = weights.sum(-1)
     values = v_cache[blocks].float().unsqueeze(-2)  # [P, bs, Hkv, 1, D]
-    slot_valid = valid.view(-1, bs, 1, 1, 1)
-    block_out = torch.where(slot_valid, weights.permute(0, 3, 1, 2).unsqueeze(-1) * values, 0.0).sum(1)
+    weighted = weights.permute(0, 3, 1, 2).unsqueeze(-1) * values
+    last_valid = valid[full:].view(-1, bs, 1, 1, 1)
+    block_out = torch.cat([weighted[:full].sum(1), torch.where(last_valid, weighted[full:], 0.0).sum(1)])
     present = (combine < num_items).view(n, -1, 1, 1)
     items = combine.clamp(max=num_items - 1)
     maxes = torch.where(present, block_max[items], float("-inf"))  # [n, max_blocks, Hkv, G]
