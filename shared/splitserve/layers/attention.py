@@ -45,8 +45,8 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 class TorchAttentionBackend:
     """Plain torch. Decode rows: with `compile_decode` (the CPU default), `paged_decode` compiled by Inductor
     reads the paged cache in place, one pass over K and one over V (measured 5x faster than the eager path at 64
-    rows of 33-768 tokens); ragged rows (8 or more, padded blocks over 1.3x their own) run split by block instead
-    (layers/block_decode.py), reading only their own blocks; without `compile_decode`, each length group's blocks
+    rows of 33-768 tokens); rows averaging 6 blocks or more, and ragged rows (8 or more, padded blocks over 1.3x
+    their own), run split by block instead (layers/block_decode.py), reading only their own blocks; without `compile_decode`, each length group's blocks
     are gathered into a dense padded batch for one SDPA call. A single decode row (c=1) runs eager either way, on its
     own slots only: cheaper than the compiled call's guards and two-row padding (200 tokens, 1 thread: 0.10 vs 0.19
     ms, benchmarks/decode_attention.py). Prefill rows: SDPA, eager.
@@ -189,22 +189,28 @@ def prefill_sdpa(q, k, v, scale: float, mask: Optional[torch.Tensor] = None) -> 
 
 _EAGER_SLACK = 1.25
 _COMPILED_SLACK = float("inf")  # measured: one group is fastest compiled
-# Split by block from this much padding (padded blocks / real ones) and this many rows on. Measured (one thread,
-# rows of 33-500 tokens, padding about 2x): split 2.0 vs 2.9 ms at 16 rows, 0.91 vs 1.13 at 8, but 0.56 vs 0.45 at
-# 4, where its second call and plan cost more than the padding. block_plan's graphs also need n >= 2.
+# Split by block whenever the rows hold this many blocks each on average, or (from this many rows on) whenever
+# their padding (padded blocks / real ones) passes `split_padding`. Measured per step (8 layers and the plan, one
+# thread, benchmarks/decode_attention.py's shapes): the split read beats the one-pass kernel at every row count from
+# 2 once the rows average about 5 blocks (2 rows of 100-600 tokens: 6.2 vs 8.7 ms; 8 of 300-340: 13.5 vs 23.9; 8 of
+# 100-600: 16.1 vs 34.1), and loses below (2 rows of 20-40 tokens: 3.0 vs 1.9 ms, its plan and second call).
+_SPLIT_MIN_BLOCKS_PER_ROW = 6
 _SPLIT_PADDING = 1.3
 _SPLIT_MIN_ROWS = 8
-# And only with this many full blocks (all but each row's last): block_decode's graph would specialise on 0 or 1.
+# And only with this many full blocks (all but each row's last): block_decode's graph would specialise on 0 or 1;
+# block_plan's graphs also need n >= 2.
 _MIN_FULL_BLOCKS = 2
 
 
 def _split_by_block(meta: AttentionMetadata, split_padding: float) -> bool:
     """Whether this step's decode rows run split by block (and if so, their plan in meta.decode_blocks); decided
-    once per step, by the first layer."""
+    once per step, by the first layer. `split_padding` inf: never."""
     nd = meta.num_decodes
-    if meta.decode_blocks is None and meta.decode_groups is None and nd >= _SPLIT_MIN_ROWS:
+    if meta.decode_blocks is None and meta.decode_groups is None and nd >= 2 and split_padding != float("inf"):
         owned = [-(-n // meta.block_size) for n in meta.context_lens_list[:nd]]
-        if nd * max(owned) > split_padding * sum(owned) and sum(owned) - nd >= _MIN_FULL_BLOCKS:
+        long_rows = sum(owned) >= _SPLIT_MIN_BLOCKS_PER_ROW * nd
+        ragged = nd >= _SPLIT_MIN_ROWS and nd * max(owned) > split_padding * sum(owned)
+        if (long_rows or ragged) and sum(owned) - nd >= _MIN_FULL_BLOCKS:
             tables = meta.block_tables[:nd, :max(owned)]
             meta.decode_blocks = block_plan(tables, meta.context_lens[:nd], meta.block_size)
     return meta.decode_blocks is not None
