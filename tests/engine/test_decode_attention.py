@@ -94,14 +94,15 @@ def test_compiled_paged_decode_equals_reference(slack, split, monkeypatch):
 
 
 def test_long_or_ragged_rows_run_split_by_block_and_short_ones_in_one_pass():
-    """The default choice: rows averaging 6 blocks or more (even ones, even two of them), and 8 or more rows whose
-    padded blocks far outnumber their own, read only their own blocks; short rows keep the one-pass kernel, as do
-    rows with under two full blocks among them (the split graph would specialise on 0 or 1 of them and
-    recompile)."""
+    """The default choice: rows averaging 6 blocks or more (even ones, even two of them), 8 or more rows whose
+    padded blocks far outnumber their own, and a single row of 28 blocks or more read only their own blocks; short
+    rows keep the one-pass kernel (a short single row its eager read), as do rows with under two full blocks among
+    them (the split graph would specialise on 0 or 1 of them and recompile)."""
     backend = TorchAttentionBackend(compile_decode=True)
     for lens, split in [(LENS, True), ([200, 190, 201, 195, 180, 199, 170, 203], True), ([200, 190], True),
                         ([40, 38, 41, 39, 35, 40, 33, 41], False), ([20, 50, 30], False),
-                        ([33, 1, 2, 3, 4, 5, 6, 7], True), ([17, 1, 2, 3, 4, 5, 6, 7], False)]:
+                        ([33, 1, 2, 3, 4, 5, 6, 7], True), ([17, 1, 2, 3, 4, 5, 6, 7], False),
+                        ([600], True), ([300], False)]:
         q, k_cache, v_cache, tables, lens_t, ks, vs = _paged_case(lens, 8, 2, 32, seed=9, fill=float("nan"))
         meta = _meta(tables, lens_t)
         empty = torch.zeros(0, 2, 32)

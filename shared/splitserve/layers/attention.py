@@ -112,6 +112,9 @@ class TorchAttentionBackend:
 
     def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if self._compiled is not None and self._block_decode and _split_by_block(meta, self.split_padding):
+            if q.shape[0] == 1:    # paired with a one-token row on its first block: the graphs need n >= 2
+                return block_decode(q.expand(2, *q.shape[1:]), k_cache, v_cache, meta.decode_blocks, scale,
+                                    self._block_stages)[:1]
             return block_decode(q, k_cache, v_cache, meta.decode_blocks, scale, self._block_stages)
         if q.shape[0] == 1:
             return self._decode_one_row(q, k_cache, v_cache, meta.block_tables[0], meta.context_lens_list[0], scale)
@@ -195,6 +198,9 @@ _COMPILED_SLACK = float("inf")  # measured: one group is fastest compiled
 # 2 once the rows average about 5 blocks (2 rows of 100-600 tokens: 6.2 vs 8.7 ms; 8 of 300-340: 13.5 vs 23.9; 8 of
 # 100-600: 16.1 vs 34.1), and loses below (2 rows of 20-40 tokens: 3.0 vs 1.9 ms, its plan and second call).
 _SPLIT_MIN_BLOCKS_PER_ROW = 6
+# A single row (c=1) reads only its own slots eagerly below this (one row, 8 layers, one thread: 300 tokens eager
+# 2.35 vs split 2.93 ms; 700 tokens 7.67 vs 4.34).
+_SPLIT_ONE_ROW_BLOCKS = 28
 _SPLIT_PADDING = 1.3
 _SPLIT_MIN_ROWS = 8
 # And only with this many full blocks (all but each row's last): block_decode's graph would specialise on 0 or 1;
@@ -204,10 +210,19 @@ _MIN_FULL_BLOCKS = 2
 
 def _split_by_block(meta: AttentionMetadata, split_padding: float) -> bool:
     """Whether this step's decode rows run split by block (and if so, their plan in meta.decode_blocks); decided
-    once per step, by the first layer. `split_padding` inf: never."""
+    once per step, by the first layer. `split_padding` inf: never. A single row runs split from
+    _SPLIT_ONE_ROW_BLOCKS blocks on, planned with a second row of one token on its first block."""
     nd = meta.num_decodes
-    if meta.decode_blocks is None and meta.decode_groups is None and nd >= 2 and split_padding != float("inf"):
+    if meta.decode_blocks is None and meta.decode_groups is None and nd >= 1 and split_padding != float("inf"):
         owned = [-(-n // meta.block_size) for n in meta.context_lens_list[:nd]]
+        if nd == 1:
+            if owned[0] >= _SPLIT_ONE_ROW_BLOCKS:
+                tables = meta.block_tables[:1, :owned[0]]
+                tables = torch.cat([tables, torch.zeros_like(tables)])
+                tables[1, 0] = tables[0, 0]
+                lens = torch.cat([meta.context_lens[:1], torch.ones_like(meta.context_lens[:1])])
+                meta.decode_blocks = block_plan(tables, lens, meta.block_size)
+            return meta.decode_blocks is not None
         long_rows = sum(owned) >= _SPLIT_MIN_BLOCKS_PER_ROW * nd
         ragged = nd >= _SPLIT_MIN_ROWS and nd * max(owned) > split_padding * sum(owned)
         if (long_rows or ragged) and sum(owned) - nd >= _MIN_FULL_BLOCKS:
