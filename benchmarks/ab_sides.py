@@ -78,6 +78,7 @@ class OfflineSide:
     python: str
     env: dict
     proc: subprocess.Popen | None = None
+    engine: str = ""    # offline_child.py's engine (splitserve or vllm); the name when empty
     log: Path | None = None
     wall_s: list[float] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)
@@ -86,7 +87,8 @@ class OfflineSide:
     def start(self, job: Path, workdir: Path) -> None:
         self.log = workdir / f"offline-{self.name}.log"
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([self.python, str(HERE / "offline_child.py"), self.name, str(job)],
+            self.proc = subprocess.Popen([self.python, str(HERE / "offline_child.py"), self.engine or self.name,
+                                          str(job)],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
                                          env=self.env, start_new_session=True)
 
