@@ -37,7 +37,8 @@ class AttentionMetadata:
         return max(self.context_lens_list) if self.context_lens_list else 0
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slots: torch.Tensor) -> None:
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k)
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
@@ -46,10 +47,11 @@ class TorchAttentionBackend:
     """Plain torch. Decode rows: with `compile_decode` (the CPU default), `paged_decode` compiled by Inductor
     reads the paged cache in place, one pass over K and one over V (measured 5x faster than the eager path at 64
     rows of 33-768 tokens); rows averaging 6 blocks or more, and ragged rows (8 or more, padded blocks over 1.3x
-    their own), run split by block instead (layers/block_decode.py), reading only their own blocks; without `compile_decode`, each length group's blocks
-    are gathered into a dense padded batch for one SDPA call. A single decode row (c=1) runs eager either way, on its
-    own slots only: cheaper than the compiled call's guards and two-row padding (200 tokens, 1 thread: 0.10 vs 0.19
-    ms, benchmarks/decode_attention.py). Prefill rows: SDPA, eager.
+    their own), run split by block instead (layers/block_decode.py), reading only their own blocks; without
+    `compile_decode`, each length group's blocks are gathered into a dense padded batch for one SDPA call. A single
+    decode row (c=1) runs eager on its own slots only, cheaper than the compiled call's guards and two-row padding
+    (200 tokens, 1 thread: 0.10 vs 0.19 ms, benchmarks/decode_attention.py), until it holds 28 blocks (then split
+    by block, compiled). Prefill rows: SDPA, eager.
     """
 
     name = "torch"
