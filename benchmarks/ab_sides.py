@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ab_stats import itl_per_token_ms, per_1k
+from ab_stats import format_table, itl_per_token_ms, median, per_1k
 from proc_tree import process_tree  # loadtest/idle_rss.py's, on the path proc_tree sets
 
 HERE = Path(__file__).resolve().parent
@@ -67,6 +67,17 @@ def stop(proc: subprocess.Popen, ask, wait_s: float = 60.0, orphans_s: float = 1
     proc.wait()
 
 
+def split_env(flags: str) -> tuple[dict[str, str], str]:
+    """'OMP_WAIT_POLICY=PASSIVE --prefill-workers 0' -> ({'OMP_WAIT_POLICY': 'PASSIVE'}, '--prefill-workers 0'):
+    leading NAME=VALUE words are the variant's environment."""
+    words = shlex.split(flags)
+    env = {}
+    while words and "=" in words[0] and not words[0].startswith("-"):
+        key, _, value = words.pop(0).partition("=")
+        env[key] = value
+    return env, shlex.join(words)
+
+
 def vllm_env(args) -> dict:
     return {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib),
             "VLLM_CPU_OMP_THREADS_BIND": args.vllm_threads_bind or f"0-{args.threads - 1}"}
@@ -104,8 +115,8 @@ class OfflineSide:
         self.token_ids = result["token_ids"]  # the last run's: greedy, so every run's should be the same
 
 
-def start_offline(args, model: str, workdir: Path) -> tuple[list[OfflineSide], list[int]]:
-    """Both engines load at once (loading is not measured); returns the sides and the output lengths."""
+def write_offline_job(args, model: str, workdir: Path) -> tuple[Path, list[int]]:
+    """offline_child.py's job (offline_throughput.py's workload): its path and the output lengths."""
     from offline_throughput import benchmark_workload
 
     prompts, out_lens = benchmark_workload(args.quick, args.num_requests, args.seed)
@@ -113,6 +124,12 @@ def start_offline(args, model: str, workdir: Path) -> tuple[list[OfflineSide], l
     job = workdir / "offline-job.json"
     job.write_text(json.dumps({"model": model, "prompts": prompts, "out_lens": out_lens, "threads": args.threads,
                                "kv_cache_memory_bytes": args.kv_gib * 2**30}))
+    return job, out_lens
+
+
+def start_offline(args, model: str, workdir: Path) -> tuple[list[OfflineSide], list[int]]:
+    """Both engines load at once (loading is not measured); returns the sides and the output lengths."""
+    job, out_lens = write_offline_job(args, model, workdir)
     sides = [OfflineSide("splitserve", sys.executable, {**os.environ, "OMP_NUM_THREADS": str(args.threads)}),
              OfflineSide("vllm", args.vllm_python, vllm_env(args))]
     for side in sides:
@@ -132,6 +149,14 @@ def measure_offline(args, sides: list[OfflineSide], tokens: int) -> None:
         print(f"offline pair {pair + 1}/{args.pairs}: " + ", ".join(
             f"{s.name} {tokens / s.wall_s[-1]:.1f} tok/s {per_1k(s.cpu_s[-1], tokens):.1f} cpu_s/1k_tok"
             for s in sides), flush=True)
+
+
+def offline_table(sides: list[OfflineSide], tokens: int) -> str:
+    """Per side: runs, output tokens, median tok/s and CPU s per 1k tokens, each run's tok/s."""
+    rows = [[s.name, len(s.wall_s), tokens, median([tokens / w for w in s.wall_s]),
+             median([per_1k(c, tokens) for c in s.cpu_s]), " ".join(f"{tokens / w:.1f}" for w in s.wall_s)]
+            for s in sides]
+    return format_table(["offline", "pairs", "out_tok", "out_tok/s", "cpu_s/1k_tok", "tok/s per pair"], rows)
 
 
 def stop_offline(sides: list[OfflineSide]) -> None:

@@ -16,26 +16,23 @@ tok/s ratios).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
-from ab_sides import OfflineSide, measure_offline, stop_offline, wait_offline
-from ab_stats import agreement, format_table, median, median_ratio, per_1k
+from ab_sides import (OfflineSide, measure_offline, offline_table, split_env, stop_offline, wait_offline,
+                      write_offline_job)
+from ab_stats import agreement, median_ratio, per_1k
 
 
 def variant_env(spec: str, threads: int) -> tuple[str, dict]:
+    """'before=PYTHONPATH=/x A=1' -> ('before', this environment with those set and OMP_NUM_THREADS=threads)."""
     name, _, words = spec.partition("=")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    for word in shlex.split(words):
-        key, sep, value = word.partition("=")
-        if not sep:
-            raise SystemExit(f"--variant {spec!r}: {word!r} is not NAME=VALUE")
-        env[key] = value
-    return name, env
+    env, rest = split_env(words)
+    if rest:
+        raise SystemExit(f"--variant {spec!r}: {rest!r} is not NAME=VALUE")
+    return name, {**os.environ, "OMP_NUM_THREADS": str(threads), **env}
 
 
 def main() -> None:
@@ -54,15 +51,11 @@ def main() -> None:
     args = ap.parse_args()
     if len(args.variant) != 2:
         ap.error("give exactly two --variant")
-    from offline_throughput import benchmark_checkpoint, benchmark_workload
+    from offline_throughput import benchmark_checkpoint
 
     model = args.model or benchmark_checkpoint()
     workdir = Path(tempfile.mkdtemp(prefix="offline-ab-"))
-    prompts, out_lens = benchmark_workload(args.quick, args.num_requests, args.seed)
-    prompts, out_lens = prompts[:args.num_requests], out_lens[:args.num_requests]
-    job = workdir / "offline-job.json"
-    job.write_text(json.dumps({"model": model, "prompts": prompts, "out_lens": out_lens, "threads": args.threads,
-                               "kv_cache_memory_bytes": args.kv_gib * 2**30}))
+    job, out_lens = write_offline_job(args, model, workdir)
     print(f"model {model}; logs in {workdir}", flush=True)
     sides = []
     try:
@@ -76,10 +69,7 @@ def main() -> None:
     finally:
         stop_offline(sides)
     first, second = sides
-    rows = [[s.name, len(s.wall_s), tokens, median([tokens / w for w in s.wall_s]),
-             median([per_1k(c, tokens) for c in s.cpu_s]), " ".join(f"{tokens / w:.1f}" for w in s.wall_s)]
-            for s in sides]
-    print(format_table(["offline", "pairs", "out_tok", "out_tok/s", "cpu_s/1k_tok", "tok/s per pair"], rows))
+    print(offline_table(sides, tokens))
     print(f"greedy agreement: {agreement(first.token_ids, second.token_ids)}/{len(first.token_ids)} requests with "
           "identical token ids")
     cpu = median_ratio([per_1k(c, tokens) for c in second.cpu_s], [per_1k(c, tokens) for c in first.cpu_s])

@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
-from ab_sides import (BenchmarkError, ServedSide, ServedWorkloads, start_splitserve, stop_served, wait_served)
+from ab_sides import (BenchmarkError, ServedSide, ServedWorkloads, split_env, start_splitserve, stop_served,
+                      wait_served)
 from ab_stats import format_table, itl_per_token_ms, median
 from proc_tree import stat_cpu_seconds
 
@@ -63,17 +63,6 @@ def decode_counters(root: int) -> tuple[float, float, float]:
                 if line.startswith(name + "{"):
                     totals[i] += float(line.rsplit(" ", 1)[1])
     return totals[0], totals[1], totals[2]
-
-
-def split_env(flags: str) -> tuple[dict[str, str], str]:
-    """'OMP_WAIT_POLICY=PASSIVE --prefill-workers 0' -> ({'OMP_WAIT_POLICY': 'PASSIVE'}, '--prefill-workers 0'):
-    leading NAME=VALUE words are the variant's environment."""
-    words = shlex.split(flags)
-    env = {}
-    while words and "=" in words[0] and not words[0].startswith("-"):
-        key, _, value = words.pop(0).partition("=")
-        env[key] = value
-    return env, shlex.join(words)
 
 
 def measure(side: ServedSide, workload: list, concurrency: int) -> dict:

@@ -7,8 +7,8 @@ import tempfile
 from pathlib import Path
 
 from ab_sides import (BenchmarkError, OfflineSide, ServedSide, ServedWorkloads, measure_offline, measure_served,
-                      start_offline, start_splitserve, start_vllm, stop_offline, stop_served, wait_offline,
-                      wait_served)
+                      offline_table, start_offline, start_splitserve, start_vllm, stop_offline, stop_served,
+                      wait_offline, wait_served)
 from ab_stats import agreement, format_table, median, median_ratio, per_1k
 DEFAULT_VLLM_PYTHON = "/work/vllm-venv/bin/python"
 VLLM_VENV_COMMAND = ("python3.11 -m venv /work/vllm-venv && /work/vllm-venv/bin/pip install --upgrade pip && "
@@ -39,14 +39,11 @@ Ratios are splitserve / vLLM, the median of the per-pair (per-round) ratios. Las
 
 def offline_report(sides: list[OfflineSide], tokens: int) -> tuple[str, float]:
     ours, theirs = sides
-    rows = [[s.name, len(s.wall_s), tokens, median([tokens / w for w in s.wall_s]),
-             median([per_1k(c, tokens) for c in s.cpu_s]), " ".join(f"{tokens / w:.1f}" for w in s.wall_s)]
-            for s in sides]
     same = agreement(ours.token_ids, theirs.token_ids)
     offline = median_ratio([tokens / w for w in ours.wall_s], [tokens / w for w in theirs.wall_s])
     cpu = median_ratio([per_1k(c, tokens) for c in ours.cpu_s], [per_1k(c, tokens) for c in theirs.cpu_s])
     text = "\n".join([
-        format_table(["offline", "pairs", "out_tok", "out_tok/s", "cpu_s/1k_tok", "tok/s per pair"], rows),
+        offline_table(sides, tokens),
         f"greedy agreement: {same}/{len(ours.token_ids)} requests with identical token ids",
         f"offline cpu_s per token splitserve / vLLM: {cpu:.2f} (lower is better for splitserve)"])
     return text, offline

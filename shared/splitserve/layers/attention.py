@@ -225,9 +225,10 @@ def _split_by_block(meta: AttentionMetadata, split_padding: float) -> bool:
                 lens = torch.cat([meta.context_lens[:1], torch.ones_like(meta.context_lens[:1])])
                 meta.decode_blocks = block_plan(tables, lens, meta.block_size)
             return meta.decode_blocks is not None
-        long_rows = sum(owned) >= _SPLIT_MIN_BLOCKS_PER_ROW * nd
-        ragged = nd >= _SPLIT_MIN_ROWS and nd * max(owned) > split_padding * sum(owned)
-        if (long_rows or ragged) and sum(owned) - nd >= _MIN_FULL_BLOCKS:
+        total = sum(owned)
+        long_rows = total >= _SPLIT_MIN_BLOCKS_PER_ROW * nd
+        ragged = nd >= _SPLIT_MIN_ROWS and nd * max(owned) > split_padding * total
+        if (long_rows or ragged) and total - nd >= _MIN_FULL_BLOCKS:
             tables = meta.block_tables[:nd, :max(owned)]
             meta.decode_blocks = block_plan(tables, meta.context_lens[:nd], meta.block_size)
     return meta.decode_blocks is not None
