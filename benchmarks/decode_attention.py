@@ -13,6 +13,7 @@ each its own cache, with the step's plan built once, as the runner does. Prints 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import time
@@ -23,14 +24,16 @@ from splitserve.layers.attention import AttentionMetadata, TorchAttentionBackend
 
 
 def case(rows: int, max_ctx: int, heads: int, kv_heads: int, head_dim: int, block_size: int, seed: int,
-         min_ctx: int = 33, layers: int = 1):
-    """q, then per layer (k_cache, v_cache), and the step's metadata."""
+         min_ctx: int = 33, layers: int = 1, consecutive: bool = False):
+    """q, then per layer (k_cache, v_cache), and the step's metadata (`consecutive`: each row's blocks in one run,
+    as a sequence served alone usually has them)."""
     rng = random.Random(seed)
     lens = [rng.randint(min_ctx, max_ctx) for _ in range(rows)]
     need = [-(-n // block_size) for n in lens]
     num_blocks = sum(need) * 2
     perm = list(range(num_blocks))
-    rng.shuffle(perm)
+    if not consecutive:
+        rng.shuffle(perm)
     tables, used = [], 0
     for nb in need:
         tables.append(perm[used:used + nb] + [0] * (max(need) - nb))
@@ -54,9 +57,11 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--consecutive", action="store_true",
+                    help="each row's blocks consecutive in the cache (a single row then reads them in place)")
     args = ap.parse_args()
     q, caches, meta = case(args.rows, args.max_ctx, args.heads, args.kv_heads, 64, 16, seed=0, min_ctx=args.min_ctx,
-                           layers=args.layers)
+                           layers=args.layers, consecutive=args.consecutive)
     empty = torch.zeros(0, args.kv_heads, 64)
     inf = float("inf")
     variants = [("eager, slack 1.25", False, 1.25, inf), ("eager, one group", False, inf, inf),
@@ -72,9 +77,9 @@ def main() -> None:
 
             def run():
                 # A new step: the plan is rebuilt, as the runner's fresh metadata is, and reused by every layer.
-                meta.decode_groups = meta.decode_blocks = None
+                step = dataclasses.replace(meta, decode_groups=None, decode_blocks=None)
                 for k_cache, v_cache in caches:
-                    out = backend.forward(q, empty, empty, k_cache, v_cache, meta, 0.125)
+                    out = backend.forward(q, empty, empty, k_cache, v_cache, step, 0.125)
                 return out
 
             start = time.perf_counter()

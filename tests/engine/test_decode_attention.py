@@ -159,3 +159,58 @@ def test_engine_decodes_without_recompiling(llama_ckpt):
         # Ten ragged rows: split by block (layers/block_decode.py), also compiled at warm-up.
         ragged = llm.generate([[5 + i % 40 for i in range(n)] for n in (1, 3, 20, 40, 90, 2, 7, 130, 11, 60)], params)
     assert [len(o.outputs[0].token_ids) for o in outs + ragged] == [24] * 15
+
+
+def _with_consecutive_blocks(k_cache, v_cache, table, ctx, first):
+    """The same sequence moved into consecutive cache blocks from `first` on (NaN elsewhere): its new table."""
+    n = -(-ctx // BLOCK_SIZE)
+    moved_k, moved_v = torch.full_like(k_cache, float("nan")), torch.full_like(v_cache, float("nan"))
+    moved_k[first:first + n] = k_cache[table[:n].long()]
+    moved_v[first:first + n] = v_cache[table[:n].long()]
+    return moved_k, moved_v, torch.tensor([list(range(first, first + n))], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("ctx", [1, 16, 17, 300])
+def test_a_single_row_on_consecutive_blocks_is_read_in_place_with_the_same_result(ctx):
+    """A row alone whose blocks are consecutive reads its K/V as one slice of the cache, not a gathered copy: the
+    same values reach the same SDPA call, so the output is bit-identical to the gathered read of the same row
+    elsewhere in the cache, and equals the reference. A row whose blocks are not consecutive is gathered."""
+    q, k_cache, v_cache, tables, lens, ks, vs = _paged_case([ctx], 8, 2, 32, seed=ctx, fill=float("nan"))
+    scattered = _meta(tables, lens)
+    backend = TorchAttentionBackend()
+    gathered = backend._decode(q, k_cache, v_cache, scattered, 0.2)
+    expected_start = tables[0, 0].item() if -(-ctx // BLOCK_SIZE) == 1 else None
+    assert scattered.run_start(0) == expected_start  # one block is a run of one; shuffled blocks are not a run
+    k_run, v_run, run_table = _with_consecutive_blocks(k_cache, v_cache, tables[0], ctx, first=3)
+    consecutive = _meta(run_table, lens)
+    in_place = backend._decode(q, k_run, v_run, consecutive, 0.2)
+    assert consecutive.run_start(0) == 3
+    assert torch.equal(in_place, gathered)
+    torch.testing.assert_close(in_place, _reference(q, ks, vs, 0.2), **TOL)
+
+
+def test_run_start_reads_the_lists_the_runner_built_and_asks_once_a_step():
+    """The runner hands its Python tables over (no tensor-to-list conversion per step); the answer, once worked
+    out, is kept for the step's other layers. Only the blocks holding the context count: padding does not."""
+    tables = [[4, 5, 6, 0], [9, 2, 0, 0]]
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(0, dtype=torch.int64), block_tables=torch.tensor(tables, dtype=torch.int32),
+        context_lens=torch.tensor([40, 20], dtype=torch.int32), cu_seqlens_q=torch.arange(3, dtype=torch.int32),
+        num_decodes=2, query_lens=[1, 1], context_lens_list=[40, 20], block_size=BLOCK_SIZE,
+        block_table_lists=tables)
+    assert meta.run_start(0) == 4 and meta.run_start(1) is None
+    tables[0][1] = 7   # a later change to the lists is not looked at again within the step
+    assert meta.run_start(0) == 4
+
+
+@pytest.mark.parametrize("ctx,split", [(600, False), (900, True)])
+def test_a_single_row_on_consecutive_blocks_splits_only_from_56_blocks(ctx, split):
+    """Read in place, a single row beats the split read until about 900 tokens (benchmarks/one_row_decode.py);
+    the same row scattered splits from 28 blocks (test above)."""
+    q, k_cache, v_cache, tables, lens, ks, vs = _paged_case([ctx], 8, 2, 32, seed=ctx, fill=float("nan"))
+    k_run, v_run, run_table = _with_consecutive_blocks(k_cache, v_cache, tables[0], ctx, first=1)
+    meta = _meta(run_table, lens)
+    empty = torch.zeros(0, 2, 32)
+    out = TorchAttentionBackend(compile_decode=True).forward(q, empty, empty, k_run, v_run, meta, 0.2)
+    torch.testing.assert_close(out, _reference(q, ks, vs, 0.2), **TOL)
+    assert (meta.decode_blocks is not None) == split

@@ -76,3 +76,26 @@ def test_prefill_runs_the_flash_kernel():
     ops = {event.key for event in prof.key_averages()}
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
     assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
+def test_a_chunk_over_consecutive_cached_blocks_reads_them_in_place():
+    """A prompt chunk whose sequence holds consecutive blocks reads its cached prefix as one slice of the cache
+    (run_start), with the reference's results; NaN in every other slot would show a read outside it."""
+    g = torch.Generator().manual_seed(3)
+    q_len, ctx, hq, hkv, d = 20, 75, 8, 2, 32
+    num_blocks = -(-ctx // BLOCK_SIZE)
+    k_cache = torch.full((num_blocks + 6, BLOCK_SIZE, hkv, d), float("nan"))
+    v_cache = torch.full_like(k_cache, float("nan"))
+    k, v, q = (torch.randn(ctx, hkv, d, generator=g), torch.randn(ctx, hkv, d, generator=g),
+               torch.randn(q_len, hq, d, generator=g))
+    first = 2
+    slots = torch.arange(first * BLOCK_SIZE, first * BLOCK_SIZE + ctx)
+    k_cache.view(-1, hkv, d)[slots[:ctx - q_len]] = k[:ctx - q_len]
+    v_cache.view(-1, hkv, d)[slots[:ctx - q_len]] = v[:ctx - q_len]
+    meta = AttentionMetadata(
+        slot_mapping=slots[ctx - q_len:], block_tables=torch.arange(first, first + num_blocks, dtype=torch.int32)[None],
+        context_lens=torch.tensor([ctx], dtype=torch.int32), cu_seqlens_q=torch.tensor([0, q_len], dtype=torch.int32),
+        num_decodes=0, query_lens=[q_len], context_lens_list=[ctx], block_size=BLOCK_SIZE)
+    out = TorchAttentionBackend().forward(q, k[ctx - q_len:], v[ctx - q_len:], k_cache, v_cache, meta, 0.2)
+    assert meta.run_start(0) == first
+    torch.testing.assert_close(out, _reference(q, k, v, ctx, 0.2), **TOL)

@@ -108,6 +108,7 @@ class ModelRunner:
             query_lens=counts,
             context_lens_list=context_lens,
             block_size=bs,
+            block_table_lists=tables,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         pos = torch.tensor(positions, dtype=torch.int64, device=dev)
